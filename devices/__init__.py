@@ -1,0 +1,1 @@
+"""Device profiles (data): RAM, flash read curve, cores, GPU."""

@@ -1,0 +1,170 @@
+"""`edge` command line: run, eval, chat. Each command imports what it needs when it runs (start-up stays lean).
+
+User errors print one line (`edge: error: ...`) and exit 2; Ctrl+C stops generation and prints what was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edge.errors import EdgeError
+
+EXAMPLES_RUN = """examples:
+  edge run -p "The capital of France is"                 # the default model (SmolLM2-135M-Instruct)
+  edge run model.gguf -p "Write a haiku" --chat -n 64 --temp 0.7 --seed 1
+  edge run -p "Hello" --json                              # one JSON object with tokens and stats
+"""
+EXAMPLES_EVAL = """examples:
+  edge eval                                   # default model, default text (a slice of pydoc_data.topics)
+  edge eval model.gguf --text notes.txt --ctx 512 --windows 8
+"""
+EXAMPLES_CHAT = """examples:
+  edge chat                                   # the default model
+  edge chat model.gguf --system "You are terse."
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="path to a GGUF model; omitted: the embedded default, SmolLM2-135M-Instruct")
+    p.add_argument("--ctx", type=int, default=ctx_default, help=f"context length in tokens (default {ctx_default})")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all available cores)")
+    p.add_argument("--backend", choices=("auto", "ort", "numpy"), default="auto",
+                   help="compute backend: ort (quantized weights, default) or numpy (float32 reference)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temp_default: float) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temp", type=float, default=temp_default, help=f"temperature; 0 is greedy (default {temp_default})")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge", description="Run language models larger than the RAM you give them.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="generate text from a prompt", epilog=EXAMPLES_RUN,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(run, 2048)
+    run.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    run.add_argument("--system", default=None, help="system prompt (with --chat)")
+    run.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
+    _add_sampling_args(run, 0.0)
+
+    ev = sub.add_parser("eval", help="perplexity over a text", epilog=EXAMPLES_EVAL,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(ev, 512)
+    ev.add_argument("--text", default=None, help="a UTF-8 text file (default: a fixed slice of pydoc_data.topics)")
+    ev.add_argument("--windows", type=int, default=4, help="windows of --ctx tokens to score (default 4; 0: all)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+    chat = sub.add_parser("chat", help="chat in the terminal UI", epilog=EXAMPLES_CHAT,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(chat, 4096)
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(chat, 0.7)
+    return ap
+
+
+def _sampler(args):
+    from edge.sampling import Sampler, SamplerConfig
+
+    return Sampler(SamplerConfig(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                                 repeat_penalty=args.repeat_penalty, seed=args.seed))
+
+
+def cmd_run(args) -> int:
+    from edge.engine import Engine
+    from edge.sizes import format_size
+
+    engine = Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt = engine.chat_tokens(messages + [{"role": "user", "content": args.prompt}])
+    else:
+        prompt = engine.tokenizer.encode(args.prompt)
+    pieces = []
+    try:
+        for ev in engine.generate(prompt, args.max_tokens, _sampler(args)):
+            pieces.append(ev.text)
+            if not args.json:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    s = engine.last
+    if args.json:
+        print(json.dumps({
+            "model": str(engine.path), "tokens": s.tokens, "text": "".join(pieces),
+            "prompt_tokens": s.prompt_tokens, "tok_s": round(s.tok_s, 3), "prefill_tok_s": round(s.prefill_tok_s, 3),
+            "peak_rss_bytes": s.peak_rss_bytes, "flash_read_bytes": s.flash_read_bytes, "stopped": s.stopped,
+            "backend": engine.model.backend.name, "threads": getattr(engine.model.backend, "threads", None),
+        }))
+    else:
+        print(file=sys.stdout)
+        print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tok_s:.1f} tok/s, {len(s.tokens)} generated at "
+              f"{s.tok_s:.1f} tok/s; peak RSS {format_size(s.peak_rss_bytes)}, flash read "
+              f"{format_size(s.flash_read_bytes)}; stopped: {s.stopped}]", file=sys.stderr)
+    return 130 if s.stopped == "cancelled" else 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from edge.engine import Engine
+    from edge.evaluate import eval_text, perplexity, windows
+
+    if args.text is not None:
+        path = Path(args.text)
+        if not path.is_file():
+            raise EdgeError(f"--text {args.text}: no such file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = eval_text()
+    engine = Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads)
+    tok = engine.tokenizer
+    wins = windows(tok.encode(text, add_bos=False), engine.n_ctx, args.windows or None,
+                   tok.bos_id if tok.add_bos else None)
+    if not wins:
+        raise EdgeError(f"the text has fewer than {engine.n_ctx} tokens; give a longer --text or a smaller --ctx")
+    result = perplexity(lambda w: engine.model.forward(np.asarray(w), 0, all_logits=True), wins)
+    if args.json:
+        print(json.dumps({"model": str(engine.path), "tokens_scored": result.tokens_scored, "ppl": result.ppl,
+                          "ctx": engine.n_ctx, "windows": len(wins)}))
+    else:
+        print(f"tokens scored: {result.tokens_scored}  ppl: {result.ppl:.4f}  "
+              f"({len(wins)} windows of {engine.n_ctx} tokens)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tui.app import run_chat
+
+    return run_chat(args)
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "chat": cmd_chat}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EdgeError as exc:
+        print(f"edge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Model configuration read from GGUF metadata: one frozen dataclass for every architecture."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from edge.errors import EdgeError
+
+SUPPORTED_ARCHS = ("llama", "gemma3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_layers: int
+    dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    norm_eps: float
+    rope_base: float
+    rope_neox: bool           # rotate halves (NEOX) rather than adjacent pairs (llama's permuted q/k)
+    rope_dims: int
+    activation: str           # "silu" or "gelu_tanh", gating the up projection
+    attn_scale: float         # multiplies q before q.k
+    embed_scale: float        # multiplies the token embedding (gemma: sqrt(dim))
+    qk_norm: bool             # RMS norm on each q and k head (gemma3)
+    post_norms: bool          # RMS norm after attention and after the FFN (gemma3)
+    rope_base_local: float    # rope base of sliding-window layers
+    sliding_window: int       # 0: no sliding window
+    local_layers: tuple[bool, ...]  # per layer: uses the sliding window
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+
+def _get(meta: dict, key: str, path: str, default=None):
+    if key in meta:
+        return meta[key]
+    if default is None:
+        raise EdgeError(f"{path}: GGUF metadata lacks '{key}'; the file is incomplete or not a model")
+    return default
+
+
+def config_from_metadata(meta: dict, path: str, vocab_size: int) -> ModelConfig:
+    """Build the config from GGUF key/values (`{arch}.block_count`, ...), as llama.cpp reads them."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise EdgeError(f"{path}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    g = lambda key, default=None: _get(meta, f"{arch}.{key}", path, default)  # noqa: E731
+    n_layers = int(g("block_count"))
+    dim = int(g("embedding_length"))
+    n_heads = int(g("attention.head_count"))
+    n_kv_heads = int(g("attention.head_count_kv", n_heads))
+    head_dim = int(g("attention.key_length", dim // n_heads))
+    if arch == "gemma3":
+        window = int(g("attention.sliding_window", 0))
+        local = tuple(i % 6 < 5 for i in range(n_layers)) if window else (False,) * n_layers
+        extra = dict(rope_neox=True, activation="gelu_tanh", attn_scale=1.0 / math.sqrt(head_dim),
+                     embed_scale=math.sqrt(dim), qk_norm=True, post_norms=True,
+                     rope_base=float(g("rope.freq_base", 1_000_000.0)),
+                     rope_base_local=float(g("rope.freq_base_swa", 10_000.0)),
+                     sliding_window=window, local_layers=local)
+    else:
+        base = float(g("rope.freq_base", 10_000.0))
+        extra = dict(rope_neox=False, activation="silu", attn_scale=1.0 / math.sqrt(head_dim),
+                     embed_scale=1.0, qk_norm=False, post_norms=False, rope_base=base,
+                     rope_base_local=base, sliding_window=0, local_layers=(False,) * n_layers)
+    return ModelConfig(
+        arch=arch, n_layers=n_layers, dim=dim, hidden_dim=int(g("feed_forward_length")),
+        n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=vocab_size,
+        context_length=int(g("context_length", 2048)),
+        norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_dims=int(g("rope.dimension_count", head_dim)), **extra)

@@ -1,0 +1,162 @@
+"""The one token generator: prompt in, tokens out, each with its stats. Feeds the CLI, the TUI and `bench`.
+
+Layered as step -> stream -> whole: `Engine.generate` yields `TokenEvent`s; `Engine.chat` keeps a
+conversation and reuses the KV cache for the part of the chat already seen.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edge.errors import EdgeError
+from edge.sampling import Sampler, SamplerConfig
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int
+    text: str                # printable text this token completes (may be empty mid-character)
+    seconds: float           # wall time of this step
+    flash_read_bytes: int    # bytes the process read from storage during this step
+    resident_bytes: int      # process RSS after this step
+    position: int            # the token's position in the context
+
+
+@dataclass
+class RunStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0   # prompt tokens whose keys/values were already cached
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    flash_read_bytes: int = 0
+    peak_rss_bytes: int = 0
+    stopped: str = ""        # "eog", "length", "context" or "cancelled"
+
+    @property
+    def prefill_tok_s(self) -> float:
+        computed = self.prompt_tokens - self.reused_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def tok_s(self) -> float:
+        """Decode speed: tokens after the first (the first one's logits come from the prefill)."""
+        n = len(self.tokens) - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+class _Meter:
+    """Storage bytes read and RSS of this process (psutil), sampled per step."""
+
+    def __init__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._has_io = hasattr(self._proc, "io_counters")
+        self.peak_rss = 0
+
+    def read_bytes(self) -> int:
+        return self._proc.io_counters().read_bytes if self._has_io else 0
+
+    def rss(self) -> int:
+        r = self._proc.memory_info().rss
+        self.peak_rss = max(self.peak_rss, r)
+        return r
+
+
+class Engine:
+    """A model ready to generate: weights, KV cache, tokenizer; one conversation's cache state."""
+
+    def __init__(self, model: str | Path | None = None, n_ctx: int = 2048, backend: str = "auto",
+                 threads: int | None = None):
+        from edge.gguf_file import GGUFFile
+        from edge.model import Transformer
+        from edge.models import resolve_model
+        from edge.tokenizer import Tokenizer
+
+        self.path = resolve_model(model)
+        self.file = GGUFFile(self.path)
+        self.config = self.file.config
+        if n_ctx < 16:
+            raise EdgeError(f"--ctx {n_ctx}: the context must hold at least 16 tokens")
+        self.n_ctx = min(n_ctx, self.config.context_length)
+        self.tokenizer = Tokenizer(self.path, self.config.arch, self.file.chat_template)
+        self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads)
+        self.meter = _Meter()
+        self.cached: list[int] = []   # tokens whose keys and values are in the KV cache, in order
+        self.last = RunStats()
+
+    @property
+    def name(self) -> str:
+        return self.file.metadata.get("general.name") or self.path.stem
+
+    def _prefill(self, tokens: list[int]) -> tuple[np.ndarray, int]:
+        """Bring the cache to `tokens` (reusing the common prefix) and return the last token's logits."""
+        reuse = 0
+        for a, b in zip(self.cached, tokens[:-1]):  # always recompute at least the last token
+            if a != b:
+                break
+            reuse += 1
+        self.cached = self.cached[:reuse]
+        logits = self.model.forward(np.asarray(tokens[reuse:]), reuse)
+        self.cached = list(tokens)
+        return logits, reuse
+
+    def generate(self, prompt: list[int], max_tokens: int = 256, sampler: Sampler | None = None,
+                 stop_at_end: bool = True) -> Iterator[TokenEvent]:
+        """Yield sampled tokens one by one. Stats of the whole run are in `self.last` as they accumulate."""
+        if not prompt:
+            raise EdgeError("the prompt is empty; give some text with -p")
+        if len(prompt) >= self.n_ctx:
+            raise EdgeError(f"the prompt is {len(prompt)} tokens but the context holds {self.n_ctx}; "
+                            "shorten it or raise --ctx")
+        sampler = sampler or Sampler(SamplerConfig())
+        stats = self.last = RunStats(prompt_tokens=len(prompt))
+        stream = self.tokenizer.streamer()
+        io0 = self.meter.read_bytes()
+        t0 = time.perf_counter()
+        logits, stats.reused_tokens = self._prefill(prompt)
+        stats.prefill_seconds = time.perf_counter() - t0
+        history = list(prompt)
+        try:
+            yield from self._decode(logits, history, max_tokens, sampler, stop_at_end, stream)
+        finally:
+            stats.stopped = stats.stopped or "cancelled"
+            stats.flash_read_bytes = self.meter.read_bytes() - io0
+            stats.peak_rss_bytes = self.meter.peak_rss
+
+    def _decode(self, logits, history, max_tokens, sampler, stop_at_end, stream) -> Iterator[TokenEvent]:
+        stats = self.last
+        step_start, io_start = time.perf_counter(), self.meter.read_bytes()
+        for _ in range(max_tokens):
+            token = sampler(logits, history)
+            history.append(token)
+            stats.tokens.append(token)
+            if stop_at_end and self.tokenizer.is_end(token):
+                stats.stopped = "eog"
+                break
+            io_now = self.meter.read_bytes()
+            yield TokenEvent(token, stream.push(token), time.perf_counter() - step_start, io_now - io_start,
+                             self.meter.rss(), len(self.cached))
+            if len(stats.tokens) >= max_tokens:
+                stats.stopped = "length"
+                break
+            if len(self.cached) >= self.n_ctx:
+                stats.stopped = "context"
+                break
+            step_start, io_start = time.perf_counter(), io_now
+            t = time.perf_counter()
+            logits = self.model.forward(np.asarray([token]), len(self.cached))
+            self.cached.append(token)
+            stats.decode_seconds += time.perf_counter() - t
+        tail = stream.flush()
+        if tail:
+            yield TokenEvent(-1, tail, 0.0, 0, self.meter.rss(), len(self.cached))
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.encode_chat(messages)

@@ -1,0 +1,64 @@
+"""Perplexity over a text: non-overlapping windows of `ctx` tokens, every token after a window's first scored.
+
+The default text is a fixed slice of `pydoc_data.topics`, which ships with CPython (English prose about
+Python); calibration uses a disjoint slice (`calibration_text`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EVAL_CHARS = 60_000  # the evaluation slice: the first 60k characters of the topics in key order
+
+
+def _topics_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def eval_text() -> str:
+    return _topics_text()[:EVAL_CHARS]
+
+
+def calibration_text() -> str:
+    return _topics_text()[EVAL_CHARS:]
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    tokens_scored: int
+    nll: float  # mean negative log-likelihood (nats)
+
+    @property
+    def ppl(self) -> float:
+        return float(np.exp(self.nll))
+
+
+def windows(tokens: list[int], ctx: int, max_windows: int | None, bos: int | None) -> list[list[int]]:
+    """Split into windows of ctx tokens; each starts with BOS when the model wants one."""
+    step = ctx - (1 if bos is not None else 0)
+    out = []
+    for i in range(0, len(tokens) - step + 1, step):
+        w = tokens[i:i + step]
+        out.append([bos] + w if bos is not None else w)
+        if max_windows and len(out) >= max_windows:
+            break
+    return out
+
+
+def token_nll(logits: np.ndarray, window: list[int]) -> np.ndarray:
+    """-log p(window[t+1] | window[:t+1]) for every t, from logits (T, vocab) in float64."""
+    z = logits[:-1].astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(z).sum(axis=-1))
+    target = np.asarray(window[1:])
+    return logz - z[np.arange(len(target)), target]
+
+
+def perplexity(logits_fn, wins: list[list[int]]) -> Perplexity:
+    """logits_fn(window) -> (T, vocab): ours (Transformer.forward from position 0) or the peer's."""
+    nll = np.concatenate([token_nll(logits_fn(w), w) for w in wins])
+    return Perplexity(len(nll), float(nll.mean()))

@@ -1,0 +1,217 @@
+"""The forward pass: llama-family and gemma3 decoder layers over a KV cache allocated once.
+
+A block reads as two residual lines (attention on the normed input, then the gated FFN on the normed
+result). Weights come from a `WeightSource` (a GGUF file today) through `kernels.linear_group`, which keeps
+them quantized in RAM. Sampling lives in `edge.sampling`; this module only turns token ids into logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge import kernels, quants
+from edge.config import ModelConfig
+from edge.errors import EdgeError
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x: (..., n) normed over its last axis and scaled by weight (n,)."""
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    return x * (1.0 / np.sqrt(ms + eps)) * weight
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
+class Rope:
+    """Rotary embedding tables for positions [0, n_ctx): cos/sin of shape (n_ctx, rope_dims // 2)."""
+
+    def __init__(self, cfg: ModelConfig, base: float, n_ctx: int):
+        half = cfg.rope_dims // 2
+        inv = base ** (-np.arange(half, dtype=np.float64) * 2.0 / cfg.rope_dims)
+        angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]
+        self.cos = np.cos(angles).astype(np.float32)
+        self.sin = np.sin(angles).astype(np.float32)
+        self.neox = cfg.rope_neox
+        self.dims = cfg.rope_dims
+
+    def __call__(self, x: np.ndarray, start: int) -> np.ndarray:
+        """x: (T, n_heads, head_dim) at positions start..start+T-1; rotated in place and returned."""
+        t = x.shape[0]
+        cos = self.cos[start:start + t, None, :]
+        sin = self.sin[start:start + t, None, :]
+        d = self.dims
+        if self.neox:  # pairs (i, i + d/2)
+            a, b = x[..., : d // 2].copy(), x[..., d // 2: d].copy()
+            x[..., : d // 2] = a * cos - b * sin
+            x[..., d // 2: d] = a * sin + b * cos
+        else:  # adjacent pairs (2i, 2i+1)
+            a, b = x[..., 0:d:2].copy(), x[..., 1:d:2].copy()
+            x[..., 0:d:2] = a * cos - b * sin
+            x[..., 1:d:2] = a * sin + b * cos
+        return x
+
+
+class KVCache:
+    """Keys and values of every layer, float16 as llama.cpp keeps them: (n_layers, n_kv_heads, n_ctx, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        shape = (cfg.n_layers, cfg.n_kv_heads, n_ctx, cfg.head_dim)
+        self.k = np.zeros(shape, np.float16)
+        self.v = np.zeros(shape, np.float16)
+        self.n_ctx = n_ctx
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @staticmethod
+    def bytes_for(cfg: ModelConfig, n_ctx: int) -> int:
+        return 2 * cfg.n_layers * cfg.n_kv_heads * n_ctx * cfg.head_dim * 2
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    qkv: kernels.LinearGroup
+    attn_output: kernels.LinearGroup
+    ffn_norm: np.ndarray
+    gate_up: kernels.LinearGroup
+    down: kernels.LinearGroup
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    attn_post_norm: np.ndarray | None = None
+    ffn_post_norm: np.ndarray | None = None
+
+
+def _norm(src, name: str) -> np.ndarray:
+    t = src.tensor(name)
+    return quants.dequantize(t.raw, t.type_id).reshape(-1).astype(np.float32)
+
+
+class Transformer:
+    """Token ids -> logits for a decoder-only model; holds the resident weights and the KV cache."""
+
+    def __init__(self, src, n_ctx: int, backend: str = "auto", threads: int | None = None):
+        cfg: ModelConfig = src.config
+        self.cfg = cfg
+        self.n_ctx = n_ctx
+        self.backend = kernels.make_backend(backend, threads)
+        self.layers = [self._load_layer(src, i) for i in range(cfg.n_layers)]
+        self.output_norm = _norm(src, "output_norm.weight")
+        self.token_embd = src.tensor("token_embd.weight")
+        head = src.tensor("output.weight") if src.has("output.weight") else self.token_embd
+        self.output = self.backend.linear_group([head])
+        self.kv = KVCache(cfg, n_ctx)
+        self.rope_global = Rope(cfg, cfg.rope_base, n_ctx)
+        self.rope_local = Rope(cfg, cfg.rope_base_local, n_ctx) if cfg.sliding_window else self.rope_global
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def _load_layer(self, src, i: int) -> Layer:
+        cfg = self.cfg
+        p = f"blk.{i}."
+        lin = self.backend.linear_group
+        layer = Layer(
+            attn_norm=_norm(src, p + "attn_norm.weight"),
+            qkv=lin([src.tensor(p + n) for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight")]),
+            attn_output=lin([src.tensor(p + "attn_output.weight")]),
+            ffn_norm=_norm(src, p + "ffn_norm.weight"),
+            gate_up=lin([src.tensor(p + n) for n in ("ffn_gate.weight", "ffn_up.weight")]),
+            down=lin([src.tensor(p + "ffn_down.weight")]),
+        )
+        if cfg.qk_norm:
+            layer.q_norm = _norm(src, p + "attn_q_norm.weight")
+            layer.k_norm = _norm(src, p + "attn_k_norm.weight")
+        if cfg.post_norms:
+            layer.attn_post_norm = _norm(src, p + "post_attention_norm.weight")
+            layer.ffn_post_norm = _norm(src, p + "post_ffw_norm.weight")
+        return layer
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.backend.resident_bytes + self.kv.nbytes
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """(T,) ids -> (T, dim): the rows of the embedding table, dequantized on lookup."""
+        t = self.token_embd
+        if np.any(tokens < 0) or np.any(tokens >= t.rows):
+            raise EdgeError(f"token id out of range [0, {t.rows})")
+        x = quants.dequantize(t.raw[tokens], t.type_id, t.cols)
+        return x * np.float32(self.cfg.embed_scale) if self.cfg.embed_scale != 1.0 else x
+
+    def forward(self, tokens: np.ndarray, start: int, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions start..start+T-1 (the cache holds 0..start-1).
+
+        Returns logits (T, vocab) with all_logits, else (vocab,) for the last token.
+        """
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if start + len(tokens) > self.n_ctx:
+            raise EdgeError(f"context full: {start + len(tokens)} tokens exceed the context of {self.n_ctx}; "
+                            "raise --ctx or start a new chat")
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = self._block(i, layer, x, start)
+        if not all_logits:
+            x = x[-1:]
+        x = rms_norm(x, self.output_norm, self.cfg.norm_eps)
+        (logits,) = self.output(x)
+        return logits if all_logits else logits[0]
+
+    def _block(self, i: int, layer: Layer, x: np.ndarray, start: int) -> np.ndarray:
+        cfg = self.cfg
+        h = self._attention(i, layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), start)
+        if layer.attn_post_norm is not None:
+            h = rms_norm(h, layer.attn_post_norm, cfg.norm_eps)
+        x = x + h
+        gate, up = layer.gate_up(rms_norm(x, layer.ffn_norm, cfg.norm_eps))
+        (h,) = layer.down(self.act(gate) * up)
+        if layer.ffn_post_norm is not None:
+            h = rms_norm(h, layer.ffn_post_norm, cfg.norm_eps)
+        return x + h
+
+    def _attention(self, i: int, layer: Layer, x: np.ndarray, start: int) -> np.ndarray:
+        cfg = self.cfg
+        t = x.shape[0]
+        end = start + t
+        q, k, v = layer.qkv(x)
+        q = q.reshape(t, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, cfg.norm_eps)
+            k = rms_norm(k, layer.k_norm, cfg.norm_eps)
+        local = cfg.local_layers[i]
+        rope = self.rope_local if local else self.rope_global
+        q = rope(np.ascontiguousarray(q), start) * np.float32(cfg.attn_scale)
+        k = rope(np.ascontiguousarray(k), start)
+        self.kv.k[i, :, start:end] = k.transpose(1, 0, 2)
+        self.kv.v[i, :, start:end] = v.reshape(t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)
+        first = max(0, start - cfg.sliding_window + 1) if local else 0  # keys no query of this batch can see
+        keys = self.kv.k[i, :, first:end].astype(np.float32)    # (n_kv, S, head_dim)
+        values = self.kv.v[i, :, first:end].astype(np.float32)  # (n_kv, S, head_dim)
+        group = cfg.n_heads // cfg.n_kv_heads
+        qg = q.reshape(t, cfg.n_kv_heads, group, cfg.head_dim).transpose(1, 2, 0, 3)  # (n_kv, group, T, hd)
+        scores = qg @ keys[:, None].transpose(0, 1, 3, 2)  # (n_kv, group, T, S)
+        if t > 1 or local:
+            qpos = np.arange(start, end)[:, None]
+            kpos = np.arange(first, end)[None, :]
+            masked = kpos > qpos
+            if local:
+                masked |= (qpos - kpos) >= cfg.sliding_window
+            scores = np.where(masked, np.float32(-np.inf), scores)
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = scores @ values[:, None]  # (n_kv, group, T, hd)
+        out = out.transpose(2, 0, 1, 3).reshape(t, cfg.q_dim)
+        (h,) = layer.attn_output(out)
+        return h

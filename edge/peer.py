@@ -1,0 +1,38 @@
+"""The peer: llama.cpp (through llama-cpp-python) on the same GGUF, for parity tests and benchmarks."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge.tokenizer import _quiet_stderr
+
+
+class LlamaCpp:
+    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int = 2, logits_all: bool = True):
+        from llama_cpp import Llama
+
+        with _quiet_stderr():
+            self.llama = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                               logits_all=logits_all, verbose=False)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """(T, vocab) logits of every position, the whole sequence evaluated from an empty cache."""
+        self.llama.reset()
+        self.llama.eval(tokens)
+        return np.array(self.llama.scores[: len(tokens)], dtype=np.float32)
+
+    def greedy(self, prompt: list[int], n: int) -> tuple[list[int], float, float]:
+        """Greedy continuation: (ids, prefill seconds, decode seconds), argmax on the raw logits."""
+        self.llama.reset()
+        t0 = time.perf_counter()
+        self.llama.eval(prompt)
+        t1 = time.perf_counter()
+        out = []
+        for _ in range(n):
+            tok = int(np.argmax(self.llama.scores[self.llama.n_tokens - 1]))
+            out.append(tok)
+            self.llama.eval([tok])
+        return out, t1 - t0, time.perf_counter() - t1

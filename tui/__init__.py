@@ -1,0 +1,1 @@
+"""The terminal chat UI (Textual). Talks to the runtime only through edge.engine."""

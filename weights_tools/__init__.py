@@ -1,0 +1,1 @@
+"""Offline tools: everything that reads or writes model files (GGUF rewrites now; convert and stack later)."""
