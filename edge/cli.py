@@ -1,4 +1,4 @@
-"""`edge` command line: run, eval, chat. Each command imports what it needs when it runs (start-up stays lean).
+"""`edge` command line: run, eval, and the commands other packages register (chat). Each command imports what it needs when it runs (start-up stays lean).
 
 User errors print one line (`edge: error: ...`) and exit 2; Ctrl+C stops generation and prints what was done.
 """
@@ -19,10 +19,6 @@ EXAMPLES_RUN = """examples:
 EXAMPLES_EVAL = """examples:
   edge eval                                   # default model, default text (a slice of pydoc_data.topics)
   edge eval model.gguf --text notes.txt --ctx 512 --windows 8
-"""
-EXAMPLES_CHAT = """examples:
-  edge chat                                   # the default model
-  edge chat model.gguf --system "You are terse."
 """
 
 
@@ -64,23 +60,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--windows", type=int, default=4, help="windows of --ctx tokens to score (default 4; 0: all)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
-    chat = sub.add_parser("chat", help="chat in the terminal UI", epilog=EXAMPLES_CHAT,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(chat, 4096)
-    chat.add_argument("--system", default=None, help="system prompt")
-    _add_sampling_args(chat, 0.7)
+    for ep in _plugin_commands():  # commands of packages above edge (tui: chat), found by entry point
+        ep.load()(sub)
     return ap
 
 
-def _sampler(args):
-    from edge.sampling import Sampler, SamplerConfig
+def _plugin_commands():
+    from importlib.metadata import entry_points
 
-    return Sampler(SamplerConfig(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                                 repeat_penalty=args.repeat_penalty, seed=args.seed))
+    return sorted(entry_points(group="edge.commands"), key=lambda ep: ep.name)
+
+
+def add_command(sub, name: str, help: str, epilog: str, handler, ctx_default: int = 2048,
+                temp_default: float | None = None) -> argparse.ArgumentParser:
+    """For plugins: a subcommand with the shared model (and sampling) flags; handler(args) -> exit code."""
+    p = sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p, ctx_default)
+    if temp_default is not None:
+        _add_sampling_args(p, temp_default)
+    p.set_defaults(handler=handler)
+    return p
+
+
+def sampler_config(args):
+    from edge.sampling import SamplerConfig
+
+    return SamplerConfig(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                         repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
 def cmd_run(args) -> int:
     from edge.engine import Engine
+    from edge.sampling import Sampler
     from edge.sizes import format_size
 
     engine = Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads)
@@ -91,7 +102,7 @@ def cmd_run(args) -> int:
         prompt = engine.tokenizer.encode(args.prompt)
     pieces = []
     try:
-        for ev in engine.generate(prompt, args.max_tokens, _sampler(args)):
+        for ev in engine.generate(prompt, args.max_tokens, Sampler(sampler_config(args))):
             pieces.append(ev.text)
             if not args.json:
                 sys.stdout.write(ev.text)
@@ -145,19 +156,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_chat(args) -> int:
-    from tui.app import run_chat
-
-    return run_chat(args)
-
-
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "chat": cmd_chat}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except EdgeError as exc:
         print(f"edge: error: {exc}", file=sys.stderr)
         return 2

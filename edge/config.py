@@ -57,11 +57,14 @@ def config_from_metadata(meta: dict, path: str, vocab_size: int) -> ModelConfig:
     if arch not in SUPPORTED_ARCHS:
         raise EdgeError(f"{path}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
     g = lambda key, default=None: _get(meta, f"{arch}.{key}", path, default)  # noqa: E731
-    n_layers = int(g("block_count"))
-    dim = int(g("embedding_length"))
-    n_heads = int(g("attention.head_count"))
-    n_kv_heads = int(g("attention.head_count_kv", n_heads))
-    head_dim = int(g("attention.key_length", dim // n_heads))
+    n_layers = _positive(g("block_count"), "block_count", path)
+    dim = _positive(g("embedding_length"), "embedding_length", path)
+    n_heads = _positive(g("attention.head_count"), "attention.head_count", path)
+    n_kv_heads = _positive(g("attention.head_count_kv", n_heads), "attention.head_count_kv", path)
+    head_dim = _positive(g("attention.key_length", dim // n_heads), "attention.key_length", path)
+    if n_heads % n_kv_heads or n_layers > 10_000:
+        raise EdgeError(f"{path}: metadata has {n_heads} heads over {n_kv_heads} key/value heads and {n_layers} "
+                        "layers, which no model has; the file is corrupt")
     if arch == "gemma3":
         window = int(g("attention.sliding_window", 0))
         local = tuple(i % 6 < 5 for i in range(n_layers)) if window else (False,) * n_layers
@@ -75,9 +78,19 @@ def config_from_metadata(meta: dict, path: str, vocab_size: int) -> ModelConfig:
         extra = dict(rope_neox=False, activation="silu", attn_scale=1.0 / math.sqrt(head_dim),
                      embed_scale=1.0, qk_norm=False, post_norms=False, rope_base=base,
                      rope_base_local=base, sliding_window=0, local_layers=(False,) * n_layers)
+    rope_dims = _positive(g("rope.dimension_count", head_dim), "rope.dimension_count", path)
+    if rope_dims > head_dim or rope_dims % 2:
+        raise EdgeError(f"{path}: rope.dimension_count {rope_dims} does not fit heads of {head_dim}; the file is corrupt")
     return ModelConfig(
-        arch=arch, n_layers=n_layers, dim=dim, hidden_dim=int(g("feed_forward_length")),
+        arch=arch, n_layers=n_layers, dim=dim,
+        hidden_dim=_positive(g("feed_forward_length"), "feed_forward_length", path),
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=vocab_size,
-        context_length=int(g("context_length", 2048)),
+        context_length=_positive(g("context_length", 2048), "context_length", path),
         norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_dims=int(g("rope.dimension_count", head_dim)), **extra)
+        rope_dims=rope_dims, **extra)
+
+
+def _positive(value, key: str, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) <= 0 or int(value) > 1 << 24:
+        raise EdgeError(f"{path}: metadata '{key}' is {value!r}, not a plausible size; the file is corrupt")
+    return int(value)

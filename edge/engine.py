@@ -85,8 +85,8 @@ class Engine:
         if n_ctx < 16:
             raise EdgeError(f"--ctx {n_ctx}: the context must hold at least 16 tokens")
         self.n_ctx = min(n_ctx, self.config.context_length)
-        self.tokenizer = Tokenizer(self.path, self.config.arch, self.file.chat_template)
         self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads)
+        self.tokenizer = Tokenizer(self.path, self.config.arch, self.file.chat_template)
         self.meter = _Meter()
         self.cached: list[int] = []   # tokens whose keys and values are in the KV cache, in order
         self.last = RunStats()

@@ -102,7 +102,7 @@ class GGUFFile:
         field = self._reader.fields.get("tokenizer.ggml.tokens")
         if field is not None:
             return len(field.data)
-        return int(self._tensors["token_embd.weight"].shape[1])
+        return self.tensor("token_embd.weight").rows
 
     def _check_tensors(self) -> None:
         size = self.path.stat().st_size
@@ -117,16 +117,24 @@ class GGUFFile:
     def has(self, name: str) -> bool:
         return name in self._tensors
 
-    def tensor(self, name: str) -> Tensor:
+    def tensor(self, name: str, expected: tuple[int, ...] | None = None) -> Tensor:
+        """The tensor `name`; with `expected`, an EdgeError unless it has exactly that logical shape."""
         t = self._tensors.get(name)
         if t is None:
-            raise EdgeError(f"{self.path}: tensor '{name}' is missing; the file is not a complete "
-                            f"{self.config.arch} model")
+            arch = self.metadata.get("general.architecture", "?")
+            raise EdgeError(f"{self.path}: tensor '{name}' is missing; the file is not a complete {arch} model")
         type_id = int(t.tensor_type)
         if not quants.is_supported(type_id):
             raise EdgeError(f"{self.path}: tensor '{name}' uses quant type {quants.type_name(type_id)}, which "
                             f"is not supported (supported: {', '.join(f.name for f in quants.FORMATS.values())})")
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists ne0 (the row length) first
+        fmt = quants.FORMATS[type_id]
+        if shape and shape[-1] % fmt.block_size:
+            raise EdgeError(f"{self.path}: tensor '{name}' has rows of {shape[-1]} values, not a whole number of "
+                            f"{fmt.name} blocks; the file is corrupt")
+        if expected is not None and tuple(d for d in shape if d != 1) != tuple(d for d in expected if d != 1):
+            raise EdgeError(f"{self.path}: tensor '{name}' has shape {shape}, expected {expected}; the file "
+                            "does not match its own metadata")
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         raw = np.asarray(t.data).view(np.uint8).reshape(rows, -1)
         return Tensor(name, type_id, shape, raw)

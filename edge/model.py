@@ -94,8 +94,8 @@ class Layer:
     ffn_post_norm: np.ndarray | None = None
 
 
-def _norm(src, name: str) -> np.ndarray:
-    t = src.tensor(name)
+def _norm(src, name: str, size: int) -> np.ndarray:
+    t = src.tensor(name, (size,))
     return quants.dequantize(t.raw, t.type_id).reshape(-1).astype(np.float32)
 
 
@@ -108,9 +108,9 @@ class Transformer:
         self.n_ctx = n_ctx
         self.backend = kernels.make_backend(backend, threads)
         self.layers = [self._load_layer(src, i) for i in range(cfg.n_layers)]
-        self.output_norm = _norm(src, "output_norm.weight")
-        self.token_embd = src.tensor("token_embd.weight")
-        head = src.tensor("output.weight") if src.has("output.weight") else self.token_embd
+        self.output_norm = _norm(src, "output_norm.weight", cfg.dim)
+        self.token_embd = src.tensor("token_embd.weight", (cfg.vocab_size, cfg.dim))
+        head = src.tensor("output.weight", (cfg.vocab_size, cfg.dim)) if src.has("output.weight") else self.token_embd
         self.output = self.backend.linear_group([head])
         self.kv = KVCache(cfg, n_ctx)
         self.rope_global = Rope(cfg, cfg.rope_base, n_ctx)
@@ -121,20 +121,22 @@ class Transformer:
         cfg = self.cfg
         p = f"blk.{i}."
         lin = self.backend.linear_group
+        dim, hidden, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
         layer = Layer(
-            attn_norm=_norm(src, p + "attn_norm.weight"),
-            qkv=lin([src.tensor(p + n) for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight")]),
-            attn_output=lin([src.tensor(p + "attn_output.weight")]),
-            ffn_norm=_norm(src, p + "ffn_norm.weight"),
-            gate_up=lin([src.tensor(p + n) for n in ("ffn_gate.weight", "ffn_up.weight")]),
-            down=lin([src.tensor(p + "ffn_down.weight")]),
+            attn_norm=_norm(src, p + "attn_norm.weight", dim),
+            qkv=lin([src.tensor(p + "attn_q.weight", (cfg.q_dim, dim)), src.tensor(p + "attn_k.weight", (kv, dim)),
+                     src.tensor(p + "attn_v.weight", (kv, dim))]),
+            attn_output=lin([src.tensor(p + "attn_output.weight", (dim, cfg.q_dim))]),
+            ffn_norm=_norm(src, p + "ffn_norm.weight", dim),
+            gate_up=lin([src.tensor(p + "ffn_gate.weight", (hidden, dim)), src.tensor(p + "ffn_up.weight", (hidden, dim))]),
+            down=lin([src.tensor(p + "ffn_down.weight", (dim, hidden))]),
         )
         if cfg.qk_norm:
-            layer.q_norm = _norm(src, p + "attn_q_norm.weight")
-            layer.k_norm = _norm(src, p + "attn_k_norm.weight")
+            layer.q_norm = _norm(src, p + "attn_q_norm.weight", cfg.head_dim)
+            layer.k_norm = _norm(src, p + "attn_k_norm.weight", cfg.head_dim)
         if cfg.post_norms:
-            layer.attn_post_norm = _norm(src, p + "post_attention_norm.weight")
-            layer.ffn_post_norm = _norm(src, p + "post_ffw_norm.weight")
+            layer.attn_post_norm = _norm(src, p + "post_attention_norm.weight", dim)
+            layer.ffn_post_norm = _norm(src, p + "post_ffw_norm.weight", dim)
         return layer
 
     @property

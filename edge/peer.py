@@ -11,12 +11,15 @@ from edge.tokenizer import _quiet_stderr
 
 
 class LlamaCpp:
-    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int = 2, logits_all: bool = True):
+    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int = 2, logits_all: bool = True,
+                 f32_kv: bool = False):
+        """f32_kv: keys and values in float32 and no flash attention, for exact comparisons on F32 files."""
         from llama_cpp import Llama
 
+        extra = dict(type_k=0, type_v=0, flash_attn=False) if f32_kv else {}
         with _quiet_stderr():
             self.llama = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                               logits_all=logits_all, verbose=False)
+                               logits_all=logits_all, verbose=False, **extra)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """(T, vocab) logits of every position, the whole sequence evaluated from an empty cache."""

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from edge.errors import EdgeError
 
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
+GEMMA_TEMPLATE = (  # Gemma 3's: a system message is folded into the first user turn
+    "{{ bos_token }}{% set ns = namespace(prefix='') %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.prefix = message['content'] | trim + '\n\n' %}{% else %}"
     "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{% if role == 'system' %}{% set role = 'user' %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{{ '<start_of_turn>' + role + '\n' + ns.prefix + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% set ns.prefix = '' %}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 CHATML_TEMPLATE = (
@@ -28,15 +29,19 @@ CHATML_TEMPLATE = (
 
 @contextlib.contextmanager
 def _quiet_stderr():
-    """llama.cpp prints its loader log on fd 2 even with verbose=False in some builds."""
+    """llama.cpp logs its loader on fd 2, and llama-cpp-python's log callback on sys.stderr: silence both."""
+    import io
+    import sys
+
     saved = os.dup(2)
     try:
-        with open(os.devnull, "wb") as null:
+        with open(os.devnull, "wb") as null, contextlib.redirect_stderr(io.StringIO()):
             os.dup2(null.fileno(), 2)
             yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+        sys.stderr.flush()
 
 
 class Tokenizer:

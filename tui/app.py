@@ -190,8 +190,8 @@ class ChatApp(App):
 
 
 def run_chat(args) -> int:
-    cfg = SamplerConfig(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                        repeat_penalty=args.repeat_penalty, seed=args.seed)
-    ChatApp(args.model, system=args.system, n_ctx=args.ctx, sampler=cfg, max_tokens=args.max_tokens,
-            backend=args.backend, threads=args.threads).run()
+    from edge.cli import sampler_config
+
+    ChatApp(args.model, system=args.system, n_ctx=args.ctx, sampler=sampler_config(args),
+            max_tokens=args.max_tokens, backend=args.backend, threads=args.threads).run()
     return 0

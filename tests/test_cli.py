@@ -1,0 +1,166 @@
+"""The `edge` command as a user runs it: run/eval output, and one clear line for every bad input."""
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import write_tiny_gguf
+from edge.cli import main
+from edge.errors import EdgeError
+from edge.gguf_file import GGUFFile
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edge: error:"), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_run_json_default_model(capsys):
+    code, out, _ = run_cli(capsys, "run", "-p", "The capital of France is", "-n", "8", "--json")
+    assert code == 0
+    data = json.loads(out)
+    for key in ("tokens", "text", "prompt_tokens", "tok_s", "prefill_tok_s", "peak_rss_bytes", "flash_read_bytes"):
+        assert key in data
+    assert len(data["tokens"]) == 8 and data["prompt_tokens"] == 5
+    assert "Paris" in data["text"]
+    assert data["peak_rss_bytes"] > 50_000_000 and data["tok_s"] > 0
+
+
+def test_run_streams_text_and_chat(capsys):
+    code, out, err = run_cli(capsys, "run", "-p", "What is the capital of France?", "--chat", "-n", "24")
+    assert code == 0 and len(out.strip()) > 10
+    assert "tok/s" in err and "peak RSS" in err
+
+
+def test_chat_template_matches_llama_cpp_python(smollm2):
+    """Our rendering of the GGUF's template equals llama-cpp-python's own Jinja2 formatter."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from edge.tokenizer import Tokenizer
+
+    f = GGUFFile(smollm2)
+    tok = Tokenizer(smollm2, f.config.arch, f.chat_template)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"}]
+    theirs = Jinja2ChatFormatter(f.chat_template, eos_token="<|im_end|>", bos_token="<|im_start|>")(
+        messages=messages).prompt
+    assert tok.render_chat(messages) == theirs
+
+
+def test_seeded_sampling_is_reproducible(capsys):
+    args = ("run", "-p", "Tell me a story", "--chat", "-n", "12", "--temp", "0.9", "--seed", "5", "--json")
+    first = json.loads(run_cli(capsys, *args)[1])["tokens"]
+    second = json.loads(run_cli(capsys, *args)[1])["tokens"]
+    assert first == second
+
+
+def test_eval_matches_llama_cpp_perplexity(capsys, real_model):
+    from edge.evaluate import eval_text, perplexity, windows
+    from edge.peer import LlamaCpp
+    from edge.tokenizer import Tokenizer
+
+    code, out, _ = run_cli(capsys, "eval", str(real_model), "--ctx", "256", "--windows", "3", "--json")
+    assert code == 0
+    ours = json.loads(out)
+    f = GGUFFile(real_model)
+    tok = Tokenizer(real_model, f.config.arch, f.chat_template)
+    wins = windows(tok.encode(eval_text(), add_bos=False), 256, 3, tok.bos_id if tok.add_bos else None)
+    peer = LlamaCpp(real_model, n_ctx=256, threads=2)
+    ref = perplexity(peer.logits, wins)
+    print(ours["ppl"], ref.ppl)
+    assert ours["tokens_scored"] == ref.tokens_scored
+    assert abs(ours["ppl"] / ref.ppl - 1) < 0.01
+
+
+def test_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", str(tmp_path / "nope.gguf"), "-p", "hi")
+    assert_one_line_error(code, err, "nope.gguf", "no such file")
+
+
+def test_not_a_gguf(capsys, tmp_path):
+    p = tmp_path / "notes.gguf"
+    p.write_text("hello, I am text\n")
+    code, _, err = run_cli(capsys, "run", str(p), "-p", "hi")
+    assert_one_line_error(code, err, "notes.gguf", "not a GGUF")
+
+
+def test_truncated_gguf(capsys, tmp_path, smollm2):
+    p = tmp_path / "cut.gguf"
+    with open(smollm2, "rb") as src, open(p, "wb") as dst:
+        dst.write(src.read(smollm2.stat().st_size * 6 // 10))
+    code, _, err = run_cli(capsys, "run", str(p), "-p", "hi")
+    assert_one_line_error(code, err, "cut.gguf", "truncated")
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    p = write_tiny_gguf(tmp_path / "mamba.gguf", arch="mamba")
+    code, _, err = run_cli(capsys, "run", str(p), "-p", "hi")
+    assert_one_line_error(code, err, "architecture 'mamba' is not supported")
+
+
+def test_unsupported_quant_type(capsys, tmp_path):
+    raw = np.random.default_rng(0).integers(0, 256, (128, 64 // 256 * 84 or 84), np.uint8)
+    q2k = gguf.GGMLQuantizationType.Q2_K
+    p = write_tiny_gguf(tmp_path / "q2k.gguf", dim=256, hidden=128, n_heads=4, n_kv=2,
+                        extra_tensors={"blk.0.ffn_up.weight": (raw, q2k)})
+    code, _, err = run_cli(capsys, "run", str(p), "-p", "hi")
+    assert_one_line_error(code, err, "Q2_K", "not supported", "blk.0.ffn_up.weight")
+
+
+def test_prompt_longer_than_context(capsys):
+    code, _, err = run_cli(capsys, "run", "-p", "word " * 200, "--ctx", "64")
+    assert_one_line_error(code, err, "context holds 64", "--ctx")
+
+
+def test_eval_text_file_missing(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", "--text", str(tmp_path / "none.txt"))
+    assert_one_line_error(code, err, "--text")
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "examples:" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def header_bytes(tmp_path_factory):
+    p = write_tiny_gguf(tmp_path_factory.mktemp("fuzz") / "t.gguf")
+    return p.read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_gguf_header(tmp_path, header_bytes, data):
+    """Flip, cut or overwrite bytes in the header region: a model that runs, or an EdgeError, nothing else."""
+    buf = bytearray(header_bytes)
+    n_edit = data.draw(st.integers(1, 8))
+    for _ in range(n_edit):
+        pos = data.draw(st.integers(0, min(len(buf), 4096) - 1))
+        buf[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        buf = buf[: data.draw(st.integers(0, len(buf)))]
+    p = tmp_path / "fuzz.gguf"
+    p.write_bytes(bytes(buf))
+    from edge.model import Transformer
+
+    try:
+        with np.errstate(all="ignore"):
+            Transformer(GGUFFile(p), 16, backend="numpy").forward(np.array([1, 2]), 0)
+    except EdgeError:
+        pass
