@@ -97,6 +97,15 @@ class GGUFFile:
         self._tensors = {t.name: t for t in self._reader.tensors}
         self._check_tensors()
         self.config: ModelConfig = config_from_metadata(self.metadata, str(self.path), self._vocab_size())
+        # The reader holds a numpy view per metadata part (~100MB for a 49k-token vocabulary): keep only the
+        # tensors' data views; `fields()` re-reads the metadata when a tool needs all of it.
+        self._reader = None
+
+    def fields(self) -> dict:
+        """Every metadata field as the `gguf` reader gives them (arrays included)."""
+        from gguf import GGUFReader
+
+        return GGUFReader(self.path, "r").fields
 
     def _vocab_size(self) -> int:
         field = self._reader.fields.get("tokenizer.ggml.tokens")

@@ -74,6 +74,21 @@ def _nbits_inputs(t: Tensor) -> dict:
                 K=k, N=n, bits=bits, block_size=u.group)
 
 
+_POOL_THREADS: int | None = None
+
+
+def _global_thread_pool(threads: int) -> int:
+    """ORT's process-wide thread pool, sized by the first backend of the process (ORT cannot resize it later);
+    returns its size."""
+    global _POOL_THREADS
+    if _POOL_THREADS is None:
+        from onnxruntime.capi import _pybind_state
+
+        _pybind_state.set_global_thread_pool_sizes(threads, 1)
+        _POOL_THREADS = threads
+    return _POOL_THREADS
+
+
 class OrtBackend:
     name = "ort"
 
@@ -81,7 +96,7 @@ class OrtBackend:
         import onnxruntime as ort
 
         self._ort = ort
-        self.threads = threads or default_threads()
+        self.threads = _global_thread_pool(threads or default_threads())
         self.resident_bytes = 0
         # 4: activations quantized to int8 per block inside MLAS, as llama.cpp does (Q8 dot products); the
         # float path (0) is 4-60x slower here for 8-bit codes
@@ -129,12 +144,13 @@ class OrtBackend:
                                                         helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 8
         opts = self._ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
+        opts.use_per_session_threads = False  # one process-wide pool: a session per linear group is cheap
         opts.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return self._ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        opts.enable_cpu_mem_arena = False
+        sess = self._ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess._model_bytes = None  # ORT keeps the serialized model only to re-create the session on provider fallback
+        return sess
 
     def linear_group(self, tensors: Sequence[Tensor]) -> LinearGroup:
         sess = self._session(tensors)

@@ -99,6 +99,17 @@ def _norm(src, name: str, size: int) -> np.ndarray:
     return quants.dequantize(t.raw, t.type_id).reshape(-1).astype(np.float32)
 
 
+def _release_free_memory() -> None:
+    """Give the temporaries of loading back to the OS (glibc keeps freed heap pages otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class Transformer:
     """Token ids -> logits for a decoder-only model; holds the resident weights and the KV cache."""
 
@@ -116,6 +127,7 @@ class Transformer:
         self.rope_global = Rope(cfg, cfg.rope_base, n_ctx)
         self.rope_local = Rope(cfg, cfg.rope_base_local, n_ctx) if cfg.sliding_window else self.rope_global
         self.act = ACTIVATIONS[cfg.activation]
+        _release_free_memory()
 
     def _load_layer(self, src, i: int) -> Layer:
         cfg = self.cfg

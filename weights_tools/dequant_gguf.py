@@ -19,11 +19,10 @@ def write_dequantized(src: str | Path, dst: str | Path) -> Path:
     import gguf
 
     model = GGUFFile(src)
-    reader = model._reader
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".partial")
     writer = gguf.GGUFWriter(tmp, arch=model.config.arch)
-    for key, field in reader.fields.items():  # every key but the ones the writer sets itself
+    for key, field in model.fields().items():  # every key but the ones the writer sets itself
         if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type") or not field.types:
             continue
         vtype = field.types[0]
