@@ -42,7 +42,8 @@ def f32_copy(tmp_path_factory):
 
 def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q8_0", n_layers: int = 2, dim: int = 64,
                     hidden: int = 128, n_heads: int = 4, n_kv: int = 2, vocab: int = 96, seed: int = 0,
-                    extra_tensors: dict | None = None) -> Path:
+                    extra_tensors: dict | None = None, tokenizer_from: Path | None = None,
+                    rope_base: float = 10000.0, untied_output: bool = False) -> Path:
     """A random-weight model written with gguf.GGUFWriter: enough for the forward pass, not the tokenizer.
 
     extra_tensors: name -> (raw array, ggml type), replacing a model tensor of that name or added.
@@ -58,7 +59,17 @@ def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q8_0", n_laye
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(rope_base)
+    if tokenizer_from is not None:  # a real vocabulary and template, so llama.cpp can run the random weights
+        from edge.gguf_file import GGUFFile
+
+        for key, field in GGUFFile(tokenizer_from).fields().items():
+            if key.startswith("tokenizer."):
+                vtype = field.types[0]
+                sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+                w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+                if key == "tokenizer.ggml.tokens":
+                    vocab = len(field.data)
     qt = gguf.GGMLQuantizationType[qtype]
 
     overrides = dict(extra_tensors or {})
@@ -79,6 +90,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q8_0", n_laye
     head_dim = dim // n_heads
     add("token_embd.weight", (vocab, dim))
     add("output_norm.weight", (dim,), quant=False)
+    if untied_output:
+        add("output.weight", (vocab, dim))
     for i in range(n_layers):
         p = f"blk.{i}."
         add(p + "attn_norm.weight", (dim,), quant=False)

@@ -31,3 +31,16 @@ def test_parity_on_quantized_file(real_model, backend):
     assert p.mean_abs < 0.35
     for same, margin in zip(p.same_greedy, p.tie_margins):
         assert same == 32 or abs(margin) < NEAR_TIE, (same, margin)
+
+
+def test_random_llama_with_gqa_and_untied_head(tmp_path, smollm2):
+    """A Llama/Mistral-shaped random model (grouped KV heads, own output matrix, rope base 5e5) in float32,
+    with SmolLM2's vocabulary so llama.cpp can tokenize: the same logits."""
+    from conftest import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "rand-llama.gguf", qtype="F32", n_layers=3, dim=128, hidden=320,
+                           n_heads=8, n_kv=2, tokenizer_from=smollm2, rope_base=500000.0, untied_output=True)
+    p = measure(path, "numpy", n_gen=32, n_greedy=16, peer_kwargs={"f32_kv": True})
+    print(p)
+    assert min(p.top1) >= 0.99 and p.mean_abs < 0.01
+    assert p.same_greedy == [16, 16, 16]
