@@ -98,7 +98,7 @@ class ChatApp(App):
         self.sub_title = engine.name
         self.stats.update(status="ready", model=engine.name, arch=engine.config.arch,
                           backend=engine.model.backend.name, ctx=engine.n_ctx,
-                          resident=engine.model.resident_bytes)
+                          weights=engine.model.backend.resident_bytes, kv=engine.model.kv.nbytes)
         prompt = self.query_one("#prompt", Input)
         prompt.disabled = False
         prompt.placeholder = "Type a message, Enter to send (Esc stops the answer)"
@@ -167,7 +167,7 @@ class ChatApp(App):
         lines = [f"[b]{s.get('status', '')}[/b]", ""]
         if "model" in s:
             lines += [f"model    {s['model']}", f"arch     {s['arch']}", f"backend  {s['backend']}",
-                      f"weights  {format_size(s['resident'])}"]
+                      f"weights  {format_size(s['weights'])} in RAM", f"KV cache {format_size(s['kv'])}"]
         if "tok_s" in s:
             lines += ["", f"decode   {s['tok_s']:.1f} tok/s", f"prefill  {s['prefill_tok_s']:.1f} tok/s",
                       f"last     {s['tokens']} tokens", f"flash    {format_size(s['flash'])} read"]
