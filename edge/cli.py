@@ -21,6 +21,11 @@ EXAMPLES_EVAL = """examples:
   edge eval model.gguf --text notes.txt --ctx 512 --windows 8
 """
 
+EXAMPLES_PROBE = """examples:
+  edge probe-flash                            # the storage under the cache dir
+  edge probe-flash /mnt/nvme --size 1GB --seconds 1
+"""
+
 
 def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
     p.add_argument("model", nargs="?", default=None,
@@ -59,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", default=None, help="a UTF-8 text file (default: a fixed slice of pydoc_data.topics)")
     ev.add_argument("--windows", type=int, default=4, help="windows of --ctx tokens to score (default 4; 0: all)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+    pf = sub.add_parser("probe-flash", help="measure the storage's read curve and save it as a device profile",
+                        epilog=EXAMPLES_PROBE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pf.add_argument("path", nargs="?", default=None, help="a directory on the storage to measure (default: cache dir)")
+    pf.add_argument("--size", default="512MiB", help="scratch file size (default 512MiB; larger than caches)")
+    pf.add_argument("--seconds", type=float, default=0.5, help="seconds per (chunk, threads) cell (default 0.5)")
+    pf.add_argument("--out", default=None, help="profile TOML to write (default: <config dir>/devices/this-machine.toml)")
 
     for ep in _plugin_commands():  # commands of packages above edge (tui: chat), found by entry point
         ep.load()(sub)
@@ -156,7 +168,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval}
+def cmd_probe_flash(args) -> int:
+    from pathlib import Path
+
+    from edge import probe
+    from edge.models import cache_dir
+    from edge.sizes import parse_size
+
+    size = parse_size(args.size, "--size")
+    if size < 64 << 20:
+        raise EdgeError(f"--size {args.size}: at least 64MiB, so random reads rarely repeat")
+    directory = Path(args.path) if args.path else cache_dir()
+    if not args.path:
+        directory.mkdir(parents=True, exist_ok=True)
+    print(f"probing {directory} with a {args.size} file, {args.seconds}s per cell", file=sys.stderr)
+    cells, direct = probe.probe(directory, size, args.seconds,
+                                progress=lambda c: print(".", end="", file=sys.stderr, flush=True))
+    print(file=sys.stderr)
+    print(probe.table(cells))
+    print(f"reads: {'O_DIRECT' if direct else 'buffered, cache dropped after each read'}")
+    out = Path(args.out) if args.out else probe.config_dir() / "devices" / "this-machine.toml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(probe.to_toml(cells, directory, direct))
+    print(f"profile written to {out}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "probe-flash": cmd_probe_flash}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,93 @@
+"""The I/O engine returns exactly the file's bytes, whatever the order, overlap and coalescing."""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.flash import ALIGN, FlashFile, IOEngine, coalesce
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("flash") / "data.bin"
+    data = np.random.default_rng(0).integers(0, 256, 3 * 1024 * 1024 + 1234, np.uint8).tobytes()
+    p.write_bytes(data)
+    return p, data
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = IOEngine(threads=4, buffer_bytes=16 << 20)
+    yield e
+
+
+@settings(max_examples=40, deadline=None)
+@given(reqs=st.lists(st.tuples(st.integers(0, 3 * 1024 * 1024), st.integers(0, 70_000)), min_size=1, max_size=24),
+       coalesced=st.booleans())
+def test_reads_return_the_bytes(data_file, engine, reqs, coalesced):
+    path, data = data_file
+    reqs = [(o, min(n, len(data) - o)) for o, n in reqs]
+    f = FlashFile(path)
+    try:
+        out = engine.read(f, reqs, coalesced=coalesced)
+        for (o, n), view in zip(reqs, out):
+            assert bytes(view) == data[o:o + n]
+    finally:
+        f.close()
+
+
+def test_coalescing_merges_neighbours_and_aligns():
+    spans = coalesce([(0, 100), (150, 100), (100_000, 10)], gap=4096, align=ALIGN, max_bytes=1 << 20)
+    assert [(s.start, s.end, s.first, s.last) for s in spans] == [(0, 4096, 0, 2), (98304, 102400, 2, 3)]
+    assert len(coalesce([(0, 100), (150, 100)], gap=-1, align=ALIGN, max_bytes=1 << 20)) == 2
+
+
+def test_stats_count_reads(data_file):
+    path, _ = data_file
+    e = IOEngine(threads=2, buffer_bytes=4 << 20)
+    f = FlashFile(path)
+    e.read(f, [(0, 10), (5000, 10), (2_000_000, 4096)], coalesced=False)
+    assert e.stats.reads == 3 and e.stats.bytes >= 3 * 4096 and sum(e.stats.histogram) == 3
+    f.close()
+
+
+def test_out_of_file_read_is_an_error(data_file, engine):
+    path, data = data_file
+    f = FlashFile(path)
+    with pytest.raises(ValueError, match="outside the file"):
+        engine.read(f, [(len(data) - 10, 20)])
+    f.close()
+
+
+def test_direct_or_dropped_cache(data_file):
+    """O_DIRECT where the filesystem has it; elsewhere (tmpfs) buffered reads with the cache dropped after."""
+    path, _ = data_file
+    f = FlashFile(path)
+    assert f.direct or hasattr(os, "posix_fadvise")
+    f.close()
+    g = FlashFile(path, direct=False)
+    assert not g.direct
+    g.close()
+
+
+def test_probe_curve_and_profile(tmp_path):
+    import tomllib
+
+    from edge import probe
+
+    cells, direct = probe.probe(tmp_path, 64 << 20, 0.05, chunks=(4096, 65536), threads=(1, 2))
+    assert len(cells) == 4 and all(c.mb_s > 0 and c.latency_us > 0 for c in cells)
+    profile = tomllib.loads(probe.to_toml(cells, tmp_path, direct))
+    assert profile["device"]["name"] == "this-machine" and len(profile["flash"]["curve"]) == 4
+    assert "64 KiB" in probe.table(cells)
+    assert not any(tmp_path.iterdir())  # the scratch file is gone
+
+
+def test_probe_flash_rejects_tiny_size(capsys):
+    from edge.cli import main
+
+    assert main(["probe-flash", "--size", "1MB"]) == 2
+    assert "at least 64MiB" in capsys.readouterr().err
