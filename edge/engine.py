@@ -77,16 +77,18 @@ class Engine:
         from edge.gguf_file import GGUFFile
         from edge.model import Transformer
         from edge.models import resolve_model
+        from edge.store import Store
         from edge.tokenizer import Tokenizer
 
         self.path = resolve_model(model)
-        self.file = GGUFFile(self.path)
+        self.file = Store(self.path) if self.path.is_dir() else GGUFFile(self.path)
         self.config = self.file.config
         if n_ctx < 16:
             raise EdgeError(f"--ctx {n_ctx}: the context must hold at least 16 tokens")
         self.n_ctx = min(n_ctx, self.config.context_length)
         self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads)
-        self.tokenizer = Tokenizer(self.path, self.config.arch, self.file.chat_template)
+        self.tokenizer = Tokenizer(getattr(self.file, "tokenizer_path", self.path), self.config.arch,
+                                   self.file.chat_template)
         self.meter = _Meter()
         self.cached: list[int] = []   # tokens whose keys and values are in the KV cache, in order
         self.last = RunStats()

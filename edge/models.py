@@ -59,6 +59,6 @@ def resolve_model(model: str | None) -> Path:
         return default_model_path()
     path = Path(model).expanduser()
     if not path.exists():
-        raise EdgeError(f"{model}: no such file; give a path to a .gguf model, or omit MODEL for the default "
-                        f"({DEFAULT_MODEL_NAME})")
+        raise EdgeError(f"{model}: no such file; give a path to a .gguf model or .edge store, or omit MODEL "
+                        f"for the default ({DEFAULT_MODEL_NAME})")
     return path

@@ -1,0 +1,218 @@
+"""The flash store: a zarr v3 group whose arrays are raw bytes (only the `bytes` codec, inside sharding).
+
+zarr writes it (weights_tools.convert) and holds the metadata; the runtime reads inner chunks itself, by
+offset, through the I/O engine: each shard's index is read once at open, every chunk is checked against its
+crc32c the first time it is used.
+
+Layout of NAME.edge/ (format version 1):
+- zarr.json: group attributes under "edge": format_version, config, source, tensors (GGUF name -> type, shape),
+  ffn (per layer: cluster size, bundle layout, quant types), chat_template, name.
+- tokenizer.gguf: the source's metadata without tensors (vocabulary and template for llama.cpp's tokenizer).
+- t/<GGUF name>: one array per resident tensor, (rows, row_bytes) uint8, one shard file.
+- ffn/blk.<i>: the layer's FFN as row-column bundles, (n_clusters, bundle_bytes) uint8, one inner chunk per
+  cluster of `cluster` neurons: [gate rows | up rows | down blocks (dim, cluster / block * block_bytes)].
+  Down's quantized blocks run along the hidden axis, so a cluster is a whole number of down blocks and every
+  byte is the source's (bit-identical results).
+- crc/<array path>: uint32 crc32c of every inner chunk of that array.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from edge import quants
+from edge.config import ModelConfig
+from edge.errors import EdgeError
+from edge.flash import FlashFile, IOEngine
+from edge.gguf_file import Tensor
+
+FORMAT_VERSION = 1
+FFN_NAMES = ("ffn_gate", "ffn_up", "ffn_down")
+
+
+def crc32c(data) -> int:
+    import google_crc32c
+
+    return google_crc32c.value(bytes(data))
+
+
+def ffn_part(name: str) -> tuple[int, str] | None:
+    """'blk.3.ffn_up.weight' -> (3, 'ffn_up'); None for tensors that are not bundled."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in FFN_NAMES:
+        return int(parts[1]), parts[2]
+    return None
+
+
+def bundle_layout(gate: Tensor, up: Tensor, down: Tensor, cluster: int) -> dict:
+    """Byte sizes of one cluster's bundle: gate rows, up rows, down blocks."""
+    fmt_down = quants.FORMATS[down.type_id]
+    return {"cluster": cluster, "gate_bytes": cluster * gate.raw.shape[1], "up_bytes": cluster * up.raw.shape[1],
+            "down_bytes": down.rows * cluster // fmt_down.block_size * fmt_down.block_bytes,
+            "types": [gate.type_id, up.type_id, down.type_id], "dim": gate.cols, "hidden": gate.rows}
+
+
+class _Array:
+    """One sharded array on disk: shard file, inner chunk shape, chunk offsets from the shard index."""
+
+    def __init__(self, root: Path, path: str):
+        meta_path = root / path / "zarr.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+            self.shape = tuple(meta["shape"])
+            shard = meta["codecs"][0]
+            if shard["name"] != "sharding_indexed" or [c["name"] for c in shard["configuration"]["codecs"]] != ["bytes"]:
+                raise EdgeError(f"{meta_path}: array is not raw sharded bytes; the store was not written by edge")
+            self.chunk_shape = tuple(shard["configuration"]["chunk_shape"])
+            self.shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise EdgeError(f"{meta_path}: missing or unreadable array metadata ({exc}); convert the model "
+                            "again") from None
+        if self.shard_shape[0] < self.shape[0] or self.shard_shape[1:] != self.shape[1:]:
+            raise EdgeError(f"{meta_path}: expected one shard per array")
+        self.n_chunks = -(-self.shape[0] // self.chunk_shape[0])
+        self.chunk_bytes = self.chunk_shape[0] * self.shape[1]
+        self.file = root / path / "c" / "0" / "0"
+        self.path = path
+        self._read_index()
+
+    def _read_index(self) -> None:
+        index_bytes = self.n_chunks * 16 + 4
+        try:
+            size = self.file.stat().st_size
+            with open(self.file, "rb") as f:
+                f.seek(max(0, size - index_bytes))
+                tail = f.read(index_bytes)
+        except OSError:
+            raise EdgeError(f"{self.file}: shard file is missing; the store is incomplete, convert again") from None
+        if len(tail) != index_bytes or crc32c(tail[:-4]) != struct.unpack("<I", tail[-4:])[0]:
+            raise EdgeError(f"{self.file}: shard index is damaged (truncated or corrupt file); convert again")
+        idx = np.frombuffer(tail[:-4], "<u8").reshape(self.n_chunks, 2)
+        if np.any(idx[:, 0] + idx[:, 1] > size - index_bytes):
+            raise EdgeError(f"{self.file}: shard index points past the end of the file; convert again")
+        self.offsets = idx[:, 0].astype(np.int64)
+        self.lengths = idx[:, 1].astype(np.int64)
+
+
+class Store:
+    """An opened store: `config`, `metadata`, `has`, `tensor(name)` like GGUFFile, plus FFN bundles."""
+
+    def __init__(self, path: str | os.PathLike, engine: IOEngine | None = None, verify: str = "first"):
+        self.path = Path(path)
+        meta_path = self.path / "zarr.json"
+        if not meta_path.is_file():
+            raise EdgeError(f"{self.path}: no zarr.json; not an edge store (or an interrupted conversion): run "
+                            "`edge convert` again")
+        try:
+            attrs = json.loads(meta_path.read_text())["attributes"]["edge"]
+        except (ValueError, KeyError):
+            raise EdgeError(f"{meta_path}: not an edge store (no 'edge' attributes)") from None
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise EdgeError(f"{self.path}: store format version {version}, this edge reads version "
+                            f"{FORMAT_VERSION}; convert the model again with this version")
+        self.attrs = attrs
+        known = {f.name for f in fields(ModelConfig)}
+        cfg = {k: v for k, v in attrs["config"].items() if k in known}
+        cfg["local_layers"] = tuple(cfg["local_layers"])
+        self.config = ModelConfig(**cfg)
+        self.metadata = {"general.name": attrs.get("name"), "tokenizer.chat_template": attrs.get("chat_template")}
+        self.chat_template = attrs.get("chat_template")
+        self.tokenizer_path = self.path / "tokenizer.gguf"
+        self.engine = engine or IOEngine(threads=4, buffer_bytes=64 << 20)
+        self.verify = verify
+        self._verified: set[tuple[str, int]] = set()
+        self._arrays: dict[str, _Array] = {}
+        self._files: dict[str, FlashFile] = {}
+        self._ffn_cache: dict[int, dict[str, Tensor]] = {}
+
+    def _array(self, path: str) -> _Array:
+        if path not in self._arrays:
+            self._arrays[path] = _Array(self.path, path)
+        return self._arrays[path]
+
+    def _file(self, arr: _Array) -> FlashFile:
+        if arr.path not in self._files:
+            self._files[arr.path] = FlashFile(arr.file)
+        return self._files[arr.path]
+
+    def _crcs(self, arr: _Array) -> np.ndarray:
+        crc = self._array("crc/" + arr.path)
+        return np.frombuffer(self.read_chunks(crc, [0], check=False)[0], "<u4")
+
+    def read_chunks(self, arr: _Array, chunks: list[int], check: bool = True) -> list[bytes]:
+        """Inner chunks' bytes (copied out of the engine's buffer), verified against their crc32c."""
+        out: list[bytes] = []
+        f = self._file(arr)
+        crcs = self._crcs(arr) if check and self.verify != "never" else None
+        batch = max(1, (len(self.engine.buffer) // 2) // max(1, arr.chunk_bytes + 8192))
+        for i in range(0, len(chunks), batch):
+            ids = chunks[i:i + batch]
+            views = self.engine.read(f, [(int(arr.offsets[c]), int(arr.lengths[c])) for c in ids])
+            for c, v in zip(ids, views):
+                data = bytes(v)
+                if crcs is not None and (self.verify == "always" or (arr.path, c) not in self._verified):
+                    if crc32c(data) != int(crcs[c]):
+                        raise EdgeError(f"{arr.file}: chunk {c} of array '{arr.path}' fails its checksum (corrupt "
+                                        "store); convert the model again")
+                    self._verified.add((arr.path, c))
+                out.append(data)
+        return out
+
+    def _read_array(self, path: str) -> np.ndarray:
+        arr = self._array(path)
+        data = b"".join(self.read_chunks(arr, list(range(arr.n_chunks))))
+        return np.frombuffer(data, np.uint8)[: arr.shape[0] * arr.shape[1]].reshape(arr.shape)
+
+    def has(self, name: str) -> bool:
+        return name in self.attrs["tensors"] or ffn_part(name) is not None
+
+    def tensor_names(self) -> list[str]:
+        return list(self.attrs["tensors"])
+
+    def tensor(self, name: str, expected: tuple[int, ...] | None = None) -> Tensor:
+        part = ffn_part(name)
+        if part is not None:
+            t = self._ffn_tensors(part[0])[part[1]]
+        else:
+            info = self.attrs["tensors"].get(name)
+            if info is None:
+                raise EdgeError(f"{self.path}: tensor '{name}' is missing; the store is incomplete, convert again")
+            t = Tensor(name, info["type"], tuple(info["shape"]), self._read_array("t/" + name))
+        if expected is not None and tuple(d for d in t.shape if d != 1) != tuple(d for d in expected if d != 1):
+            raise EdgeError(f"{self.path}: tensor '{name}' has shape {t.shape}, expected {expected}")
+        return t
+
+    def _ffn_tensors(self, layer: int) -> dict[str, Tensor]:
+        """Gate, up and down of one layer reassembled from its bundles, byte for byte the source's."""
+        if layer not in self._ffn_cache:
+            self._ffn_cache = {layer: self._assemble_ffn(layer)}  # one layer at a time
+        return self._ffn_cache[layer]
+
+    def _assemble_ffn(self, layer: int) -> dict[str, Tensor]:
+        lay = self.attrs["ffn"][layer]
+        bundles = self._read_array(f"ffn/blk.{layer}")  # (n_clusters, bundle_bytes)
+        n, g, u = bundles.shape[0], lay["gate_bytes"], lay["up_bytes"]
+        c, dim, hidden = lay["cluster"], lay["dim"], lay["hidden"]
+        gate = bundles[:, :g].reshape(n * c, -1)
+        up = bundles[:, g:g + u].reshape(n * c, -1)
+        down = bundles[:, g + u:g + u + lay["down_bytes"]].reshape(n, dim, -1).transpose(1, 0, 2).reshape(dim, -1)
+        tg, tu, td = lay["types"]
+        p = f"blk.{layer}."
+        return {"ffn_gate": Tensor(p + "ffn_gate.weight", tg, (hidden, dim), np.ascontiguousarray(gate)),
+                "ffn_up": Tensor(p + "ffn_up.weight", tu, (hidden, dim), np.ascontiguousarray(up)),
+                "ffn_down": Tensor(p + "ffn_down.weight", td, (dim, hidden), np.ascontiguousarray(down))}
+
+    @property
+    def flash_read_bytes(self) -> int:
+        return self.engine.stats.bytes
+
+
+def is_store(path: Path) -> bool:
+    return path.is_dir() and (path / "zarr.json").exists() or path.suffix == ".edge"

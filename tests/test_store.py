@@ -1,0 +1,130 @@
+"""The flash store: convert, run with the same tokens as the GGUF, and refuse every damaged store clearly."""
+
+import errno
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edge.engine import Engine
+from edge.errors import EdgeError
+from edge.store import Store
+from weights_tools import convert as convert_mod
+from weights_tools.convert import convert
+
+
+@pytest.fixture(scope="session")
+def smol_store(tmp_path_factory, smollm2):
+    return convert(smollm2, tmp_path_factory.mktemp("stores") / "smol.edge", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def gemma_store(tmp_path_factory, gemma3):
+    return convert(gemma3, tmp_path_factory.mktemp("stores") / "gemma.edge", quiet=True)
+
+
+def greedy(model, n=24):
+    e = Engine(model, n_ctx=256, threads=2)
+    prompt = e.tokenizer.encode("The capital of France is")
+    return [ev.token for ev in e.generate(prompt, n, stop_at_end=False) if ev.token >= 0], e
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_store_generates_the_gguf_tokens(request, name):
+    gguf_path = request.getfixturevalue(name)
+    store = request.getfixturevalue("smol_store" if name == "smollm2" else "gemma_store")
+    from_gguf, _ = greedy(gguf_path)
+    from_store, engine = greedy(store)
+    assert from_store == from_gguf
+    assert engine.file.engine.stats.reads > 0  # the weights came through the I/O engine
+
+
+def test_bundles_hold_the_source_bytes(smol_store, smollm2):
+    from edge.gguf_file import GGUFFile
+
+    src, st = GGUFFile(smollm2), Store(smol_store)
+    for name in ("blk.3.ffn_gate.weight", "blk.3.ffn_up.weight", "blk.3.ffn_down.weight", "token_embd.weight"):
+        assert np.array_equal(st.tensor(name).raw, src.tensor(name).raw), name
+    assert all(lay["cluster"] % 32 == 0 for lay in st.attrs["ffn"])
+
+
+def damaged_copy(store, tmp_path):
+    dst = tmp_path / "copy.edge"
+    shutil.copytree(store, dst)
+    return dst
+
+
+def test_flipped_byte_names_array_and_chunk(smol_store, tmp_path):
+    dst = damaged_copy(smol_store, tmp_path)
+    shard = dst / "ffn" / "blk.2" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(EdgeError, match=r"chunk 0 of array 'ffn/blk.2' fails its checksum"):
+        Store(dst).tensor("blk.2.ffn_up.weight")
+
+
+def test_truncated_shard(smol_store, tmp_path):
+    dst = damaged_copy(smol_store, tmp_path)
+    shard = dst / "t" / "token_embd.weight" / "c" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(EdgeError, match="token_embd.weight.*(damaged|past the end)"):
+        Store(dst).tensor("token_embd.weight")
+
+
+def test_missing_zarr_json(smol_store, tmp_path):
+    dst = damaged_copy(smol_store, tmp_path)
+    (dst / "zarr.json").unlink()
+    with pytest.raises(EdgeError, match="no zarr.json"):
+        Store(dst)
+
+
+def test_other_format_version(smol_store, tmp_path):
+    dst = damaged_copy(smol_store, tmp_path)
+    meta = json.loads((dst / "zarr.json").read_text())
+    meta["attributes"]["edge"]["format_version"] = 99
+    (dst / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(EdgeError, match="format version 99.*convert the model again"):
+        Store(dst)
+
+
+def test_interrupted_convert_leaves_nothing_and_reruns(smollm2, tmp_path, monkeypatch):
+    out = tmp_path / "m.edge"
+    real = convert_mod._write_array
+    calls = {"n": 0}
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(convert_mod, "_write_array", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        convert(smollm2, out, quiet=True)
+    assert not out.exists() and not (tmp_path / "m.edge.partial").exists()
+    (tmp_path / "m.edge.partial").mkdir()  # a partial dir left by a killed process is cleared on re-run
+    monkeypatch.setattr(convert_mod, "_write_array", real)
+    assert Store(convert(smollm2, out, quiet=True)).config.n_layers == 30
+
+
+def test_disk_full(smollm2, tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert_mod, "_write_array", full)
+    with pytest.raises(EdgeError, match="disk full"):
+        convert(smollm2, tmp_path / "full.edge", quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_cli_and_existing_output(smollm2, tmp_path, capsys):
+    from edge.cli import main
+
+    out = tmp_path / "c.edge"
+    assert main(["convert", str(smollm2), "-o", str(out), "--quiet"]) == 0
+    assert main(["convert", str(smollm2), "-o", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", str(smollm2), "-o", str(tmp_path / "x.edge"), "--cluster", "48"]) == 2
+    assert "--cluster 48" in capsys.readouterr().err

@@ -1,0 +1,33 @@
+"""`edge convert`, registered through the `edge.commands` entry point."""
+
+import argparse
+import sys
+
+EXAMPLES = """examples:
+  edge convert model.gguf                      # writes model.edge/ beside it
+  edge convert model.gguf -o /mnt/nvme/model.edge --cluster 64
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="write a GGUF as a flash store (row-column bundled FFN)", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="a GGUF model file")
+    p.add_argument("-o", "--out", default=None, help="the store directory to write (default: SRC with .edge)")
+    p.add_argument("--cluster", type=int, default=None,
+                   help="neurons per FFN bundle (a multiple of the down projection's block; default from size)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run)
+
+
+def _run(args) -> int:
+    import time
+
+    from edge.sizes import format_size
+    from weights_tools.convert import convert
+
+    t0 = time.perf_counter()
+    out = convert(args.src, args.out, cluster=args.cluster, quiet=args.quiet)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({format_size(size)}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0

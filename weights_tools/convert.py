@@ -1,0 +1,167 @@
+"""`edge convert`: a GGUF into a flash store (see edge/store.py for the layout), atomically.
+
+Everything is written into `OUT.partial/` and renamed to OUT at the end, so an interrupted conversion never
+leaves something that opens as a model; a re-run removes the stale partial directory and starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge import quants
+from edge.errors import EdgeError
+from edge.gguf_file import GGUFFile, Tensor
+from edge.store import FFN_NAMES, FORMAT_VERSION, bundle_layout, crc32c, ffn_part
+
+CHUNK_TARGET = 64 << 10  # inner chunk size of resident tensors; the embedding uses ~8 KiB for row lookups
+
+
+class Progress:
+    """Bytes and tensors done, on one terminal line; silent when quiet or not a TTY."""
+
+    def __init__(self, total_bytes: int, total_items: int, quiet: bool):
+        self.total_bytes, self.total_items = total_bytes, total_items
+        self.done_bytes = self.done_items = 0
+        self.show = not quiet and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def step(self, n_bytes: int, label: str) -> None:
+        self.done_bytes += n_bytes
+        self.done_items += 1
+        if self.show:
+            frac = self.done_bytes / max(1, self.total_bytes)
+            bar = "#" * int(30 * frac)
+            rate = self.done_bytes / max(1e-9, time.perf_counter() - self.t0) / 1e6
+            sys.stderr.write(f"\r[{bar:<30}] {frac:4.0%} {self.done_items}/{self.total_items} tensors "
+                             f"{rate:5.0f} MB/s {label[:28]:<28}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.show:
+            sys.stderr.write("\n")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_array(group, path: str, data: np.ndarray, rows_per_chunk: int) -> None:
+    """One sharded raw-bytes array plus the crc32c of each inner chunk."""
+    rows, width = data.shape
+    n = -(-rows // rows_per_chunk)
+    arr = group.create_array(path, shape=data.shape, chunks=(rows_per_chunk, width), shards=(n * rows_per_chunk, width),
+                             dtype="uint8", compressors=None, filters=None, fill_value=0)
+    arr[:] = data
+    crcs = np.empty(n, "<u4")
+    for i in range(n):
+        chunk = np.zeros((rows_per_chunk, width), np.uint8)
+        part = data[i * rows_per_chunk:(i + 1) * rows_per_chunk]
+        chunk[: part.shape[0]] = part
+        crcs[i] = crc32c(chunk.tobytes())
+    c = group.create_array("crc/" + path, shape=(1, n * 4), chunks=(1, n * 4), shards=(1, n * 4), dtype="uint8",
+                           compressors=None, filters=None, fill_value=0)
+    c[:] = crcs.view(np.uint8).reshape(1, -1)
+
+
+def _write_tokenizer(src: GGUFFile, dst: Path) -> None:
+    """The source's metadata with no tensors: llama.cpp's tokenizer loads it (vocab_only)."""
+    import gguf
+
+    w = gguf.GGUFWriter(dst, arch=src.config.arch)
+    for key, field in src.fields().items():
+        if key.startswith("GGUF.") or key == "general.architecture" or not field.types:
+            continue
+        vtype = field.types[0]
+        w.add_key_value(key, field.contents(), vtype,
+                        sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def default_cluster(down: Tensor, gate: Tensor) -> int:
+    """Neurons per bundle: a whole number of down's blocks, grown until a bundle is >= 32 KiB (on the probed
+    flash curve, reads of 32-64 KiB reach a third or more of the sequential bandwidth with a few threads)."""
+    fmt = quants.FORMATS[down.type_id]
+    cluster = fmt.block_size
+    while gate.rows % (cluster * 2) == 0 and bundle_layout(gate, gate, down, cluster)["gate_bytes"] * 3 < 32 << 10:
+        cluster *= 2
+    return cluster
+
+
+def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | None = None,
+            quiet: bool = False) -> Path:
+    import zarr
+    from zarr.storage import LocalStore
+
+    src_path = Path(src_path)
+    src = GGUFFile(src_path)
+    cfg = src.config
+    out = Path(out) if out else src_path.with_suffix(".edge")
+    if out.exists():
+        raise EdgeError(f"{out}: already exists; remove it or give another -o")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a stale, interrupted conversion: start over
+    names = src.tensor_names()
+    ffn = {n for n in names if ffn_part(n)}
+    progress = Progress(sum(src.tensor(n).nbytes for n in names), len(names), quiet)
+    try:
+        partial.mkdir(parents=True)
+        group = zarr.create_group(LocalStore(partial))
+        tensors = {}
+        for name in names:
+            if name in ffn:
+                continue
+            t = src.tensor(name)
+            row_bytes = t.raw.shape[1]
+            target = 8 << 10 if name == "token_embd.weight" else CHUNK_TARGET
+            _write_array(group, "t/" + name, t.raw, max(1, min(t.rows, target // max(1, row_bytes))))
+            tensors[name] = {"type": t.type_id, "shape": list(t.shape)}
+            progress.step(t.nbytes, name)
+        layouts = []
+        for i in range(cfg.n_layers):
+            gate, up, down = (src.tensor(f"blk.{i}.{n}.weight") for n in FFN_NAMES)
+            c = cluster or default_cluster(down, gate)
+            fmt = quants.FORMATS[down.type_id]
+            if c % fmt.block_size or gate.rows % c:
+                raise EdgeError(f"--cluster {c}: must divide {gate.rows} neurons and be a multiple of the down "
+                                f"projection's {fmt.name} block of {fmt.block_size}")
+            layouts.append(bundle_layout(gate, up, down, c))  # per layer: mixed quants (Q4_K_M) differ
+            n = gate.rows // c
+            down_blocks = down.raw.reshape(down.rows, n, -1).transpose(1, 0, 2).reshape(n, -1)
+            bundles = np.concatenate([gate.raw.reshape(n, -1), up.raw.reshape(n, -1), down_blocks], axis=1)
+            _write_array(group, f"ffn/blk.{i}", bundles, 1)
+            for t in (gate, up, down):
+                progress.step(t.nbytes, t.name)
+        _write_tokenizer(src, partial / "tokenizer.gguf")
+        attrs = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "tensors": tensors,
+                 "ffn": layouts, "name": src.metadata.get("general.name") or src_path.stem,
+                 "chat_template": src.chat_template,
+                 "source": {"file": src_path.name, "sha256": _sha256(src_path), "bytes": src_path.stat().st_size}}
+        group.attrs["edge"] = attrs  # written last: a store without it does not open
+        partial.rename(out)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise EdgeError(f"{out}: disk full while converting (needs about {src_path.stat().st_size >> 20} MiB "
+                            "free); free space and run again") from None
+        raise EdgeError(f"{out}: cannot write the store ({exc.strerror or exc})") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        progress.close()
+    return out
