@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--windows", type=int, default=4, help="windows of --ctx tokens to score (default 4; 0: all)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
+    info = sub.add_parser("info", help="what a model holds: bytes per part, quant formats, bundles",
+                          epilog="examples:\n  edge info\n  edge info model.edge\n",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    info.add_argument("model", nargs="?", default=None, help="a GGUF file or .edge store (default model if omitted)")
+
     pf = sub.add_parser("probe-flash", help="measure the storage's read curve and save it as a device profile",
                         epilog=EXAMPLES_PROBE, formatter_class=argparse.RawDescriptionHelpFormatter)
     pf.add_argument("path", nargs="?", default=None, help="a directory on the storage to measure (default: cache dir)")
@@ -168,6 +173,46 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    from collections import Counter
+
+    from edge import quants
+    from edge.gguf_file import GGUFFile
+    from edge.models import resolve_model
+    from edge.sizes import format_size
+    from edge.store import Store, ffn_part
+
+    path = resolve_model(args.model)
+    src = Store(path) if path.is_dir() else GGUFFile(path)
+    cfg = src.config
+    parts: Counter = Counter()
+    formats: Counter = Counter()
+    names = src.tensor_names() + ([f"blk.{i}.{n}.weight" for i in range(cfg.n_layers)
+                                   for n in ("ffn_gate", "ffn_up", "ffn_down")] if isinstance(src, Store) else [])
+    for name in names:
+        t = src.tensor(name)
+        part = ("ffn bundles (stream)" if ffn_part(name) else "embeddings (row lookup)" if name == "token_embd.weight"
+                else "head" if name == "output.weight" else "resident (attention, norms)")
+        parts[part] += t.nbytes
+        formats[quants.type_name(t.type_id)] += t.nbytes
+    print(f"{path}  [{'edge store' if isinstance(src, Store) else 'GGUF'}]")
+    print(f"{cfg.arch}: {cfg.n_layers} layers, dim {cfg.dim}, ffn {cfg.hidden_dim}, heads {cfg.n_heads}/"
+          f"{cfg.n_kv_heads} x {cfg.head_dim}, vocab {cfg.vocab_size}, context {cfg.context_length}")
+    if "output.weight" not in names:
+        print("head: tied to the token embedding")
+    for part, n in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {part:30} {format_size(n):>9}")
+    print(f"  {'total':30} {format_size(sum(parts.values())):>9}")
+    print("quant formats: " + ", ".join(f"{k} {format_size(v)}" for k, v in formats.most_common()))
+    if isinstance(src, Store):
+        clusters = Counter(lay["cluster"] for lay in src.attrs["ffn"])
+        lay = src.attrs["ffn"][0]
+        bundle = lay["gate_bytes"] + lay["up_bytes"] + lay["down_bytes"]
+        print(f"ffn bundles: clusters of {', '.join(map(str, clusters))} neurons, layer 0 bundle "
+              f"{format_size(bundle)}; source {src.attrs['source']['file']} sha256 {src.attrs['source']['sha256'][:12]}")
+    return 0
+
+
 def cmd_probe_flash(args) -> int:
     from pathlib import Path
 
@@ -194,7 +239,7 @@ def cmd_probe_flash(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "probe-flash": cmd_probe_flash}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "probe-flash": cmd_probe_flash}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,3 +128,13 @@ def test_convert_cli_and_existing_output(smollm2, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", str(smollm2), "-o", str(tmp_path / "x.edge"), "--cluster", "48"]) == 2
     assert "--cluster 48" in capsys.readouterr().err
+
+
+def test_info_shows_parts(smol_store, smollm2, capsys):
+    from edge.cli import main
+
+    assert main(["info", str(smol_store)]) == 0
+    out = capsys.readouterr().out
+    assert "edge store" in out and "ffn bundles (stream)" in out and "embeddings (row lookup)" in out
+    assert main(["info", str(smollm2)]) == 0
+    assert "Q4_1" in capsys.readouterr().out
