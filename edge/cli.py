@@ -34,6 +34,8 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all available cores)")
     p.add_argument("--backend", choices=("auto", "ort", "numpy"), default="auto",
                    help="compute backend: ort (quantized weights, default) or numpy (float32 reference)")
+    p.add_argument("--verify-reads", choices=("first", "always", "never"), default="first",
+                   help="check store chunks against their crc32c: the first time each is read (default), always, never")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temp_default: float) -> None:
@@ -111,7 +113,8 @@ def cmd_run(args) -> int:
     from edge.sampling import Sampler
     from edge.sizes import format_size
 
-    engine = Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads)
+    engine = Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads,
+                    verify=args.verify_reads)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = engine.chat_tokens(messages + [{"role": "user", "content": args.prompt}])
@@ -157,7 +160,8 @@ def cmd_eval(args) -> int:
         text = path.read_text(encoding="utf-8", errors="replace")
     else:
         text = eval_text()
-    engine = Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads)
+    engine = Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads,
+                    verify=args.verify_reads)
     tok = engine.tokenizer
     wins = windows(tok.encode(text, add_bos=False), engine.n_ctx, args.windows or None,
                    tok.bos_id if tok.add_bos else None)

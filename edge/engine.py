@@ -73,7 +73,7 @@ class Engine:
     """A model ready to generate: weights, KV cache, tokenizer; one conversation's cache state."""
 
     def __init__(self, model: str | Path | None = None, n_ctx: int = 2048, backend: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, verify: str = "first"):
         from edge.gguf_file import GGUFFile
         from edge.model import Transformer
         from edge.models import resolve_model
@@ -81,7 +81,7 @@ class Engine:
         from edge.tokenizer import Tokenizer
 
         self.path = resolve_model(model)
-        self.file = Store(self.path) if self.path.is_dir() else GGUFFile(self.path)
+        self.file = Store(self.path, verify=verify) if self.path.is_dir() else GGUFFile(self.path)
         self.config = self.file.config
         if n_ctx < 16:
             raise EdgeError(f"--ctx {n_ctx}: the context must hold at least 16 tokens")

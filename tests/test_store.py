@@ -138,3 +138,16 @@ def test_info_shows_parts(smol_store, smollm2, capsys):
     assert "edge store" in out and "ffn bundles (stream)" in out and "embeddings (row lookup)" in out
     assert main(["info", str(smollm2)]) == 0
     assert "Q4_1" in capsys.readouterr().out
+
+
+def test_requantized_store_keeps_quality(smollm2, tmp_path, capsys):
+    """--quant q8_0 re-rounds every matrix: perplexity within 3% of the source file's."""
+    from edge.cli import main
+
+    out = convert(smollm2, tmp_path / "q8.edge", quiet=True, quant="q8_0")
+    assert {v["type"] for v in Store(out).attrs["tensors"].values() if len(v["shape"]) == 2} == {8}
+    assert main(["eval", str(out), "--windows", "1", "--json"]) == 0
+    ppl_store = json.loads(capsys.readouterr().out)["ppl"]
+    assert main(["eval", str(smollm2), "--windows", "1", "--json", "--verify-reads", "always"]) == 0
+    ppl_src = json.loads(capsys.readouterr().out)["ppl"]
+    assert abs(ppl_store / ppl_src - 1) < 0.03

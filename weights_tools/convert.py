@@ -65,11 +65,11 @@ def _write_array(group, path: str, data: np.ndarray, rows_per_chunk: int) -> Non
                              dtype="uint8", compressors=None, filters=None, fill_value=0)
     arr[:] = data
     crcs = np.empty(n, "<u4")
-    for i in range(n):
-        chunk = np.zeros((rows_per_chunk, width), np.uint8)
-        part = data[i * rows_per_chunk:(i + 1) * rows_per_chunk]
-        chunk[: part.shape[0]] = part
-        crcs[i] = crc32c(chunk.tobytes())
+    flat = np.ascontiguousarray(data).reshape(-1)
+    step = rows_per_chunk * width
+    for i in range(n):  # the last inner chunk is zero-padded to full size, as zarr writes it
+        part = flat[i * step:(i + 1) * step].tobytes()
+        crcs[i] = crc32c(part + bytes(step - len(part)))
     c = group.create_array("crc/" + path, shape=(1, n * 4), chunks=(1, n * 4), shards=(1, n * 4), dtype="uint8",
                            compressors=None, filters=None, fill_value=0)
     c[:] = crcs.view(np.uint8).reshape(1, -1)
@@ -102,11 +102,32 @@ def default_cluster(down: Tensor, gate: Tensor) -> int:
     return cluster
 
 
+QUANTS = {"keep": None, "q8_0": quants.Q8_0, "q4_0": quants.Q4_0, "q4_1": quants.Q4_1, "q5_0": quants.Q5_0,
+          "q5_1": quants.Q5_1, "f16": quants.F16}
+
+
+def requantize(t: Tensor, type_id: int | None) -> Tensor:
+    """The tensor in another GGML type (gguf's reference quantizer); 1-D tensors (norms) stay as they are."""
+    if type_id is None or type_id == t.type_id or len(t.shape) < 2:
+        return t
+    import gguf
+
+    fmt = quants.FORMATS[type_id]
+    if t.cols % fmt.block_size:
+        return t
+    w = quants.dequantize(t.raw, t.type_id, t.cols)
+    raw = gguf.quantize(w, gguf.GGMLQuantizationType(type_id)).view(np.uint8).reshape(t.rows, -1)
+    return Tensor(t.name, type_id, t.shape, raw)
+
+
 def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | None = None,
-            quiet: bool = False) -> Path:
+            quiet: bool = False, quant: str = "keep") -> Path:
     import zarr
     from zarr.storage import LocalStore
 
+    if quant not in QUANTS:
+        raise EdgeError(f"--quant {quant}: unknown; choose one of {', '.join(QUANTS)}")
+    target = QUANTS[quant]
     src_path = Path(src_path)
     src = GGUFFile(src_path)
     cfg = src.config
@@ -125,15 +146,15 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
         for name in names:
             if name in ffn:
                 continue
-            t = src.tensor(name)
+            t = requantize(src.tensor(name), target)
             row_bytes = t.raw.shape[1]
-            target = 8 << 10 if name == "token_embd.weight" else CHUNK_TARGET
-            _write_array(group, "t/" + name, t.raw, max(1, min(t.rows, target // max(1, row_bytes))))
+            chunk = 8 << 10 if name == "token_embd.weight" else CHUNK_TARGET
+            _write_array(group, "t/" + name, t.raw, max(1, min(t.rows, chunk // max(1, row_bytes))))
             tensors[name] = {"type": t.type_id, "shape": list(t.shape)}
             progress.step(t.nbytes, name)
         layouts = []
         for i in range(cfg.n_layers):
-            gate, up, down = (src.tensor(f"blk.{i}.{n}.weight") for n in FFN_NAMES)
+            gate, up, down = (requantize(src.tensor(f"blk.{i}.{n}.weight"), target) for n in FFN_NAMES)
             c = cluster or default_cluster(down, gate)
             fmt = quants.FORMATS[down.type_id]
             if c % fmt.block_size or gate.rows % c:
@@ -149,7 +170,7 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
         _write_tokenizer(src, partial / "tokenizer.gguf")
         attrs = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "tensors": tensors,
                  "ffn": layouts, "name": src.metadata.get("general.name") or src_path.stem,
-                 "chat_template": src.chat_template,
+                 "chat_template": src.chat_template, "quant": quant,
                  "source": {"file": src_path.name, "sha256": _sha256(src_path), "bytes": src_path.stat().st_size}}
         group.attrs["edge"] = attrs  # written last: a store without it does not open
         partial.rename(out)
