@@ -50,6 +50,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q8_0", n_laye
     """
     import gguf
 
+    from weights_tools.gguf_meta import finish
+
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, arch=arch)
     w.add_block_count(n_layers)
@@ -62,14 +64,11 @@ def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q8_0", n_laye
     w.add_rope_freq_base(rope_base)
     if tokenizer_from is not None:  # a real vocabulary and template, so llama.cpp can run the random weights
         from edge.gguf_file import GGUFFile
+        from weights_tools.gguf_meta import copy_fields
 
-        for key, field in GGUFFile(tokenizer_from).fields().items():
-            if key.startswith("tokenizer."):
-                vtype = field.types[0]
-                sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-                w.add_key_value(key, field.contents(), vtype, sub_type=sub)
-                if key == "tokenizer.ggml.tokens":
-                    vocab = len(field.data)
+        fields = GGUFFile(tokenizer_from).fields()
+        copy_fields(fields, w, keep=lambda key: key.startswith("tokenizer."))
+        vocab = len(fields["tokenizer.ggml.tokens"].data)
     qt = gguf.GGMLQuantizationType[qtype]
 
     overrides = dict(extra_tensors or {})
@@ -105,10 +104,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q8_0", n_laye
         add(p + "ffn_down.weight", (dim, hidden))
     for name, (array, raw_type) in overrides.items():
         w.add_tensor(name, array, raw_dtype=raw_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 

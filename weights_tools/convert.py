@@ -20,6 +20,7 @@ from edge import quants
 from edge.errors import EdgeError
 from edge.gguf_file import GGUFFile, Tensor
 from edge.store import FFN_NAMES, FORMAT_VERSION, bundle_layout, crc32c, ffn_part
+from weights_tools.gguf_meta import copy_fields, finish
 
 CHUNK_TARGET = 64 << 10  # inner chunk size of resident tensors; the embedding uses ~8 KiB for row lookups
 
@@ -80,16 +81,8 @@ def _write_tokenizer(src: GGUFFile, dst: Path) -> None:
     import gguf
 
     w = gguf.GGUFWriter(dst, arch=src.config.arch)
-    for key, field in src.fields().items():
-        if key.startswith("GGUF.") or key == "general.architecture" or not field.types:
-            continue
-        vtype = field.types[0]
-        w.add_key_value(key, field.contents(), vtype,
-                        sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    copy_fields(src.fields(), w)
+    finish(w)
 
 
 def default_cluster(down: Tensor, gate: Tensor) -> int:

@@ -13,6 +13,7 @@ import numpy as np
 
 from edge import quants
 from edge.gguf_file import GGUFFile
+from weights_tools.gguf_meta import copy_fields, finish
 
 
 def write_dequantized(src: str | Path, dst: str | Path) -> Path:
@@ -22,21 +23,13 @@ def write_dequantized(src: str | Path, dst: str | Path) -> Path:
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".partial")
     writer = gguf.GGUFWriter(tmp, arch=model.config.arch)
-    for key, field in model.fields().items():  # every key but the ones the writer sets itself
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type") or not field.types:
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    copy_fields(model.fields(), writer, keep=lambda key: key != "general.file_type")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for name in model.tensor_names():
         t = model.tensor(name)
         w = quants.dequantize(t.raw, t.type_id, t.cols).reshape(t.shape)
         writer.add_tensor(name, np.ascontiguousarray(w, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     tmp.replace(dst)
     return dst
 
