@@ -151,3 +151,64 @@ def test_requantized_store_keeps_quality(smollm2, tmp_path, capsys):
     assert main(["eval", str(smollm2), "--windows", "1", "--json", "--verify-reads", "always"]) == 0
     ppl_src = json.loads(capsys.readouterr().out)["ppl"]
     assert abs(ppl_store / ppl_src - 1) < 0.03
+
+
+TEXTS = ["The capital of France is Paris.", "In 2024, 12345 people paid $3.50 each!",
+         "def f(x):\n    return x**2  # héllo 日本", "<|im_start|>user\nHi<|im_end|>"]
+
+
+def test_hugging_face_directory(smollm2, f32_copy, tmp_path):
+    """SmolLM2 exported as a HF directory (F32 safetensors, rotate-halves q/k, tokenizer.json), converted:
+    the same logits as the float32 GGUF, and the same token ids as the GGUF's tokenizer (pre-tokenizer named)."""
+    from hf_export import export
+
+    from edge.gguf_file import GGUFFile
+    from edge.model import Transformer
+    from edge.tokenizer import Tokenizer
+
+    store = Store(convert(export(smollm2, tmp_path / "hf"), tmp_path / "hf.edge", quiet=True,
+                          tokenizer_pre="smollm"))
+    assert store.config.rope_neox
+    ref_file = GGUFFile(f32_copy(smollm2))
+    tok_ref = Tokenizer(smollm2, "llama", None)
+    tok_store = Tokenizer(store.tokenizer_path, "llama", None)
+    for text in TEXTS:
+        assert tok_store.encode(text) == tok_ref.encode(text), text
+    ids = np.asarray(tok_ref.encode(TEXTS[0] + " " + TEXTS[2]))
+    ref = Transformer(ref_file, 64, backend="numpy").forward(ids, 0, all_logits=True)
+    ours = Transformer(store, 64, backend="numpy").forward(ids, 0, all_logits=True)
+    # the same function; only float32 summation order differs (q.k over rotate-halves vs adjacent pairs)
+    assert np.abs(ours - ref).max() < 0.05 and np.abs(ours - ref).mean() < 2e-3
+    assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_hugging_face_directory_errors(tmp_path):
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(EdgeError, match="config.json"):
+        convert(tmp_path / "hf", tmp_path / "x.edge", quiet=True)
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "mamba"}')
+    with pytest.raises(EdgeError, match="model_type 'mamba' is not supported"):
+        convert(tmp_path / "hf", tmp_path / "x.edge", quiet=True)
+    assert not (tmp_path / "x.edge").exists()
+
+
+def test_sigint_during_convert(gemma3, tmp_path):
+    """A real Ctrl+C (SIGINT) to `edge convert`: exit 130, no store, no partial directory; a re-run works."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "g.edge"
+    cmd = [sys.executable, "-m", "edge", "convert", str(gemma3), "-o", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "g.edge.partial"
+    deadline = time.time() + 60
+    while not partial.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not out.exists() and not partial.exists()

@@ -7,18 +7,21 @@ EXAMPLES = """examples:
   edge convert model.gguf                      # writes model.edge/ beside it
   edge convert model.gguf -o /mnt/nvme/model.edge --cluster 64
   edge convert model.gguf --quant q8_0           # requantize every matrix to Q8_0
+  edge convert ./SmolLM2-hf --tokenizer-pre smollm --quant q8_0   # a Hugging Face directory
 """
 
 
 def register(sub) -> None:
     p = sub.add_parser("convert", help="write a GGUF as a flash store (row-column bundled FFN)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="a GGUF model file")
+    p.add_argument("src", help="a GGUF model file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("-o", "--out", default=None, help="the store directory to write (default: SRC with .edge)")
     p.add_argument("--cluster", type=int, default=None,
                    help="neurons per FFN bundle (a multiple of the down projection's block; default from size)")
     p.add_argument("--quant", default="keep", choices=("keep", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "f16"),
                    help="keep the source's quant types (default; bit-identical results) or requantize the matrices")
+    p.add_argument("--tokenizer-pre", default="default",
+                   help="Hugging Face sources: llama.cpp's pre-tokenizer name (smollm, llama-bpe, qwen2, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run)
 
@@ -30,7 +33,8 @@ def _run(args) -> int:
     from weights_tools.convert import convert
 
     t0 = time.perf_counter()
-    out = convert(args.src, args.out, cluster=args.cluster, quiet=args.quiet, quant=args.quant)
+    out = convert(args.src, args.out, cluster=args.cluster, quiet=args.quiet, quant=args.quant,
+                  tokenizer_pre=args.tokenizer_pre)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({format_size(size)}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0

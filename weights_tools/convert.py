@@ -26,15 +26,33 @@ CHUNK_TARGET = 64 << 10  # inner chunk size of resident tensors; the embedding u
 
 
 class Progress:
-    """Bytes and tensors done, on one terminal line; silent when quiet or not a TTY."""
+    """Bytes and tensors done, on one terminal line; silent when quiet or not a TTY.
+
+    Also where Ctrl+C lands: SIGINT only sets a flag, and `step` raises KeyboardInterrupt between tensors,
+    never inside zarr's writer threads (which would leave their tasks dangling)."""
 
     def __init__(self, total_bytes: int, total_items: int, quiet: bool):
+        import signal
+        import threading
+
+        self.interrupted = False
+        self._old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         self.total_bytes, self.total_items = total_bytes, total_items
         self.done_bytes = self.done_items = 0
         self.show = not quiet and sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
+    def _on_sigint(self, signum, frame) -> None:
+        self.interrupted = True
+
+    def check(self) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
     def step(self, n_bytes: int, label: str) -> None:
+        self.check()
         self.done_bytes += n_bytes
         self.done_items += 1
         if self.show:
@@ -46,15 +64,20 @@ class Progress:
             sys.stderr.flush()
 
     def close(self) -> None:
+        if self._old_handler is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._old_handler)
         if self.show:
             sys.stderr.write("\n")
 
 
-def _sha256(path: Path) -> str:
+def _sha256(paths: list[Path]) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -76,10 +99,13 @@ def _write_array(group, path: str, data: np.ndarray, rows_per_chunk: int) -> Non
     c[:] = crcs.view(np.uint8).reshape(1, -1)
 
 
-def _write_tokenizer(src: GGUFFile, dst: Path) -> None:
+def _write_tokenizer(src, dst: Path) -> None:
     """The source's metadata with no tensors: llama.cpp's tokenizer loads it (vocab_only)."""
     import gguf
 
+    if not isinstance(src, GGUFFile):
+        src.write_tokenizer(dst)
+        return
     w = gguf.GGUFWriter(dst, arch=src.config.arch)
     copy_fields(src.fields(), w)
     finish(w)
@@ -114,7 +140,7 @@ def requantize(t: Tensor, type_id: int | None) -> Tensor:
 
 
 def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | None = None,
-            quiet: bool = False, quant: str = "keep") -> Path:
+            quiet: bool = False, quant: str = "keep", tokenizer_pre: str = "default") -> Path:
     import zarr
     from zarr.storage import LocalStore
 
@@ -122,7 +148,13 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
         raise EdgeError(f"--quant {quant}: unknown; choose one of {', '.join(QUANTS)}")
     target = QUANTS[quant]
     src_path = Path(src_path)
-    src = GGUFFile(src_path)
+    if src_path.is_dir():
+        from weights_tools.hf import HFSource
+
+        src = HFSource(src_path, tokenizer_pre)
+        source_files = src.source_files()
+    else:
+        src, source_files = GGUFFile(src_path), [src_path]
     cfg = src.config
     out = Path(out) if out else src_path.with_suffix(".edge")
     if out.exists():
@@ -164,14 +196,17 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
         attrs = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "tensors": tensors,
                  "ffn": layouts, "name": src.metadata.get("general.name") or src_path.stem,
                  "chat_template": src.chat_template, "quant": quant,
-                 "source": {"file": src_path.name, "sha256": _sha256(src_path), "bytes": src_path.stat().st_size}}
+                 "source": {"file": src_path.name, "sha256": _sha256(source_files),
+                            "bytes": sum(f.stat().st_size for f in source_files)}}
+        progress.check()
         group.attrs["edge"] = attrs  # written last: a store without it does not open
         partial.rename(out)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
-            raise EdgeError(f"{out}: disk full while converting (needs about {src_path.stat().st_size >> 20} MiB "
-                            "free); free space and run again") from None
+            need = sum(f.stat().st_size for f in source_files) >> 20
+            raise EdgeError(f"{out}: disk full while converting (needs about {need} MiB free); free space and "
+                            "run again") from None
         raise EdgeError(f"{out}: cannot write the store ({exc.strerror or exc})") from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
