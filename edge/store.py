@@ -130,6 +130,7 @@ class Store:
         self._verified: set[tuple[str, int]] = set()
         self._arrays: dict[str, _Array] = {}
         self._files: dict[str, FlashFile] = {}
+        self._crc_cache: dict[str, np.ndarray] = {}
         self._ffn_cache: dict[int, dict[str, Tensor]] = {}
 
     def _array(self, path: str) -> _Array:
@@ -143,8 +144,11 @@ class Store:
         return self._files[arr.path]
 
     def _crcs(self, arr: _Array) -> np.ndarray:
-        crc = self._array("crc/" + arr.path)
-        return np.frombuffer(self.read_chunks(crc, [0], check=False)[0], "<u4")
+        """The array's chunk checksums, read once per array."""
+        if arr.path not in self._crc_cache:
+            crc = self._array("crc/" + arr.path)
+            self._crc_cache[arr.path] = np.frombuffer(self.read_chunks(crc, [0], check=False)[0], "<u4")
+        return self._crc_cache[arr.path]
 
     def read_chunks(self, arr: _Array, chunks: list[int], check: bool = True) -> list[bytes]:
         """Inner chunks' bytes (copied out of the engine's buffer), verified against their crc32c."""
