@@ -19,7 +19,7 @@ def stream(store: Store, engine: IOEngine, tokens: int, coalesced: bool) -> tupl
     layers = store.config.n_layers
     total, t0 = 0, time.perf_counter()
     for tok in range(tokens):
-        arr = store._array(f"ffn/blk.{tok % layers}")
+        arr = store.array(f"ffn/blk.{tok % layers}")
         f = store._file(arr)
         views = engine.read(f, [(int(o), int(n)) for o, n in zip(arr.offsets, arr.lengths)], coalesced=coalesced)
         total += sum(len(v) for v in views)

@@ -27,15 +27,46 @@ EXAMPLES_PROBE = """examples:
 """
 
 
+EXAMPLES_BENCH = """examples:
+  edge bench model.edge --ram 160MB                   # ours and llama.cpp, each capped at 160MB
+  edge bench model.edge --ram 300MB --strategy naive   # the paper's naive baseline
+  edge bench model.edge --sweep 150MB,200MB,300MB --out benchmarks/smollm2_sweep
+"""
+
+
 def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="path to a GGUF model; omitted: the embedded default, SmolLM2-135M-Instruct")
     p.add_argument("--ctx", type=int, default=ctx_default, help=f"context length in tokens (default {ctx_default})")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all available cores)")
-    p.add_argument("--backend", choices=("auto", "ort", "numpy"), default="auto",
-                   help="compute backend: ort (quantized weights, default) or numpy (float32 reference)")
+    p.add_argument("--backend", choices=("auto", "ort", "ggml", "numpy"), default="auto",
+                   help="compute backend: ort (quantized weights, default), ggml (llama.cpp's kernels, the least RAM; what "
+                        "--ram uses) or numpy (float32 reference)")
     p.add_argument("--verify-reads", choices=("first", "always", "never"), default="first",
                    help="check store chunks against their crc32c: the first time each is read (default), always, never")
+    b = p.add_argument_group("RAM budget (a store calibrated with `edge convert --calibrate`)")
+    b.add_argument("--ram", default=None, metavar="SIZE",
+                   help="budget for the whole process, like 2GB, 512MiB or 140MB: what does not fit streams from flash")
+    b.add_argument("--strategy", choices=("sparse", "naive"), default="sparse",
+                   help="sparse: neuron cache + predicted clusters (default); naive: every FFN weight read per token")
+    b.add_argument("--sparsity", type=float, default=0.0,
+                   help="fraction of FFN clusters the predictors may skip per token (0, 0.25, 0.5, 0.75, 0.9; "
+                        "default 0: exact)")
+    b.add_argument("--window", type=int, default=5,
+                   help="tokens whose clusters are the last to leave the cache (default 5)")
+
+
+def make_engine(args):
+    """The Engine the shared model flags describe."""
+    from edge.budget import warn_above_physical
+    from edge.engine import Engine
+    from edge.sizes import parse_size
+
+    ram = parse_size(args.ram, flag="--ram") if args.ram else None
+    if ram is not None and (msg := warn_above_physical(ram)):
+        print(f"warning: {msg}", file=sys.stderr)
+    return Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads, verify=args.verify_reads,
+                  ram=ram, strategy=args.strategy, sparsity=args.sparsity, window=args.window)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temp_default: float) -> None:
@@ -58,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     run.add_argument("--system", default=None, help="system prompt (with --chat)")
     run.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
+    run.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-turn token")
     _add_sampling_args(run, 0.0)
 
     ev = sub.add_parser("eval", help="perplexity over a text", epilog=EXAMPLES_EVAL,
@@ -78,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--size", default="512MiB", help="scratch file size (default 512MiB; larger than caches)")
     pf.add_argument("--seconds", type=float, default=0.5, help="seconds per (chunk, threads) cell (default 0.5)")
     pf.add_argument("--out", default=None, help="profile TOML to write (default: <config dir>/devices/this-machine.toml)")
+
+    bench = sub.add_parser("bench", help="ours vs llama.cpp under the same kernel memory cap",
+                           epilog=EXAMPLES_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("model", help="a calibrated store (edge convert MODEL.gguf --calibrate)")
+    bench.add_argument("--ram", default="2GB", help="budget and memory cap for both sides (default 2GB)")
+    bench.add_argument("--vs", choices=("llama.cpp", "none"), default="llama.cpp", help="the peer (default llama.cpp)")
+    bench.add_argument("--gguf", default=None, help="the GGUF llama.cpp runs (default: the store's source beside it)")
+    bench.add_argument("-n", type=int, default=32, help="tokens to generate (default 32)")
+    bench.add_argument("--ctx", type=int, default=256, help="context for both (default 256)")
+    bench.add_argument("--threads", type=int, default=None, help="threads for both (default 2)")
+    bench.add_argument("--strategy", choices=("sparse", "naive"), default="sparse")
+    bench.add_argument("--sparsity", type=float, default=0.0)
+    bench.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")
+    bench.add_argument("--sweep", default=None, metavar="SIZES", help="comma-separated budgets, e.g. 150MB,200MB,300MB")
+    bench.add_argument("--out", default="benchmarks/sweep", help="sweep output stem: STEM.csv and STEM.svg")
+    bench.add_argument("--json", action="store_true", help="also print the rows as JSON")
 
     for ep in _plugin_commands():  # commands of packages above edge (tui: chat), found by entry point
         ep.load()(sub)
@@ -109,12 +157,10 @@ def sampler_config(args):
 
 
 def cmd_run(args) -> int:
-    from edge.engine import Engine
     from edge.sampling import Sampler
     from edge.sizes import format_size
 
-    engine = Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads,
-                    verify=args.verify_reads)
+    engine = make_engine(args)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = engine.chat_tokens(messages + [{"role": "user", "content": args.prompt}])
@@ -122,7 +168,8 @@ def cmd_run(args) -> int:
         prompt = engine.tokenizer.encode(args.prompt)
     pieces = []
     try:
-        for ev in engine.generate(prompt, args.max_tokens, Sampler(sampler_config(args))):
+        for ev in engine.generate(prompt, args.max_tokens, Sampler(sampler_config(args)),
+                                  stop_at_end=not args.ignore_eos):
             pieces.append(ev.text)
             if not args.json:
                 sys.stdout.write(ev.text)
@@ -136,9 +183,12 @@ def cmd_run(args) -> int:
             "prompt_tokens": s.prompt_tokens, "tok_s": round(s.tok_s, 3), "prefill_tok_s": round(s.prefill_tok_s, 3),
             "peak_rss_bytes": s.peak_rss_bytes, "flash_read_bytes": s.flash_read_bytes, "stopped": s.stopped,
             "backend": engine.model.backend.name, "threads": getattr(engine.model.backend, "threads", None),
+            "plan": engine.plan.as_dict() if engine.plan else None, "sparse": engine.sparse_stats(),
         }))
     else:
         print(file=sys.stdout)
+        if engine.plan:
+            print("\n".join(engine.plan.lines()), file=sys.stderr)
         print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tok_s:.1f} tok/s, {len(s.tokens)} generated at "
               f"{s.tok_s:.1f} tok/s; peak RSS {format_size(s.peak_rss_bytes)}, flash read "
               f"{format_size(s.flash_read_bytes)}; stopped: {s.stopped}]", file=sys.stderr)
@@ -150,7 +200,6 @@ def cmd_eval(args) -> int:
 
     import numpy as np
 
-    from edge.engine import Engine
     from edge.evaluate import eval_text, perplexity, windows
 
     if args.text is not None:
@@ -160,8 +209,7 @@ def cmd_eval(args) -> int:
         text = path.read_text(encoding="utf-8", errors="replace")
     else:
         text = eval_text()
-    engine = Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads,
-                    verify=args.verify_reads)
+    engine = make_engine(args)
     tok = engine.tokenizer
     wins = windows(tok.encode(text, add_bos=False), engine.n_ctx, args.windows or None,
                    tok.bos_id if tok.add_bos else None)
@@ -243,7 +291,13 @@ def cmd_probe_flash(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "probe-flash": cmd_probe_flash}
+def cmd_bench(args) -> int:
+    from edge.bench import cmd_bench as run
+
+    return run(args)
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "probe-flash": cmd_probe_flash, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

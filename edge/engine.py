@@ -73,7 +73,9 @@ class Engine:
     """A model ready to generate: weights, KV cache, tokenizer; one conversation's cache state."""
 
     def __init__(self, model: str | Path | None = None, n_ctx: int = 2048, backend: str = "auto",
-                 threads: int | None = None, verify: str = "first"):
+                 threads: int | None = None, verify: str = "first", ram: int | None = None,
+                 strategy: str = "sparse", sparsity: float = 0.0, window: int = 5):
+        """ram: a budget in bytes for the whole process (a calibrated store; see edge.budget)."""
         from edge.gguf_file import GGUFFile
         from edge.model import Transformer
         from edge.models import resolve_model
@@ -81,15 +83,38 @@ class Engine:
         from edge.tokenizer import Tokenizer
 
         self.path = resolve_model(model)
-        self.file = Store(self.path, verify=verify) if self.path.is_dir() else GGUFFile(self.path)
+        self.meter = _Meter()
+        self.plan = None
+        if ram is not None and not self.path.is_dir():
+            raise EdgeError(f"{self.path}: --ram runs from a calibrated store; run `edge convert {self.path} "
+                            "--calibrate` and give the .edge directory")
+        io = None
+        if ram is not None:
+            from edge.budget import IO_BUFFER
+            from edge.flash import IOEngine
+
+            io = IOEngine(threads=4, buffer_bytes=IO_BUFFER)
+        self.file = Store(self.path, engine=io, verify=verify) if self.path.is_dir() else GGUFFile(self.path)
         self.config = self.file.config
         if n_ctx < 16:
             raise EdgeError(f"--ctx {n_ctx}: the context must hold at least 16 tokens")
         self.n_ctx = min(n_ctx, self.config.context_length)
-        self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads)
-        self.tokenizer = Tokenizer(getattr(self.file, "tokenizer_path", self.path), self.config.arch,
-                                   self.file.chat_template)
-        self.meter = _Meter()
+        def tokenizer() -> Tokenizer:
+            return Tokenizer(getattr(self.file, "tokenizer_path", self.path), self.config.arch,
+                             self.file.chat_template)
+
+        if ram is not None:
+            self.tokenizer = tokenizer()  # part of the baseline the planner measures
+            from edge.budget import make_plan
+            from edge.sparse import check_calibrated
+
+            check_calibrated(self.file, "--ram")
+            if strategy not in ("sparse", "naive"):
+                raise EdgeError(f"--strategy {strategy}: choose sparse or naive")
+            self.plan = make_plan(self.file, ram, self.meter.rss(), self.n_ctx, strategy, sparsity, window)
+        self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads, plan=self.plan)
+        if ram is None:
+            self.tokenizer = tokenizer()  # after the model: its checks name a bad tensor, llama.cpp's do not
         self.cached: list[int] = []   # tokens whose keys and values are in the KV cache, in order
         self.last = RunStats()
 
@@ -119,6 +144,8 @@ class Engine:
                             "shorten it or raise --ctx")
         sampler = sampler or Sampler(SamplerConfig())
         stats = self.last = RunStats(prompt_tokens=len(prompt))
+        if self.model.sparse_ffn is not None:
+            self.model.sparse_ffn.stats.take()
         stream = self.tokenizer.streamer()
         io0 = self.meter.read_bytes()
         t0 = time.perf_counter()
@@ -159,6 +186,18 @@ class Engine:
         tail = stream.flush()
         if tail:
             yield TokenEvent(-1, tail, 0.0, 0, self.meter.rss(), len(self.cached))
+
+    def sparse_stats(self) -> dict | None:
+        """Neuron cache counters of the last run (None without a budget)."""
+        ffn = self.model.sparse_ffn
+        if ffn is None:
+            return None
+        st = ffn.stats
+        n = max(1, len(self.last.tokens))
+        return {"reads": st.reads, "read_bytes": st.read_bytes, "read_bytes_per_token": st.read_bytes // n,
+                "hit_rate": round(st.hit_rate, 4), "clusters_needed": st.needed, "evicted": st.evicted,
+                "evicted_in_window": st.evicted_in_window, "streamed": st.streamed,
+                "neurons_per_token": st.neurons // n, "cache_bytes": ffn.cache_bytes}
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)

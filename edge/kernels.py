@@ -4,6 +4,8 @@ A group is the linears that share one input (q/k/v; gate/up), run as one call. B
 - `ort`: onnxruntime's MatMulNBits with the quantized weight as a constant initializer (prepacked by
   MLAS); weights stay 4 or 8 bits in RAM. Every supported GGML format maps onto its affine form exactly
   up to float rounding: 4-bit codes for Q4_*, 8-bit codes for Q5_*, Q6_K and Q8_0 (same values).
+- `ggml`: llama.cpp's own CPU kernels on the stored bytes (edge.ggml): RAM holds exactly the file's bytes;
+  what the budgeted runtime uses (its neuron cache is a buffer ggml reads in place).
 - `numpy`: dequantized float32 matrices (4-8x the RAM); the reference the other backends are tested against.
 """
 
@@ -162,7 +164,33 @@ class OrtBackend:
         return call
 
 
-BACKENDS = {"ort": OrtBackend, "numpy": NumpyBackend}
+class GgmlBackend:
+    """llama.cpp's CPU kernels (edge.ggml) on the weights as stored: no copy in another form, so RAM holds
+    exactly the file's bytes per weight; activations quantized to Q8 as llama.cpp does."""
+
+    name = "ggml"
+
+    def __init__(self, threads: int | None = None):
+        from edge.ggml import ggml
+
+        self.ggml = ggml(threads or default_threads())
+        self.threads = self.ggml.threads
+        self.resident_bytes = 0
+
+    def linear_group(self, tensors: Sequence[Tensor]) -> LinearGroup:
+        from edge.ggml import Weight
+
+        weights = [Weight(np.ascontiguousarray(t.raw), t.type_id, t.rows, t.cols) for t in tensors]
+        self.resident_bytes += sum(w.buf.nbytes for w in weights)
+        mm = self.ggml.matmul
+
+        def run(x: np.ndarray) -> tuple:
+            return tuple(mm(x, weights))
+
+        return run
+
+
+BACKENDS = {"ort": OrtBackend, "numpy": NumpyBackend, "ggml": GgmlBackend}
 
 
 def make_backend(name: str = "auto", threads: int | None = None):

@@ -86,8 +86,8 @@ class Layer:
     qkv: kernels.LinearGroup
     attn_output: kernels.LinearGroup
     ffn_norm: np.ndarray
-    gate_up: kernels.LinearGroup
-    down: kernels.LinearGroup
+    gate_up: kernels.LinearGroup | None  # None under a budget: the FFN streams (edge.sparse)
+    down: kernels.LinearGroup | None
     q_norm: np.ndarray | None = None
     k_norm: np.ndarray | None = None
     attn_post_norm: np.ndarray | None = None
@@ -113,20 +113,36 @@ def _release_free_memory() -> None:
 class Transformer:
     """Token ids -> logits for a decoder-only model; holds the resident weights and the KV cache."""
 
-    def __init__(self, src, n_ctx: int, backend: str = "auto", threads: int | None = None):
+    def __init__(self, src, n_ctx: int, backend: str = "auto", threads: int | None = None, plan=None):
+        """plan: an `edge.budget.Plan` to run under a RAM budget (a calibrated store): llama.cpp's kernels on
+        the stored bytes, the FFN streamed into a neuron cache, embedding and exact head rows read from flash."""
         cfg: ModelConfig = src.config
         self.cfg = cfg
         self.n_ctx = n_ctx
-        self.backend = kernels.make_backend(backend, threads)
+        self.src = src
+        self.plan = plan
+        self.act = ACTIVATIONS[cfg.activation]
+        self.backend = kernels.make_backend("ggml" if plan else backend, threads)
         self.layers = [self._load_layer(src, i) for i in range(cfg.n_layers)]
         self.output_norm = _norm(src, "output_norm.weight", cfg.dim)
-        self.token_embd = src.tensor("token_embd.weight", (cfg.vocab_size, cfg.dim))
-        head = src.tensor("output.weight", (cfg.vocab_size, cfg.dim)) if src.has("output.weight") else self.token_embd
-        self.output = self.backend.linear_group([head])
+        self.sparse_ffn = None
+        if plan is not None:
+            from edge.sparse import ApproxHead, SparseFFN
+
+            self.sparse_ffn = SparseFFN(src, self.backend.ggml, self.act, plan.slots, plan.sparsity,
+                                        plan.window, plan.strategy)
+            self.token_embd = None
+            info = src.attrs["tensors"]["token_embd.weight"]
+            self.embd_type = info["type"]
+            self.output = ApproxHead(src, self.backend.ggml)
+        else:
+            self.token_embd = src.tensor("token_embd.weight", (cfg.vocab_size, cfg.dim))
+            head = src.tensor("output.weight", (cfg.vocab_size, cfg.dim)) if src.has("output.weight") else self.token_embd
+            self.output = self.backend.linear_group([head])
         self.kv = KVCache(cfg, n_ctx)
         self.rope_global = Rope(cfg, cfg.rope_base, n_ctx)
         self.rope_local = Rope(cfg, cfg.rope_base_local, n_ctx) if cfg.sliding_window else self.rope_global
-        self.act = ACTIVATIONS[cfg.activation]
+        self.trace = None  # calibration: called as trace(layer, ffn_input, hidden_activation) on every FFN
         _release_free_memory()
 
     def _load_layer(self, src, i: int) -> Layer:
@@ -140,8 +156,9 @@ class Transformer:
                      src.tensor(p + "attn_v.weight", (kv, dim))]),
             attn_output=lin([src.tensor(p + "attn_output.weight", (dim, cfg.q_dim))]),
             ffn_norm=_norm(src, p + "ffn_norm.weight", dim),
-            gate_up=lin([src.tensor(p + "ffn_gate.weight", (hidden, dim)), src.tensor(p + "ffn_up.weight", (hidden, dim))]),
-            down=lin([src.tensor(p + "ffn_down.weight", (dim, hidden))]),
+            gate_up=None if self.plan else lin([src.tensor(p + "ffn_gate.weight", (hidden, dim)),
+                                                src.tensor(p + "ffn_up.weight", (hidden, dim))]),
+            down=None if self.plan else lin([src.tensor(p + "ffn_down.weight", (dim, hidden))]),
         )
         if cfg.qk_norm:
             layer.q_norm = _norm(src, p + "attn_q_norm.weight", cfg.head_dim)
@@ -156,11 +173,16 @@ class Transformer:
         return self.backend.resident_bytes + self.kv.nbytes
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
-        """(T,) ids -> (T, dim): the rows of the embedding table, dequantized on lookup."""
-        t = self.token_embd
-        if np.any(tokens < 0) or np.any(tokens >= t.rows):
-            raise EdgeError(f"token id out of range [0, {t.rows})")
-        x = quants.dequantize(t.raw[tokens], t.type_id, t.cols)
+        """(T,) ids -> (T, dim): the rows of the embedding table, dequantized on lookup (read from flash under
+        a budget)."""
+        rows = self.cfg.vocab_size
+        if np.any(tokens < 0) or np.any(tokens >= rows):
+            raise EdgeError(f"token id out of range [0, {rows})")
+        if self.token_embd is None:
+            x = quants.dequantize(self.src.rows("token_embd.weight", tokens), self.embd_type, self.cfg.dim)
+        else:
+            t = self.token_embd
+            x = quants.dequantize(t.raw[tokens], t.type_id, t.cols)
         return x * np.float32(self.cfg.embed_scale) if self.cfg.embed_scale != 1.0 else x
 
     def forward(self, tokens: np.ndarray, start: int, all_logits: bool = False) -> np.ndarray:
@@ -175,6 +197,7 @@ class Transformer:
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             x = self._block(i, layer, x, start)
+        self.last_hidden = x  # before the final norm (calibration reads it)
         if not all_logits:
             x = x[-1:]
         x = rms_norm(x, self.output_norm, self.cfg.norm_eps)
@@ -187,11 +210,20 @@ class Transformer:
         if layer.attn_post_norm is not None:
             h = rms_norm(h, layer.attn_post_norm, cfg.norm_eps)
         x = x + h
-        gate, up = layer.gate_up(rms_norm(x, layer.ffn_norm, cfg.norm_eps))
-        (h,) = layer.down(self.act(gate) * up)
+        h = self._ffn(i, layer, rms_norm(x, layer.ffn_norm, cfg.norm_eps))
         if layer.ffn_post_norm is not None:
             h = rms_norm(h, layer.ffn_post_norm, cfg.norm_eps)
         return x + h
+
+    def _ffn(self, i: int, layer: Layer, x: np.ndarray) -> np.ndarray:
+        if self.sparse_ffn is not None:
+            return self.sparse_ffn(i, x)
+        gate, up = layer.gate_up(x)
+        act = self.act(gate) * up
+        if self.trace is not None:
+            self.trace(i, x, act)
+        (h,) = layer.down(act)
+        return h
 
     def _attention(self, i: int, layer: Layer, x: np.ndarray, start: int) -> np.ndarray:
         cfg = self.cfg

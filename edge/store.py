@@ -133,7 +133,7 @@ class Store:
         self._crc_cache: dict[str, np.ndarray] = {}
         self._ffn_cache: dict[int, dict[str, Tensor]] = {}
 
-    def _array(self, path: str) -> _Array:
+    def array(self, path: str) -> _Array:
         if path not in self._arrays:
             self._arrays[path] = _Array(self.path, path)
         return self._arrays[path]
@@ -146,7 +146,8 @@ class Store:
     def _crcs(self, arr: _Array) -> np.ndarray:
         """The array's chunk checksums, read once per array."""
         if arr.path not in self._crc_cache:
-            crc = self._array("crc/" + arr.path)
+            head, _, tail = arr.path.partition("/")  # sparse/ (calibration) keeps its own crc/ inside
+            crc = self.array(f"sparse/crc/{tail}" if head == "sparse" else "crc/" + arr.path)
             self._crc_cache[arr.path] = np.frombuffer(self.read_chunks(crc, [0], check=False)[0], "<u4")
         return self._crc_cache[arr.path]
 
@@ -169,8 +170,8 @@ class Store:
                 out.append(data)
         return out
 
-    def _read_array(self, path: str) -> np.ndarray:
-        arr = self._array(path)
+    def read_array(self, path: str) -> np.ndarray:
+        arr = self.array(path)
         data = b"".join(self.read_chunks(arr, list(range(arr.n_chunks))))
         return np.frombuffer(data, np.uint8)[: arr.shape[0] * arr.shape[1]].reshape(arr.shape)
 
@@ -188,7 +189,7 @@ class Store:
             info = self.attrs["tensors"].get(name)
             if info is None:
                 raise EdgeError(f"{self.path}: tensor '{name}' is missing; the store is incomplete, convert again")
-            t = Tensor(name, info["type"], tuple(info["shape"]), self._read_array("t/" + name))
+            t = Tensor(name, info["type"], tuple(info["shape"]), self.read_array("t/" + name))
         if expected is not None and tuple(d for d in t.shape if d != 1) != tuple(d for d in expected if d != 1):
             raise EdgeError(f"{self.path}: tensor '{name}' has shape {t.shape}, expected {expected}")
         return t
@@ -201,7 +202,7 @@ class Store:
 
     def _assemble_ffn(self, layer: int) -> dict[str, Tensor]:
         lay = self.attrs["ffn"][layer]
-        bundles = self._read_array(f"ffn/blk.{layer}")  # (n_clusters, bundle_bytes)
+        bundles = self.read_array(f"ffn/blk.{layer}")  # (n_clusters, bundle_bytes)
         n, g, u = bundles.shape[0], lay["gate_bytes"], lay["up_bytes"]
         c, dim, hidden = lay["cluster"], lay["dim"], lay["hidden"]
         gate = bundles[:, :g].reshape(n * c, -1)
@@ -212,6 +213,24 @@ class Store:
         return {"ffn_gate": Tensor(p + "ffn_gate.weight", tg, (hidden, dim), np.ascontiguousarray(gate)),
                 "ffn_up": Tensor(p + "ffn_up.weight", tu, (hidden, dim), np.ascontiguousarray(up)),
                 "ffn_down": Tensor(p + "ffn_down.weight", td, (dim, hidden), np.ascontiguousarray(down))}
+
+    @property
+    def sparse(self) -> dict | None:
+        """The calibration summary (`edge convert --calibrate`), or None."""
+        return self.attrs.get("sparse")
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows of a resident tensor's array read from flash (the chunks that hold them), (len(ids), row_bytes)."""
+        arr = self.array("t/" + name)
+        per = arr.chunk_shape[0]
+        chunks = sorted({int(i) // per for i in ids})
+        data = dict(zip(chunks, self.read_chunks(arr, chunks)))
+        width = arr.shape[1]
+        out = np.empty((len(ids), width), np.uint8)
+        for k, i in enumerate(ids):
+            c, r = divmod(int(i), per)
+            out[k] = np.frombuffer(data[c], np.uint8, width, r * width)
+        return out
 
     @property
     def flash_read_bytes(self) -> int:

@@ -51,11 +51,12 @@ class ChatApp(App):
 
     def __init__(self, model: str | None = None, system: str | None = None, n_ctx: int = 4096,
                  sampler: SamplerConfig = SamplerConfig(temperature=0.7), max_tokens: int = 512,
-                 backend: str = "auto", threads: int | None = None):
+                 backend: str = "auto", threads: int | None = None, engine_options: dict | None = None):
         super().__init__()
         self.model_arg, self.system, self.n_ctx = model, system, n_ctx
         self.sampler_cfg, self.max_tokens = sampler, max_tokens
         self.backend, self.threads = backend, threads
+        self.engine_options = engine_options or {}
         self.engine = None
         self.messages: list[dict] = []
         self.generating = False
@@ -82,7 +83,8 @@ class ChatApp(App):
         from edge.engine import Engine
 
         try:
-            engine = Engine(self.model_arg, n_ctx=self.n_ctx, backend=self.backend, threads=self.threads)
+            engine = Engine(self.model_arg, n_ctx=self.n_ctx, backend=self.backend, threads=self.threads,
+                            **self.engine_options)
         except EdgeError as exc:
             self.call_from_thread(self._load_failed, str(exc))
             return
@@ -191,7 +193,10 @@ class ChatApp(App):
 
 def run_chat(args) -> int:
     from edge.cli import sampler_config
+    from edge.sizes import parse_size
 
+    options = dict(ram=parse_size(args.ram, flag="--ram") if args.ram else None, strategy=args.strategy,
+                   sparsity=args.sparsity, window=args.window, verify=args.verify_reads)
     ChatApp(args.model, system=args.system, n_ctx=args.ctx, sampler=sampler_config(args),
-            max_tokens=args.max_tokens, backend=args.backend, threads=args.threads).run()
+            max_tokens=args.max_tokens, backend=args.backend, threads=args.threads, engine_options=options).run()
     return 0

@@ -8,6 +8,8 @@ EXAMPLES = """examples:
   edge convert model.gguf -o /mnt/nvme/model.edge --cluster 64
   edge convert model.gguf --quant q8_0           # requantize every matrix to Q8_0
   edge convert ./SmolLM2-hf --tokenizer-pre smollm --quant q8_0   # a Hugging Face directory
+  edge convert model.gguf --calibrate          # convert, then calibrate for --ram runs
+  edge convert model.edge --calibrate          # calibrate an existing store in place
 """
 
 
@@ -22,6 +24,11 @@ def register(sub) -> None:
                    help="keep the source's quant types (default; bit-identical results) or requantize the matrices")
     p.add_argument("--tokenizer-pre", default="default",
                    help="Hugging Face sources: llama.cpp's pre-tokenizer name (smollm, llama-bpe, qwen2, ...)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure neuron order, sparsity thresholds, predictors and the head's low-rank copy on "
+                        "calibration text (needed by --ram); SRC may be an existing store")
+    p.add_argument("--rank", type=int, default=64, help="rank of the per-layer predictors (default 64)")
+    p.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run)
 
@@ -32,9 +39,37 @@ def _run(args) -> int:
     from edge.sizes import format_size
     from weights_tools.convert import convert
 
+    from pathlib import Path
+
+    from edge.store import is_store
+
     t0 = time.perf_counter()
-    out = convert(args.src, args.out, cluster=args.cluster, quiet=args.quiet, quant=args.quant,
-                  tokenizer_pre=args.tokenizer_pre)
+    src = Path(args.src)
+    if args.calibrate and is_store(src) and src.is_dir():
+        out = src
+    else:
+        out = convert(args.src, args.out, cluster=args.cluster, quiet=args.quiet, quant=args.quant,
+                      tokenizer_pre=args.tokenizer_pre)
+    if args.calibrate:
+        from weights_tools.calibrate import calibrate
+        from weights_tools.convert import Progress
+
+        t1 = time.perf_counter()
+        progress = Progress(1, 1, args.quiet)
+        try:
+            summary = calibrate(out, rank=args.rank, tokens=args.calib_tokens,
+                                threads=None, progress=lambda done, total: _tick(progress, done, total))
+        finally:
+            progress.close()
+        rec = [l["recall"]["0.5"] for l in summary["layers"]]
+        print(f"calibrated {out} in {time.perf_counter() - t1:.1f}s: predictor recall at 50% sparsity "
+              f"{min(rec):.2f}-{max(rec):.2f}, head top-1 within candidates "
+              f"{summary['head']['top1_in_candidates']:.3f}", file=sys.stderr)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({format_size(size)}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
+
+
+def _tick(progress, done: int, total: int) -> None:
+    progress.total_bytes = progress.total_items = total
+    progress.step(done - progress.done_bytes, "calibrate")

@@ -1,0 +1,196 @@
+"""`edge bench`: ours and llama.cpp on the same prompt and threads, each under a kernel memory cap of --ram.
+
+Each side runs in its own process inside a fresh memory cgroup (edge.cgroup) with the page cache dropped
+first; ours with `--ram` set to the same figure. Reported: decode tok/s, flash bytes read per token
+(/proc/<pid>/io), the cgroup's peak, whether the kernel killed it, and the ratios. `--sweep` repeats over a
+list of budgets and writes a CSV and an SVG plot (tok/s vs budget, both systems).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from edge.errors import EdgeError
+from edge.sizes import format_size, parse_size
+
+PROMPT = "Once upon a time, in a small village by the sea,"
+
+
+def _peer_main(argv: list[str]) -> int:
+    """Child side of the peer: llama.cpp greedy on a GGUF (mmap, as its users run it), one JSON line."""
+    import argparse
+
+    import psutil
+
+    from edge.peer import LlamaCpp
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("gguf")
+    ap.add_argument("--ctx", type=int)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("-n", type=int)
+    ap.add_argument("-p")
+    a = ap.parse_args(argv)
+    proc = psutil.Process()
+    io0 = proc.io_counters().read_bytes
+    peer = LlamaCpp(a.gguf, n_ctx=a.ctx, threads=a.threads, logits_all=False)
+    prompt = peer.llama.tokenize(a.p.encode())
+    tokens, _, decode_s = peer.greedy(prompt, a.n)
+    print(json.dumps({"tok_s": (a.n - 1) / decode_s if a.n > 1 else 0.0, "tokens": tokens,
+                      "flash_read_bytes": proc.io_counters().read_bytes - io0,
+                      "peak_rss_bytes": proc.memory_info().rss}))
+    return 0
+
+
+def _run_capped(cmd: list[str], limit: int, files: list[Path], name: str) -> dict:
+    from edge.cgroup import MemoryCap, drop_page_cache
+
+    dropped = drop_page_cache(files)
+    cap, why = MemoryCap.make(limit, name)
+    t0 = time.perf_counter()
+    try:
+        if cap is None:
+            import subprocess
+
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        else:
+            proc = cap.run(cmd)
+        out = {"capped": cap is not None, "why_uncapped": why, "cache_dropped": dropped,
+               "wall_s": time.perf_counter() - t0, "rc": proc.returncode,
+               "cgroup_peak_bytes": cap.peak if cap else None, "killed": bool(cap and cap.oom_killed)}
+    finally:
+        if cap is not None:
+            cap.close()
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
+    if proc.returncode == 0 and line:
+        out.update(json.loads(line))
+    else:
+        out["error"] = (proc.stderr.strip().splitlines() or ["killed" if proc.returncode < 0 else "failed"])[-1]
+    return out
+
+
+def bench_one(store: Path, gguf: Path | None, ram: int, n: int, ctx: int, threads: int, strategy: str,
+              sparsity: float, prompt: str) -> dict:
+    ours_cmd = [sys.executable, "-m", "edge", "run", str(store), "--ram", str(ram), "--ctx", str(ctx), "--threads",
+                str(threads), "-n", str(n), "-p", prompt, "--json", "--temp", "0", "--ignore-eos", "--strategy",
+                strategy, "--sparsity", str(sparsity)]
+    store_files = [f for f in store.rglob("*") if f.is_file()]
+    row = {"ram": ram, "ours": _run_capped(ours_cmd, ram, store_files, "edge-bench")}
+    if gguf is not None:
+        peer_cmd = [sys.executable, "-m", "edge.bench", "peer", str(gguf), "--ctx", str(ctx), "--threads",
+                    str(threads), "-n", str(n), "-p", prompt]
+        row["peer"] = _run_capped(peer_cmd, ram, [gguf], "edge-bench-peer")
+    return row
+
+
+def _per_token(side: dict) -> float | None:
+    toks = len(side.get("tokens", []))
+    return side["flash_read_bytes"] / toks if toks and "flash_read_bytes" in side else None
+
+
+def print_row(row: dict) -> None:
+    def show(name: str, s: dict) -> str:
+        if "error" in s:
+            return f"  {name:10} {'killed by the cap' if s.get('killed') else s['error']}"
+        per = _per_token(s)
+        peak = s.get("cgroup_peak_bytes") or s.get("peak_rss_bytes") or 0
+        return (f"  {name:10} {s['tok_s']:7.2f} tok/s  {format_size(per or 0):>8}/token read  "
+                f"peak {format_size(peak)}{'' if s['capped'] else ' (no cap: ' + s['why_uncapped'] + ')'}")
+
+    print(f"--ram {format_size(row['ram'])}")
+    print(show("edge", row["ours"]))
+    if "peer" in row:
+        print(show("llama.cpp", row["peer"]))
+        o, p = row["ours"].get("tok_s"), row["peer"].get("tok_s")
+        if o and p:
+            print(f"  ratio      {o / p:.2f}x tok/s")
+
+
+def write_sweep(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["ram_bytes,edge_tok_s,edge_read_bytes_per_token,edge_peak_bytes,llama_cpp_tok_s,"
+             "llama_cpp_read_bytes_per_token,llama_cpp_peak_bytes"]
+    for r in rows:
+        cells = [str(r["ram"])]
+        for side in ("ours", "peer"):
+            s = r.get(side, {})
+            per = _per_token(s)
+            cells += [f"{s['tok_s']:.3f}" if "tok_s" in s else "", f"{per:.0f}" if per else "",
+                      str(s.get("cgroup_peak_bytes") or "")]
+        lines.append(",".join(cells))
+    out.with_suffix(".csv").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".svg").write_text(_svg(rows))
+
+
+def _svg(rows: list[dict]) -> str:
+    """tok/s against the budget for both systems, as a small self-contained SVG line plot."""
+    w, h, m = 640, 400, 60
+    xs = [r["ram"] for r in rows]
+    series = {"edge": [r["ours"].get("tok_s") for r in rows],
+              "llama.cpp": [r.get("peer", {}).get("tok_s") for r in rows]}
+    ymax = max([v for s in series.values() for v in s if v] + [1.0]) * 1.1
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+
+    def px(x, y):
+        return m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - y / ymax * (h - 2 * m)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+             f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+             f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
+             f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
+             f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">RAM budget (memory cap)</text>',
+             f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">decode tok/s</text>']
+    for x in xs:
+        a, _ = px(x, 0)
+        parts.append(f'<text x="{a}" y="{h - m + 16}" text-anchor="middle">{format_size(x)}</text>')
+    for k in range(5):
+        y = ymax * k / 4
+        _, b = px(x0, y)
+        parts.append(f'<text x="{m - 6}" y="{b + 4}" text-anchor="end">{y:.0f}</text>')
+    for (name, ys), color in zip(series.items(), ("#1f77b4", "#d62728")):
+        pts = [px(x, y) for x, y in zip(xs, ys) if y]
+        if pts:
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
+                         + " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
+            parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in pts]
+        ly = m + 18 * (0 if name == "edge" else 1)
+        parts.append(f'<text x="{w - m - 90}" y="{ly}" fill="{color}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def cmd_bench(args) -> int:
+    store = Path(args.model)
+    if not (store / "zarr.json").is_file():
+        raise EdgeError(f"{store}: bench runs from a calibrated store; run `edge convert MODEL.gguf --calibrate`")
+    gguf = None
+    if args.vs == "llama.cpp":
+        gguf = Path(args.gguf) if args.gguf else store.parent / json.loads(
+            (store / "zarr.json").read_text())["attributes"]["edge"]["source"]["file"]
+        if not gguf.is_file():
+            raise EdgeError(f"{gguf}: the GGUF for llama.cpp is not there; give it with --gguf")
+    sizes = [parse_size(s, flag="--sweep") for s in args.sweep.split(",")] if args.sweep else [
+        parse_size(args.ram, flag="--ram")]
+    threads = args.threads or 2
+    print(f"edge bench {store.name}: prompt {args.prompt!r}, {args.n} tokens, ctx {args.ctx}, {threads} threads, "
+          f"strategy {args.strategy}, sparsity {args.sparsity} ({time.strftime('%Y-%m-%d %H:%M')})")
+    rows = []
+    for ram in sizes:
+        row = bench_one(store, gguf, ram, args.n, args.ctx, threads, args.strategy, args.sparsity, args.prompt)
+        print_row(row)
+        rows.append(row)
+    if args.sweep:
+        out = Path(args.out)
+        write_sweep(rows, out)
+        print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.svg')}")
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["peer"]:
+        sys.exit(_peer_main(sys.argv[2:]))

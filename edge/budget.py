@@ -1,0 +1,117 @@
+"""The RAM planner: a `--ram` budget for the whole process split into what stays resident and what streams.
+
+budget = baseline (interpreter, libraries, tokenizer: measured) + KV cache (for the context) + I/O buffer
+         + resident weights (attention and norms as stored, predictors, the head's low-rank copy)
+         + margin (activations, temporaries) + neuron cache (the rest, in whole clusters per layer).
+
+         + stream scratch (one layer's clusters, for what is read and not kept)
+The minimum is that fixed part with an empty neuron cache (every cluster streams each token, as `naive`);
+below it the run is refused with that figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edge import quants
+from edge.errors import EdgeError
+from edge.sizes import format_size
+
+MARGIN = 8 << 20        # activations, read copies, allocator slack
+IO_BUFFER = 4 << 20     # the I/O engine's preallocated read buffer under a budget
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int
+    baseline: int
+    kv: int
+    io: int
+    resident: int         # attention, norms, predictors, low-rank head
+    margin: int
+    scratch: int          # one layer's clusters per distinct layout: what is read and not kept
+    slot_bytes: int       # one cached cluster in every layer
+    slots: int            # cached clusters per layer
+    n_clusters: int       # clusters per layer
+    n_layers: int
+    ffn_bytes: int        # all clusters of all layers, as stored
+    strategy: str
+    sparsity: float
+    window: int
+
+    @property
+    def cache(self) -> int:
+        return self.slots * self.slot_bytes
+
+    @property
+    def cached_fraction(self) -> float:
+        return min(1.0, self.slots / self.n_clusters)
+
+    @property
+    def minimum(self) -> int:
+        return self.fixed
+
+    @property
+    def fixed(self) -> int:
+        return self.baseline + self.kv + self.io + self.resident + self.margin + self.scratch
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(cache=self.cache, scratch=self.scratch, minimum=self.minimum, cached_fraction=round(self.cached_fraction, 4))
+        return d
+
+    def lines(self) -> list[str]:
+        f = format_size
+        return [f"budget {f(self.budget)}: baseline {f(self.baseline)}, KV cache {f(self.kv)}, I/O buffer "
+                f"{f(self.io)}, resident weights {f(self.resident)}, stream scratch {f(self.scratch)}, "
+                f"margin {f(self.margin)}",
+                f"neuron cache {f(self.cache)}: {self.slots}/{self.n_clusters} clusters per layer "
+                f"({100 * self.cached_fraction:.0f}% of the FFN's {f(self.ffn_bytes)}); the rest streams from flash "
+                f"({self.strategy}, sparsity {self.sparsity:g}, window {self.window})"]
+
+
+def resident_bytes(store, predictors: bool) -> int:
+    """Bytes the budgeted runtime keeps resident besides the FFN cache (see module doc)."""
+    cfg, info = store.config, store.sparse
+    total = 0
+    for name, t in store.attrs["tensors"].items():
+        if name.startswith("blk.") or name == "output_norm.weight":  # attention and norms, as stored
+            rows, cols = (t["shape"] + [1])[:2]
+            total += rows * quants.FORMATS[t["type"]].row_bytes(cols) if len(t["shape"]) == 2 else 4 * rows
+    if predictors:
+        rank = info["rank"]
+        total += cfg.n_layers * (4 * cfg.dim * rank + 2 * rank * cfg.hidden_dim + 4 * cfg.hidden_dim)
+    vocab, r = store.attrs["tensors"][info["head"]["tensor"]]["shape"][0], info["head_rank"]
+    total += vocab * quants.FORMATS[quants.Q8_0].row_bytes(r) + 4 * cfg.dim * r  # low-rank head, basis
+    return total
+
+
+def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sparse", sparsity: float = 0.0,
+              window: int = 5) -> Plan:
+    from edge.model import KVCache
+    from edge.sparse import Layout
+
+    cfg = store.config
+    layouts = [Layout(lay) for lay in store.attrs["ffn"]]
+    n_clusters = max(lay.n_clusters for lay in layouts)
+    scratch = sum({lay.key: lay.n_clusters * lay.bytes for lay in layouts}.values())
+    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER,
+                 resident=resident_bytes(store, strategy == "sparse" and sparsity > 0), margin=MARGIN,
+                 scratch=scratch, slot_bytes=sum(lay.bytes for lay in layouts), n_clusters=n_clusters,
+                 n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),
+                 strategy=strategy, sparsity=sparsity, window=window)
+    probe = Plan(slots=0, **fixed)
+    if budget < probe.minimum:
+        raise EdgeError(f"--ram {format_size(budget)} is below the minimum of {format_size(probe.minimum)} for "
+                        f"this model with a context of {n_ctx} tokens; raise --ram or lower --ctx")
+    slots = 0 if strategy == "naive" else min(n_clusters, (budget - probe.fixed) // probe.slot_bytes)
+    return Plan(slots=int(slots), **fixed)
+
+
+def warn_above_physical(budget: int) -> str | None:
+    import psutil
+
+    total = psutil.virtual_memory().total
+    if budget > total:
+        return f"--ram {format_size(budget)} is more than this machine's {format_size(total)} of RAM"
+    return None

@@ -1,0 +1,272 @@
+"""The budgeted FFN and head: FFN bundles streamed from flash into a neuron cache, a low-rank head rescored exactly.
+
+LLM in a flash (Alizadeh et al. 2023), adapted to SwiGLU/GeGLU models. The unit is the store's FFN bundle: a
+cluster of neurons whose gate rows, up rows and down columns are one contiguous record in the source's own
+GGML blocks, computed by llama.cpp's kernels (edge.ggml) straight from the cache. Per layer and token:
+
+1. predict: with a sparsity target > 0, the layer's low-rank predictor (`edge convert --calibrate`) scores
+   every cluster from the FFN input; clusters under the calibrated threshold are skipped. At sparsity 0 (the
+   default) every cluster is needed and the result equals the dense model's;
+2. read: a needed cluster that is not cached is read from flash (one record, coalesced with its neighbours);
+3. cache: one preallocated matrix per layer; insert appends a cluster in the first free slot, delete moves the
+   last slot into the hole, so the used slots stay a prefix and nothing is reallocated per token. When the
+   need exceeds the capacity, cached clusters not needed now go, least recently used first, those used by one
+   of the last `window` tokens counted apart (windowing); needed clusters that still do not fit are read into
+   one layer's scratch, used and not kept (counted as streamed). At sparsity 0 the cache therefore holds a
+   fixed set and the rest streams every token: a fixed set beats any replacement when every token needs all;
+4. compute: gate and up over the used prefix, act(gate) * up, down over the same prefix; the scratch's part is
+   added.
+
+`naive` (the paper's baseline): no cache; every cluster of every layer is read each token into the scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from edge.errors import EdgeError
+from edge.ggml import Weight
+
+
+@dataclass
+class SparseStats:
+    """Counters since the last `take()`."""
+
+    reads: int = 0
+    read_bytes: int = 0
+    needed: int = 0             # clusters the predictor asked for (all, at sparsity 0)
+    hits: int = 0               # of those, already cached
+    evicted: int = 0            # cached clusters dropped to make room
+    evicted_in_window: int = 0  # of those, used by one of the last `window` tokens
+    streamed: int = 0           # needed clusters read and used but not kept (the cache was full)
+    neurons: int = 0            # neurons computed
+
+    def take(self) -> "SparseStats":
+        out = SparseStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+        for f in fields(self):
+            setattr(self, f.name, 0)
+        return out
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.needed if self.needed else 1.0
+
+
+class Layout:
+    """One layer's bundle: `cluster` neurons, gate rows | up rows | down blocks, in the source's types."""
+
+    def __init__(self, lay: dict):
+        from edge import quants
+
+        self.c, self.dim, self.hidden = lay["cluster"], lay["dim"], lay["hidden"]
+        self.types = tuple(lay["types"])
+        self.g, self.u, self.d = lay["gate_bytes"], lay["up_bytes"], lay["down_bytes"]
+        self.bytes = self.g + self.u + self.d
+        self.gate_row = quants.FORMATS[self.types[0]].row_bytes(self.dim)
+        self.up_row = quants.FORMATS[self.types[1]].row_bytes(self.dim)
+        self.down_part = self.d // self.dim  # bytes of one down row that belong to one cluster
+        self.n_clusters = self.hidden // self.c
+
+    @property
+    def key(self) -> tuple:
+        return self.c, self.dim, self.types, self.g, self.u, self.d
+
+
+class _LayerCache:
+    """Cached clusters of one layout: gate rows, up rows, down row parts; a used prefix of `slots`."""
+
+    def __init__(self, slots: int, lay: Layout):
+        self.slots, self.lay = slots, lay
+        c = lay.c
+        self.gate = np.zeros((max(1, slots) * c, lay.gate_row), np.uint8)
+        self.up = np.zeros((max(1, slots) * c, lay.up_row), np.uint8)
+        self.down = np.zeros((lay.dim, max(1, slots) * lay.down_part), np.uint8)
+        self.used = 0
+        self.cluster_of = np.full(max(1, slots), -1, np.int64)
+        self.slot_of = np.full(lay.n_clusters, -1, np.int64)
+        self.last_use = np.zeros(max(1, slots), np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    def insert(self, cluster_id: int, rec: np.ndarray, step: int) -> None:
+        s, lay = self.used, self.lay
+        c = lay.c
+        self.gate[s * c:(s + 1) * c] = rec[:lay.g].reshape(c, -1)
+        self.up[s * c:(s + 1) * c] = rec[lay.g:lay.g + lay.u].reshape(c, -1)
+        self.down[:, s * lay.down_part:(s + 1) * lay.down_part] = rec[lay.g + lay.u:lay.bytes].reshape(lay.dim, -1)
+        self.cluster_of[s] = cluster_id
+        self.slot_of[cluster_id] = s
+        self.last_use[s] = step
+        self.used += 1
+
+    def delete(self, cluster_id: int) -> None:
+        """Move the last used slot into the hole."""
+        s = int(self.slot_of[cluster_id])
+        self.slot_of[cluster_id] = -1
+        last = self.used - 1
+        c, part = self.lay.c, self.lay.down_part
+        if s != last:
+            self.gate[s * c:(s + 1) * c] = self.gate[last * c:(last + 1) * c]
+            self.up[s * c:(s + 1) * c] = self.up[last * c:(last + 1) * c]
+            self.down[:, s * part:(s + 1) * part] = self.down[:, last * part:(last + 1) * part]
+            moved = int(self.cluster_of[last])
+            self.cluster_of[s] = moved
+            self.slot_of[moved] = s
+            self.last_use[s] = self.last_use[last]
+        self.cluster_of[last] = -1
+        self.used = last
+
+    def clear(self) -> None:
+        self.slot_of[:] = -1
+        self.cluster_of[:] = -1
+        self.used = 0
+
+    def weights(self) -> tuple[list[Weight], Weight]:
+        lay, n = self.lay, self.used * self.lay.c
+        gate_up = [Weight(self.gate, lay.types[0], n, lay.dim), Weight(self.up, lay.types[1], n, lay.dim)]
+        down = Weight(self.down, lay.types[2], lay.dim, n, row_stride=self.down.shape[1])
+        return gate_up, down
+
+
+class SparseFFN:
+    """The FFN of every layer, from the store's bundles, under a cache of `slots` clusters per layer."""
+
+    def __init__(self, store, ggml, act, slots: int, sparsity: float = 0.0, window: int = 5,
+                 strategy: str = "sparse"):
+        info = store.sparse
+        cfg = store.config
+        self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
+        self.layouts = [Layout(lay) for lay in store.attrs["ffn"]]
+        self.window, self.strategy = window, strategy
+        key = min(info["layers"][0]["thresholds"], key=lambda k: abs(float(k) - sparsity))
+        self.sparsity = float(key)
+        self.tau = [float(layer["thresholds"][key]) for layer in info["layers"]]
+        self.predicting = strategy == "sparse" and self.sparsity > 0
+        self.pred_a, self.pred_b, self.upmean = [], [], []
+        if self.predicting:  # predictors only where they choose something
+            rank, dim, hidden = info["rank"], cfg.dim, cfg.hidden_dim
+            for i in range(cfg.n_layers):
+                aux = store.read_array(f"sparse/aux.{i}").reshape(-1)
+                o = 2 * dim * rank
+                self.pred_a.append(aux[:o].view(np.float16).reshape(dim, rank).astype(np.float32))
+                self.pred_b.append(aux[o:o + 2 * rank * hidden].view(np.float16).reshape(rank, hidden).copy())
+                self.upmean.append(aux[o + 2 * rank * hidden:].view(np.float32).copy())
+        self.arrays = [store.array(f"ffn/blk.{i}") for i in range(cfg.n_layers)]
+        self.caches = [] if strategy == "naive" else [
+            _LayerCache(min(slots, lay.n_clusters), lay) for lay in self.layouts]
+        self.scratch = {lay.key: _LayerCache(lay.n_clusters, lay) for lay in self.layouts}  # one per layout
+        self.stats = SparseStats()
+        self.step = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches) + sum(c.nbytes for c in self.scratch.values())
+
+    def predict(self, i: int, x: np.ndarray) -> np.ndarray:
+        """Predicted importance of every cluster for the tokens x (T, dim): (n_clusters,), max over tokens."""
+        g = (x @ self.pred_a[i]) @ self.pred_b[i]
+        p = np.abs(self.act(g.astype(np.float32))) * self.upmean[i]
+        return p.reshape(len(p), -1, self.layouts[i].c).sum(-1).max(axis=0)
+
+    def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
+        lay = self.layouts[i]
+        cache = self.caches[i] if self.caches else None
+        if i == 0:
+            self.step += 1
+        score = self.predict(i, x) if self.predicting else None
+        needed = np.flatnonzero(score >= self.tau[i]) if self.predicting else np.arange(lay.n_clusters)
+        st = self.stats
+        st.needed += len(needed)
+        if cache is None:
+            missing, stream = needed[:0], needed
+        else:
+            slots = cache.slot_of[needed]
+            hit = slots >= 0
+            cache.last_use[slots[hit]] = self.step
+            missing = needed[~hit]
+            st.hits += int(hit.sum())
+            free = cache.slots - cache.used
+            if len(missing) > free:
+                keep = np.zeros(cache.used, bool)
+                keep[slots[hit]] = True
+                cand = np.flatnonzero(~keep)  # cached, not needed now: least recently used first
+                cand = cand[np.argsort(cache.last_use[cand], kind="stable")][:len(missing) - free]
+                for last, cid in [(int(cache.last_use[v]), int(cache.cluster_of[v])) for v in cand]:
+                    cache.delete(cid)
+                    st.evicted += 1
+                    st.evicted_in_window += last > self.step - self.window
+                free = cache.slots - cache.used
+            if score is not None and len(missing) > free:  # the best scored get the free slots
+                missing = missing[np.argsort(-score[missing], kind="stable")]
+            missing, stream = missing[:free], missing[free:]
+        st.streamed += len(stream)
+        ids = sorted(int(c) for c in np.concatenate([missing, stream]))
+        y = None
+        if ids:
+            arr = self.arrays[i]
+            recs = dict(zip(ids, self.store.read_chunks(arr, ids)))
+            st.reads += len(ids)
+            st.read_bytes += len(ids) * arr.chunk_bytes
+            for cid in missing:
+                cache.insert(int(cid), np.frombuffer(recs[int(cid)], np.uint8), self.step)
+            if len(stream):
+                scratch = self.scratch[lay.key]
+                scratch.clear()
+                for cid in stream:
+                    scratch.insert(int(cid), np.frombuffer(recs[int(cid)], np.uint8), self.step)
+                y = self._compute(x, scratch)
+        if cache is not None and cache.used:
+            yc = self._compute(x, cache)
+            y = yc if y is None else y + yc
+        return y if y is not None else np.zeros((len(x), self.cfg.dim), np.float32)
+
+    def _compute(self, x: np.ndarray, cache: _LayerCache) -> np.ndarray:
+        gate_up, down = cache.weights()
+        gate, up = self.ggml.matmul(x, gate_up)
+        h = self.act(gate) * up
+        self.stats.neurons += h.shape[1]
+        (y,) = self.ggml.matmul(h, [down])
+        return y
+
+
+class ApproxHead:
+    """Logits from a low-rank Q8_0 copy of the head, the top candidates rescored with exact rows from flash.
+
+    logits ~ (h @ V) @ L.T for every token; the `candidates` best are replaced by h @ E[row] with the exact
+    rows of the head read from the store (dequantized as the source stores them)."""
+
+    def __init__(self, store, ggml, candidates: int = 64):
+        from edge import quants
+
+        info = store.sparse
+        self.store, self.ggml, self.quants = store, ggml, quants
+        self.name = info["head"]["tensor"]
+        t = store.attrs["tensors"][self.name]
+        self.type_id, self.vocab, self.cols = t["type"], t["shape"][0], t["shape"][1]
+        r = info["head_rank"]
+        self.low = Weight(store.read_array("sparse/head"), quants.Q8_0, self.vocab, r)
+        self.basis = store.read_array("sparse/head_basis").reshape(-1).view(np.float32).reshape(self.cols, r).copy()
+        self.candidates = candidates
+
+    @property
+    def nbytes(self) -> int:
+        return self.low.buf.nbytes + self.basis.nbytes
+
+    def __call__(self, x: np.ndarray) -> tuple:
+        (z,) = self.ggml.matmul(x @ self.basis, [self.low])  # (T, vocab)
+        k = self.candidates
+        for t in range(len(x)):
+            top = np.sort(np.argpartition(-z[t], k)[:k])
+            w = self.quants.dequantize(self.store.rows(self.name, top), self.type_id, self.cols)
+            z[t, top] = w @ x[t]
+        return (z,)
+
+
+def check_calibrated(store, what: str) -> None:
+    if getattr(store, "sparse", None) is None:
+        raise EdgeError(f"{store.path}: {what} needs a calibrated store; run `edge convert {store.path} "
+                        "--calibrate` first")
