@@ -4,7 +4,7 @@ budget = baseline (interpreter, libraries, tokenizer: measured) + KV cache (for 
          + resident weights (attention and norms as stored, predictors, the head's low-rank copy)
          + margin (activations, temporaries) + neuron cache (the rest, in whole clusters per layer).
 
-         + stream scratch (one layer's clusters, for what is read and not kept)
+         + stream buffers (a scratch layer, and the reads of the layer computing and the one prefetched)
 The minimum is that fixed part with an empty neuron cache (every cluster streams each token, as `naive`);
 below it the run is refused with that figure.
 """
@@ -29,7 +29,7 @@ class Plan:
     io: int
     resident: int         # attention, norms, predictors, low-rank head
     margin: int
-    scratch: int          # one layer's clusters per distinct layout: what is read and not kept
+    scratch: int          # stream scratch + reads held while used (this layer's and the prefetched next's)
     slot_bytes: int       # one cached cluster in every layer
     slots: int            # cached clusters per layer
     n_clusters: int       # clusters per layer
@@ -94,8 +94,11 @@ def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sp
     cfg = store.config
     layouts = [Layout(lay) for lay in store.attrs["ffn"]]
     n_clusters = max(lay.n_clusters for lay in layouts)
-    scratch = sum({lay.key: lay.n_clusters * lay.bytes for lay in layouts}.values())
-    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER,
+    # the scratch (one per distinct layout) and the reads held while used: this layer's and the next's
+    scratch = (sum({lay.key: lay.n_clusters * lay.bytes for lay in layouts}.values())
+               + 2 * max(lay.n_clusters * lay.bytes for lay in layouts))
+    prefetch_io = 2 * max(lay.bytes for lay in layouts) + (1 << 20)  # the prefetch engine's buffer
+    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER + prefetch_io,
                  resident=resident_bytes(store, strategy == "sparse" and sparsity > 0), margin=MARGIN,
                  scratch=scratch, slot_bytes=sum(lay.bytes for lay in layouts), n_clusters=n_clusters,
                  n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),

@@ -23,6 +23,7 @@ from edge.errors import EdgeError
 
 F32 = 0
 MAX_N_THREADS = 512
+GRAPH_NODES = 512  # mul_mat nodes one computation may hold (a layer's streamed clusters are one node each)
 
 
 class _InitParams(ctypes.Structure):
@@ -101,7 +102,8 @@ class Ggml:
         params = _ThreadpoolParams()
         params.n_threads, params.prio, params.poll = threads, 0, 0  # no spinning between calls
         self._pool = self.ggml_threadpool_new(ctypes.byref(params))
-        self._meta_size = 64 * self.ggml_tensor_overhead() + self.ggml_graph_overhead_custom(64, False) + 4096
+        self._meta_size = (4 * GRAPH_NODES * self.ggml_tensor_overhead()
+                           + self.ggml_graph_overhead_custom(GRAPH_NODES, False) + 4096)
         self._meta = np.zeros(self._meta_size, np.uint8)
         self._work = np.zeros(1 << 20, np.uint8)
         self._data_offset = self._find_data_offset()
@@ -125,25 +127,31 @@ class Ggml:
 
     def matmul(self, x: np.ndarray, weights: list[Weight]) -> list[np.ndarray]:
         """[x @ W.T for W in weights]: x (T, cols) float32 -> (T, rows) float32 each, one graph computation."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim == 1:
-            x = x[None]
-        t = x.shape[0]
-        outs = [np.empty((t, w.rows), np.float32) for w in weights]
+        return self.products([(x, w) for w in weights])
+
+    def products(self, pairs: list[tuple[np.ndarray, Weight]]) -> list[np.ndarray]:
+        """[x @ W.T for x, W in pairs] in one graph computation (inputs shared by identity are given once)."""
+        inputs: dict[int, np.ndarray] = {}
+        for x, _ in pairs:
+            if id(x) not in inputs:
+                inputs[id(x)] = np.ascontiguousarray(x if x.ndim == 2 else x[None], dtype=np.float32)
+        outs = [np.empty((inputs[id(x)].shape[0], w.rows), np.float32) for x, w in pairs]
         ctx = self.ggml_init(_InitParams(self._meta_size, self._meta.ctypes.data, True))
         try:
-            xt = self.ggml_new_tensor_2d(ctx, F32, x.shape[1], t)
-            self._set_data(xt, x.ctypes.data)
-            graph = self.ggml_new_graph_custom(ctx, 64, False)
-            for w, out in zip(weights, outs):
-                if w.cols != x.shape[1]:
-                    raise ValueError(f"weight has {w.cols} columns, input {x.shape[1]}")
+            tensors = {}
+            for key, x in inputs.items():
+                tensors[key] = self.ggml_new_tensor_2d(ctx, F32, x.shape[1], x.shape[0])
+                self._set_data(tensors[key], x.ctypes.data)
+            graph = self.ggml_new_graph_custom(ctx, GRAPH_NODES, False)
+            for (x, w), out in zip(pairs, outs):
+                if w.cols != inputs[id(x)].shape[1]:
+                    raise ValueError(f"weight has {w.cols} columns, input {inputs[id(x)].shape[1]}")
                 full = self._full_cols(w)
                 wt = self.ggml_new_tensor_2d(ctx, w.type_id, full, w.rows)
                 self._set_data(wt, w.buf.ctypes.data + w.offset)
                 if full != w.cols:  # the first `cols` of longer rows (the down cache's used prefix)
                     wt = self.ggml_view_2d(ctx, wt, w.cols, w.rows, w.row_stride, 0)
-                y = self.ggml_mul_mat(ctx, wt, xt)
+                y = self.ggml_mul_mat(ctx, wt, tensors[id(x)])
                 self._set_data(y, out.ctypes.data)
                 self.ggml_build_forward_expand(graph, y)
             plan = self.ggml_graph_plan(graph, self.threads, self._pool)

@@ -143,23 +143,26 @@ class Store:
             self._files[arr.path] = FlashFile(arr.file)
         return self._files[arr.path]
 
-    def _crcs(self, arr: _Array) -> np.ndarray:
+    def _crcs(self, arr: _Array, engine: IOEngine) -> np.ndarray:
         """The array's chunk checksums, read once per array."""
         if arr.path not in self._crc_cache:
             head, _, tail = arr.path.partition("/")  # sparse/ (calibration) keeps its own crc/ inside
             crc = self.array(f"sparse/crc/{tail}" if head == "sparse" else "crc/" + arr.path)
-            self._crc_cache[arr.path] = np.frombuffer(self.read_chunks(crc, [0], check=False)[0], "<u4")
+            self._crc_cache[arr.path] = np.frombuffer(self.read_chunks(crc, [0], check=False, engine=engine)[0], "<u4")
         return self._crc_cache[arr.path]
 
-    def read_chunks(self, arr: _Array, chunks: list[int], check: bool = True) -> list[bytes]:
-        """Inner chunks' bytes (copied out of the engine's buffer), verified against their crc32c."""
+    def read_chunks(self, arr: _Array, chunks: list[int], check: bool = True, engine: IOEngine | None = None) -> list[bytes]:
+        """Inner chunks' bytes (copied out of the engine's buffer), verified against their crc32c.
+
+        engine: another I/O engine (its own buffer), for reads issued from another thread (prefetch)."""
         out: list[bytes] = []
+        engine = engine or self.engine
         f = self._file(arr)
-        crcs = self._crcs(arr) if check and self.verify != "never" else None
-        batch = max(1, (len(self.engine.buffer) // 2) // max(1, arr.chunk_bytes + 8192))
+        crcs = self._crcs(arr, engine) if check and self.verify != "never" else None
+        batch = max(1, (len(engine.buffer) // 2) // max(1, arr.chunk_bytes + 8192))
         for i in range(0, len(chunks), batch):
             ids = chunks[i:i + batch]
-            views = self.engine.read(f, [(int(arr.offsets[c]), int(arr.lengths[c])) for c in ids])
+            views = engine.read(f, [(int(arr.offsets[c]), int(arr.lengths[c])) for c in ids])
             for c, v in zip(ids, views):
                 data = bytes(v)
                 if crcs is not None and (self.verify == "always" or (arr.path, c) not in self._verified):
