@@ -4,7 +4,7 @@ budget = baseline (interpreter, libraries, tokenizer: measured) + KV cache (for 
          + resident weights (attention and norms as stored, predictors, the head's low-rank copy)
          + margin (activations, temporaries) + neuron cache (the rest, in whole clusters per layer).
 
-         + stream buffers (a scratch layer, and the reads of the layer computing and the one prefetched)
+         + stream buffers (streamed clusters are computed where they were read: this layer's, the next's)
 The minimum is that fixed part with an empty neuron cache (every cluster streams each token, as `naive`);
 below it the run is refused with that figure.
 """
@@ -29,7 +29,7 @@ class Plan:
     io: int
     resident: int         # attention, norms, predictors, low-rank head
     margin: int
-    scratch: int          # stream scratch + reads held while used (this layer's and the prefetched next's)
+    scratch: int          # read buffers of streamed clusters: the layer computing and the one prefetched
     slot_bytes: int       # one cached cluster in every layer
     slots: int            # cached clusters per layer
     n_clusters: int       # clusters per layer
@@ -63,7 +63,7 @@ class Plan:
     def lines(self) -> list[str]:
         f = format_size
         return [f"budget {f(self.budget)}: baseline {f(self.baseline)}, KV cache {f(self.kv)}, I/O buffer "
-                f"{f(self.io)}, resident weights {f(self.resident)}, stream scratch {f(self.scratch)}, "
+                f"{f(self.io)}, resident weights {f(self.resident)}, stream buffers {f(self.scratch)}, "
                 f"margin {f(self.margin)}",
                 f"neuron cache {f(self.cache)}: {self.slots}/{self.n_clusters} clusters per layer "
                 f"({100 * self.cached_fraction:.0f}% of the FFN's {f(self.ffn_bytes)}); the rest streams from flash "
@@ -82,23 +82,20 @@ def resident_bytes(store, predictors: bool) -> int:
         rank = info["rank"]
         total += cfg.n_layers * (4 * cfg.dim * rank + 2 * rank * cfg.hidden_dim + 4 * cfg.hidden_dim)
     vocab, r = store.attrs["tensors"][info["head"]["tensor"]]["shape"][0], info["head_rank"]
-    total += vocab * quants.FORMATS[quants.Q8_0].row_bytes(r) + 4 * cfg.dim * r  # low-rank head, basis
+    total += vocab * quants.FORMATS[quants.Q4_0].row_bytes(r) + 4 * cfg.dim * r  # low-rank head, basis
     return total
 
 
 def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sparse", sparsity: float = 0.0,
               window: int = 5) -> Plan:
     from edge.model import KVCache
-    from edge.sparse import Layout
+    from edge.sparse import Layout, stream_buffer_bytes
 
     cfg = store.config
     layouts = [Layout(lay) for lay in store.attrs["ffn"]]
     n_clusters = max(lay.n_clusters for lay in layouts)
-    # the scratch (one per distinct layout) and the reads held while used: this layer's and the next's
-    scratch = (sum({lay.key: lay.n_clusters * lay.bytes for lay in layouts}.values())
-               + 2 * max(lay.n_clusters * lay.bytes for lay in layouts))
-    prefetch_io = 2 * max(lay.bytes for lay in layouts) + (1 << 20)  # the prefetch engine's buffer
-    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER + prefetch_io,
+    scratch = 2 * stream_buffer_bytes(layouts)  # the read buffers: the layer computing and the one prefetched
+    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER,
                  resident=resident_bytes(store, strategy == "sparse" and sparsity > 0), margin=MARGIN,
                  scratch=scratch, slot_bytes=sum(lay.bytes for lay in layouts), n_clusters=n_clusters,
                  n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),

@@ -58,18 +58,23 @@ def _load(name: str) -> ctypes.CDLL:
 
 
 class Weight:
-    """A matrix in GGML blocks: `rows` x `cols`, row r at byte r * row_stride of `buf` (a numpy array we own)."""
+    """A matrix in GGML blocks: `rows` x `cols`, row r at byte offset + r * row_stride of `buf` (a numpy array or
+    a writable buffer we own). With batches > 1, a stack of such matrices `batch_stride` bytes apart, multiplied
+    by an input of shape (batches, T, cols)."""
 
-    __slots__ = ("buf", "type_id", "rows", "cols", "row_stride", "offset")
+    __slots__ = ("buf", "address", "type_id", "rows", "cols", "row_stride", "offset", "batches", "batch_stride")
 
-    def __init__(self, buf: np.ndarray, type_id: int, rows: int, cols: int, row_stride: int | None = None,
-                 offset: int = 0):
+    def __init__(self, buf, type_id: int, rows: int, cols: int, row_stride: int | None = None,
+                 offset: int = 0, batches: int = 1, batch_stride: int = 0):
         from edge import quants
 
         self.buf, self.type_id, self.rows, self.cols = buf, type_id, rows, cols
         self.row_stride = row_stride or quants.FORMATS[type_id].row_bytes(cols)
-        self.offset = offset
-        if offset + (rows - 1) * self.row_stride + quants.FORMATS[type_id].row_bytes(cols) > buf.nbytes:
+        self.offset, self.batches, self.batch_stride = offset, batches, batch_stride
+        arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
+        self.address = arr.ctypes.data + offset
+        end = offset + (batches - 1) * batch_stride + (rows - 1) * self.row_stride + quants.FORMATS[type_id].row_bytes(cols)
+        if end > arr.nbytes:
             raise ValueError("weight extends past its buffer")
 
 
@@ -82,6 +87,9 @@ class Ggml:
             (base, "ggml_init"): (vp, [_InitParams]), (base, "ggml_free"): (None, [vp]),
             (base, "ggml_new_tensor_2d"): (vp, [vp, ctypes.c_int, i64, i64]),
             (base, "ggml_view_2d"): (vp, [vp, vp, i64, i64, sz, sz]),
+            (base, "ggml_new_tensor_1d"): (vp, [vp, ctypes.c_int, i64]),
+            (base, "ggml_new_tensor_3d"): (vp, [vp, ctypes.c_int, i64, i64, i64]),
+            (base, "ggml_view_3d"): (vp, [vp, vp, i64, i64, i64, sz, sz, sz]),
             (base, "ggml_mul_mat"): (vp, [vp, vp, vp]),
             (base, "ggml_new_graph_custom"): (vp, [vp, sz, ctypes.c_bool]),
             (base, "ggml_build_forward_expand"): (None, [vp, vp]),
@@ -134,23 +142,36 @@ class Ggml:
         inputs: dict[int, np.ndarray] = {}
         for x, _ in pairs:
             if id(x) not in inputs:
-                inputs[id(x)] = np.ascontiguousarray(x if x.ndim == 2 else x[None], dtype=np.float32)
-        outs = [np.empty((inputs[id(x)].shape[0], w.rows), np.float32) for x, w in pairs]
+                inputs[id(x)] = np.ascontiguousarray(x if x.ndim >= 2 else x[None], dtype=np.float32)
+        outs = [np.empty(inputs[id(x)].shape[:-1] + (w.rows,), np.float32) for x, w in pairs]
         ctx = self.ggml_init(_InitParams(self._meta_size, self._meta.ctypes.data, True))
         try:
             tensors = {}
             for key, x in inputs.items():
-                tensors[key] = self.ggml_new_tensor_2d(ctx, F32, x.shape[1], x.shape[0])
+                if x.ndim == 3:
+                    tensors[key] = self.ggml_new_tensor_3d(ctx, F32, x.shape[2], x.shape[1], x.shape[0])
+                else:
+                    tensors[key] = self.ggml_new_tensor_2d(ctx, F32, x.shape[1], x.shape[0])
                 self._set_data(tensors[key], x.ctypes.data)
             graph = self.ggml_new_graph_custom(ctx, GRAPH_NODES, False)
             for (x, w), out in zip(pairs, outs):
-                if w.cols != inputs[id(x)].shape[1]:
-                    raise ValueError(f"weight has {w.cols} columns, input {inputs[id(x)].shape[1]}")
+                xin = inputs[id(x)]
+                if w.cols != xin.shape[-1] or (w.batches > 1) != (xin.ndim == 3):
+                    raise ValueError(f"weight ({w.batches} x {w.rows} x {w.cols}) does not fit input {xin.shape}")
                 full = self._full_cols(w)
-                wt = self.ggml_new_tensor_2d(ctx, w.type_id, full, w.rows)
-                self._set_data(wt, w.buf.ctypes.data + w.offset)
-                if full != w.cols:  # the first `cols` of longer rows (the down cache's used prefix)
-                    wt = self.ggml_view_2d(ctx, wt, w.cols, w.rows, w.row_stride, 0)
+                if w.batches > 1:  # a strided stack: a flat base tensor and a 3-D view of it
+                    from edge import quants
+
+                    fmt = quants.FORMATS[w.type_id]
+                    span = (w.batches - 1) * w.batch_stride + w.rows * w.row_stride
+                    base = self.ggml_new_tensor_1d(ctx, w.type_id, -(-span // fmt.block_bytes) * fmt.block_size)
+                    self._set_data(base, w.address)
+                    wt = self.ggml_view_3d(ctx, base, w.cols, w.rows, w.batches, w.row_stride, w.batch_stride, 0)
+                else:
+                    wt = self.ggml_new_tensor_2d(ctx, w.type_id, full, w.rows)
+                    self._set_data(wt, w.address)
+                    if full != w.cols:  # the first `cols` of longer rows (the down cache's used prefix)
+                        wt = self.ggml_view_2d(ctx, wt, w.cols, w.rows, w.row_stride, 0)
                 y = self.ggml_mul_mat(ctx, wt, tensors[id(x)])
                 self._set_data(y, out.ctypes.data)
                 self.ggml_build_forward_expand(graph, y)
@@ -170,6 +191,8 @@ class Ggml:
         from edge import quants
 
         fmt = quants.FORMATS[w.type_id]
+        if w.batches > 1:
+            return w.cols
         if w.row_stride % fmt.block_bytes:
             raise ValueError("row stride is not a whole number of blocks")
         return w.row_stride // fmt.block_bytes * fmt.block_size

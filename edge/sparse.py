@@ -166,12 +166,11 @@ class SparseFFN:
         self.arrays = [store.array(f"ffn/blk.{i}") for i in range(cfg.n_layers)]
         self.caches = [] if strategy == "naive" else [
             _LayerCache(min(slots, lay.n_clusters), lay) for lay in self.layouts]
-        self.scratch = {lay.key: _LayerCache(lay.n_clusters, lay) for lay in self.layouts}  # one per layout
         self.stats = SparseStats()
         self.step = 0
-        # prefetch: while layer i computes, layer i+1's reads run on their own thread and I/O engine
+        # prefetch: while layer i computes from one read buffer, layer i+1's reads land in the other, issued
+        # from their own thread; streamed clusters are computed in place from the buffer they were read into
         self._pending: dict[int, tuple[list[int], object]] = {}
-        self._prefetch_pool = None
         self.prefetch = strategy == "naive" or not self.predicting
         if self.prefetch:
             from concurrent.futures import ThreadPoolExecutor
@@ -179,12 +178,13 @@ class SparseFFN:
             from edge.flash import IOEngine
 
             self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="edge-prefetch")
-            self.prefetch_io = IOEngine(threads=4, buffer_bytes=2 * max(lay.bytes for lay in self.layouts) + (1 << 20),
-                                        max_read=PREFETCH_READ)
+            self._ios = [IOEngine(threads=4, buffer_bytes=stream_buffer_bytes(self.layouts), max_read=PREFETCH_READ)
+                         for _ in range(2)]
+            self._next_io = 0
 
     @property
     def cache_bytes(self) -> int:
-        return sum(c.nbytes for c in self.caches) + sum(c.nbytes for c in self.scratch.values())
+        return sum(c.nbytes for c in self.caches)
 
     def predict(self, i: int, x: np.ndarray) -> np.ndarray:
         """Predicted importance of every cluster for the tokens x (T, dim): (n_clusters,), max over tokens."""
@@ -225,25 +225,20 @@ class SparseFFN:
             missing, stream = missing[:free], missing[free:]
         st.streamed += len(stream)
         ids = sorted(int(c) for c in np.concatenate([missing, stream]))
-        recs = self._take_prefetched(i)
+        views = self._take_prefetched(i)
         if self.prefetch:
             self._start_prefetch((i + 1) % self.cfg.n_layers)
         if ids:
             arr = self.arrays[i]
-            rest = [c for c in ids if c not in recs]
+            rest = [c for c in ids if c not in views]
             if rest:
-                recs.update(zip(rest, self.store.read_chunks(arr, rest)))
+                views.update(zip(rest, self.store.read_views(arr, rest)))
             st.reads += len(ids)
             st.read_bytes += len(ids) * arr.chunk_bytes
             for cid in missing:
-                cache.insert(int(cid), np.frombuffer(recs[int(cid)], np.uint8), self.step)
-        scratch = None
-        if len(stream):
-            scratch = self.scratch[lay.key]
-            scratch.clear()
-            for cid in stream:
-                scratch.insert(int(cid), np.frombuffer(recs[int(cid)], np.uint8), self.step)
-        return self._compute(x, [c for c in (cache, scratch) if c is not None and c.used])
+                cache.insert(int(cid), np.frombuffer(views[int(cid)], np.uint8), self.step)
+        return self._compute(x, lay, cache if cache is not None and cache.used else None,
+                             [views[int(c)] for c in sorted(int(c) for c in stream)])
 
     def _start_prefetch(self, j: int) -> None:
         """Read layer j's clusters that are not cached (at sparsity 0, exactly what it will need)."""
@@ -251,8 +246,9 @@ class SparseFFN:
         n = self.layouts[j].n_clusters
         ids = list(range(n)) if cache is None else [int(c) for c in np.flatnonzero(cache.slot_of < 0)]
         if ids:
-            fut = self._prefetch_pool.submit(self.store.read_chunks, self.arrays[j], ids, True, self.prefetch_io)
-            self._pending[j] = (ids, fut)
+            io = self._ios[self._next_io]
+            self._next_io ^= 1
+            self._pending[j] = (ids, self._prefetch_pool.submit(self.store.read_views, self.arrays[j], ids, True, io))
 
     def _take_prefetched(self, i: int) -> dict:
         pending = self._pending.pop(i, None)
@@ -261,26 +257,67 @@ class SparseFFN:
         ids, fut = pending
         return dict(zip(ids, fut.result()))
 
-    def _compute(self, x: np.ndarray, parts: list[_LayerCache]) -> np.ndarray:
-        """The FFN over the used prefix of the cache and of the scratch: one ggml graph for the gate and up
-        products, one for the down products, summed."""
-        if not parts:
+    def _compute(self, x: np.ndarray, lay: Layout, cache: _LayerCache | None, streamed: list) -> np.ndarray:
+        """The FFN over the cache's used prefix and over the streamed records where they were read.
+
+        Streamed records that sit at one stride in the read buffer (a coalesced read) are one batched product
+        per matrix. One ggml graph computes every gate and up product, a second every down product."""
+        first, second_w = [], []
+        if cache is not None:
+            gate_up, down = cache.weights()
+            first += [(x, w) for w in gate_up]
+            second_w.append(down)
+        for buf, offset, k, stride in _runs(streamed, lay.bytes):
+            xk = np.repeat(x[None], k, axis=0) if k > 1 else x  # (k, T, dim): one copy per record
+            first += [(xk, Weight(buf, lay.types[0], lay.c, lay.dim, None, offset, k, stride)),
+                      (xk, Weight(buf, lay.types[1], lay.c, lay.dim, None, offset + lay.g, k, stride))]
+            second_w.append(Weight(buf, lay.types[2], lay.dim, lay.c, lay.down_part, offset + lay.g + lay.u, k, stride))
+        if not first:
             return np.zeros((len(x), self.cfg.dim), np.float32)
-        weights = [part.weights() for part in parts]
-        out = self.ggml.products([(x, w) for gate_up, _ in weights for w in gate_up])
+        out = self.ggml.products(first)
         hs = [self.act(out[k]) * out[k + 1] for k in range(0, len(out), 2)]
-        self.stats.neurons += sum(h.shape[1] for h in hs)
-        ys = self.ggml.products([(h, down) for h, (_, down) in zip(hs, weights)])
-        return ys[0] if len(ys) == 1 else ys[0] + ys[1]
+        self.stats.neurons += sum(h.size // len(x) for h in hs)
+        ys = self.ggml.products(list(zip(hs, second_w)))
+        y = ys[0] if ys[0].ndim == 2 else ys[0].sum(axis=0)
+        for more in ys[1:]:
+            y += more if more.ndim == 2 else more.sum(axis=0)
+        return y
+
+
+def _runs(views: list, record: int) -> list[tuple]:
+    """Group record views (in cluster order) into runs at one stride in one buffer: (buffer, offset, count,
+    stride) each."""
+    runs: list[list] = []
+    for v in views:
+        obj = v.obj
+        offset = np.frombuffer(v, np.uint8).ctypes.data - np.frombuffer(obj, np.uint8).ctypes.data
+        if runs and runs[-1][0] is obj:
+            run = runs[-1]
+            if run[2] == 1 and offset > run[1]:
+                run[2], run[3] = 2, offset - run[1]
+                continue
+            if offset == run[1] + run[2] * run[3]:
+                run[2] += 1
+                continue
+        runs.append([obj, offset, 1, record])
+    return [(np.frombuffer(obj, np.uint8), off, k, stride) for obj, off, k, stride in runs]
+
+
+def stream_buffer_bytes(layouts: list[Layout]) -> int:
+    """A read buffer that holds one layer's clusters, with room for the alignment of every coalesced read."""
+    from edge.flash import ALIGN
+
+    most = max(lay.n_clusters * lay.bytes for lay in layouts)
+    return most + (most // PREFETCH_READ + 2) * 2 * ALIGN + (1 << 20)
 
 
 class ApproxHead:
-    """Logits from a low-rank Q8_0 copy of the head, the top candidates rescored with exact rows from flash.
+    """Logits from a low-rank Q4_0 copy of the head, the top candidates rescored with exact rows from flash.
 
     logits ~ (h @ V) @ L.T for every token; the `candidates` best are replaced by h @ E[row] with the exact
     rows of the head read from the store (dequantized as the source stores them)."""
 
-    def __init__(self, store, ggml, candidates: int = 64):
+    def __init__(self, store, ggml, candidates: int = 128):
         from edge import quants
 
         info = store.sparse
@@ -289,7 +326,7 @@ class ApproxHead:
         t = store.attrs["tensors"][self.name]
         self.type_id, self.vocab, self.cols = t["type"], t["shape"][0], t["shape"][1]
         r = info["head_rank"]
-        self.low = Weight(store.read_array("sparse/head"), quants.Q8_0, self.vocab, r)
+        self.low = Weight(store.read_array("sparse/head"), quants.Q4_0, self.vocab, r)
         self.basis = store.read_array("sparse/head_basis").reshape(-1).view(np.float32).reshape(self.cols, r).copy()
         self.candidates = candidates
 
@@ -300,10 +337,11 @@ class ApproxHead:
     def __call__(self, x: np.ndarray) -> tuple:
         (z,) = self.ggml.matmul(x @ self.basis, [self.low])  # (T, vocab)
         k = self.candidates
-        for t in range(len(x)):
+        for t in range(len(x)):  # rescored by the same kernel as the dense head, so greedy choices agree
             top = np.sort(np.argpartition(-z[t], k)[:k])
-            w = self.quants.dequantize(self.store.rows(self.name, top), self.type_id, self.cols)
-            z[t, top] = w @ x[t]
+            rows = self.store.rows(self.name, top)
+            (exact,) = self.ggml.matmul(x[t:t + 1], [Weight(rows, self.type_id, k, self.cols)])
+            z[t, top] = exact[0]
         return (z,)
 
 

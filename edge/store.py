@@ -152,26 +152,29 @@ class Store:
         return self._crc_cache[arr.path]
 
     def read_chunks(self, arr: _Array, chunks: list[int], check: bool = True, engine: IOEngine | None = None) -> list[bytes]:
-        """Inner chunks' bytes (copied out of the engine's buffer), verified against their crc32c.
-
-        engine: another I/O engine (its own buffer), for reads issued from another thread (prefetch)."""
-        out: list[bytes] = []
+        """Inner chunks' bytes (copied out of the engine's buffer, in batches it holds), verified against their
+        crc32c. engine: another I/O engine (its own buffer), for reads issued from another thread (prefetch)."""
         engine = engine or self.engine
-        f = self._file(arr)
-        crcs = self._crcs(arr, engine) if check and self.verify != "never" else None
         batch = max(1, (len(engine.buffer) // 2) // max(1, arr.chunk_bytes + 8192))
+        out: list[bytes] = []
         for i in range(0, len(chunks), batch):
-            ids = chunks[i:i + batch]
-            views = engine.read(f, [(int(arr.offsets[c]), int(arr.lengths[c])) for c in ids])
-            for c, v in zip(ids, views):
-                data = bytes(v)
-                if crcs is not None and (self.verify == "always" or (arr.path, c) not in self._verified):
-                    if crc32c(data) != int(crcs[c]):
+            out += [bytes(v) for v in self.read_views(arr, chunks[i:i + batch], check, engine)]
+        return out
+
+    def read_views(self, arr: _Array, chunks: list[int], check: bool = True,
+                   engine: IOEngine | None = None) -> list[memoryview]:
+        """Inner chunks as views into the engine's buffer (valid until its next read), verified."""
+        engine = engine or self.engine
+        crcs = self._crcs(arr, engine) if check and self.verify != "never" else None
+        views = engine.read(self._file(arr), [(int(arr.offsets[c]), int(arr.lengths[c])) for c in chunks])
+        if crcs is not None:
+            for c, v in zip(chunks, views):
+                if self.verify == "always" or (arr.path, c) not in self._verified:
+                    if crc32c(v) != int(crcs[c]):
                         raise EdgeError(f"{arr.file}: chunk {c} of array '{arr.path}' fails its checksum (corrupt "
                                         "store); convert the model again")
                     self._verified.add((arr.path, c))
-                out.append(data)
-        return out
+        return views
 
     def read_array(self, path: str) -> np.ndarray:
         arr = self.array(path)

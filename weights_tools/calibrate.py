@@ -9,8 +9,10 @@ hidden activation h = act(gate(x)) * up(x). From those:
   importance is the sum over its neurons of |act(g_hat)| * mean|up|. Clusters are the store's FFN bundles;
 - thresholds: for each target sparsity s, the predicted-importance quantile below which a cluster is
   skipped, with recall and precision of that choice on held-out text (the last quarter of the tokens);
-- the head's low-rank copy `sparse/head` (Q8_0 blocks): logits ~ (h @ V) @ L.T with V the top `head_rank`
+- the head's low-rank copy `sparse/head` (Q4_0 blocks): logits ~ (h @ V) @ L.T with V the top `head_rank`
   principal directions of the final hidden states; the runtime rescores the top candidates with exact rows.
+  Measured on SmolLM2 (held-out text, exact top-1 among the candidates): rank 128 Q8_0 95.1% (64 candidates)
+  / 98.2% (128); rank 256 Q4_0 99.3% / 99.7%; a Q4_0 copy of the whole head 100% with 16, at 2.3x the bytes.
 
 Written into `sparse.partial/` inside the store and renamed, then the attributes are updated (the commit
 point): an interrupted calibration leaves the store as it was.
@@ -68,7 +70,7 @@ def _collect(store_path: Path, tokens: int, threads: int | None):
                           rms_norm(np.concatenate(finals), model.output_norm, cfg.norm_eps))
 
 
-def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 128, tokens: int = 1024,
+def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, tokens: int = 1024,
               threads: int | None = None, progress=None) -> dict:
     """Calibrate a store in place; returns the summary written under attributes["edge"]["sparse"]."""
     import gguf
@@ -82,7 +84,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 128, toke
     cfg = store.config
     act = _activation(cfg)
     if head_rank % 32:
-        raise EdgeError(f"head rank {head_rank}: must be a multiple of 32 (Q8_0 blocks)")
+        raise EdgeError(f"head rank {head_rank}: must be a multiple of 32 (Q4_0 blocks)")
     held = len(Y) * 3 // 4  # fit on the first three quarters, report on the rest
     partial = store_path / "sparse.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -122,7 +124,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 128, toke
     e = quants.dequantize(ht.raw, ht.type_id, ht.cols)  # (vocab, dim)
     _, vecs = np.linalg.eigh(Y[:held].T @ Y[:held])
     v = np.ascontiguousarray(vecs[:, ::-1][:, :head_rank]).astype(np.float32)  # (dim, head_rank)
-    low = gguf.quantize(e @ v, gguf.GGMLQuantizationType.Q8_0).view(np.uint8).reshape(len(e), -1)
+    low = gguf.quantize(e @ v, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(len(e), -1)
     del e
     _write_array(group, "head", low, max(1, (1 << 20) // low.shape[1]))
     _write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
@@ -149,13 +151,13 @@ def _predict(x, a, b, upmean, act, cluster):
     return p.reshape(len(p), -1, cluster).sum(-1)
 
 
-HEAD_CANDIDATES = 64
+HEAD_CANDIDATES = 128  # rows rescored exactly per token (edge.sparse.ApproxHead)
 
 
 def _head_recall(model, y, v, low) -> dict:
     """How often the exact head's top token is among the low-rank head's top candidates (held-out states)."""
     exact = model.output(y)[0]
-    approx = (y @ v) @ quants.dequantize(low, quants.Q8_0, v.shape[1]).T
+    approx = (y @ v) @ quants.dequantize(low, quants.Q4_0, v.shape[1]).T
     top = np.argpartition(-approx, HEAD_CANDIDATES, axis=1)[:, :HEAD_CANDIDATES]
     best = exact.argmax(axis=1)
     inside = float(np.mean([b in t for b, t in zip(best, top)]))
