@@ -108,6 +108,36 @@ def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sp
     return Plan(slots=int(slots), **fixed)
 
 
+PRESSURE_FLOOR = 64 << 20  # system memory available below this: give cache back
+
+
+class PressureWatch:
+    """Memory pressure from outside, checked between tokens: the system's available memory below
+    PRESSURE_FLOOR, or this process's cgroup limit lowered under the budget. `check()` returns the bytes the
+    runtime should give back (0: none). `probe` returns (available bytes, cgroup limit or None); tests replace it."""
+
+    def __init__(self, plan: Plan, probe=None):
+        self.plan = plan
+        self.probe = probe or _probe_memory
+
+    def check(self) -> int:
+        available, limit = self.probe()
+        need = 0
+        if available < PRESSURE_FLOOR:
+            need = PRESSURE_FLOOR - available
+        if limit is not None and limit < self.plan.budget:
+            need = max(need, self.plan.budget - limit)
+        return need
+
+
+def _probe_memory() -> tuple[int, int | None]:
+    import psutil
+
+    from edge.cgroup import own_limit
+
+    return psutil.virtual_memory().available, own_limit()
+
+
 def warn_above_physical(budget: int) -> str | None:
     import psutil
 

@@ -77,6 +77,29 @@ class MemoryCap:
             pass
 
 
+def own_limit() -> int | None:
+    """The memory limit of the cgroup this process is in (None when unlimited or unknown)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "memory":
+            f = ROOT / "memory" / path.lstrip("/") / "memory.limit_in_bytes"
+        elif controllers == "" and line.startswith("0::"):
+            f = ROOT / path.lstrip("/") / "memory.max"
+        else:
+            continue
+        try:
+            text = f.read_text().strip()
+        except OSError:
+            continue
+        if text != "max" and int(text) < 1 << 60:
+            return int(text)
+    return None
+
+
 def drop_page_cache(files: list[Path]) -> bool:
     """Drop the page cache (root), else at least these files' pages; True when the whole cache was dropped."""
     os.sync()

@@ -100,9 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
     info = sub.add_parser("info", help="what a model holds: bytes per part, quant formats, bundles",
-                          epilog="examples:\n  edge info\n  edge info model.edge\n",
+                          epilog="examples:\n  edge info\n  edge info model.edge\n  edge info model.edge --ram 150MB --ctx 256\n",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("model", nargs="?", default=None, help="a GGUF file or .edge store (default model if omitted)")
+    info.add_argument("--ram", default=None, metavar="SIZE", help="show what this budget keeps resident and streams")
+    info.add_argument("--ctx", type=int, default=2048, help="context for the --ram plan (default 2048)")
+    info.add_argument("--strategy", choices=("sparse", "naive"), default="sparse")
+    info.add_argument("--sparsity", type=float, default=0.0)
 
     pf = sub.add_parser("probe-flash", help="measure the storage's read curve and save it as a device profile",
                         epilog=EXAMPLES_PROBE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,11 +188,12 @@ def cmd_run(args) -> int:
             "peak_rss_bytes": s.peak_rss_bytes, "flash_read_bytes": s.flash_read_bytes, "stopped": s.stopped,
             "backend": engine.model.backend.name, "threads": getattr(engine.model.backend, "threads", None),
             "plan": engine.plan.as_dict() if engine.plan else None, "sparse": engine.sparse_stats(),
+            "shrinks": s.shrinks,
         }))
     else:
         print(file=sys.stdout)
         if engine.plan:
-            print("\n".join(engine.plan.lines()), file=sys.stderr)
+            print("\n".join(engine.plan.lines() + s.shrinks), file=sys.stderr)
         print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tok_s:.1f} tok/s, {len(s.tokens)} generated at "
               f"{s.tok_s:.1f} tok/s; peak RSS {format_size(s.peak_rss_bytes)}, flash read "
               f"{format_size(s.flash_read_bytes)}; stopped: {s.stopped}]", file=sys.stderr)
@@ -234,8 +239,11 @@ def cmd_info(args) -> int:
     from edge.sizes import format_size
     from edge.store import Store, ffn_part
 
-    path = resolve_model(args.model)
+    from edge.models import default_store_path
+
+    path = default_store_path() if args.ram and args.model is None else resolve_model(args.model)
     src = Store(path) if path.is_dir() else GGUFFile(path)
+    plan = _info_plan(args, src, path) if args.ram else None  # first: the baseline a run would start from
     cfg = src.config
     parts: Counter = Counter()
     formats: Counter = Counter()
@@ -262,7 +270,49 @@ def cmd_info(args) -> int:
         bundle = lay["gate_bytes"] + lay["up_bytes"] + lay["down_bytes"]
         print(f"ffn bundles: clusters of {', '.join(map(str, clusters))} neurons, layer 0 bundle "
               f"{format_size(bundle)}; source {src.attrs['source']['file']} sha256 {src.attrs['source']['sha256'][:12]}")
+        _info_calibration(src)
+    if plan is not None:
+        print(f"with --ram {args.ram} and --ctx {min(args.ctx, cfg.context_length)}:")
+        for line in plan.lines():
+            print("  " + line)
     return 0
+
+
+def _info_calibration(src) -> None:
+    info = src.sparse
+    if info is None:
+        print("calibration: none (`edge convert MODEL --calibrate` enables --ram)")
+        return
+    import numpy as np
+
+    layers = info["layers"]
+    parts = []
+    for s in sorted(layers[0]["recall"], key=float):
+        if float(s) > 0:
+            rec = np.mean([lay["recall"][s] for lay in layers])
+            prec = np.mean([lay["precision"][s] for lay in layers])
+            parts.append(f"{float(s):g}: {rec:.2f}/{prec:.2f}")
+    print(f"calibration: {info['tokens']} tokens; predictors rank {info['rank']}, cluster recall/precision by "
+          f"sparsity on held-out text: {', '.join(parts)}")
+    print(f"  head: low-rank copy rank {info['head_rank']}, exact top-1 within its {info['head']['candidates']} "
+          f"candidates {100 * info['head']['top1_in_candidates']:.1f}% of held-out tokens")
+
+
+def _info_plan(args, src, path):
+    """What --ram would keep resident and what would stream (the same planner as run)."""
+    from edge.budget import make_plan
+    from edge.engine import _Meter
+    from edge.sizes import parse_size
+    from edge.sparse import check_calibrated
+    from edge.store import Store
+    from edge.tokenizer import Tokenizer
+
+    if not isinstance(src, Store):
+        raise EdgeError(f"{path}: --ram plans need a calibrated store; run `edge convert {path} --calibrate`")
+    check_calibrated(src, "--ram")
+    Tokenizer(src.tokenizer_path, src.config.arch, src.chat_template)  # the baseline a run would have
+    n_ctx = min(args.ctx, src.config.context_length)
+    return make_plan(src, parse_size(args.ram, flag="--ram"), _Meter().rss(), n_ctx, args.strategy, args.sparsity)
 
 
 def cmd_probe_flash(args) -> int:

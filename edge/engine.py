@@ -37,6 +37,7 @@ class RunStats:
     flash_read_bytes: int = 0
     peak_rss_bytes: int = 0
     stopped: str = ""        # "eog", "length", "context" or "cancelled"
+    shrinks: list[str] = field(default_factory=list)  # cache given back under memory pressure
 
     @property
     def prefill_tok_s(self) -> float:
@@ -48,6 +49,9 @@ class RunStats:
         """Decode speed: tokens after the first (the first one's logits come from the prefill)."""
         n = len(self.tokens) - 1
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+PRESSURE_EVERY = 8  # tokens between memory-pressure checks under a budget
 
 
 class _Meter:
@@ -78,11 +82,11 @@ class Engine:
         """ram: a budget in bytes for the whole process (a calibrated store; see edge.budget)."""
         from edge.gguf_file import GGUFFile
         from edge.model import Transformer
-        from edge.models import resolve_model
+        from edge.models import default_store_path, resolve_model
         from edge.store import Store
         from edge.tokenizer import Tokenizer
 
-        self.path = resolve_model(model)
+        self.path = default_store_path() if ram is not None and model is None else resolve_model(model)
         self.meter = _Meter()
         self.plan = None
         if ram is not None and not self.path.is_dir():
@@ -105,13 +109,14 @@ class Engine:
 
         if ram is not None:
             self.tokenizer = tokenizer()  # part of the baseline the planner measures
-            from edge.budget import make_plan
+            from edge.budget import PressureWatch, make_plan
             from edge.sparse import check_calibrated
 
             check_calibrated(self.file, "--ram")
             if strategy not in ("sparse", "naive"):
                 raise EdgeError(f"--strategy {strategy}: choose sparse or naive")
             self.plan = make_plan(self.file, ram, self.meter.rss(), self.n_ctx, strategy, sparsity, window)
+            self.pressure = PressureWatch(self.plan)
         self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads, plan=self.plan)
         if ram is None:
             self.tokenizer = tokenizer()  # after the model: its checks name a bad tensor, llama.cpp's do not
@@ -178,6 +183,8 @@ class Engine:
             if len(self.cached) >= self.n_ctx:
                 stats.stopped = "context"
                 break
+            if self.plan is not None and len(stats.tokens) % PRESSURE_EVERY == 0:
+                self._relieve_pressure()
             step_start, io_start = time.perf_counter(), io_now
             t = time.perf_counter()
             logits = self.model.forward(np.asarray([token]), len(self.cached))
@@ -186,6 +193,23 @@ class Engine:
         tail = stream.flush()
         if tail:
             yield TokenEvent(-1, tail, 0.0, 0, self.meter.rss(), len(self.cached))
+
+    def _relieve_pressure(self) -> None:
+        """Shrink the neuron cache when memory is short from outside, and keep going."""
+        import dataclasses
+
+        from edge.sizes import format_size
+
+        need = self.pressure.check()
+        if need <= 0 or self.model.sparse_ffn is None or not self.model.sparse_ffn.caches:
+            return
+        before = self.model.sparse_ffn.cache_bytes
+        slots = self.model.sparse_ffn.shrink(need)
+        freed = before - self.model.sparse_ffn.cache_bytes
+        self.plan = dataclasses.replace(self.plan, slots=slots, budget=self.plan.budget - freed)
+        self.pressure.plan = self.plan
+        self.last.shrinks.append(f"memory pressure: neuron cache down to {slots} clusters per layer "
+                                 f"({format_size(freed)} given back)")
 
     def sparse_stats(self) -> dict | None:
         """Neuron cache counters of the last run (None without a budget)."""

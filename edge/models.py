@@ -53,6 +53,16 @@ def gemma3_270m_path() -> Path:
     return target
 
 
+def default_store_path(check: bool = True) -> Path:
+    """Where `edge convert --calibrate` (no SRC) writes the default model's calibrated store, which `--ram`
+    without a MODEL runs from."""
+    target = cache_dir() / "models" / (DEFAULT_MODEL_NAME + ".edge")
+    if check and not ((target / "zarr.json").is_file() and '"sparse"' in (target / "zarr.json").read_text()):
+        raise EdgeError(f"--ram without a MODEL runs the default model from a calibrated store at {target}; "
+                        "prepare it once with `edge convert --calibrate` (about a minute)")
+    return target
+
+
 def resolve_model(model: str | None) -> Path:
     """A model argument as the user typed it: None -> the default model; otherwise a path that must exist."""
     if model is None:

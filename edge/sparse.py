@@ -128,6 +128,19 @@ class _LayerCache:
         self.cluster_of[last] = -1
         self.used = last
 
+    def resize(self, slots: int) -> None:
+        """Keep at most `slots` clusters (the least recently used go) in smaller arrays; frees the old ones."""
+        while self.used > slots:
+            self.delete(int(self.cluster_of[int(np.argmin(self.last_use[:self.used]))]))
+        old = (self.gate, self.up, self.down, self.cluster_of, self.last_use)
+        self.__init__(slots, self.lay)
+        n, c, part = old[3][old[3] >= 0].size, self.lay.c, self.lay.down_part
+        self.gate[:n * c], self.up[:n * c] = old[0][:n * c], old[1][:n * c]
+        self.down[:, :n * part] = old[2][:, :n * part]
+        self.cluster_of[:n], self.last_use[:n] = old[3][:n], old[4][:n]
+        self.slot_of[self.cluster_of[:n]] = np.arange(n)
+        self.used = n
+
     def clear(self) -> None:
         self.slot_of[:] = -1
         self.cluster_of[:] = -1
@@ -185,6 +198,19 @@ class SparseFFN:
     @property
     def cache_bytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
+
+    def shrink(self, nbytes: int) -> int:
+        """Give back at least `nbytes` of cache (whole clusters in every layer); returns the new slots per layer."""
+        if not self.caches:
+            return 0
+        per_slot = sum(c.nbytes // max(1, c.slots) for c in self.caches)
+        slots = max(0, max(c.slots for c in self.caches) - -(-nbytes // per_slot))
+        for c in self.caches:
+            c.resize(min(slots, c.slots))
+        from edge.model import _release_free_memory
+
+        _release_free_memory()
+        return slots
 
     def predict(self, i: int, x: np.ndarray) -> np.ndarray:
         """Predicted importance of every cluster for the tokens x (T, dim): (n_clusters,), max over tokens."""

@@ -10,13 +10,16 @@ EXAMPLES = """examples:
   edge convert ./SmolLM2-hf --tokenizer-pre smollm --quant q8_0   # a Hugging Face directory
   edge convert model.gguf --calibrate          # convert, then calibrate for --ram runs
   edge convert model.edge --calibrate          # calibrate an existing store in place
+  edge convert --calibrate                     # the default model, for `edge run --ram 150MB`
 """
 
 
 def register(sub) -> None:
     p = sub.add_parser("convert", help="write a GGUF as a flash store (row-column bundled FFN)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="a GGUF model file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("src", nargs="?", default=None,
+                   help="a GGUF model file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json); "
+                        "omitted: the default model, into the cache dir (what --ram without MODEL runs)")
     p.add_argument("-o", "--out", default=None, help="the store directory to write (default: SRC with .edge)")
     p.add_argument("--cluster", type=int, default=None,
                    help="neurons per FFN bundle (a multiple of the down projection's block; default from size)")
@@ -43,7 +46,19 @@ def _run(args) -> int:
 
     from edge.store import is_store
 
+    from edge.models import default_model_path, default_store_path
+
     t0 = time.perf_counter()
+    if args.src is None:
+        args.src = str(default_model_path())
+        if args.out is None:
+            target = default_store_path(check=False)
+            if target.exists():  # a store without calibration, or an old one: start over
+                import shutil
+
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            args.out = str(target)
     src = Path(args.src)
     if args.calibrate and is_store(src) and src.is_dir():
         out = src
