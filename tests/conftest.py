@@ -26,6 +26,31 @@ def real_model(request) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_store(tmp_path_factory, smollm2):
+    from weights_tools.convert import convert
+
+    return convert(smollm2, tmp_path_factory.mktemp("stores") / "smol.edge", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def gemma_store(tmp_path_factory, gemma3):
+    from weights_tools.convert import convert
+
+    return convert(gemma3, tmp_path_factory.mktemp("stores") / "gemma.edge", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smol_calibrated(tmp_path_factory, smollm2):
+    """SmolLM2 as a store calibrated for --ram (its own copy: calibration writes into the store)."""
+    from weights_tools.calibrate import calibrate
+    from weights_tools.convert import convert
+
+    store = convert(smollm2, tmp_path_factory.mktemp("stores") / "SmolLM2-135M-Instruct.Q4_1.edge", quiet=True)
+    calibrate(store, threads=2)
+    return store
+
+
+@pytest.fixture(scope="session")
 def f32_copy(tmp_path_factory):
     """The same weights dequantized to float32 GGUF, one per source model (cached for the session)."""
     from weights_tools.dequant_gguf import write_dequantized

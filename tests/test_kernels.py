@@ -1,11 +1,12 @@
-"""The ORT backend (MatMulNBits, int8 activations) against the float32 reference, every supported format."""
+"""The ORT and ggml backends (quantized weights, int8 activations) against the float32 reference, every
+supported format; ggml's strided and batched views against plain products."""
 
 import gguf
 import numpy as np
 import pytest
 
 from edge.gguf_file import Tensor
-from edge.kernels import NumpyBackend, OrtBackend
+from edge.kernels import GgmlBackend, NumpyBackend, OrtBackend
 
 
 def tensor_of(name: str, rows: int = 96, cols: int = 512, seed: int = 0) -> Tensor:
@@ -26,11 +27,12 @@ def tensor_of(name: str, rows: int = 96, cols: int = 512, seed: int = 0) -> Tens
 
 @pytest.mark.parametrize("name", ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("t_len", [1, 7])
-def test_ort_matches_float_reference(name, t_len):
+@pytest.mark.parametrize("backend", [OrtBackend, GgmlBackend])
+def test_backend_matches_float_reference(name, t_len, backend):
     t = tensor_of(name)
     x = np.random.default_rng(1).standard_normal((t_len, t.cols)).astype(np.float32)
     (ref,) = NumpyBackend().linear_group([t])(x)
-    (ours,) = OrtBackend(threads=1).linear_group([t])(x)
+    (ours,) = backend(threads=1).linear_group([t])(x)
     rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
     assert rel < 0.02, rel  # int8 rounding of the activations, as in llama.cpp
 
@@ -43,3 +45,27 @@ def test_group_outputs_in_order():
     assert [o.shape for o in outs] == [(2, 64), (2, 32)]
     for o, r in zip(outs, refs):
         assert np.linalg.norm(o - r) / np.linalg.norm(r) < 0.02
+
+
+def test_ggml_views_and_batches_equal_plain_products():
+    """The forms the neuron cache uses: the first columns of longer rows, and a stack of matrices at a stride."""
+    from edge import quants
+    from edge.ggml import Weight, ggml
+
+    g = ggml(1)
+    t = tensor_of("Q4_1", rows=64, cols=512)
+    w = quants.dequantize(t.raw, t.type_id, t.cols)
+    x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32)
+    (y,) = g.matmul(x, [Weight(t.raw, t.type_id, 64, 256, row_stride=t.raw.shape[1])])
+    (ref,) = g.matmul(x, [Weight(np.ascontiguousarray(t.raw[:, :t.raw.shape[1] // 2]), t.type_id, 64, 256)])
+    np.testing.assert_array_equal(y, ref)
+    assert np.linalg.norm(y - x @ w[:, :256].T) / np.linalg.norm(y) < 0.02
+    # 4 matrices of 16 rows, 16 * row_bytes apart, each times its own input
+    xs = np.random.default_rng(5).standard_normal((4, 2, 512)).astype(np.float32)
+    stride = 16 * t.raw.shape[1]
+    (ys,) = g.products([(xs, Weight(t.raw, t.type_id, 16, 512, None, 0, 4, stride))])
+    for k in range(4):
+        (one,) = g.matmul(xs[k], [Weight(t.raw, t.type_id, 16, 512, offset=k * stride)])
+        np.testing.assert_allclose(ys[k], one, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="past its buffer"):
+        Weight(t.raw, t.type_id, 65, 512)

@@ -14,16 +14,6 @@ from weights_tools import convert as convert_mod
 from weights_tools.convert import convert
 
 
-@pytest.fixture(scope="session")
-def smol_store(tmp_path_factory, smollm2):
-    return convert(smollm2, tmp_path_factory.mktemp("stores") / "smol.edge", quiet=True)
-
-
-@pytest.fixture(scope="session")
-def gemma_store(tmp_path_factory, gemma3):
-    return convert(gemma3, tmp_path_factory.mktemp("stores") / "gemma.edge", quiet=True)
-
-
 def greedy(model, n=24):
     e = Engine(model, n_ctx=256, threads=2)
     prompt = e.tokenizer.encode("The capital of France is")

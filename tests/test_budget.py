@@ -1,0 +1,200 @@
+"""Running under a RAM budget: plans, the streamed FFN against the dense model, the low-rank head, the memory
+cap, memory pressure, bad budgets, and `edge bench`."""
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from edge.budget import make_plan
+from edge.cli import main
+from edge.engine import Engine
+from edge.evaluate import eval_text
+from edge.model import Transformer, rms_norm
+from edge.sizes import parse_size
+from edge.store import Store
+from edge.tokenizer import Tokenizer
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def edge(*argv):
+    """`edge ...` in its own process, as a user runs it: a budget counts the whole process."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "edge", *argv], capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def eval_tokens(store, n):
+    tok = Tokenizer(store.tokenizer_path, store.config.arch, store.chat_template)
+    return np.array(tok.encode(eval_text()[:20000])[:n])
+
+
+@pytest.fixture(scope="module")
+def dense(smol_calibrated):
+    store = Store(smol_calibrated)
+    model = Transformer(store, 256, backend="ggml", threads=2)
+    toks = eval_tokens(store, 160)
+    logits = model.forward(toks, 0, all_logits=True)
+    return store, toks, logits, model.last_hidden.copy()
+
+
+@pytest.mark.parametrize("slots,strategy", [(10**6, "sparse"), (3, "sparse"), (0, "naive")])
+def test_streamed_ffn_agrees_with_dense(dense, slots, strategy):
+    """Every FFN cluster cached: the same hidden states bit for bit. Streamed (few or none cached): the same
+    computation in another order (activation rounding amplifies it), top-1 within near-ties."""
+    store, toks, ref, hidden = dense
+    plan = make_plan(store, 2 << 30, 64 << 20, 256, strategy=strategy)
+    plan = dataclasses.replace(plan, slots=min(slots, plan.n_clusters))
+    model = Transformer(store, 256, threads=2, plan=plan)
+    logits = model.forward(toks, 0, all_logits=True)
+    agree = float((logits.argmax(1) == ref.argmax(1)).mean())
+    if slots >= plan.n_clusters:
+        np.testing.assert_array_equal(model.last_hidden, hidden)
+        assert agree >= 0.99, agree
+    else:
+        rel = np.abs(model.last_hidden - hidden).max() / np.abs(hidden).max()
+        assert rel < 0.05, rel
+        assert agree >= 0.9, agree
+    stats = model.sparse_ffn.stats
+    assert stats.needed == plan.n_clusters * store.config.n_layers  # sparsity 0: every cluster, every layer
+    assert stats.reads == (plan.n_clusters * store.config.n_layers if slots == 0 else stats.reads) > 0
+
+
+def test_low_rank_head_picks_the_full_heads_token(dense):
+    """Greedy choices of the low-rank head (+ exact rescoring of its candidates) equal the full head's."""
+    from edge.ggml import ggml
+    from edge.sparse import ApproxHead
+
+    store, toks, ref, hidden = dense
+    final = rms_norm(hidden, _norm(store), store.config.norm_eps)
+    (approx,) = ApproxHead(store, ggml(2))(final)
+    agree = float((approx.argmax(1) == ref.argmax(1)).mean())
+    assert agree >= 0.99, agree
+
+
+def _norm(store):
+    from edge import quants
+
+    t = store.tensor("output_norm.weight")
+    return quants.dequantize(t.raw, t.type_id).reshape(-1).astype(np.float32)
+
+
+def test_run_under_budget_reports_plan_and_streams(smol_calibrated):
+    code, out, err = edge("run", str(smol_calibrated), "--ram", "150MB", "--ctx", "256", "-p",
+                          "The capital of France is", "-n", "12", "--json", "--threads", "2", "--ignore-eos")
+    assert code == 0, err
+    d = json.loads(out)
+    plan, sparse = d["plan"], d["sparse"]
+    assert plan["budget"] == parse_size("150MB") and 0 < plan["slots"] < plan["n_clusters"]
+    assert sparse["read_bytes_per_token"] > 0 and 0 < sparse["hit_rate"] < 1 and sparse["streamed"] > 0
+    assert len(d["tokens"]) == 12
+    assert d["peak_rss_bytes"] <= plan["budget"] * 1.05  # RSS also counts clean library pages a cap can drop
+
+
+def test_budget_below_minimum_says_the_minimum(capsys, smol_calibrated):
+    code, _, err = run_cli(capsys, "run", str(smol_calibrated), "--ram", "60MB", "-p", "hi")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "below the minimum of" in err and "--ram 60.0MB" in err
+
+
+def test_budget_needs_a_calibrated_store(capsys, smollm2, smol_store):
+    code, _, err = run_cli(capsys, "run", str(smollm2), "--ram", "1GB", "-p", "hi")
+    assert code == 2 and "--calibrate" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "run", str(smol_store), "--ram", "1GB", "-p", "hi")
+    assert code == 2 and "calibrated store" in err and "--calibrate" in err
+
+
+def test_unreadable_budget(capsys, smol_calibrated):
+    code, _, err = run_cli(capsys, "run", str(smol_calibrated), "--ram", "lots", "-p", "hi")
+    assert code == 2 and "--ram" in err and "512MiB" in err
+
+
+def test_memory_pressure_shrinks_the_cache_and_keeps_going(smol_calibrated):
+    engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"))
+    full = engine.model.sparse_ffn.cache_bytes
+    lowered = parse_size("4GB") - parse_size("30MB")
+    readings = iter([(1 << 40, None)] + [(1 << 40, lowered)] * 100)  # the cgroup limit lowered by 30MB
+    engine.pressure.probe = lambda: next(readings)
+    prompt = engine.tokenizer.encode("Once upon a time")
+    tokens = [ev.token for ev in engine.generate(prompt, 24, stop_at_end=False)]
+    assert len(tokens) == 24
+    assert engine.last.shrinks and "memory pressure" in engine.last.shrinks[0]
+    assert engine.model.sparse_ffn.cache_bytes <= full - parse_size("30MB")
+    assert engine.plan.budget <= lowered
+
+
+def test_stays_under_a_kernel_memory_cap(smol_calibrated):
+    """The real thing: the process in a cgroup capped at its budget is not killed and finishes."""
+    from edge.cgroup import MemoryCap
+
+    cap, why = MemoryCap.make(parse_size("150MiB"), "edge-test")
+    if cap is None:
+        pytest.skip(f"no memory cgroup here: {why}")
+    try:
+        proc = cap.run([sys.executable, "-m", "edge", "run", str(smol_calibrated), "--ram", "150MiB", "--ctx", "256",
+                        "-p", "Once upon a time", "-n", "16", "--json", "--ignore-eos", "--threads", "2"])
+        killed = cap.oom_killed
+    finally:
+        cap.close()
+    assert proc.returncode == 0 and not killed, proc.stderr[-500:]
+    assert len(json.loads(proc.stdout.splitlines()[-1])["tokens"]) == 16
+
+
+def test_sparsity_skips_predicted_clusters(smol_calibrated):
+    store = Store(smol_calibrated)
+    info = store.sparse
+    for layer in info["layers"]:
+        assert all(0 <= v <= 1 for v in layer["recall"].values())
+    engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"), sparsity=0.5)
+    prompt = engine.tokenizer.encode("Once upon a time")
+    list(engine.generate(prompt, 8, stop_at_end=False))
+    st = engine.sparse_stats()
+    all_clusters = engine.plan.n_clusters * store.config.n_layers * (len(prompt) > 0)
+    assert 0 < st["clusters_needed"] < all_clusters * 9  # prefill + 8 steps, some clusters skipped
+
+
+def test_info_shows_the_plan(smol_calibrated):
+    code, out, err = edge("info", str(smol_calibrated), "--ram", "150MB", "--ctx", "256")
+    assert code == 0, err
+    assert "neuron cache" in out and "clusters per layer" in out and "calibration: 1024 tokens" in out
+
+
+def test_interrupted_calibration_leaves_the_store_as_it_was(tmp_path, smollm2, monkeypatch):
+    from weights_tools import convert as convert_mod
+    from weights_tools.calibrate import calibrate
+
+    store = convert_mod.convert(smollm2, tmp_path / "m.edge", quiet=True)
+    calls = []
+    real = convert_mod._write_array
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(convert_mod, "_write_array", failing)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(store, tokens=256, threads=2)
+    assert Store(store).sparse is None
+    with pytest.raises(Exception, match="--calibrate"):
+        Engine(store, n_ctx=64, ram=parse_size("4GB"))
+
+
+def test_bench_sweep_against_llama_cpp(capsys, tmp_path, smol_calibrated, smollm2):
+    code, out, _ = run_cli(capsys, "bench", str(smol_calibrated), "--gguf", str(smollm2), "-n", "4",
+                           "--sweep", "300MB,1GB", "--out", str(tmp_path / "sweep"))
+    assert code == 0
+    assert out.count("ratio") == 2 and "llama.cpp" in out
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("ram_bytes,edge_tok_s")
+    assert all(float(r.split(",")[1]) > 0 and float(r.split(",")[4]) > 0 for r in rows[1:])
+    assert (tmp_path / "sweep.svg").read_text().startswith("<svg")
