@@ -220,7 +220,7 @@ def cmd_eval(args) -> int:
                    tok.bos_id if tok.add_bos else None)
     if not wins:
         raise EdgeError(f"the text has fewer than {engine.n_ctx} tokens; give a longer --text or a smaller --ctx")
-    result = perplexity(lambda w: engine.model.forward(np.asarray(w), 0, all_logits=True), wins)
+    result = perplexity(engine.model.nll, wins)
     if args.json:
         print(json.dumps({"model": str(engine.path), "tokens_scored": result.tokens_scored, "ppl": result.ppl,
                           "ctx": engine.n_ctx, "windows": len(wins)}))

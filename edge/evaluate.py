@@ -58,7 +58,8 @@ def token_nll(logits: np.ndarray, window: list[int]) -> np.ndarray:
     return logz - z[np.arange(len(target)), target]
 
 
-def perplexity(logits_fn, wins: list[list[int]]) -> Perplexity:
-    """logits_fn(window) -> (T, vocab): ours (Transformer.forward from position 0) or the peer's."""
-    nll = np.concatenate([token_nll(logits_fn(w), w) for w in wins])
+def perplexity(nll_fn, wins: list[list[int]]) -> Perplexity:
+    """nll_fn(window) -> (T - 1,) negative log-likelihoods: ours (Transformer.nll) or, through token_nll, the
+    peer's logits."""
+    nll = np.concatenate([nll_fn(w) for w in wins])
     return Perplexity(len(nll), float(nll.mean()))

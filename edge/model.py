@@ -16,6 +16,9 @@ from edge.config import ModelConfig
 from edge.errors import EdgeError
 
 
+PREFILL_CHUNK = 32  # under a budget, prompts run this many positions at a time (activations scale with it)
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x: (..., n) normed over its last axis and scaled by weight (n,)."""
     ms = np.mean(np.square(x), axis=-1, keepdims=True)
@@ -190,19 +193,39 @@ class Transformer:
 
         Returns logits (T, vocab) with all_logits, else (vocab,) for the last token.
         """
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if start + len(tokens) > self.n_ctx:
-            raise EdgeError(f"context full: {start + len(tokens)} tokens exceed the context of {self.n_ctx}; "
-                            "raise --ctx or start a new chat")
-        x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            x = self._block(i, layer, x, start)
-        self.last_hidden = x  # before the final norm (calibration reads it)
+        x = self._hidden(tokens, start)
         if not all_logits:
             x = x[-1:]
         x = rms_norm(x, self.output_norm, self.cfg.norm_eps)
         (logits,) = self.output(x)
         return logits if all_logits else logits[0]
+
+    def nll(self, tokens) -> np.ndarray:
+        """-log p(token[t+1] | tokens[:t+1]) for a window evaluated from position 0 (perplexity). Under a
+        budget the head streams from flash with a running log-sum-exp: no (T, vocab) logits in RAM."""
+        from edge.evaluate import token_nll
+
+        tokens = np.asarray(tokens, dtype=np.int64)
+        x = rms_norm(self._hidden(tokens, 0), self.output_norm, self.cfg.norm_eps)
+        if self.plan is not None:
+            return self.output.nll(x[:-1], tokens[1:])
+        (logits,) = self.output(x)
+        return token_nll(logits, tokens)
+
+    def _hidden(self, tokens, start: int) -> np.ndarray:
+        """The last block's output (before the final norm) for tokens at positions start.."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if start + len(tokens) > self.n_ctx:
+            raise EdgeError(f"context full: {start + len(tokens)} tokens exceed the context of {self.n_ctx}; "
+                            "raise --ctx or start a new chat")
+        if self.plan is not None and len(tokens) > PREFILL_CHUNK:  # activations must fit the budget's margin
+            return np.concatenate([self._hidden(tokens[i:i + PREFILL_CHUNK], start + i)
+                                   for i in range(0, len(tokens), PREFILL_CHUNK)])
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = self._block(i, layer, x, start)
+        self.last_hidden = x  # before the final norm (calibration reads it)
+        return x
 
     def _block(self, i: int, layer: Layer, x: np.ndarray, start: int) -> np.ndarray:
         cfg = self.cfg

@@ -341,7 +341,9 @@ class ApproxHead:
     """Logits from a low-rank Q4_0 copy of the head, the top candidates rescored with exact rows from flash.
 
     logits ~ (h @ V) @ L.T for every token; the `candidates` best are replaced by h @ E[row] with the exact
-    rows of the head read from the store (dequantized as the source stores them)."""
+    rows of the head read from the store, by the same kernel as the dense head. The other logits stay
+    approximate, which a perplexity would feel: `nll` (eval) streams the exact head from flash in row blocks
+    with a running log-sum-exp, as do logits of several positions at once."""
 
     def __init__(self, store, ggml, candidates: int = 128):
         from edge import quants
@@ -361,6 +363,11 @@ class ApproxHead:
         return self.low.buf.nbytes + self.basis.nbytes
 
     def __call__(self, x: np.ndarray) -> tuple:
+        if len(x) > 1:  # logits of several positions: the exact head, streamed in row blocks
+            z = np.empty((len(x), self.vocab), np.float32)
+            for r0, block in self.blocks(x):
+                z[:, r0:r0 + block.shape[1]] = block
+            return (z,)
         (z,) = self.ggml.matmul(x @ self.basis, [self.low])  # (T, vocab)
         k = self.candidates
         for t in range(len(x)):  # rescored by the same kernel as the dense head, so greedy choices agree
@@ -369,6 +376,36 @@ class ApproxHead:
             (exact,) = self.ggml.matmul(x[t:t + 1], [Weight(rows, self.type_id, k, self.cols)])
             z[t, top] = exact[0]
         return (z,)
+
+
+    def blocks(self, x: np.ndarray):
+        """(first row, x @ E[rows].T) for every block of head rows, each row read from flash once."""
+        arr = self.store.array("t/" + self.name)
+        per = arr.chunk_shape[0]
+        batch = max(1, (len(self.store.engine.buffer) // 2) // (arr.chunk_bytes + 8192))
+        for first in range(0, arr.n_chunks, batch):
+            ids = list(range(first, min(arr.n_chunks, first + batch)))
+            views = self.store.read_views(arr, ids)
+            rows = np.concatenate([np.frombuffer(v, np.uint8) for v in views]).reshape(-1, arr.shape[1])
+            r0 = first * per
+            n = min(len(rows), self.vocab - r0)
+            (z,) = self.ggml.matmul(x, [Weight(rows, self.type_id, n, self.cols)])
+            yield r0, z
+
+    def nll(self, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """-log softmax(x @ E.T)[target] per row, exact, with a running log-sum-exp over the head's row blocks."""
+        peak = np.full(len(x), -np.inf)
+        total = np.zeros(len(x))
+        target = np.zeros(len(x))
+        for r0, z in self.blocks(x):
+            inside = (targets >= r0) & (targets < r0 + z.shape[1])
+            target[inside] = z[inside, targets[inside] - r0]
+            new = np.maximum(peak, z.max(axis=1))
+            z -= new[:, None].astype(np.float32)
+            np.exp(z, out=z)
+            total = total * np.exp(peak - new) + z.sum(axis=1, dtype=np.float64)
+            peak = new
+        return peak + np.log(total) - target
 
 
 def check_calibrated(store, what: str) -> None:

@@ -70,7 +70,7 @@ def test_seeded_sampling_is_reproducible(capsys):
 
 
 def test_eval_matches_llama_cpp_perplexity(capsys, real_model):
-    from edge.evaluate import eval_text, perplexity, windows
+    from edge.evaluate import eval_text, perplexity, token_nll, windows
     from edge.peer import LlamaCpp
     from edge.tokenizer import Tokenizer
 
@@ -81,7 +81,7 @@ def test_eval_matches_llama_cpp_perplexity(capsys, real_model):
     tok = Tokenizer(real_model, f.config.arch, f.chat_template)
     wins = windows(tok.encode(eval_text(), add_bos=False), 256, 3, tok.bos_id if tok.add_bos else None)
     peer = LlamaCpp(real_model, n_ctx=256, threads=2)
-    ref = perplexity(peer.logits, wins)
+    ref = perplexity(lambda w: token_nll(peer.logits(w), w), wins)
     print(ours["ppl"], ref.ppl)
     assert ours["tokens_scored"] == ref.tokens_scored
     assert abs(ours["ppl"] / ref.ppl - 1) < 0.01
