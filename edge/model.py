@@ -219,8 +219,10 @@ class Transformer:
             raise EdgeError(f"context full: {start + len(tokens)} tokens exceed the context of {self.n_ctx}; "
                             "raise --ctx or start a new chat")
         if self.plan is not None and len(tokens) > PREFILL_CHUNK:  # activations must fit the budget's margin
-            return np.concatenate([self._hidden(tokens[i:i + PREFILL_CHUNK], start + i)
-                                   for i in range(0, len(tokens), PREFILL_CHUNK)])
+            x = np.concatenate([self._hidden(tokens[i:i + PREFILL_CHUNK], start + i)
+                                for i in range(0, len(tokens), PREFILL_CHUNK)])
+            self.last_hidden = x
+            return x
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             x = self._block(i, layer, x, start)
