@@ -223,7 +223,8 @@ def cmd_eval(args) -> int:
     result = perplexity(engine.model.nll, wins)
     if args.json:
         print(json.dumps({"model": str(engine.path), "tokens_scored": result.tokens_scored, "ppl": result.ppl,
-                          "ctx": engine.n_ctx, "windows": len(wins)}))
+                          "ctx": engine.n_ctx, "windows": len(wins),
+                          "plan": engine.plan.as_dict() if engine.plan else None}))
     else:
         print(f"tokens scored: {result.tokens_scored}  ppl: {result.ppl:.4f}  "
               f"({len(wins)} windows of {engine.n_ctx} tokens)")

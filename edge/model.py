@@ -206,7 +206,13 @@ class Transformer:
         from edge.evaluate import token_nll
 
         tokens = np.asarray(tokens, dtype=np.int64)
-        x = rms_norm(self._hidden(tokens, 0), self.output_norm, self.cfg.norm_eps)
+        if self.sparse_ffn is not None and self.sparse_ffn.predicting:
+            # each position with its own predicted clusters, as generation sees them (a batch of positions
+            # would use the union of their predictions and hide the cost of skipping)
+            h = np.concatenate([self._hidden(tokens[i:i + 1], i) for i in range(len(tokens))])
+        else:
+            h = self._hidden(tokens, 0)
+        x = rms_norm(h, self.output_norm, self.cfg.norm_eps)
         if self.plan is not None:
             return self.output.nll(x[:-1], tokens[1:])
         (logits,) = self.output(x)

@@ -102,6 +102,21 @@ def to_toml(cells: list[Cell], directory: Path, direct: bool) -> str:
     return "\n".join(lines)
 
 
+def bundle_target(profile: Path | None = None, threads: int = 4, fraction: float = 0.5) -> int | None:
+    """From a saved probe (default: this machine's), the smallest read size that reaches `fraction` of the
+    best throughput at `threads` readers: what an FFN bundle should at least be. None without a profile."""
+    import tomllib
+
+    path = profile or config_dir() / "devices" / "this-machine.toml"
+    try:
+        curve = tomllib.loads(path.read_text())["flash"]["curve"]
+    except (OSError, KeyError, ValueError):
+        return None
+    cells = [c for c in curve if c.get("threads") == threads] or curve
+    best = max(c["mb_s"] for c in cells)
+    return min(c["chunk_bytes"] for c in cells if c["mb_s"] >= fraction * best)
+
+
 def table(cells: list[Cell]) -> str:
     chunks = sorted({c.chunk_bytes for c in cells})
     threads = sorted({c.threads for c in cells})

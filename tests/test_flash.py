@@ -91,3 +91,21 @@ def test_probe_flash_rejects_tiny_size(capsys):
 
     assert main(["probe-flash", "--size", "1MB"]) == 2
     assert "at least 64MiB" in capsys.readouterr().err
+
+
+def test_bundle_size_follows_the_saved_flash_curve(tmp_path):
+    """convert's default cluster grows until a bundle reaches the smallest read that gets half the best
+    throughput on the probed curve."""
+    from edge.probe import Cell, bundle_target, to_toml
+    from tests.test_kernels import tensor_of
+    from weights_tools.convert import default_cluster
+
+    curve = [Cell(4 << 10, 4, 60.0, 200.0), Cell(64 << 10, 4, 900.0, 280.0), Cell(256 << 10, 4, 1800.0, 560.0),
+             Cell(1 << 20, 4, 1900.0, 2100.0), Cell(64 << 10, 1, 400.0, 150.0)]
+    profile = tmp_path / "this-machine.toml"
+    profile.write_text(to_toml(curve, tmp_path, True))
+    assert bundle_target(profile) == 256 << 10  # 900 < 950 = half of 1900
+    gate, down = tensor_of("Q4_1", rows=4096, cols=512), tensor_of("Q4_1", rows=512, cols=4096)
+    small, large = default_cluster(down, gate, 32 << 10), default_cluster(down, gate, 256 << 10)
+    assert small % 32 == 0 and large == 8 * small  # bundles of 3 x 320 bytes per neuron
+    assert bundle_target(tmp_path / "none.toml") is None

@@ -111,12 +111,23 @@ def _write_tokenizer(src, dst: Path) -> None:
     finish(w)
 
 
-def default_cluster(down: Tensor, gate: Tensor) -> int:
-    """Neurons per bundle: a whole number of down's blocks, grown until a bundle is >= 32 KiB (on the probed
-    flash curve, reads of 32-64 KiB reach a third or more of the sequential bandwidth with a few threads)."""
+def default_cluster(down: Tensor, gate: Tensor, target: int | None = None) -> int:
+    """Neurons per bundle: a whole number of down's blocks, grown until a bundle is >= `target` bytes: from
+    this machine's saved flash curve (`edge probe-flash`: the smallest read reaching half the best throughput
+    with 4 readers), else 32 KiB (on the curve probed here, reads of 32-64 KiB reach a third or more of the
+    sequential bandwidth with a few threads)."""
+    if target is None:
+        from edge.probe import bundle_target
+
+        target = bundle_target() or 32 << 10
     fmt = quants.FORMATS[down.type_id]
     cluster = fmt.block_size
-    while gate.rows % (cluster * 2) == 0 and bundle_layout(gate, gate, down, cluster)["gate_bytes"] * 3 < 32 << 10:
+
+    def size(c: int) -> int:
+        lay = bundle_layout(gate, gate, down, c)
+        return lay["gate_bytes"] * 2 + lay["down_bytes"]
+
+    while gate.rows % (cluster * 2) == 0 and size(cluster) < target:
         cluster *= 2
     return cluster
 
@@ -163,6 +174,9 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
     shutil.rmtree(partial, ignore_errors=True)  # a stale, interrupted conversion: start over
     names = src.tensor_names()
     ffn = {n for n in names if ffn_part(n)}
+    from edge.probe import bundle_target
+
+    target = bundle_target() or 32 << 10  # bundle size from this machine's flash curve, when probed
     progress = Progress(sum(src.tensor(n).nbytes for n in names), len(names), quiet)
     try:
         partial.mkdir(parents=True)
@@ -180,7 +194,7 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
         layouts = []
         for i in range(cfg.n_layers):
             gate, up, down = (requantize(src.tensor(f"blk.{i}.{n}.weight"), target) for n in FFN_NAMES)
-            c = cluster or default_cluster(down, gate)
+            c = cluster or default_cluster(down, gate, target)
             fmt = quants.FORMATS[down.type_id]
             if c % fmt.block_size or gate.rows % c:
                 raise EdgeError(f"--cluster {c}: must divide {gate.rows} neurons and be a multiple of the down "
