@@ -5,8 +5,9 @@ and greedy top-1 agreement with the dense model, for budgets x sparsity targets 
     python benchmarks/budget_table.py STORE --budgets 140MiB,200MiB --sparsity 0,0.25,0.5 -n 32
 
 tok/s and MB/token come from `edge run --json` (greedy, --ignore-eos), perplexity from `edge eval` (ctx 256,
-2 windows; positions one at a time when predictors skip clusters), both capped by `edge bench`'s cgroup helper. Agreement: teacher-forced over 256 tokens of the
-evaluation text, the budgeted model's top-1 against the dense model's (llama.cpp's kernels, all in RAM).
+2 windows; positions one at a time when predictors skip clusters), both capped by `edge bench`'s cgroup
+helper. Agreement: teacher-forced over 256 tokens of the evaluation text, the budgeted model's top-1 against
+the dense model's (llama.cpp's kernels, all in RAM).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
                                                     "300MiB,400MiB otherwise)")
     ap.add_argument("--sparsity", default="0,0.25,0.5")
     ap.add_argument("-n", type=int, default=32)
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive rows")
     args = ap.parse_args()
     print(f"({time.strftime('%Y-%m-%d %H:%M')}, 2 threads, ctx 256, prompt {PROMPT!r}, {args.n} tokens)")
     print("| model | budget | strategy | sparsity | tok/s | flash MB/token | cache % | ppl | top-1 vs dense |")
@@ -57,7 +59,7 @@ def main() -> None:
     for store in map(Path, args.stores):
         default = "140MiB,200MiB" if "SmolLM2" in store.name else "300MiB,400MiB"
         for budget in [parse_size(b) for b in (args.budgets or default).split(",")]:
-            configs = [("sparse", float(s)) for s in args.sparsity.split(",")] + [("naive", 0.0)]
+            configs = [("sparse", float(s)) for s in args.sparsity.split(",")] + [("naive", 0.0)] * (not args.no_naive)
             for strategy, sparsity in configs:
                 common = ["--ram", str(budget), "--ctx", "256", "--threads", "2", "--strategy", strategy,
                           "--sparsity", str(sparsity)]

@@ -5,8 +5,10 @@ cluster of neurons whose gate rows, up rows and down columns are one contiguous 
 GGML blocks, computed by llama.cpp's kernels (edge.ggml) straight from the cache. Per layer and token:
 
 1. predict: with a sparsity target > 0, the layer's low-rank predictor (`edge convert --calibrate`) scores
-   every cluster from the FFN input; clusters under the calibrated threshold are skipped. At sparsity 0 (the
-   default) every cluster is needed and the result equals the dense model's;
+   every cluster from the FFN input; clusters under the calibrated threshold are not read (while the cache
+   has free slots they are read anyway, best scored first: skipping only saves reads, and cached clusters are
+   always computed). At sparsity 0 (the default) every cluster is needed and the result equals the dense
+   model's;
 2. read: a needed cluster that is not cached is read from flash (one record, coalesced with its neighbours);
 3. cache: one preallocated matrix per layer; insert appends a cluster in the first free slot, delete moves the
    last slot into the hole, so the used slots stay a prefix and nothing is reallocated per token. When the
@@ -248,6 +250,11 @@ class SparseFFN:
                 free = cache.slots - cache.used
             if score is not None and len(missing) > free:  # the best scored get the free slots
                 missing = missing[np.argsort(-score[missing], kind="stable")]
+            elif score is not None and len(missing) < free:  # room to spare: fill it, best scored first
+                extra = np.flatnonzero(cache.slot_of < 0)
+                extra = extra[~np.isin(extra, missing)]
+                extra = extra[np.argsort(-score[extra], kind="stable")][:free - len(missing)]
+                missing = np.concatenate([missing, extra])
             missing, stream = missing[:free], missing[free:]
         st.streamed += len(stream)
         ids = sorted(int(c) for c in np.concatenate([missing, stream]))
