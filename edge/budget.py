@@ -83,6 +83,12 @@ def resident_bytes(store, predictors: bool) -> int:
         total += cfg.n_layers * (4 * cfg.dim * rank + 2 * rank * cfg.hidden_dim + 4 * cfg.hidden_dim)
     vocab, r = store.attrs["tensors"][info["head"]["tensor"]]["shape"][0], info["head_rank"]
     total += vocab * quants.FORMATS[quants.Q4_0].row_bytes(r) + 4 * cfg.dim * r  # low-rank head, basis
+    from edge.sparse import ROW_CACHE
+
+    caches = {info["head"]["tensor"], "token_embd.weight"}  # one row cache when the head is tied
+    for name in caches:
+        t = store.attrs["tensors"][name]
+        total += ROW_CACHE * quants.FORMATS[t["type"]].row_bytes(t["shape"][1]) + 8 * (t["shape"][0] + 2 * ROW_CACHE)
     return total
 
 

@@ -130,7 +130,7 @@ class Transformer:
         self.output_norm = _norm(src, "output_norm.weight", cfg.dim)
         self.sparse_ffn = None
         if plan is not None:
-            from edge.sparse import ApproxHead, SparseFFN
+            from edge.sparse import ApproxHead, RowCache, SparseFFN
 
             self.sparse_ffn = SparseFFN(src, self.backend.ggml, self.act, plan.slots, plan.sparsity,
                                         plan.window, plan.strategy)
@@ -138,6 +138,8 @@ class Transformer:
             info = src.attrs["tensors"]["token_embd.weight"]
             self.embd_type = info["type"]
             self.output = ApproxHead(src, self.backend.ggml)
+            tied = self.output.name == "token_embd.weight"
+            self.embd_rows = self.output.row_cache if tied else RowCache(src, "token_embd.weight")
         else:
             self.token_embd = src.tensor("token_embd.weight", (cfg.vocab_size, cfg.dim))
             head = src.tensor("output.weight", (cfg.vocab_size, cfg.dim)) if src.has("output.weight") else self.token_embd
@@ -182,7 +184,8 @@ class Transformer:
         if np.any(tokens < 0) or np.any(tokens >= rows):
             raise EdgeError(f"token id out of range [0, {rows})")
         if self.token_embd is None:
-            x = quants.dequantize(self.src.rows("token_embd.weight", tokens), self.embd_type, self.cfg.dim)
+            ids, back = np.unique(tokens, return_inverse=True)
+            x = quants.dequantize(self.embd_rows.get(ids)[back], self.embd_type, self.cfg.dim)
         else:
             t = self.token_embd
             x = quants.dequantize(t.raw[tokens], t.type_id, t.cols)

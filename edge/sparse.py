@@ -38,6 +38,7 @@ from edge.errors import EdgeError
 from edge.ggml import Weight
 
 PREFETCH_READ = 1 << 20
+ROW_CACHE = 4096  # head/embedding rows kept in RAM (edge.sparse.RowCache)
 
 
 @dataclass
@@ -344,6 +345,48 @@ def stream_buffer_bytes(layouts: list[Layout]) -> int:
     return most + (most // PREFETCH_READ + 2) * 2 * ALIGN + (1 << 20)
 
 
+class RowCache:
+    """Recently used rows of one stored tensor (the head's candidates, the embedding's lookups; one cache when
+    they are the same tensor), least recently used out. Common tokens come back every few steps, so most
+    lookups need no read."""
+
+    def __init__(self, store, name: str, capacity: int = ROW_CACHE):
+        t = store.attrs["tensors"][name]
+        arr = store.array("t/" + name)
+        self.store, self.name = store, name
+        self.rows = np.zeros((capacity, arr.shape[1]), np.uint8)
+        self.slot = np.full(t["shape"][0], -1, np.int64)
+        self.owner = np.full(capacity, -1, np.int64)
+        self.last = np.zeros(capacity, np.int64)
+        self.clock = 0
+        self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + self.slot.nbytes + self.owner.nbytes + self.last.nbytes
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        """The rows of ids (distinct), (len(ids), row_bytes)."""
+        self.clock += 1
+        slots = self.slot[ids]
+        miss = np.flatnonzero(slots < 0)
+        self.hits += len(ids) - len(miss)
+        self.misses += len(miss)
+        if len(miss):
+            fetched = self.store.rows(self.name, ids[miss])
+            keep = self.last.copy()
+            keep[slots[slots >= 0]] = self.clock  # never evict a row this call returns
+            victims = np.argsort(keep, kind="stable")[:len(miss)]
+            gone = self.owner[victims]
+            self.slot[gone[gone >= 0]] = -1
+            self.owner[victims] = ids[miss]
+            self.slot[ids[miss]] = victims
+            self.rows[victims] = fetched
+            slots = self.slot[ids]
+        self.last[slots] = self.clock
+        return self.rows[slots]
+
+
 class ApproxHead:
     """Logits from a low-rank Q4_0 copy of the head, the top candidates rescored with exact rows from flash.
 
@@ -352,7 +395,7 @@ class ApproxHead:
     approximate, which a perplexity would feel: `nll` (eval) streams the exact head from flash in row blocks
     with a running log-sum-exp, as do logits of several positions at once."""
 
-    def __init__(self, store, ggml, candidates: int = 128):
+    def __init__(self, store, ggml, candidates: int = 128, rows: RowCache | None = None):
         from edge import quants
 
         info = store.sparse
@@ -364,10 +407,11 @@ class ApproxHead:
         self.low = Weight(store.read_array("sparse/head"), quants.Q4_0, self.vocab, r)
         self.basis = store.read_array("sparse/head_basis").reshape(-1).view(np.float32).reshape(self.cols, r).copy()
         self.candidates = candidates
+        self.row_cache = rows or RowCache(store, self.name)
 
     @property
     def nbytes(self) -> int:
-        return self.low.buf.nbytes + self.basis.nbytes
+        return self.low.buf.nbytes + self.basis.nbytes + self.row_cache.nbytes
 
     def __call__(self, x: np.ndarray) -> tuple:
         if len(x) > 1:  # logits of several positions: the exact head, streamed in row blocks
@@ -379,7 +423,7 @@ class ApproxHead:
         k = self.candidates
         for t in range(len(x)):  # rescored by the same kernel as the dense head, so greedy choices agree
             top = np.sort(np.argpartition(-z[t], k)[:k])
-            rows = self.store.rows(self.name, top)
+            rows = self.row_cache.get(top)
             (exact,) = self.ggml.matmul(x[t:t + 1], [Weight(rows, self.type_id, k, self.cols)])
             z[t, top] = exact[0]
         return (z,)
