@@ -176,7 +176,7 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
     ffn = {n for n in names if ffn_part(n)}
     from edge.probe import bundle_target
 
-    target = bundle_target() or 32 << 10  # bundle size from this machine's flash curve, when probed
+    bundle_bytes = bundle_target() or 32 << 10  # bundle size from this machine's flash curve, when probed
     progress = Progress(sum(src.tensor(n).nbytes for n in names), len(names), quiet)
     try:
         partial.mkdir(parents=True)
@@ -194,7 +194,7 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
         layouts = []
         for i in range(cfg.n_layers):
             gate, up, down = (requantize(src.tensor(f"blk.{i}.{n}.weight"), target) for n in FFN_NAMES)
-            c = cluster or default_cluster(down, gate, target)
+            c = cluster or default_cluster(down, gate, bundle_bytes)
             fmt = quants.FORMATS[down.type_id]
             if c % fmt.block_size or gate.rows % c:
                 raise EdgeError(f"--cluster {c}: must divide {gate.rows} neurons and be a multiple of the down "
