@@ -101,6 +101,9 @@ class ChatApp(App):
         self.stats.update(status="ready", model=engine.name, arch=engine.config.arch,
                           backend=engine.model.backend.name, ctx=engine.n_ctx,
                           weights=engine.model.backend.resident_bytes, kv=engine.model.kv.nbytes)
+        if engine.plan is not None:
+            p = engine.plan
+            self.stats.update(budget=p.budget, cache=p.cache, cached=f"{p.slots}/{p.n_clusters}")
         prompt = self.query_one("#prompt", Input)
         prompt.disabled = False
         prompt.placeholder = "Type a message, Enter to send (Esc stops the answer)"
@@ -170,6 +173,9 @@ class ChatApp(App):
         if "model" in s:
             lines += [f"model    {s['model']}", f"arch     {s['arch']}", f"backend  {s['backend']}",
                       f"weights  {format_size(s['weights'])} in RAM", f"KV cache {format_size(s['kv'])}"]
+        if "budget" in s:
+            lines += [f"budget   {format_size(s['budget'])}",
+                      f"FFN      {format_size(s['cache'])} cached ({s['cached']} clusters/layer)"]
         if "tok_s" in s:
             lines += ["", f"decode   {s['tok_s']:.1f} tok/s", f"prefill  {s['prefill_tok_s']:.1f} tok/s",
                       f"last     {s['tokens']} tokens", f"flash    {format_size(s['flash'])} read"]
