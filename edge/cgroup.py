@@ -13,31 +13,37 @@ from pathlib import Path
 ROOT = Path("/sys/fs/cgroup")
 
 
+LIMIT_FILE = {True: "memory.limit_in_bytes", False: "memory.max"}  # by "is cgroup v1"
+
+
+def own_cgroup() -> tuple[Path, bool] | None:
+    """This process's memory cgroup directory and whether it is cgroup v1; None when there is none."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    v1 = next((line.split(":", 2)[2] for line in lines if line.split(":")[1] == "memory"), None)
+    if v1 is not None and (ROOT / "memory" / v1.lstrip("/")).is_dir():
+        return ROOT / "memory" / v1.lstrip("/"), True
+    v2 = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+    return (ROOT / v2.lstrip("/"), False) if v2 is not None else None
+
+
 class MemoryCap:
     def __init__(self, path: Path, v1: bool):
         self.path, self.v1 = path, v1
 
     @classmethod
     def make(cls, limit: int, name: str) -> tuple["MemoryCap | None", str]:
-        """(cap, "") or (None, why not)."""
+        """(cap, "") or (None, why not): a child cgroup of this process's own."""
+        parent = own_cgroup()
+        if parent is None:
+            return None, "no memory cgroup controller"
         try:
-            lines = Path("/proc/self/cgroup").read_text().splitlines()
-        except OSError as exc:
-            return None, f"no /proc/self/cgroup ({exc})"
-        v1 = next((line.split(":", 2)[2] for line in lines if line.split(":")[1] == "memory"), None)
-        try:
-            if v1 is not None and (ROOT / "memory" / v1.lstrip("/")).is_dir():
-                path = ROOT / "memory" / v1.lstrip("/") / f"{name}.{os.getpid()}"
-                path.mkdir()
-                (path / "memory.limit_in_bytes").write_text(str(limit))
-                return cls(path, True), ""
-            v2 = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
-            if v2 is None:
-                return None, "no memory cgroup controller"
-            path = ROOT / v2.lstrip("/") / f"{name}.{os.getpid()}"
+            path = parent[0] / f"{name}.{os.getpid()}"
             path.mkdir()
-            (path / "memory.max").write_text(str(limit))
-            return cls(path, False), ""
+            (path / LIMIT_FILE[parent[1]]).write_text(str(limit))
+            return cls(path, parent[1]), ""
         except OSError as exc:
             return None, f"cannot create a memory cgroup ({exc.strerror or exc})"
 
@@ -79,25 +85,14 @@ class MemoryCap:
 
 def own_limit() -> int | None:
     """The memory limit of the cgroup this process is in (None when unlimited or unknown)."""
+    own = own_cgroup()
+    if own is None:
+        return None
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        text = (own[0] / LIMIT_FILE[own[1]]).read_text().strip()
     except OSError:
         return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "memory":
-            f = ROOT / "memory" / path.lstrip("/") / "memory.limit_in_bytes"
-        elif controllers == "" and line.startswith("0::"):
-            f = ROOT / path.lstrip("/") / "memory.max"
-        else:
-            continue
-        try:
-            text = f.read_text().strip()
-        except OSError:
-            continue
-        if text != "max" and int(text) < 1 << 60:
-            return int(text)
-    return None
+    return int(text) if text != "max" and int(text) < 1 << 60 else None
 
 
 def drop_page_cache(files: list[Path]) -> bool:
