@@ -1,10 +1,10 @@
 """The RAM planner: a `--ram` budget for the whole process split into what stays resident and what streams.
 
 budget = baseline (interpreter, libraries, tokenizer: measured) + KV cache (for the context) + I/O buffer
-         + resident weights (attention and norms as stored, predictors, the head's low-rank copy)
+         + resident weights (attention and norms as stored, predictors, the head's low-rank copy, row cache)
+         + stream buffers (streamed clusters are computed where they were read: this layer's, the next's)
          + margin (activations, temporaries) + neuron cache (the rest, in whole clusters per layer).
 
-         + stream buffers (streamed clusters are computed where they were read: this layer's, the next's)
 The minimum is that fixed part with an empty neuron cache (every cluster streams each token, as `naive`);
 below it the run is refused with that figure.
 """
@@ -49,15 +49,12 @@ class Plan:
 
     @property
     def minimum(self) -> int:
-        return self.fixed
-
-    @property
-    def fixed(self) -> int:
+        """Everything but the neuron cache."""
         return self.baseline + self.kv + self.io + self.resident + self.margin + self.scratch
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(cache=self.cache, scratch=self.scratch, minimum=self.minimum, cached_fraction=round(self.cached_fraction, 4))
+        d.update(cache=self.cache, minimum=self.minimum, cached_fraction=round(self.cached_fraction, 4))
         return d
 
     def lines(self) -> list[str]:
@@ -110,7 +107,7 @@ def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sp
     if budget < probe.minimum:
         raise EdgeError(f"--ram {format_size(budget)} is below the minimum of {format_size(probe.minimum)} for "
                         f"this model with a context of {n_ctx} tokens; raise --ram or lower --ctx")
-    slots = 0 if strategy == "naive" else min(n_clusters, (budget - probe.fixed) // probe.slot_bytes)
+    slots = 0 if strategy == "naive" else min(n_clusters, (budget - probe.minimum) // probe.slot_bytes)
     return Plan(slots=int(slots), **fixed)
 
 

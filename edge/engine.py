@@ -150,7 +150,7 @@ class Engine:
         sampler = sampler or Sampler(SamplerConfig())
         stats = self.last = RunStats(prompt_tokens=len(prompt))
         if self.model.sparse_ffn is not None:
-            self.model.sparse_ffn.stats.take()
+            self.model.sparse_ffn.stats.reset()
         stream = self.tokenizer.streamer()
         io0 = self.meter.read_bytes()
         t0 = time.perf_counter()

@@ -13,12 +13,12 @@ GGML blocks, computed by llama.cpp's kernels (edge.ggml) straight from the cache
 3. cache: one preallocated matrix per layer; insert appends a cluster in the first free slot, delete moves the
    last slot into the hole, so the used slots stay a prefix and nothing is reallocated per token. When the
    need exceeds the capacity, cached clusters not needed now go, least recently used first, those used by one
-   of the last `window` tokens counted apart (windowing); needed clusters that still do not fit are read into
-   one layer's scratch, used and not kept (counted as streamed). At sparsity 0 the cache therefore holds a
-   fixed set and the rest streams every token: a fixed set beats any replacement when every token needs all;
-4. compute: gate and up over the used prefixes of cache and scratch in one ggml graph, act(gate) * up, the
-   down products in a second graph, summed. (One graph node per streamed record, computing from the read
-   buffer without the copy into the scratch, measured 30% slower: ggml's per-node cost on 32-row matrices.)
+   of the last `window` tokens counted apart (windowing); needed clusters that still do not fit are used
+   where they were read and not kept (counted as streamed). At sparsity 0 the cache therefore holds a fixed
+   set and the rest streams every token: a fixed set beats any replacement when every token needs all;
+4. compute: gate and up over the cache's used prefix and over the streamed records in one ggml graph (records
+   at one stride in the read buffer are one batched product; one node per 32-row record measured 30% slower),
+   act(gate) * up, the down products in a second graph, summed.
 
 Reads for layer i+1 run while layer i computes (its own thread and I/O engine): at sparsity 0 the clusters it
 will read are known (those not cached). With predictors the prefetch is off for now (the paper predicts
@@ -43,7 +43,7 @@ ROW_CACHE = 4096  # head/embedding rows kept in RAM (edge.sparse.RowCache)
 
 @dataclass
 class SparseStats:
-    """Counters since the last `take()`."""
+    """Counters since the last `reset()`."""
 
     reads: int = 0
     read_bytes: int = 0
@@ -54,11 +54,9 @@ class SparseStats:
     streamed: int = 0           # needed clusters read and used but not kept (the cache was full)
     neurons: int = 0            # neurons computed
 
-    def take(self) -> "SparseStats":
-        out = SparseStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+    def reset(self) -> None:
         for f in fields(self):
             setattr(self, f.name, 0)
-        return out
 
     @property
     def hit_rate(self) -> float:
@@ -79,10 +77,6 @@ class Layout:
         self.up_row = quants.FORMATS[self.types[1]].row_bytes(self.dim)
         self.down_part = self.d // self.dim  # bytes of one down row that belong to one cluster
         self.n_clusters = self.hidden // self.c
-
-    @property
-    def key(self) -> tuple:
-        return self.c, self.dim, self.types, self.g, self.u, self.d
 
 
 class _LayerCache:
@@ -143,11 +137,6 @@ class _LayerCache:
         self.cluster_of[:n], self.last_use[:n] = old[3][:n], old[4][:n]
         self.slot_of[self.cluster_of[:n]] = np.arange(n)
         self.used = n
-
-    def clear(self) -> None:
-        self.slot_of[:] = -1
-        self.cluster_of[:] = -1
-        self.used = 0
 
     def weights(self) -> tuple[list[Weight], Weight]:
         lay, n = self.lay, self.used * self.lay.c
