@@ -56,17 +56,23 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
                    help="tokens whose clusters are the last to leave the cache (default 5)")
 
 
-def make_engine(args):
-    """The Engine the shared model flags describe."""
+def budget_options(args) -> dict:
+    """Engine keywords of the shared read and budget flags (a budget above physical RAM is warned about)."""
     from edge.budget import warn_above_physical
-    from edge.engine import Engine
     from edge.sizes import parse_size
 
     ram = parse_size(args.ram, flag="--ram") if args.ram else None
     if ram is not None and (msg := warn_above_physical(ram)):
         print(f"warning: {msg}", file=sys.stderr)
-    return Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads, verify=args.verify_reads,
-                  ram=ram, strategy=args.strategy, sparsity=args.sparsity, window=args.window)
+    return dict(verify=args.verify_reads, ram=ram, strategy=args.strategy, sparsity=args.sparsity,
+                window=args.window)
+
+
+def make_engine(args):
+    """The Engine the shared model flags describe."""
+    from edge.engine import Engine
+
+    return Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads, **budget_options(args))
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temp_default: float) -> None:

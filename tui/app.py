@@ -198,11 +198,8 @@ class ChatApp(App):
 
 
 def run_chat(args) -> int:
-    from edge.cli import sampler_config
-    from edge.sizes import parse_size
+    from edge.cli import budget_options, sampler_config
 
-    options = dict(ram=parse_size(args.ram, flag="--ram") if args.ram else None, strategy=args.strategy,
-                   sparsity=args.sparsity, window=args.window, verify=args.verify_reads)
-    ChatApp(args.model, system=args.system, n_ctx=args.ctx, sampler=sampler_config(args),
-            max_tokens=args.max_tokens, backend=args.backend, threads=args.threads, engine_options=options).run()
+    ChatApp(args.model, system=args.system, n_ctx=args.ctx, sampler=sampler_config(args), max_tokens=args.max_tokens,
+            backend=args.backend, threads=args.threads, engine_options=budget_options(args)).run()
     return 0
