@@ -73,10 +73,11 @@ def _run_capped(cmd: list[str], limit: int, files: list[Path], name: str) -> dic
 
 
 def bench_one(store: Path, gguf: Path | None, ram: int, n: int, ctx: int, threads: int, strategy: str,
-              sparsity: float, prompt: str) -> dict:
+              sparsity: float, prompt: str, device: str | None = None, emulate: bool = False) -> dict:
     ours_cmd = [sys.executable, "-m", "edge", "run", str(store), "--ram", str(ram), "--ctx", str(ctx), "--threads",
                 str(threads), "-n", str(n), "-p", prompt, "--json", "--temp", "0", "--ignore-eos", "--strategy",
                 strategy, "--sparsity", str(sparsity)]
+    ours_cmd += ["--device", device] + (["--emulate"] if emulate else []) if device else []
     store_files = [f for f in store.rglob("*") if f.is_file()]
     row = {"ram": ram, "ours": _run_capped(ours_cmd, ram, store_files, "edge-bench")}
     if gguf is not None:
@@ -89,6 +90,24 @@ def bench_one(store: Path, gguf: Path | None, ram: int, n: int, ctx: int, thread
 def _per_token(side: dict) -> float | None:
     toks = len(side.get("tokens", []))
     return side["flash_read_bytes"] / toks if toks and "flash_read_bytes" in side else None
+
+
+def projection(side: dict, profile, gemv_here: float):
+    """What this run would do on the device (edge.profile.project), from its decode figures."""
+    from edge.profile import project
+
+    steps = len(side.get("tokens", [])) - 1
+    if steps < 1 or "decode_seconds" not in side:
+        return None
+    compute = max(0.0, side["decode_seconds"] - side["decode_wait_seconds"])
+    return project(profile, steps, compute, side["decode_flash_model_seconds"], gemv_here)
+
+
+def print_projection(p, emulated: bool) -> None:
+    print(f"  projected on {p.device}: {p.tok_s:.2f} tok/s with reads and compute in turn, {p.tok_s_overlapped:.2f} "
+          f"if they overlap fully (flash {1e3 * p.flash_s:.1f} ms/token on its curve, compute "
+          f"{1e3 * p.compute_s:.1f} ms/token = here x {p.gemv_here:.1f}/{p.gemv_target:.1f} GB/s GEMV)"
+          + ("" if emulated else "; reads here ran at this machine's speed (add --emulate to run at the device's)"))
 
 
 def print_row(row: dict) -> None:
@@ -172,15 +191,37 @@ def cmd_bench(args) -> int:
             (store / "zarr.json").read_text())["attributes"]["edge"]["source"]["file"]
         if not gguf.is_file():
             raise EdgeError(f"{gguf}: the GGUF for llama.cpp is not there; give it with --gguf")
+    profile = None
+    if args.emulate and not args.device:
+        raise EdgeError("--emulate needs --device NAME: the device whose flash to emulate")
+    if args.device:
+        from edge.profile import load
+
+        profile = load(args.device)
+    ram_text = args.ram or (None if profile is None or profile.ram is None else str(profile.ram)) or "2GB"
     sizes = [parse_size(s, flag="--sweep") for s in args.sweep.split(",")] if args.sweep else [
-        parse_size(args.ram, flag="--ram")]
+        parse_size(ram_text, flag="--ram")]
     threads = args.threads or 2
     print(f"edge bench {store.name}: prompt {args.prompt!r}, {args.n} tokens, ctx {args.ctx}, {threads} threads, "
           f"strategy {args.strategy}, sparsity {args.sparsity} ({time.strftime('%Y-%m-%d %H:%M')})")
+    gemv_here = None
+    if profile is not None:
+        from edge.profile import measure_gemv
+
+        gemv_here = measure_gemv(threads)
+        print(f"device {profile.name}: {profile.title}; {'flash emulated' if args.emulate else 'flash not emulated'}"
+              f"; this machine's GEMV {gemv_here:.1f} GB/s with {threads} threads"
+              + ("; llama.cpp reads through mmap at this machine's speed (not emulated)" if gguf else ""))
     rows = []
     for ram in sizes:
-        row = bench_one(store, gguf, ram, args.n, args.ctx, threads, args.strategy, args.sparsity, args.prompt)
+        row = bench_one(store, gguf, ram, args.n, args.ctx, threads, args.strategy, args.sparsity, args.prompt,
+                        args.device, args.emulate)
         print_row(row)
+        if profile is not None and (proj := projection(row["ours"], profile, gemv_here)) is not None:
+            print_projection(proj, args.emulate)
+            row["projection"] = {"device": proj.device, "tok_s": proj.tok_s, "tok_s_overlapped": proj.tok_s_overlapped,
+                                 "flash_s_per_token": proj.flash_s, "compute_s_per_token": proj.compute_s,
+                                 "gemv_here_gb_s": proj.gemv_here, "gemv_target_gb_s": proj.gemv_target}
         rows.append(row)
     if args.sweep:
         out = Path(args.out)

@@ -31,6 +31,7 @@ EXAMPLES_BENCH = """examples:
   edge bench model.edge --ram 160MB                   # ours and llama.cpp, each capped at 160MB
   edge bench model.edge --ram 300MB --strategy naive   # the paper's naive baseline
   edge bench model.edge --sweep 150MB,200MB,300MB --out benchmarks/smollm2_sweep
+  edge bench model.edge --ram 100MB --device rpi5-microsd --emulate --vs none   # measured here, projected there
 """
 
 
@@ -54,6 +55,11 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
                         "default 0: exact)")
     b.add_argument("--window", type=int, default=5,
                    help="tokens whose clusters are the last to leave the cache (default 5)")
+    d = p.add_argument_group("target device (profiles: `edge devices`)")
+    d.add_argument("--device", default=None, metavar="NAME",
+                   help="a device profile: its compute and read threads, and its default --ram")
+    d.add_argument("--emulate", action="store_true",
+                   help="reads take the time the --device's flash curve gives them (compute is not emulated)")
 
 
 def budget_options(args) -> dict:
@@ -62,10 +68,14 @@ def budget_options(args) -> dict:
     from edge.sizes import parse_size
 
     ram = parse_size(args.ram, flag="--ram") if args.ram else None
+    if ram is None and args.device:
+        from edge.profile import load
+
+        ram = load(args.device).ram  # the device's default budget
     if ram is not None and (msg := warn_above_physical(ram)):
         print(f"warning: {msg}", file=sys.stderr)
     return dict(verify=args.verify_reads, ram=ram, strategy=args.strategy, sparsity=args.sparsity,
-                window=args.window)
+                window=args.window, device=args.device, emulate=args.emulate)
 
 
 def make_engine(args):
@@ -121,10 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--seconds", type=float, default=0.5, help="seconds per (chunk, threads) cell (default 0.5)")
     pf.add_argument("--out", default=None, help="profile TOML to write (default: <config dir>/devices/this-machine.toml)")
 
+    dev = sub.add_parser("devices", help="device profiles: list them, or show one's figures and sources",
+                         epilog="examples:\n  edge devices\n  edge devices rpi5-microsd\n  edge run --device rpi5-microsd "
+                                "--emulate -p Hello\n", formatter_class=argparse.RawDescriptionHelpFormatter)
+    dev.add_argument("name", nargs="?", default=None, help="a profile to show")
+
     bench = sub.add_parser("bench", help="ours vs llama.cpp under the same kernel memory cap",
                            epilog=EXAMPLES_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("model", help="a calibrated store (edge convert MODEL.gguf --calibrate)")
-    bench.add_argument("--ram", default="2GB", help="budget and memory cap for both sides (default 2GB)")
+    bench.add_argument("--ram", default=None, help="budget and memory cap for both sides (default: the --device's, "
+                       "else 2GB)")
     bench.add_argument("--vs", choices=("llama.cpp", "none"), default="llama.cpp", help="the peer (default llama.cpp)")
     bench.add_argument("--gguf", default=None, help="the GGUF llama.cpp runs (default: the store's source beside it)")
     bench.add_argument("-n", type=int, default=32, help="tokens to generate (default 32)")
@@ -136,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sweep", default=None, metavar="SIZES", help="comma-separated budgets, e.g. 150MB,200MB,300MB")
     bench.add_argument("--out", default="benchmarks/sweep", help="sweep output stem: STEM.csv and STEM.svg")
     bench.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    bench.add_argument("--device", default=None, metavar="NAME",
+                       help="also project the run onto this device profile (`edge devices`)")
+    bench.add_argument("--emulate", action="store_true", help="ours reads at the --device's flash speed")
 
     for ep in _plugin_commands():  # commands of packages above edge (tui: chat), found by entry point
         ep.load()(sub)
@@ -194,7 +213,10 @@ def cmd_run(args) -> int:
             "peak_rss_bytes": s.peak_rss_bytes, "flash_read_bytes": s.flash_read_bytes, "stopped": s.stopped,
             "backend": engine.model.backend.name, "threads": getattr(engine.model.backend, "threads", None),
             "plan": engine.plan.as_dict() if engine.plan else None, "sparse": engine.sparse_stats(),
-            "shrinks": s.shrinks,
+            "shrinks": s.shrinks, "decode_seconds": round(s.decode_seconds, 6),
+            "decode_wait_seconds": round(s.decode_wait_seconds, 6),
+            "device": engine.device.name if engine.device else None, "emulated": engine.emulating,
+            "decode_flash_model_seconds": round(s.decode_flash_model_seconds, 6),
         }))
     else:
         print(file=sys.stdout)
@@ -326,7 +348,7 @@ def cmd_probe_flash(args) -> int:
     from pathlib import Path
 
     from edge import probe
-    from edge.models import cache_dir
+    from edge.dirs import cache_dir, config_dir
     from edge.sizes import parse_size
 
     size = parse_size(args.size, "--size")
@@ -341,10 +363,41 @@ def cmd_probe_flash(args) -> int:
     print(file=sys.stderr)
     print(probe.table(cells))
     print(f"reads: {'O_DIRECT' if direct else 'buffered, cache dropped after each read'}")
-    out = Path(args.out) if args.out else probe.config_dir() / "devices" / "this-machine.toml"
+    out = Path(args.out) if args.out else config_dir() / "devices" / "this-machine.toml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(probe.to_toml(cells, directory, direct))
+    from edge.profile import measure_gemv
+
+    out.write_text(probe.to_toml(cells, directory, direct, measure_gemv()))
     print(f"profile written to {out}")
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from edge import profile
+    from edge.sizes import format_size
+
+    if args.name is None:
+        print(f"{'name':18} {'RAM':>7} {'cores':>5} {'flash':>10} {'GEMV':>9} {'--ram':>7}  title")
+        for n in profile.names():
+            p = profile.load(n)
+            print(f"{n:18} {format_size(p.ram_bytes):>7} {p.cores:>5} {p.flash.mb_s(1 << 20, p.read_threads):>5.0f}MB/s "
+                  f"{(f'{p.gemv_gb_s:.1f}GB/s' if p.gemv_gb_s else '-'):>9} {format_size(p.ram) if p.ram else '-':>7}  "
+                  f"{p.title}")
+        return 0
+    p = profile.load(args.name)
+    print(f"{p.name}: {p.title}  [{p.path}]")
+    print(f"  RAM {format_size(p.ram_bytes)}, {p.cores} cores ({p.cpu}){', GPU ' + p.gpu if p.gpu else ''}")
+    print(f"  defaults: --threads {p.threads or 'all'}, {p.read_threads} read threads, --ram "
+          f"{format_size(p.ram) if p.ram else 'none'}, bundles of {p.cluster_bytes >> 10} KiB for convert")
+    if p.gemv_gb_s:
+        print(f"  compute: {p.gemv_gb_s:.1f} GB/s of weights per decode step ({p.compute_basis})")
+    print(f"  flash: {p.flash_kind}; MB/s by read size and queue depth:")
+    print("  " + "chunk".rjust(8) + "".join(f"{'QD' + str(q):>8}" for q in profile.DEPTHS))
+    for c in profile.CHUNKS:
+        label = f"{c >> 10}KiB" if c < 1 << 20 else f"{c >> 20}MiB"
+        print("  " + label.rjust(8) + "".join(f"{p.flash.mb_s(c, q):8.0f}" for q in profile.DEPTHS))
+    for src in p.sources:
+        print(f"  source: {src.get('what', '')} <{src.get('url', '')}>")
     return 0
 
 
@@ -354,7 +407,8 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "probe-flash": cmd_probe_flash, "bench": cmd_bench}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "probe-flash": cmd_probe_flash, "bench": cmd_bench,
+            "devices": cmd_devices}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from edge import flash
 from edge.errors import EdgeError
 from edge.sampling import Sampler, SamplerConfig
 
@@ -38,6 +39,8 @@ class RunStats:
     peak_rss_bytes: int = 0
     stopped: str = ""        # "eog", "length", "context" or "cancelled"
     shrinks: list[str] = field(default_factory=list)  # cache given back under memory pressure
+    decode_wait_seconds: float = 0.0   # decode time spent waiting for reads (the rest computed)
+    decode_flash_model_seconds: float = 0.0  # decode reads timed on the emulated device's curve (--device)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -78,8 +81,14 @@ class Engine:
 
     def __init__(self, model: str | Path | None = None, n_ctx: int = 2048, backend: str = "auto",
                  threads: int | None = None, verify: str = "first", ram: int | None = None,
-                 strategy: str = "sparse", sparsity: float = 0.0, window: int = 5):
-        """ram: a budget in bytes for the whole process (a calibrated store; see edge.budget)."""
+                 strategy: str = "sparse", sparsity: float = 0.0, window: int = 5, device: str | None = None,
+                 emulate: bool = False):
+        """ram: a budget in bytes for the whole process (a calibrated store; see edge.budget).
+        device: a device profile's name (edge.profile): its compute and read threads; with emulate, reads
+        take the time its flash curve gives (compute runs at this machine's speed)."""
+        import threading
+
+        from edge.profile import load
         from edge.gguf_file import GGUFFile
         from edge.model import Transformer
         from edge.models import default_store_path, resolve_model
@@ -89,6 +98,15 @@ class Engine:
         self.path = default_store_path() if ram is not None and model is None else resolve_model(model)
         self.meter = _Meter()
         self.plan = None
+        self.device = load(device) if device else None
+        if emulate and self.device is None:
+            raise EdgeError("--emulate needs --device NAME: the device whose flash to emulate")
+        if self.device is not None:
+            threads = threads or self.device.threads
+            flash.emulate(self.device.flash, sleep=emulate)  # modelled read time counted; slept with emulate
+        self.emulating = emulate
+        read_threads = self.device.read_threads if self.device else 4
+        self._lock = threading.Lock()  # one forward step or one resize at a time
         if ram is not None and not self.path.is_dir():
             raise EdgeError(f"{self.path}: --ram runs from a calibrated store; run `edge convert {self.path} "
                             "--calibrate` and give the .edge directory")
@@ -97,7 +115,7 @@ class Engine:
             from edge.budget import IO_BUFFER
             from edge.flash import IOEngine
 
-            io = IOEngine(threads=4, buffer_bytes=IO_BUFFER)
+            io = IOEngine(threads=read_threads, buffer_bytes=IO_BUFFER)
         self.file = Store(self.path, engine=io, verify=verify) if self.path.is_dir() else GGUFFile(self.path)
         self.config = self.file.config
         if n_ctx < 16:
@@ -135,7 +153,8 @@ class Engine:
                 break
             reuse += 1
         self.cached = self.cached[:reuse]
-        logits = self.model.forward(np.asarray(tokens[reuse:]), reuse)
+        with self._lock:
+            logits = self.model.forward(np.asarray(tokens[reuse:]), reuse)
         self.cached = list(tokens)
         return logits, reuse
 
@@ -157,10 +176,13 @@ class Engine:
         logits, stats.reused_tokens = self._prefill(prompt)
         stats.prefill_seconds = time.perf_counter() - t0
         history = list(prompt)
+        wait0, model0 = self.io_seconds()
         try:
             yield from self._decode(logits, history, max_tokens, sampler, stop_at_end, stream)
         finally:
             stats.stopped = stats.stopped or "cancelled"
+            wait1, model1 = self.io_seconds()
+            stats.decode_wait_seconds, stats.decode_flash_model_seconds = wait1 - wait0, model1 - model0
             stats.flash_read_bytes = self.meter.read_bytes() - io0
             stats.peak_rss_bytes = self.meter.peak_rss
 
@@ -187,12 +209,48 @@ class Engine:
                 self._relieve_pressure()
             step_start, io_start = time.perf_counter(), io_now
             t = time.perf_counter()
-            logits = self.model.forward(np.asarray([token]), len(self.cached))
+            with self._lock:
+                logits = self.model.forward(np.asarray([token]), len(self.cached))
             self.cached.append(token)
             stats.decode_seconds += time.perf_counter() - t
         tail = stream.flush()
         if tail:
             yield TokenEvent(-1, tail, 0.0, 0, self.meter.rss(), len(self.cached))
+
+    def read_totals(self) -> tuple[int, int]:
+        """(reads, bytes) from flash so far, over every I/O engine of this model (the chat's MB/s, reads/s)."""
+        engines = [self.file.engine] if hasattr(self.file, "engine") else []
+        if self.model.sparse_ffn is not None:
+            engines += self.model.sparse_ffn.engines
+        return sum(e.stats.reads for e in engines), sum(e.stats.bytes for e in engines)
+
+    def io_seconds(self) -> tuple[float, float]:
+        """(seconds the compute thread has waited for reads, modelled seconds of every read on the device's
+        curve) since start; the first is 0 without a budget (nothing is read while decoding)."""
+        wait = 0.0
+        if self.model.sparse_ffn is not None:
+            wait = self.file.engine.stats.wall + self.model.sparse_ffn.stats.wait_seconds
+        emu = flash.emulation()
+        return wait, emu.seconds if emu else 0.0
+
+    def resize(self, budget: int):
+        """Re-plan for a new budget while the model is loaded (between tokens, also mid-answer): the neuron
+        cache grows or shrinks; growing reads nothing now (the next tokens fill the new slots with what they
+        read anyway), shrinking frees the least recently used clusters. Below the minimum: EdgeError, nothing
+        changes."""
+        from edge.budget import make_plan
+
+        if self.plan is None:
+            raise EdgeError("this model runs without a budget (everything resident); start it with --ram to "
+                            "change the budget live")
+        p = self.plan
+        plan = make_plan(self.file, budget, p.baseline, self.n_ctx, p.strategy, p.sparsity, p.window)
+        with self._lock:
+            if self.model.sparse_ffn is not None:
+                self.model.sparse_ffn.resize(plan.slots)
+            self.plan = plan
+            self.pressure.plan = self.plan
+        return self.plan
 
     def _relieve_pressure(self) -> None:
         """Shrink the neuron cache when memory is short from outside, and keep going."""

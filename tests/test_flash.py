@@ -93,19 +93,23 @@ def test_probe_flash_rejects_tiny_size(capsys):
     assert "at least 64MiB" in capsys.readouterr().err
 
 
-def test_bundle_size_follows_the_saved_flash_curve(tmp_path):
+def test_bundle_size_follows_the_saved_flash_curve(tmp_path, monkeypatch):
     """convert's default cluster grows until a bundle reaches the smallest read that gets half the best
-    throughput on the probed curve."""
-    from edge.probe import Cell, bundle_target, to_toml
+    throughput on the probed curve (interpolated in log size between measured reads)."""
+    from edge.probe import Cell, to_toml
+    from edge.profile import bundle_target
     from tests.test_kernels import tensor_of
     from weights_tools.convert import default_cluster
 
     curve = [Cell(4 << 10, 4, 60.0, 200.0), Cell(64 << 10, 4, 900.0, 280.0), Cell(256 << 10, 4, 1800.0, 560.0),
              Cell(1 << 20, 4, 1900.0, 2100.0), Cell(64 << 10, 1, 400.0, 150.0)]
-    profile = tmp_path / "this-machine.toml"
-    profile.write_text(to_toml(curve, tmp_path, True))
-    assert bundle_target(profile) == 256 << 10  # 900 < 950 = half of 1900
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert bundle_target() is None  # nothing probed
+    profile = tmp_path / "edge" / "devices" / "this-machine.toml"
+    profile.parent.mkdir(parents=True)
+    profile.write_text(to_toml(curve, tmp_path, True, 12.5))
+    assert bundle_target() == 128 << 10  # 64K: 900 < 950 = half of 1900; 128K: 1350 between 900 and 1800
+    assert bundle_target("rpi5-microsd") == 16 << 10  # a packaged profile, from its modelled curve
     gate, down = tensor_of("Q4_1", rows=4096, cols=512), tensor_of("Q4_1", rows=512, cols=4096)
     small, large = default_cluster(down, gate, 32 << 10), default_cluster(down, gate, 256 << 10)
     assert small % 32 == 0 and large == 8 * small  # bundles of 3 x 320 bytes per neuron
-    assert bundle_target(tmp_path / "none.toml") is None

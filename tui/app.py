@@ -1,7 +1,9 @@
-"""`edge chat`: a Textual chat over the token generator, with a live stats panel.
+"""`edge chat`: a Textual chat over the token generator, with a live panel of the budget, speed and flash.
 
-A thread worker iterates `Engine.generate` and posts each token to the UI thread; Esc or Ctrl+C stops the
-answer (never the app) and keeps the chat; Ctrl+N starts a new chat; Ctrl+Q quits.
+A thread worker iterates `Engine.generate` and posts tokens to the UI thread. Esc or Ctrl+C stops the answer
+(never the app) and keeps the chat; Ctrl+B changes the RAM budget while the model is loaded (the engine
+re-plans between two tokens); Ctrl+N starts a new chat; Ctrl+O reopens a saved one; F1 lists the keys.
+Chats are saved as they happen (tui.history).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import threading
 import time
 from collections import deque
 
+from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -19,6 +22,13 @@ from textual.widgets import Footer, Header, Input, Markdown, Sparkline, Static
 from edge.errors import EdgeError
 from edge.sampling import Sampler, SamplerConfig
 from edge.sizes import format_size
+from tui.history import ChatLog, SavedChat
+
+# the parts of the budget, in the order the bar draws them (expert cache and BitStack depth: the MoE and
+# BitStack runtimes' shares; zero until a model uses them)
+PARTS = (("baseline", "grey62"), ("KV cache", "yellow"), ("weights", "cyan"), ("buffers", "magenta"),
+         ("neuron cache", "green"), ("expert cache", "blue"), ("BitStack", "red"))
+BAR = 30
 
 
 class Message(Markdown):
@@ -30,7 +40,38 @@ class Message(Markdown):
 
 
 class StatsPanel(Static):
-    DEFAULT_CSS = "StatsPanel { width: 34; padding: 0 1; border-left: solid $primary; }"
+    DEFAULT_CSS = "StatsPanel { padding: 0 1; }"
+
+
+def budget_text(parts: dict, budget: int | None, free: int | None, width: int = BAR) -> Text:
+    """The budget bar: one run of cells per part, scaled to the budget (or, without one, to what is resident),
+    then the legend and the system's free memory."""
+    used = sum(parts.values())
+    total = budget or used or 1
+    t = Text()
+    drawn = 0
+    for name, color in PARTS:
+        n = round(width * parts.get(name, 0) / total)
+        n = min(n, width - drawn)
+        t.append("█" * n, style=color)
+        drawn += n
+    t.append("░" * (width - drawn), style="grey35")
+    t.append("\n")
+    if budget:
+        t.append(f"budget {format_size(budget)}", style="bold")
+        t.append(f", {format_size(max(0, budget - used))} unplanned\n")
+    else:
+        t.append("no budget: everything resident", style="bold")
+        t.append(" (--ram sets one)\n")
+    for name, color in PARTS:
+        n = parts.get(name)
+        t.append("■ ", style=color)
+        t.append(f"{name:<13}{format_size(n) if n else '—':>8}\n")
+    if free is not None:
+        warn = budget is not None and budget > free
+        t.append(f"system free {format_size(free)}", style="bold red" if warn else "")
+        t.append(" (less than the budget)\n" if warn else "\n")
+    return t
 
 
 class ChatApp(App):
@@ -38,31 +79,40 @@ class ChatApp(App):
     CSS = """
     #body { height: 1fr; }
     #chat { width: 1fr; }
-    #side { width: 36; }
-    #speed { height: 4; }
+    #side { width: 44; border-left: solid $primary; }
+    #speed { height: 3; margin: 0 1; }
     Input { dock: bottom; }
     """
     BINDINGS = [
         Binding("escape", "stop", "Stop answer"),
         Binding("ctrl+c", "stop", "Stop answer", priority=True, show=False),
+        Binding("ctrl+b", "budget", "Budget"),
         Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+o", "open_chat", "Open chat"),
+        Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
     def __init__(self, model: str | None = None, system: str | None = None, n_ctx: int = 4096,
                  sampler: SamplerConfig = SamplerConfig(temperature=0.7), max_tokens: int = 512,
-                 backend: str = "auto", threads: int | None = None, engine_options: dict | None = None):
+                 backend: str = "auto", threads: int | None = None, engine_options: dict | None = None,
+                 resume: SavedChat | None = None, autoload: bool = True, save: bool = True):
+        """autoload=False: the UI without a model (layout snapshots); save=False: chats are not written."""
         super().__init__()
         self.model_arg, self.system, self.n_ctx = model, system, n_ctx
         self.sampler_cfg, self.max_tokens = sampler, max_tokens
         self.backend, self.threads = backend, threads
         self.engine_options = engine_options or {}
+        self.autoload, self.save = autoload, save
         self.engine = None
+        self.resume = resume
+        self.log_file: ChatLog | None = None
         self.messages: list[dict] = []
         self.generating = False
         self._stop = threading.Event()
-        self.speeds: deque[float] = deque([0.0] * 30, maxlen=30)
-        self.stats = {"status": "loading model..."}
+        self.speeds: deque[float] = deque([0.0] * 40, maxlen=40)
+        self.stats: dict = {"status": "loading model..."}
+        self._io_mark = (time.perf_counter(), 0, 0)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -71,18 +121,29 @@ class ChatApp(App):
             with VerticalScroll(id="side"):
                 yield StatsPanel(id="stats")
                 yield Sparkline(list(self.speeds), id="speed")
+                yield StatsPanel(id="live")
         yield Input(placeholder="Loading the model...", id="prompt", disabled=True)
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.resume is not None:
+            self._show_saved(self.resume)
         self._refresh_stats()
-        self.load_engine()
+        if self.autoload:
+            self.load_engine()
+
+    # loading ---------------------------------------------------------------------------------------------
 
     @work(thread=True, exclusive=True, group="load")
     def load_engine(self) -> None:
         from edge.engine import Engine
 
         try:
+            if self.engine_options.get("ram") is not None and self.model_arg is None:
+                from weights_tools.command import prepare_default_store
+
+                prepare_default_store(lambda f, label: self.call_from_thread(
+                    self._set_status, f"first run: {label} the default model {f:.0%}"))
             engine = Engine(self.model_arg, n_ctx=self.n_ctx, backend=self.backend, threads=self.threads,
                             **self.engine_options)
         except EdgeError as exc:
@@ -90,35 +151,66 @@ class ChatApp(App):
             return
         self.call_from_thread(self._engine_ready, engine)
 
-    def _load_failed(self, text: str) -> None:
-        self.stats["status"] = "error"
+    def _set_status(self, text: str) -> None:
+        self.stats["status"] = text
         self._refresh_stats()
+
+    def _load_failed(self, text: str) -> None:
+        self._set_status("error: the model did not load")
         self.notify(text, title="Cannot load the model", severity="error", timeout=30)
 
     def _engine_ready(self, engine) -> None:
+        from edge import quants
+
         self.engine = engine
         self.sub_title = engine.name
-        self.stats.update(status="ready", model=engine.name, arch=engine.config.arch,
+        try:
+            quant = quants.type_name(engine.file.tensor("blk.0.attn_q.weight").type_id)
+        except Exception:  # an architecture without that tensor name: the panel just leaves it out
+            quant = "?"
+        self.stats.update(status="ready", model=engine.name, arch=engine.config.arch, quant=quant,
                           backend=engine.model.backend.name, ctx=engine.n_ctx,
-                          weights=engine.model.backend.resident_bytes, kv=engine.model.kv.nbytes)
-        if engine.plan is not None:
-            p = engine.plan
-            self.stats.update(budget=p.budget, cache=p.cache, cached=f"{p.slots}/{p.n_clusters}")
+                          device=engine.device.name + (" (flash emulated)" if engine.emulating else "")
+                          if engine.device else "this machine")
+        self._plan_stats()
+        self._io_mark = (time.perf_counter(), *engine.read_totals())
         prompt = self.query_one("#prompt", Input)
         prompt.disabled = False
-        prompt.placeholder = "Type a message, Enter to send (Esc stops the answer)"
+        prompt.placeholder = "Type a message, Enter to send (Esc stops the answer, F1 help)"
         prompt.focus()
         self._refresh_stats()
 
+    def _plan_stats(self) -> None:
+        """The budget's parts from the engine's plan, or, without a budget, what is resident."""
+        e = self.engine
+        p = e.plan
+        if p is not None:
+            parts = {"baseline": p.baseline, "KV cache": p.kv, "weights": p.resident,
+                     "buffers": p.io + p.scratch + p.margin, "neuron cache": p.cache}
+            self.stats.update(budget=p.budget, minimum=p.minimum, parts=parts,
+                              cache=f"{p.slots}/{p.n_clusters} FFN clusters per layer cached,\n"
+                                    f"{100 * (1 - p.cached_fraction):.0f}% stream from flash")
+        else:
+            weights, kv = e.model.backend.resident_bytes, e.model.kv.nbytes
+            rss = e.meter.rss()
+            self.stats.update(budget=None, parts={"baseline": max(0, rss - weights - kv), "weights": weights,
+                                                  "KV cache": kv})
+
+    # chatting --------------------------------------------------------------------------------------------
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         text = event.value.strip()
-        if not text or self.engine is None:
+        if event.input.id != "prompt" or not text or self.engine is None:
             return
         if self.generating:
             self.notify("Still answering: press Esc to stop it first", severity="warning")
             return
         event.input.value = ""
         self.messages.append({"role": "user", "content": text})
+        if self.save:
+            if self.log_file is None:
+                self.log_file = ChatLog.new(self.engine.name, self.system)
+            self.log_file.user(text)
         chat = self.query_one("#chat", VerticalScroll)
         chat.mount(Message(text, classes="user"))
         reply = Message("", classes="assistant")
@@ -134,57 +226,98 @@ class ChatApp(App):
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         text = ""
         last_draw = 0.0
+        log = self.log_file
         try:
             prompt = engine.chat_tokens(history)
             for ev in engine.generate(prompt, self.max_tokens, Sampler(self.sampler_cfg)):
                 text += ev.text
+                if log is not None:
+                    log.delta(ev.text)
                 if ev.seconds > 0:
                     self.speeds.append(1.0 / ev.seconds)
                 if self._stop.is_set():
                     break
                 now = time.perf_counter()
-                if now - last_draw > 0.05:
+                if now - last_draw > 0.1:
                     last_draw = now
                     self.call_from_thread(self._update_reply, reply, text, ev)
         except EdgeError as exc:
             self.call_from_thread(self.notify, str(exc), severity="error")
+        if log is not None:
+            log.end(engine.last.stopped)
         self.call_from_thread(self._finish_reply, reply, text)
 
     def _update_reply(self, reply: Message, text: str, ev) -> None:
         reply.update(text)
         self.query_one("#chat", VerticalScroll).scroll_end(animate=False)
-        self.stats.update(status="answering", rss=ev.resident_bytes, position=ev.position)
+        recent = [s for s in list(self.speeds)[-5:] if s > 0]
+        self.stats.update(status="answering", rss=ev.resident_bytes, position=ev.position,
+                          tok_s_now=sum(recent) / len(recent) if recent else 0.0)
+        self._sample_io()
         self._refresh_stats()
 
     def _finish_reply(self, reply: Message, text: str) -> None:
-        s = self.engine.last
+        e = self.engine
+        s = e.last
         reply.update(text or "_(no answer)_")
         self.messages.append({"role": "assistant", "content": text})
         self.generating = False
         self.stats.update(status="stopped" if s.stopped == "cancelled" else "ready", tok_s=s.tok_s,
                           prefill_tok_s=s.prefill_tok_s, tokens=len(s.tokens), rss=s.peak_rss_bytes,
-                          flash=s.flash_read_bytes, position=len(self.engine.cached))
+                          position=len(e.cached), tok_s_now=0.0)
+        sp = e.sparse_stats()
+        if sp is not None:
+            self.stats.update(hit_rate=sp["hit_rate"], read_per_token=sp["read_bytes_per_token"])
+        self._sample_io()
         self._refresh_stats()
         self.query_one("#chat", VerticalScroll).scroll_end(animate=False)
 
+    def _sample_io(self) -> None:
+        """Flash MB/s and reads/s since the last sample."""
+        t0, reads0, bytes0 = self._io_mark
+        now = time.perf_counter()
+        reads, nbytes = self.engine.read_totals()
+        if now - t0 >= 0.2:
+            self.stats.update(flash_mb_s=(nbytes - bytes0) / (now - t0) / 1e6, reads_s=(reads - reads0) / (now - t0))
+            self._io_mark = (now, reads, nbytes)
+        if self.engine.model.sparse_ffn is not None:
+            self.stats["hit_rate"] = self.engine.model.sparse_ffn.stats.hit_rate
+
     def _refresh_stats(self) -> None:
+        import psutil
+
         s = self.stats
-        lines = [f"[b]{s.get('status', '')}[/b]", ""]
+        head = Text()
+        head.append(f"{s.get('status', '')}\n", style="bold")
         if "model" in s:
-            lines += [f"model    {s['model']}", f"arch     {s['arch']}", f"backend  {s['backend']}",
-                      f"weights  {format_size(s['weights'])} in RAM", f"KV cache {format_size(s['kv'])}"]
-        if "budget" in s:
-            lines += [f"budget   {format_size(s['budget'])}",
-                      f"FFN      {format_size(s['cache'])} cached ({s['cached']} clusters/layer)"]
+            head.append(f"model   {s['model'][:32]}\n        {s['arch']}, {s['quant']}, {s['backend']} kernels\n"
+                        f"device  {s['device']}\n")
+        if "parts" in s:
+            head.append("\n")
+            head.append_text(budget_text(s["parts"], s.get("budget"), s.get("free", psutil.virtual_memory().available)))
+            if "cache" in s:
+                head.append(s["cache"] + "\n")
+        self.query_one("#stats", StatsPanel).update(head)
+        live = Text()
+        now = s.get("tok_s_now", 0.0)
+        live.append(f"now     {f'{now:.1f} tok/s' if now else '-'}\n")
         if "tok_s" in s:
-            lines += ["", f"decode   {s['tok_s']:.1f} tok/s", f"prefill  {s['prefill_tok_s']:.1f} tok/s",
-                      f"last     {s['tokens']} tokens", f"flash    {format_size(s['flash'])} read"]
+            live.append(f"last    {s['tokens']} tokens: decode {s['tok_s']:.1f} tok/s\n"
+                        f"        prefill {s['prefill_tok_s']:.1f} tok/s\n")
+        if "flash_mb_s" in s:
+            live.append(f"flash   {s['flash_mb_s']:.1f} MB/s, {s['reads_s']:.0f} reads/s\n")
+        if "read_per_token" in s:
+            live.append(f"        {format_size(s['read_per_token'])} read per token\n")
+        if "hit_rate" in s:
+            live.append(f"cache   {100 * s['hit_rate']:.1f}% of FFN clusters hit\n")
         if "rss" in s:
-            lines += [f"RSS      {format_size(s['rss'])}"]
+            live.append(f"RSS     {format_size(s['rss'])}\n")
         if "position" in s:
-            lines += [f"context  {s['position']}/{s.get('ctx', '?')}"]
-        self.query_one("#stats", StatsPanel).update("\n".join(lines))
+            live.append(f"context {s['position']}/{s.get('ctx', '?')} tokens\n")
+        self.query_one("#live", StatsPanel).update(live)
         self.query_one("#speed", Sparkline).data = list(self.speeds)
+
+    # keys ------------------------------------------------------------------------------------------------
 
     def action_stop(self) -> None:
         if self.generating:
@@ -194,12 +327,92 @@ class ChatApp(App):
         if self.generating:
             self._stop.set()
         self.messages.clear()
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
         self.query_one("#chat", VerticalScroll).remove_children()
+
+    def action_help(self) -> None:
+        from tui.screens import HelpScreen
+
+        self.push_screen(HelpScreen())
+
+    def action_budget(self) -> None:
+        from tui.screens import BudgetScreen
+
+        if self.engine is None:
+            self.notify("The model is still loading", severity="warning")
+            return
+        if self.engine.plan is None:
+            self.notify("This chat runs without a budget (everything resident); start it with --ram SIZE to "
+                        "change the budget live", severity="warning", timeout=8)
+            return
+        p = self.engine.plan
+        self.push_screen(BudgetScreen(format_size(p.budget), format_size(p.minimum)), self._budget_chosen)
+
+    def _budget_chosen(self, text: str | None) -> None:
+        if text:
+            self.resize_budget(text)
+
+    @work(thread=True, exclusive=True, group="resize")
+    def resize_budget(self, text: str) -> None:
+        from edge.sizes import parse_size
+
+        try:
+            t = time.perf_counter()
+            plan = self.engine.resize(parse_size(text, flag="budget"))
+        except EdgeError as exc:
+            self.call_from_thread(self.notify, str(exc), title="Budget unchanged", severity="error", timeout=10)
+            return
+        took = time.perf_counter() - t
+
+        def done() -> None:
+            self._plan_stats()
+            self._refresh_stats()
+            self.notify(f"{format_size(plan.budget)}: {plan.slots}/{plan.n_clusters} FFN clusters per layer in RAM "
+                        f"(re-planned in {1e3 * took:.0f} ms)", title="Budget changed")
+
+        self.call_from_thread(done)
+
+    def action_open_chat(self) -> None:
+        from tui.history import saved_chats
+        from tui.screens import ChatsScreen
+
+        if self.generating:
+            self.notify("Still answering: press Esc to stop it first", severity="warning")
+            return
+        self.push_screen(ChatsScreen(saved_chats()), self._chat_chosen)
+
+    def _chat_chosen(self, chat: SavedChat | None) -> None:
+        if chat is not None:
+            self.action_new_chat()
+            self._show_saved(chat)
+
+    def _show_saved(self, chat: SavedChat) -> None:
+        """Show a saved chat and continue it (appending to its file); its cache is rebuilt on the next turn."""
+        self.messages = [dict(m) for m in chat.messages]
+        self.system = chat.system if chat.system is not None else self.system
+        if self.save:
+            self.log_file = ChatLog(chat.path)
+        box = self.query_one("#chat", VerticalScroll)
+        for m in self.messages:
+            box.mount(Message(m["content"] or "_(no answer)_", classes=m["role"]))
+        box.scroll_end(animate=False)
+        self.sub_title = f"{chat.created}: {chat.title}"
 
 
 def run_chat(args) -> int:
     from edge.cli import budget_options, sampler_config
+    from tui import history
 
+    if args.list:
+        chats = history.saved_chats()
+        if not chats:
+            print(f"no saved chats in {history.chats_dir()}")
+        for c in chats:
+            print(f"{c.id:18} {c.created:19} {len(c.messages):3} messages  {c.title}")
+        return 0
+    resume = history.find(args.resume) if args.resume else None
     ChatApp(args.model, system=args.system, n_ctx=args.ctx, sampler=sampler_config(args), max_tokens=args.max_tokens,
-            backend=args.backend, threads=args.threads, engine_options=budget_options(args)).run()
+            backend=args.backend, threads=args.threads, engine_options=budget_options(args), resume=resume).run()
     return 0

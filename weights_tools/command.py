@@ -6,6 +6,7 @@ import sys
 EXAMPLES = """examples:
   edge convert model.gguf                      # writes model.edge/ beside it
   edge convert model.gguf -o /mnt/nvme/model.edge --cluster 64
+  edge convert model.gguf --device rpi5-microsd  # bundles sized for that device's flash
   edge convert model.gguf --quant q8_0           # requantize every matrix to Q8_0
   edge convert ./SmolLM2-hf --tokenizer-pre smollm --quant q8_0   # a Hugging Face directory
   edge convert model.gguf --calibrate          # convert, then calibrate for --ram runs
@@ -23,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", default=None, help="the store directory to write (default: SRC with .edge)")
     p.add_argument("--cluster", type=int, default=None,
                    help="neurons per FFN bundle (a multiple of the down projection's block; default from size)")
+    p.add_argument("--device", default=None, metavar="NAME",
+                   help="size the FFN bundles for this device profile's flash (`edge devices`; default: this "
+                        "machine's `edge probe-flash` curve, else 32KiB)")
     p.add_argument("--quant", default="keep", choices=("keep", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "f16"),
                    help="keep the source's quant types (default; bit-identical results) or requantize the matrices")
     p.add_argument("--tokenizer-pre", default="default",
@@ -38,36 +42,36 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     import time
-
-    from edge.sizes import format_size
-    from weights_tools.convert import convert
-
     from pathlib import Path
 
+    from edge.models import default_model_path
+    from edge.sizes import format_size
     from edge.store import is_store
-
-    from edge.models import default_model_path, default_store_path
+    from weights_tools.convert import Progress, convert
 
     t0 = time.perf_counter()
+    if args.src is None and args.out is None:
+        if not args.calibrate:
+            from edge.errors import EdgeError
+
+            raise EdgeError("without SRC, convert prepares the default model for --ram: add --calibrate")
+        progress = Progress(1, 1, args.quiet)
+        try:
+            out = prepare_default_store(lambda f, label: _tick(progress, int(1000 * f), 1000, label), force=True)
+        finally:
+            progress.close()
+        print(f"prepared {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        return 0
     if args.src is None:
         args.src = str(default_model_path())
-        if args.out is None:
-            target = default_store_path(check=False)
-            if target.exists():  # a store without calibration, or an old one: start over
-                import shutil
-
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            args.out = str(target)
     src = Path(args.src)
     if args.calibrate and is_store(src) and src.is_dir():
         out = src
     else:
         out = convert(args.src, args.out, cluster=args.cluster, quiet=args.quiet, quant=args.quant,
-                      tokenizer_pre=args.tokenizer_pre)
+                      tokenizer_pre=args.tokenizer_pre, device=args.device)
     if args.calibrate:
         from weights_tools.calibrate import calibrate
-        from weights_tools.convert import Progress
 
         t1 = time.perf_counter()
         progress = Progress(1, 1, args.quiet)
@@ -85,6 +89,31 @@ def _run(args) -> int:
     return 0
 
 
-def _tick(progress, done: int, total: int) -> None:
+def _tick(progress, done: int, total: int, label: str = "calibrate") -> None:
     progress.total_bytes = progress.total_items = total
-    progress.step(done - progress.done_bytes, "calibrate")
+    progress.step(done - progress.done_bytes, label)
+
+
+def prepare_default_store(on_progress=None, force: bool = False):
+    """The default model (SmolLM2-135M-Instruct) as a calibrated store in the cache dir, what `--ram` without a
+    MODEL runs: converted and calibrated once (about a minute), then reused. on_progress(fraction, label)."""
+    import shutil
+
+    from edge.errors import EdgeError
+    from edge.models import default_model_path, default_store_path
+    from weights_tools.calibrate import calibrate
+    from weights_tools.convert import convert
+
+    target = default_store_path(check=False)
+    if not force:
+        try:
+            return default_store_path()
+        except EdgeError:
+            pass
+    if target.exists():  # uncalibrated, interrupted or old: start over
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tell = on_progress or (lambda f, label: None)
+    convert(default_model_path(), target, quiet=True, on_progress=lambda f, label: tell(0.5 * f, "converting"))
+    calibrate(target, progress=lambda d, t: tell(0.5 + 0.5 * d / t, "calibrating"))
+    return target

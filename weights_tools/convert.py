@@ -31,7 +31,8 @@ class Progress:
     Also where Ctrl+C lands: SIGINT only sets a flag, and `step` raises KeyboardInterrupt between tensors,
     never inside zarr's writer threads (which would leave their tasks dangling)."""
 
-    def __init__(self, total_bytes: int, total_items: int, quiet: bool):
+    def __init__(self, total_bytes: int, total_items: int, quiet: bool, on_step=None):
+        """on_step(fraction, label): also told of every step (the chat UI shows it)."""
         import signal
         import threading
 
@@ -43,6 +44,7 @@ class Progress:
         self.done_bytes = self.done_items = 0
         self.show = not quiet and sys.stderr.isatty()
         self.t0 = time.perf_counter()
+        self.on_step = on_step
 
     def _on_sigint(self, signum, frame) -> None:
         self.interrupted = True
@@ -55,6 +57,8 @@ class Progress:
         self.check()
         self.done_bytes += n_bytes
         self.done_items += 1
+        if self.on_step is not None:
+            self.on_step(self.done_bytes / max(1, self.total_bytes), label)
         if self.show:
             frac = self.done_bytes / max(1, self.total_bytes)
             bar = "#" * int(30 * frac)
@@ -117,7 +121,7 @@ def default_cluster(down: Tensor, gate: Tensor, target: int | None = None) -> in
     with 4 readers), else 32 KiB (on the curve probed here, reads of 32-64 KiB reach a third or more of the
     sequential bandwidth with a few threads)."""
     if target is None:
-        from edge.probe import bundle_target
+        from edge.profile import bundle_target
 
         target = bundle_target() or 32 << 10
     fmt = quants.FORMATS[down.type_id]
@@ -151,7 +155,8 @@ def requantize(t: Tensor, type_id: int | None) -> Tensor:
 
 
 def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | None = None,
-            quiet: bool = False, quant: str = "keep", tokenizer_pre: str = "default") -> Path:
+            quiet: bool = False, quant: str = "keep", tokenizer_pre: str = "default", device: str | None = None,
+            on_progress=None) -> Path:
     import zarr
     from zarr.storage import LocalStore
 
@@ -174,10 +179,10 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
     shutil.rmtree(partial, ignore_errors=True)  # a stale, interrupted conversion: start over
     names = src.tensor_names()
     ffn = {n for n in names if ffn_part(n)}
-    from edge.probe import bundle_target
+    from edge.profile import bundle_target
 
-    bundle_bytes = bundle_target() or 32 << 10  # bundle size from this machine's flash curve, when probed
-    progress = Progress(sum(src.tensor(n).nbytes for n in names), len(names), quiet)
+    bundle_bytes = bundle_target(device) or 32 << 10  # from the --device's or this machine's flash curve
+    progress = Progress(sum(src.tensor(n).nbytes for n in names), len(names), quiet, on_progress)
     try:
         partial.mkdir(parents=True)
         group = zarr.create_group(LocalStore(partial))
