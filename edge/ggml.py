@@ -198,12 +198,11 @@ class Ggml:
         return w.row_stride // fmt.block_bytes * fmt.block_size
 
 
-_INSTANCE: Ggml | None = None
+_INSTANCES: dict[int, Ggml] = {}
 
 
 def ggml(threads: int) -> Ggml:
-    """The process's one ggml runtime (one thread pool)."""
-    global _INSTANCE
-    if _INSTANCE is None:
-        _INSTANCE = Ggml(threads)
-    return _INSTANCE
+    """The process's ggml runtime for this many threads (one thread pool each; idle pools sleep)."""
+    if threads not in _INSTANCES:
+        _INSTANCES[threads] = Ggml(threads)
+    return _INSTANCES[threads]
