@@ -44,3 +44,21 @@ def test_random_llama_with_gqa_and_untied_head(tmp_path, smollm2):
     print(p)
     assert min(p.top1) >= 0.99 and p.mean_abs < 0.01
     assert p.same_greedy == [16, 16, 16]
+
+
+def test_make_model_writes_what_llama_cpp_runs(tmp_path):
+    """`python -m weights_tools make-model`: a random Q8_0 model with SmolLM2's vocabulary (its embedding large
+    enough to be written as random blocks), the same logits in both runtimes; a bad flag is one line."""
+    from weights_tools.__main__ import main
+
+    path = tmp_path / "made.gguf"
+    assert main(["make-model", "--layers", "2", "--dim", "128", "--ffn", "256", "--heads", "4", "--quant", "Q8_0",
+                 "--out", str(path)]) == 0
+    assert main(["make-model", "--out", str(path)]) == 2  # exists: refused, not overwritten
+    p = measure(path, "ggml", n_gen=16, n_greedy=8, peer_kwargs={"f32_kv": True})
+    print(p)
+    # quantized random weights: logits within llama.cpp's own activation rounding (F32 weights agree to 1e-4,
+    # Q8_0/Q4_0 to ~0.007 mean, with or without these blocks); a misread file is off by orders of magnitude
+    assert p.mean_abs < 0.02 and min(p.top1) >= 0.9
+    assert main(["make-model", "--quant", "Q9_9", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()

@@ -57,7 +57,7 @@ def _run(args) -> int:
             raise EdgeError("without SRC, convert prepares the default model for --ram: add --calibrate")
         progress = Progress(1, 1, args.quiet)
         try:
-            out = prepare_default_store(lambda f, label: _tick(progress, int(1000 * f), 1000, label), force=True)
+            out = prepare_default_store(lambda f, label: progress.advance_to(int(1000 * f), 1000, label), force=True)
         finally:
             progress.close()
         print(f"prepared {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -77,7 +77,7 @@ def _run(args) -> int:
         progress = Progress(1, 1, args.quiet)
         try:
             summary = calibrate(out, rank=args.rank, tokens=args.calib_tokens,
-                                threads=None, progress=lambda done, total: _tick(progress, done, total))
+                                threads=None, progress=lambda done, total: progress.advance_to(done, total, "calibrate"))
         finally:
             progress.close()
         rec = [l["recall"]["0.5"] for l in summary["layers"]]
@@ -87,11 +87,6 @@ def _run(args) -> int:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({format_size(size)}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
-
-
-def _tick(progress, done: int, total: int, label: str = "calibrate") -> None:
-    progress.total_bytes = progress.total_items = total
-    progress.step(done - progress.done_bytes, label)
 
 
 def prepare_default_store(on_progress=None, force: bool = False):

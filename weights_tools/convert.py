@@ -67,6 +67,11 @@ class Progress:
                              f"{rate:5.0f} MB/s {label[:28]:<28}")
             sys.stderr.flush()
 
+    def advance_to(self, done: int, total: int, label: str) -> None:
+        """For work counted in steps of its own (calibration layers, tensors of a written model)."""
+        self.total_bytes = self.total_items = total
+        self.step(done - self.done_bytes, label)
+
     def close(self) -> None:
         if self._old_handler is not None:
             import signal
