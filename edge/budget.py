@@ -17,7 +17,7 @@ from edge import quants
 from edge.errors import EdgeError
 from edge.sizes import format_size
 
-MARGIN = 8 << 20        # activations, read copies, allocator slack
+MARGIN = 8 << 20        # read copies, allocator slack, kernels' work buffers (plus the activations, by model)
 IO_BUFFER = 4 << 20     # the I/O engine's preallocated read buffer under a budget
 
 
@@ -89,6 +89,15 @@ def resident_bytes(store, predictors: bool) -> int:
     return total
 
 
+def activation_bytes(cfg, n_ctx: int) -> int:
+    """The temporaries of one prefill chunk: attention scores, the FFN's intermediates, copies of the hidden
+    state (and the repeated inputs of batched products of streamed records)."""
+    from edge.model import PREFILL_CHUNK
+    from edge.sparse import REPEAT_BYTES
+
+    return PREFILL_CHUNK * (cfg.n_heads * n_ctx + 6 * cfg.hidden_dim + 8 * cfg.dim) * 4 + REPEAT_BYTES
+
+
 def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sparse", sparsity: float = 0.0,
               window: int = 5) -> Plan:
     from edge.model import KVCache
@@ -99,7 +108,7 @@ def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sp
     n_clusters = max(lay.n_clusters for lay in layouts)
     scratch = 2 * stream_buffer_bytes(layouts)  # the read buffers: the layer computing and the one prefetched
     fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER,
-                 resident=resident_bytes(store, strategy == "sparse" and sparsity > 0), margin=MARGIN,
+                 resident=resident_bytes(store, strategy == "sparse" and sparsity > 0), margin=MARGIN + activation_bytes(cfg, n_ctx),
                  scratch=scratch, slot_bytes=sum(lay.bytes for lay in layouts), n_clusters=n_clusters,
                  n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),
                  strategy=strategy, sparsity=sparsity, window=window)

@@ -413,14 +413,18 @@ COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "probe-flash": c
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_handler("edge", getattr(args, "handler", None) or COMMANDS[args.command], args)
+
+
+def run_handler(prog: str, handler, args) -> int:
+    """A command's exit code; a user error is one line (exit 2), Ctrl+C exits 130."""
     try:
-        handler = getattr(args, "handler", None) or COMMANDS[args.command]
         return handler(args)
     except EdgeError as exc:
-        print(f"edge: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("edge: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

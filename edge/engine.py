@@ -103,7 +103,8 @@ class Engine:
             raise EdgeError("--emulate needs --device NAME: the device whose flash to emulate")
         if self.device is not None:
             threads = threads or self.device.threads
-            flash.emulate(self.device.flash, sleep=emulate)  # modelled read time counted; slept with emulate
+        # with a device, every read's time on its flash curve is counted (and slept, with emulate)
+        flash.emulate(self.device.flash if self.device else None, sleep=emulate)
         self.emulating = emulate
         read_threads = self.device.read_threads if self.device else 4
         self._lock = threading.Lock()  # one forward step or one resize at a time
@@ -226,7 +227,8 @@ class Engine:
 
     def io_seconds(self) -> tuple[float, float]:
         """(seconds the compute thread has waited for reads, modelled seconds of every read on the device's
-        curve) since start; the first is 0 without a budget (nothing is read while decoding)."""
+        curve) since start; the first is 0 without a budget (nothing is read while decoding). The store's
+        engine does the row reads (embedding, head candidates) on the compute thread."""
         wait = 0.0
         if self.model.sparse_ffn is not None:
             wait = self.file.engine.stats.wall + self.model.sparse_ffn.stats.wait_seconds

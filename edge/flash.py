@@ -63,10 +63,10 @@ class Emulation:
 _EMULATION: Emulation | None = None
 
 
-def emulate(curve, sleep: bool = True) -> Emulation:
-    """From now on, reads follow `curve` (sleep=False: only count the modelled time)."""
+def emulate(curve, sleep: bool = True) -> Emulation | None:
+    """From now on, reads follow `curve` (sleep=False: only count the modelled time; None: stop)."""
     global _EMULATION
-    _EMULATION = Emulation(curve, sleep)
+    _EMULATION = Emulation(curve, sleep) if curve is not None else None
     return _EMULATION
 
 

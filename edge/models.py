@@ -7,7 +7,6 @@ and never by a machine path. Files we derive go to the XDG cache dir.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from edge.dirs import cache_dir

@@ -30,6 +30,7 @@ the same prefetch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -38,6 +39,7 @@ from edge.errors import EdgeError
 from edge.ggml import Weight
 
 PREFETCH_READ = 1 << 20
+REPEAT_BYTES = 2 << 20  # batched products of streamed records: their repeated input, their outputs, at most
 ROW_CACHE = 4096  # head/embedding rows kept in RAM (edge.sparse.RowCache)
 
 
@@ -53,7 +55,7 @@ class SparseStats:
     evicted_in_window: int = 0  # of those, used by one of the last `window` tokens
     streamed: int = 0           # needed clusters read and used but not kept (the cache was full)
     neurons: int = 0            # neurons computed
-    wait_seconds: float = 0.0   # time the compute thread waited for prefetched reads
+    wait_seconds: float = 0.0   # time the compute thread waited for FFN reads (its own and prefetched ones)
 
     def reset(self) -> None:
         for f in fields(self):
@@ -178,15 +180,17 @@ class SparseFFN:
         # from their own thread; streamed clusters are computed in place from the buffer they were read into
         self._pending: dict[int, tuple[list[int], object]] = {}
         self.prefetch = strategy == "naive" or not self.predicting
+        from edge.flash import IOEngine
+
+        # read buffers of one layer each (the plan's stream buffers): two for prefetching, else one for the
+        # reads of the layer computing now
+        self._ios = [IOEngine(threads=read_threads, buffer_bytes=stream_buffer_bytes(self.layouts), max_read=PREFETCH_READ)
+                     for _ in range(2 if self.prefetch else 1)]
+        self._next_io = 0
         if self.prefetch:
             from concurrent.futures import ThreadPoolExecutor
 
-            from edge.flash import IOEngine
-
             self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="edge-prefetch")
-            self._ios = [IOEngine(threads=read_threads, buffer_bytes=stream_buffer_bytes(self.layouts), max_read=PREFETCH_READ)
-                         for _ in range(2)]
-            self._next_io = 0
 
     @property
     def cache_bytes(self) -> int:
@@ -194,8 +198,8 @@ class SparseFFN:
 
     @property
     def engines(self) -> list:
-        """The prefetch I/O engines (the store's own engine does the other reads)."""
-        return list(self._ios) if self.prefetch else []
+        """The I/O engines of the FFN reads (the store's own engine reads rows and resident tensors)."""
+        return list(self._ios)
 
     def shrink(self, nbytes: int) -> int:
         """Give back at least `nbytes` of cache (whole clusters in every layer); returns the new slots per layer."""
@@ -268,13 +272,26 @@ class SparseFFN:
             arr = self.arrays[i]
             rest = [c for c in ids if c not in views]
             if rest:
-                views.update(zip(rest, self.store.read_views(arr, rest)))
+                t = time.perf_counter()
+                views.update(zip(rest, self._read_now(arr, rest, prefetched=bool(views))))
+                st.wait_seconds += time.perf_counter() - t
             st.reads += len(ids)
             st.read_bytes += len(ids) * arr.chunk_bytes
             for cid in missing:
                 cache.insert(int(cid), np.frombuffer(views[int(cid)], np.uint8), self.step)
         return self._compute(x, lay, cache if cache is not None and cache.used else None,
                              [views[int(c)] for c in sorted(int(c) for c in stream)])
+
+    def _read_now(self, arr, ids: list[int], prefetched: bool) -> list:
+        """Clusters needed now that no prefetch brought. Into the idle read buffer (in prefetch mode, the one
+        not receiving the next layer's reads, free unless it holds this layer's prefetched clusters); when it
+        is not free (a resize between a prefetch and its use), copied out in batches through the store's
+        engine (a few clusters)."""
+        if not self.prefetch:
+            return self.store.read_views(arr, ids, True, self._ios[0])
+        if not prefetched:
+            return self.store.read_views(arr, ids, True, self._ios[self._next_io])
+        return [memoryview(b) for b in self.store.read_chunks(arr, ids)]
 
     def _start_prefetch(self, j: int) -> None:
         """Read layer j's clusters that are not cached (at sparsity 0, exactly what it will need)."""
@@ -291,8 +308,6 @@ class SparseFFN:
         if pending is None:
             return {}
         ids, fut = pending
-        import time
-
         t = time.perf_counter()
         views = fut.result()
         self.stats.wait_seconds += time.perf_counter() - t
@@ -308,20 +323,35 @@ class SparseFFN:
             gate_up, down = cache.weights()
             first += [(x, w) for w in gate_up]
             second_w.append(down)
-        for buf, offset, k, stride in _runs(streamed, lay.bytes):
-            xk = np.repeat(x[None], k, axis=0) if k > 1 else x  # (k, T, dim): one copy per record
-            first += [(xk, Weight(buf, lay.types[0], lay.c, lay.dim, None, offset, k, stride)),
-                      (xk, Weight(buf, lay.types[1], lay.c, lay.dim, None, offset + lay.g, k, stride))]
-            second_w.append(Weight(buf, lay.types[2], lay.dim, lay.c, lay.down_part, offset + lay.g + lay.u, k, stride))
+        # a batched product takes its input once per record: one copy of `most` repeats, shared by every
+        # product of this layer (each takes a prefix), bounds that memory by REPEAT_BYTES
+        runs = _runs(streamed, lay.bytes)
+        most = max(1, min(REPEAT_BYTES // x.nbytes, max((n for _, _, n, _ in runs), default=1)))
+        repeated = np.repeat(x[None], most, axis=0) if most > 1 else None
+        for buf, start, n, stride in runs:
+            for first_rec in range(0, n, most):
+                k, offset = min(most, n - first_rec), start + first_rec * stride
+                xk = repeated[:k] if k > 1 else x  # (k, T, dim)
+                first += [(xk, Weight(buf, lay.types[0], lay.c, lay.dim, None, offset, k, stride)),
+                          (xk, Weight(buf, lay.types[1], lay.c, lay.dim, None, offset + lay.g, k, stride))]
+                second_w.append(Weight(buf, lay.types[2], lay.dim, lay.c, lay.down_part, offset + lay.g + lay.u, k,
+                                       stride))
         if not first:
             return np.zeros((len(x), self.cfg.dim), np.float32)
         out = self.ggml.products(first)
         hs = [self.act(out[k]) * out[k + 1] for k in range(0, len(out), 2)]
         self.stats.neurons += sum(h.size // len(x) for h in hs)
-        ys = self.ggml.products(list(zip(hs, second_w)))
-        y = ys[0] if ys[0].ndim == 2 else ys[0].sum(axis=0)
-        for more in ys[1:]:
-            y += more if more.ndim == 2 else more.sum(axis=0)
+        # the down products of a batch give one (T, dim) output per record, summed here: computed in groups
+        # whose outputs stay under REPEAT_BYTES, so a long prefill does not hold every record's output at once
+        y = np.zeros((len(x), self.cfg.dim), np.float32)
+        group, size = [], 0
+        for h, w in zip(hs, second_w):
+            group.append((h, w))
+            size += w.batches * len(x) * self.cfg.dim * 4
+            if size >= REPEAT_BYTES or w is second_w[-1]:
+                for out in self.ggml.products(group):
+                    y += out if out.ndim == 2 else out.sum(axis=0)
+                group, size = [], 0
         return y
 
 

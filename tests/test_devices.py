@@ -70,7 +70,7 @@ def test_emulation_slows_reads_to_the_curve(tmp_path):
         io.read(f, reqs)
         assert counting.seconds == pytest.approx(expected)
     finally:
-        flash._EMULATION = None
+        flash.emulate(None)
         io.close()
         f.close()
 
@@ -101,7 +101,7 @@ def test_device_sets_defaults_and_emulate_needs_a_device(capsys, smol_calibrated
         assert engine.file.engine.threads == 8 and engine.model.backend.threads == 4  # the profile's threads
         assert not engine.emulating and flash.emulation() is not None  # counted, not slept
     finally:
-        flash._EMULATION = None
+        flash.emulate(None)
     code, _, err = run_cli(capsys, "run", str(smol_calibrated), "--ram", "4GB", "--emulate", "-p", "hi")
     assert code == 2 and "--emulate needs --device" in err
 

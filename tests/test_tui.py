@@ -169,12 +169,13 @@ def test_chat_list_and_resume_flags(capsys):
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
-def test_fresh_chat_in_a_real_terminal(tmp_path, smol_calibrated):
-    """`edge chat` in tmux: an answer appears and the panel shows the budget and the speed."""
+def test_fresh_chat_in_a_real_terminal(tmp_path):
+    """A fresh `edge chat --ram` in tmux, as a new user runs it: the default model is prepared with progress in
+    the panel, then an answer appears and the panel shows the budget and the speed."""
     session = f"edge-test-{os.getpid()}"
     # (pytest's plugins export COLUMNS/LINES of 80x24; a real terminal has none)
-    env = f"env -u COLUMNS -u LINES XDG_DATA_HOME={tmp_path} XDG_CONFIG_HOME={tmp_path}"
-    cmd = f"{env} {sys.executable} -m edge chat {smol_calibrated} --ram 4GB --ctx 256 --threads 2 --temp 0 -n 24"
+    env = f"env -u COLUMNS -u LINES XDG_DATA_HOME={tmp_path} XDG_CONFIG_HOME={tmp_path} XDG_CACHE_HOME={tmp_path}"
+    cmd = f"{env} {sys.executable} -m edge chat --ram 4GB --ctx 256 --threads 2 --temp 0 -n 24"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "130", "-y", "42", cmd], check=True)
 
     def screen() -> str:
@@ -190,7 +191,8 @@ def test_fresh_chat_in_a_real_terminal(tmp_path, smol_calibrated):
         raise AssertionError(f"{text!r} never appeared:\n{screen()}")
 
     try:
-        wait_for("ready")
+        wait_for("the default model")  # first run: converting, then calibrating, with a percentage
+        wait_for("ready", timeout=240)
         subprocess.run(["tmux", "send-keys", "-t", session, "What is the capital of France?", "Enter"], check=True)
         shown = wait_for("decode")
         assert "budget 4.0GB" in shown and "neuron cache" in shown and "tok/s" in shown

@@ -140,16 +140,42 @@ class ChatApp(App):
 
         try:
             if self.engine_options.get("ram") is not None and self.model_arg is None:
-                from weights_tools.command import prepare_default_store
-
-                prepare_default_store(lambda f, label: self.call_from_thread(
-                    self._set_status, f"first run: {label} the default model {f:.0%}"))
+                self._prepare_default_store()
             engine = Engine(self.model_arg, n_ctx=self.n_ctx, backend=self.backend, threads=self.threads,
                             **self.engine_options)
         except EdgeError as exc:
             self.call_from_thread(self._load_failed, str(exc))
             return
+        except Exception as exc:  # a bug or an OS error: said, not a crash of the chat
+            self.call_from_thread(self._load_failed, f"{type(exc).__name__}: {exc}")
+            return
         self.call_from_thread(self._engine_ready, engine)
+
+    def _prepare_default_store(self) -> None:
+        """First run under a budget: the default model becomes a calibrated store (`edge convert --calibrate`,
+        about a minute), its progress shown in the panel."""
+        import subprocess
+        import sys
+
+        from edge.models import default_store_path
+
+        try:
+            default_store_path()
+            return
+        except EdgeError:
+            pass
+        proc = subprocess.Popen([sys.executable, "-m", "edge", "convert", "--calibrate", "--progress-lines"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        last = ""
+        for line in proc.stderr:
+            last = line.strip() or last
+            fraction, _, label = last.partition(" ")
+            try:
+                self.call_from_thread(self._set_status, f"first run: {label} the default model {float(fraction):.0%}")
+            except ValueError:
+                pass
+        if proc.wait() != 0:
+            raise EdgeError(f"preparing the default model failed: {last}")
 
     def _set_status(self, text: str) -> None:
         self.stats["status"] = text
@@ -243,6 +269,9 @@ class ChatApp(App):
                     self.call_from_thread(self._update_reply, reply, text, ev)
         except EdgeError as exc:
             self.call_from_thread(self.notify, str(exc), severity="error")
+        except Exception as exc:  # a bug or an OS error (a disk gone): the chat stays, the error is shown
+            self.call_from_thread(self.notify, f"{type(exc).__name__}: {exc}", title="The answer stopped",
+                                  severity="error", timeout=20)
         if log is not None:
             log.end(engine.last.stopped)
         self.call_from_thread(self._finish_reply, reply, text)

@@ -5,21 +5,14 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edge.errors import EdgeError
+    from edge.cli import run_handler
     from weights_tools import make_model
 
     ap = argparse.ArgumentParser(prog="python -m weights_tools", description="Offline model tools.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     make_model.register(sub)
     args = ap.parse_args(argv)
-    try:
-        return args.handler(args)
-    except EdgeError as exc:
-        print(f"weights_tools: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("weights_tools: interrupted", file=sys.stderr)
-        return 130
+    return run_handler("weights_tools", args.handler, args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, default=64, help="rank of the per-layer predictors (default 64)")
     p.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress-lines", action="store_true", help=argparse.SUPPRESS)  # "FRACTION LABEL" lines (chat UI)
     p.set_defaults(handler=_run)
 
 
@@ -55,9 +56,15 @@ def _run(args) -> int:
             from edge.errors import EdgeError
 
             raise EdgeError("without SRC, convert prepares the default model for --ram: add --calibrate")
-        progress = Progress(1, 1, args.quiet)
+        progress = Progress(1, 1, args.quiet or args.progress_lines)
+
+        def tell(f: float, label: str) -> None:
+            progress.advance_to(int(1000 * f), 1000, label)
+            if args.progress_lines:
+                print(f"{f:.3f} {label}", file=sys.stderr, flush=True)
+
         try:
-            out = prepare_default_store(lambda f, label: progress.advance_to(int(1000 * f), 1000, label), force=True)
+            out = prepare_default_store(tell, force=True)
         finally:
             progress.close()
         print(f"prepared {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
