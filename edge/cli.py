@@ -391,11 +391,14 @@ def cmd_devices(args) -> int:
           f"{format_size(p.ram) if p.ram else 'none'}, bundles of {p.cluster_bytes >> 10} KiB for convert")
     if p.gemv_gb_s:
         print(f"  compute: {p.gemv_gb_s:.1f} GB/s of weights per decode step ({p.compute_basis})")
-    print(f"  flash: {p.flash_kind}; MB/s by read size and queue depth:")
-    print("  " + "chunk".rjust(8) + "".join(f"{'QD' + str(q):>8}" for q in profile.DEPTHS))
+    print(f"  flash: {p.flash_kind}; by read size and queue depth, MB/s | mean latency of a read in ms:")
+    print("  " + "chunk".rjust(8) + "".join(f"{'QD' + str(q):>7}" for q in profile.DEPTHS) + "  |"
+          + "".join(f"{'QD' + str(q):>7}" for q in profile.DEPTHS))
     for c in profile.CHUNKS:
         label = f"{c >> 10}KiB" if c < 1 << 20 else f"{c >> 20}MiB"
-        print("  " + label.rjust(8) + "".join(f"{p.flash.mb_s(c, q):8.0f}" for q in profile.DEPTHS))
+        rates = [p.flash.mb_s(c, q) for q in profile.DEPTHS]
+        print("  " + label.rjust(8) + "".join(f"{r:7.0f}" for r in rates) + "  |"
+              + "".join(f"{q * c / (r * 1e3):7.2f}" for q, r in zip(profile.DEPTHS, rates)))
     for src in p.sources:
         print(f"  source: {src.get('what', '')} <{src.get('url', '')}>")
     return 0
