@@ -281,12 +281,15 @@ def cmd_info(args) -> int:
     for name in names:
         t = src.tensor(name)
         part = ("ffn bundles (stream)" if ffn_part(name) else "embeddings (row lookup)" if name == "token_embd.weight"
-                else "head" if name == "output.weight" else "resident (attention, norms)")
+                else "head" if name == "output.weight" else "experts and routers" if "_exps." in name
+                or "gate_inp" in name else "resident (attention, norms)")
         parts[part] += t.nbytes
         formats[quants.type_name(t.type_id)] += t.nbytes
     print(f"{path}  [{'edge store' if isinstance(src, Store) else 'GGUF'}]")
     print(f"{cfg.arch}: {cfg.n_layers} layers, dim {cfg.dim}, ffn {cfg.hidden_dim}, heads {cfg.n_heads}/"
-          f"{cfg.n_kv_heads} x {cfg.head_dim}, vocab {cfg.vocab_size}, context {cfg.context_length}")
+          f"{cfg.n_kv_heads} x {cfg.head_dim}, vocab {cfg.vocab_size}, context {cfg.context_length}"
+          + (f", {cfg.n_experts} experts of width {cfg.expert_hidden}, {cfg.n_experts_used} per token"
+             if cfg.n_experts else ""))
     if "output.weight" not in names:
         print("head: tied to the token embedding")
     for part, n in sorted(parts.items(), key=lambda kv: -kv[1]):

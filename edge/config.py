@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from edge.errors import EdgeError
 
-SUPPORTED_ARCHS = ("llama", "gemma3")
+SUPPORTED_ARCHS = ("llama", "gemma3", "qwen3moe")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,10 @@ class ModelConfig:
     rope_base_local: float    # rope base of sliding-window layers
     sliding_window: int       # 0: no sliding window
     local_layers: tuple[bool, ...]  # per layer: uses the sliding window
+    n_experts: int = 0        # mixture of experts: experts per layer (0: a dense FFN)
+    n_experts_used: int = 0   # experts each token goes to (top-k of the router's softmax)
+    expert_hidden: int = 0    # FFN width of one expert
+    expert_weights_norm: bool = True  # the top-k weights renormalized to sum to 1
 
     @property
     def kv_dim(self) -> int:
@@ -73,17 +77,32 @@ def config_from_metadata(meta: dict, path: str, vocab_size: int) -> ModelConfig:
                      rope_base=float(g("rope.freq_base", 1_000_000.0)),
                      rope_base_local=float(g("rope.freq_base_swa", 10_000.0)),
                      sliding_window=window, local_layers=local)
+    elif arch == "qwen3moe":
+        base = float(g("rope.freq_base", 1_000_000.0))
+        extra = dict(rope_neox=True, activation="silu", attn_scale=1.0 / math.sqrt(head_dim), embed_scale=1.0,
+                     qk_norm=True, post_norms=False, rope_base=base, rope_base_local=base, sliding_window=0,
+                     local_layers=(False,) * n_layers)
     else:
         base = float(g("rope.freq_base", 10_000.0))
         extra = dict(rope_neox=False, activation="silu", attn_scale=1.0 / math.sqrt(head_dim),
                      embed_scale=1.0, qk_norm=False, post_norms=False, rope_base=base,
                      rope_base_local=base, sliding_window=0, local_layers=(False,) * n_layers)
+    n_experts = int(g("expert_count", 0) or 0) if arch in ("llama", "qwen3moe") else 0
+    if n_experts:
+        used = _positive(g("expert_used_count"), "expert_used_count", path)
+        if used > n_experts or n_experts > 4096:
+            raise EdgeError(f"{path}: metadata routes each token to {used} of {n_experts} experts; the file is corrupt")
+        extra.update(n_experts=n_experts, n_experts_used=used,
+                     expert_hidden=_positive(g("expert_feed_forward_length", g("feed_forward_length", 0)),
+                                             "expert_feed_forward_length", path))
+    elif arch == "qwen3moe":
+        raise EdgeError(f"{path}: a qwen3moe model without qwen3moe.expert_count; the file is incomplete")
     rope_dims = _positive(g("rope.dimension_count", head_dim), "rope.dimension_count", path)
     if rope_dims > head_dim or rope_dims % 2:
         raise EdgeError(f"{path}: rope.dimension_count {rope_dims} does not fit heads of {head_dim}; the file is corrupt")
     return ModelConfig(
         arch=arch, n_layers=n_layers, dim=dim,
-        hidden_dim=_positive(g("feed_forward_length"), "feed_forward_length", path),
+        hidden_dim=_positive(g("feed_forward_length", extra.get("expert_hidden")), "feed_forward_length", path),
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=vocab_size,
         context_length=_positive(g("context_length", 2048), "context_length", path),
         norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),

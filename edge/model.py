@@ -95,6 +95,8 @@ class Layer:
     k_norm: np.ndarray | None = None
     attn_post_norm: np.ndarray | None = None
     ffn_post_norm: np.ndarray | None = None
+    router: np.ndarray | None = None     # mixture of experts: (n_experts, dim), float32
+    experts: list | None = None          # per expert: (gate_up, down) linear groups
 
 
 def _norm(src, name: str, size: int) -> np.ndarray:
@@ -124,6 +126,9 @@ class Transformer:
         self.n_ctx = n_ctx
         self.src = src
         self.plan = plan
+        if plan is not None and cfg.n_experts:
+            raise EdgeError(f"{src.path}: a mixture-of-experts model; running it under --ram (expert paging) "
+                            "is not built yet: run it without --ram")
         self.act = ACTIVATIONS[cfg.activation]
         self.backend = kernels.make_backend("ggml" if plan else backend, threads)
         self.layers = [self._load_layer(src, i) for i in range(cfg.n_layers)]
@@ -155,16 +160,19 @@ class Transformer:
         p = f"blk.{i}."
         lin = self.backend.linear_group
         dim, hidden, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
+        dense = not self.plan and not cfg.n_experts
         layer = Layer(
             attn_norm=_norm(src, p + "attn_norm.weight", dim),
             qkv=lin([src.tensor(p + "attn_q.weight", (cfg.q_dim, dim)), src.tensor(p + "attn_k.weight", (kv, dim)),
                      src.tensor(p + "attn_v.weight", (kv, dim))]),
             attn_output=lin([src.tensor(p + "attn_output.weight", (dim, cfg.q_dim))]),
             ffn_norm=_norm(src, p + "ffn_norm.weight", dim),
-            gate_up=None if self.plan else lin([src.tensor(p + "ffn_gate.weight", (hidden, dim)),
-                                                src.tensor(p + "ffn_up.weight", (hidden, dim))]),
-            down=None if self.plan else lin([src.tensor(p + "ffn_down.weight", (dim, hidden))]),
+            gate_up=lin([src.tensor(p + "ffn_gate.weight", (hidden, dim)),
+                         src.tensor(p + "ffn_up.weight", (hidden, dim))]) if dense else None,
+            down=lin([src.tensor(p + "ffn_down.weight", (dim, hidden))]) if dense else None,
         )
+        if cfg.n_experts:
+            layer.router, layer.experts = self._load_experts(src, p)
         if cfg.qk_norm:
             layer.q_norm = _norm(src, p + "attn_q_norm.weight", cfg.head_dim)
             layer.k_norm = _norm(src, p + "attn_k_norm.weight", cfg.head_dim)
@@ -172,6 +180,25 @@ class Transformer:
             layer.attn_post_norm = _norm(src, p + "post_attention_norm.weight", dim)
             layer.ffn_post_norm = _norm(src, p + "post_ffw_norm.weight", dim)
         return layer
+
+    def _load_experts(self, src, p: str) -> tuple[np.ndarray, list]:
+        """The router (float32) and each expert's matrices, sliced out of the stacked 3-D tensors."""
+        from edge.gguf_file import Tensor
+
+        cfg = self.cfg
+        n, dim, hidden = cfg.n_experts, cfg.dim, cfg.expert_hidden
+        r = src.tensor(p + "ffn_gate_inp.weight", (n, dim))
+        router = quants.dequantize(r.raw, r.type_id, r.cols).reshape(n, dim).astype(np.float32)
+        stacks = {k: src.tensor(p + f"ffn_{k}_exps.weight", shape) for k, shape in
+                  (("gate", (n, hidden, dim)), ("up", (n, hidden, dim)), ("down", (n, dim, hidden)))}
+
+        def one(k: str, e: int) -> Tensor:
+            t = stacks[k]
+            rows, cols = t.shape[1], t.shape[2]
+            return Tensor(f"{t.name}[{e}]", t.type_id, (rows, cols), t.raw[e * rows:(e + 1) * rows])
+
+        lin = self.backend.linear_group
+        return router, [(lin([one("gate", e), one("up", e)]), lin([one("down", e)])) for e in range(n)]
 
     @property
     def resident_bytes(self) -> int:
@@ -252,12 +279,34 @@ class Transformer:
     def _ffn(self, i: int, layer: Layer, x: np.ndarray) -> np.ndarray:
         if self.sparse_ffn is not None:
             return self.sparse_ffn(i, x)
+        if layer.experts is not None:
+            return self._moe(layer, x)
         gate, up = layer.gate_up(x)
         act = self.act(gate) * up
         if self.trace is not None:
             self.trace(i, x, act)
         (h,) = layer.down(act)
         return h
+
+    def _moe(self, layer: Layer, x: np.ndarray) -> np.ndarray:
+        """Mixture of experts as llama.cpp computes it: softmax over the router's logits, the top k experts
+        per token, their weights renormalized (Mixtral, Qwen3-MoE), the weighted sum of their FFNs."""
+        cfg = self.cfg
+        logits = x @ layer.router.T  # (T, n_experts)
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :cfg.n_experts_used]  # (T, k)
+        weights = np.take_along_axis(probs, top, axis=-1)
+        if cfg.expert_weights_norm:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        out = np.zeros((len(x), cfg.dim), np.float32)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)  # the tokens routed to expert e
+            gate_up, down = layer.experts[e]
+            gate, up = gate_up(x[rows])
+            (h,) = down(self.act(gate) * up)
+            out[rows] += weights[rows, slot][:, None] * h
+        return out
 
     def _attention(self, i: int, layer: Layer, x: np.ndarray, start: int) -> np.ndarray:
         cfg = self.cfg

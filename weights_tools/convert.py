@@ -177,6 +177,9 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
     else:
         src, source_files = GGUFFile(src_path), [src_path]
     cfg = src.config
+    if cfg.n_experts:
+        raise EdgeError(f"{src_path}: a mixture-of-experts model ({cfg.n_experts} experts); the flash store does "
+                        "not hold experts yet: run the GGUF directly")
     out = Path(out) if out else src_path.with_suffix(".edge")
     if out.exists():
         raise EdgeError(f"{out}: already exists; remove it or give another -o")

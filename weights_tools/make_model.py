@@ -33,8 +33,10 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
                        heads: int = 4, kv_heads: int = 2, vocab: int = 96, quant: str = "Q8_0", seed: int = 0,
                        context: int = 256, tokenizer_from: Path | None = None, rope_base: float = 10000.0,
                        untied_output: bool = False, extra_tensors: dict | None = None, std: float | None = None,
+                       experts: int = 0, top_k: int = 2, expert_hidden: int | None = None,
                        progress=None) -> Path:
-    """A random-weight llama-architecture model. tokenizer_from: a GGUF whose vocabulary and template to copy
+    """A random-weight model: llama (with `experts`, Mixtral-style), or qwen3moe (per-head q/k norms, experts
+    required). tokenizer_from: a GGUF whose vocabulary and template to copy
     (then `vocab` is its size). std: of the matrices' weights (default 0.64/sqrt(dim)). extra_tensors: name -> (raw array, ggml type), replacing a tensor or added.
     progress(done, total): after each tensor."""
     import gguf
@@ -44,10 +46,17 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
     path = Path(path)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, arch=arch)
+    if arch == "qwen3moe" and not experts:
+        raise ValueError("qwen3moe needs experts")
+    expert_hidden = expert_hidden or hidden
     w.add_block_count(layers)
     w.add_context_length(context)
     w.add_embedding_length(dim)
-    w.add_feed_forward_length(hidden)
+    w.add_feed_forward_length(expert_hidden if experts else hidden)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(top_k)
+        w.add_expert_feed_forward_length(expert_hidden)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(1e-5)
@@ -63,39 +72,49 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
     std = std or 0.64 / float(np.sqrt(dim))  # 0.08 at dim 64: a tame random model at any width
 
     head_dim = dim // heads
-    plan: list[tuple[str, tuple, bool]] = [("token_embd.weight", (vocab, dim), True),
-                                           ("output_norm.weight", (dim,), False)]
+    # (name, shape, kind): "matrix" in the quant type, "norm" (1 + noise, float32), "f32" (a float32 matrix)
+    plan: list[tuple[str, tuple, str]] = [("token_embd.weight", (vocab, dim), "matrix"),
+                                          ("output_norm.weight", (dim,), "norm")]
     if untied_output:
-        plan.append(("output.weight", (vocab, dim), True))
+        plan.append(("output.weight", (vocab, dim), "matrix"))
     for i in range(layers):
         p = f"blk.{i}."
-        plan += [(p + "attn_norm.weight", (dim,), False), (p + "ffn_norm.weight", (dim,), False),
-                 (p + "attn_q.weight", (heads * head_dim, dim), True),
-                 (p + "attn_k.weight", (kv_heads * head_dim, dim), True),
-                 (p + "attn_v.weight", (kv_heads * head_dim, dim), True),
-                 (p + "attn_output.weight", (dim, heads * head_dim), True),
-                 (p + "ffn_gate.weight", (hidden, dim), True), (p + "ffn_up.weight", (hidden, dim), True),
-                 (p + "ffn_down.weight", (dim, hidden), True)]
+        plan += [(p + "attn_norm.weight", (dim,), "norm"), (p + "ffn_norm.weight", (dim,), "norm"),
+                 (p + "attn_q.weight", (heads * head_dim, dim), "matrix"),
+                 (p + "attn_k.weight", (kv_heads * head_dim, dim), "matrix"),
+                 (p + "attn_v.weight", (kv_heads * head_dim, dim), "matrix"),
+                 (p + "attn_output.weight", (dim, heads * head_dim), "matrix")]
+        if arch == "qwen3moe":
+            plan += [(p + "attn_q_norm.weight", (head_dim,), "norm"), (p + "attn_k_norm.weight", (head_dim,), "norm")]
+        if experts:
+            plan += [(p + "ffn_gate_inp.weight", (experts, dim), "f32"),
+                     (p + "ffn_gate_exps.weight", (experts, expert_hidden, dim), "matrix"),
+                     (p + "ffn_up_exps.weight", (experts, expert_hidden, dim), "matrix"),
+                     (p + "ffn_down_exps.weight", (experts, dim, expert_hidden), "matrix")]
+        else:
+            plan += [(p + "ffn_gate.weight", (hidden, dim), "matrix"), (p + "ffn_up.weight", (hidden, dim), "matrix"),
+                     (p + "ffn_down.weight", (dim, hidden), "matrix")]
 
-    def make(name: str, shape: tuple, quantized: bool) -> tuple[np.ndarray, object]:
+    def make(name: str, shape: tuple, kind: str) -> tuple[np.ndarray, object]:
         if name in overrides:
             return overrides.pop(name)
-        if quantized and qt.name in _BLOCK_STD and int(np.prod(shape)) > DIRECT_ABOVE:
-            return _random_blocks(rng, qt.name, shape[0], shape[1], std), qt
-        x = rng.standard_normal(shape).astype(np.float32) * (std if quantized else 0.1)
-        if not quantized:
+        rows = int(np.prod(shape[:-1]))
+        if kind == "matrix" and qt.name in _BLOCK_STD and rows * shape[-1] > DIRECT_ABOVE:
+            return _random_blocks(rng, qt.name, rows, shape[-1], std).reshape(*shape[:-1], -1), qt
+        x = rng.standard_normal(shape).astype(np.float32) * (std if kind != "norm" else 0.1)
+        if kind == "norm":
             return 1.0 + x, None
-        if qt == gguf.GGMLQuantizationType.F32:
+        if kind == "f32" or qt == gguf.GGMLQuantizationType.F32:
             return x, None
         return gguf.quantize(x, qt), qt
 
     # tensor infos first (they need each tensor's byte size), then the data, generated one tensor at a time
-    def info(name: str, shape: tuple, quantized: bool) -> None:
+    def info(name: str, shape: tuple, kind: str) -> None:
         if name in overrides:
             array, raw = overrides[name]
             w.add_tensor_info(name, array.shape, array.dtype, array.nbytes, raw_dtype=raw)
             return
-        if not quantized or qt == gguf.GGMLQuantizationType.F32:
+        if kind != "matrix" or qt == gguf.GGMLQuantizationType.F32:
             w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
             return
         per, block = gguf.GGML_QUANT_SIZES[qt]
@@ -111,8 +130,8 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for k, (name, shape, quantized) in enumerate(plan):
-        array, _ = make(name, shape, quantized)
+    for k, (name, shape, kind) in enumerate(plan):
+        array, _ = make(name, shape, kind)
         w.write_tensor_data(array)
         if progress:
             progress(k + 1, len(plan))
@@ -125,13 +144,19 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
 EXAMPLES = """examples:
   python -m weights_tools make-model --layers 32 --dim 4096 --ffn 11008 --heads 32 --kv-heads 32 --out llama7b.gguf
   python -m weights_tools make-model --layers 2 --dim 64 --ffn 128 --quant Q8_0 --out tiny.gguf
+  python -m weights_tools make-model --arch qwen3moe --experts 8 --top-k 2 --dim 256 --ffn 128 --out moe.gguf
+  python -m weights_tools make-model --experts 8 --top-k 2 --layers 32 --dim 4096 --ffn 14336 --out mixtral.gguf
 """
 
 
 def register(sub) -> None:
-    p = sub.add_parser("make-model", help="write a random-weight GGUF of any size (llama architecture)",
+    p = sub.add_parser("make-model", help="write a random-weight GGUF of any size (llama, Mixtral-style llama, qwen3moe)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="llama", choices=("llama",), help="architecture (default llama)")
+    p.add_argument("--arch", default="llama", choices=("llama", "qwen3moe"),
+                   help="architecture (default llama; with --experts, Mixtral-style)")
+    p.add_argument("--experts", type=int, default=0, help="experts per layer (0: a dense FFN)")
+    p.add_argument("--top-k", type=int, default=2, help="experts each token goes to (default 2)")
+    p.add_argument("--expert-ffn", type=int, default=None, help="FFN width of one expert (default --ffn)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--ffn", type=int, default=None, help="FFN width (default 4 x dim)")
@@ -155,6 +180,10 @@ def _run(args) -> int:
     from weights_tools.convert import Progress
 
     heads = args.heads or max(1, args.dim // 64)
+    if args.arch == "qwen3moe" and not args.experts:
+        raise EdgeError("--arch qwen3moe is a mixture of experts: give --experts (and --top-k)")
+    if args.experts and not 0 < args.top_k <= args.experts:
+        raise EdgeError(f"--top-k {args.top_k}: between 1 and --experts {args.experts}")
     if args.dim % heads:
         raise EdgeError(f"--dim {args.dim} is not a multiple of --heads {heads}")
     if args.quant not in gguf.GGMLQuantizationType.__members__:
@@ -167,6 +196,7 @@ def _run(args) -> int:
     try:
         write_random_model(partial, args.arch, args.layers, args.dim, args.ffn or 4 * args.dim, heads,
                            args.kv_heads or heads, quant=args.quant, seed=args.seed, context=args.context,
+                           experts=args.experts, top_k=args.top_k, expert_hidden=args.expert_ffn,
                            tokenizer_from=Path(args.tokenizer_from) if args.tokenizer_from else default_model_path(),
                            progress=lambda d, t: progress.advance_to(d, t, "tensors"))
     except BaseException:
