@@ -389,7 +389,8 @@ def cmd_devices(args) -> int:
         return 0
     p = profile.load(args.name)
     print(f"{p.name}: {p.title}  [{p.path}]")
-    print(f"  RAM {format_size(p.ram_bytes)}, {p.cores} cores ({p.cpu}){', GPU ' + p.gpu if p.gpu else ''}")
+    print(f"  RAM {format_size(p.ram_bytes)}, {p.cores} cores{f' ({p.cpu})' if p.cpu else ''}"
+          f"{', GPU ' + p.gpu if p.gpu else ''}")
     print(f"  defaults: --threads {p.threads or 'all'}, {p.read_threads} read threads, --ram "
           f"{format_size(p.ram) if p.ram else 'none'}, bundles of {p.cluster_bytes >> 10} KiB for convert")
     if p.gemv_gb_s:

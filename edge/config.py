@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from edge.errors import EdgeError
 
-SUPPORTED_ARCHS = ("llama", "gemma3", "qwen3moe")
+SUPPORTED_ARCHS = ("llama", "gemma3", "qwen3moe", "qwen2moe", "olmoe")
+MOE_ARCHS = ("qwen3moe", "qwen2moe", "olmoe")  # always mixtures of experts (llama may be: Mixtral)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class ModelConfig:
     n_experts_used: int = 0   # experts each token goes to (top-k of the router's softmax)
     expert_hidden: int = 0    # FFN width of one expert
     expert_weights_norm: bool = True  # the top-k weights renormalized to sum to 1
+    shared_expert_hidden: int = 0     # qwen2moe: a shared expert every token goes through, sigmoid-gated
+    attn_bias: bool = False           # qwen2moe: biases on q, k and v
+    qk_norm_full: bool = False        # olmoe: one RMS norm over all of q (and of k), not per head
 
     @property
     def kv_dim(self) -> int:
@@ -77,17 +81,19 @@ def config_from_metadata(meta: dict, path: str, vocab_size: int) -> ModelConfig:
                      rope_base=float(g("rope.freq_base", 1_000_000.0)),
                      rope_base_local=float(g("rope.freq_base_swa", 10_000.0)),
                      sliding_window=window, local_layers=local)
-    elif arch == "qwen3moe":
-        base = float(g("rope.freq_base", 1_000_000.0))
-        extra = dict(rope_neox=True, activation="silu", attn_scale=1.0 / math.sqrt(head_dim), embed_scale=1.0,
-                     qk_norm=True, post_norms=False, rope_base=base, rope_base_local=base, sliding_window=0,
-                     local_layers=(False,) * n_layers)
+    elif arch in MOE_ARCHS:
+        base = float(g("rope.freq_base", 1_000_000.0 if arch.startswith("qwen") else 10_000.0))
+        extra = dict(rope_neox=True, activation="silu", attn_scale=1.0 / math.sqrt(head_dim),
+                     embed_scale=1.0, qk_norm=arch != "qwen2moe", post_norms=False, rope_base=base,
+                     rope_base_local=base, sliding_window=0, local_layers=(False,) * n_layers,
+                     expert_weights_norm=arch == "qwen3moe", attn_bias=arch == "qwen2moe",
+                     qk_norm_full=arch == "olmoe")
     else:
         base = float(g("rope.freq_base", 10_000.0))
         extra = dict(rope_neox=False, activation="silu", attn_scale=1.0 / math.sqrt(head_dim),
                      embed_scale=1.0, qk_norm=False, post_norms=False, rope_base=base,
                      rope_base_local=base, sliding_window=0, local_layers=(False,) * n_layers)
-    n_experts = int(g("expert_count", 0) or 0) if arch in ("llama", "qwen3moe") else 0
+    n_experts = int(g("expert_count", 0) or 0) if arch == "llama" or arch in MOE_ARCHS else 0
     if n_experts:
         used = _positive(g("expert_used_count"), "expert_used_count", path)
         if used > n_experts or n_experts > 4096:
@@ -95,8 +101,12 @@ def config_from_metadata(meta: dict, path: str, vocab_size: int) -> ModelConfig:
         extra.update(n_experts=n_experts, n_experts_used=used,
                      expert_hidden=_positive(g("expert_feed_forward_length", g("feed_forward_length", 0)),
                                              "expert_feed_forward_length", path))
-    elif arch == "qwen3moe":
-        raise EdgeError(f"{path}: a qwen3moe model without qwen3moe.expert_count; the file is incomplete")
+        if arch == "qwen2moe":
+            extra["shared_expert_hidden"] = _positive(
+                g("expert_shared_feed_forward_length", g("feed_forward_length", 0)),
+                "expert_shared_feed_forward_length", path)
+    elif arch in MOE_ARCHS:
+        raise EdgeError(f"{path}: a {arch} model without {arch}.expert_count; the file is incomplete")
     rope_dims = _positive(g("rope.dimension_count", head_dim), "rope.dimension_count", path)
     if rope_dims > head_dim or rope_dims % 2:
         raise EdgeError(f"{path}: rope.dimension_count {rope_dims} does not fit heads of {head_dim}; the file is corrupt")

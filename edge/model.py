@@ -97,6 +97,8 @@ class Layer:
     ffn_post_norm: np.ndarray | None = None
     router: np.ndarray | None = None     # mixture of experts: (n_experts, dim), float32
     experts: list | None = None          # per expert: (gate_up, down) linear groups
+    shared: tuple | None = None          # qwen2moe: (gate vector (dim,), gate_up, down) of the shared expert
+    qkv_bias: np.ndarray | None = None   # qwen2moe: q, k and v biases, concatenated
 
 
 def _norm(src, name: str, size: int) -> np.ndarray:
@@ -173,9 +175,15 @@ class Transformer:
         )
         if cfg.n_experts:
             layer.router, layer.experts = self._load_experts(src, p)
+        if cfg.shared_expert_hidden:
+            layer.shared = self._load_shared_expert(src, p)
         if cfg.qk_norm:
-            layer.q_norm = _norm(src, p + "attn_q_norm.weight", cfg.head_dim)
-            layer.k_norm = _norm(src, p + "attn_k_norm.weight", cfg.head_dim)
+            full = cfg.qk_norm_full  # olmoe: over all heads at once
+            layer.q_norm = _norm(src, p + "attn_q_norm.weight", cfg.q_dim if full else cfg.head_dim)
+            layer.k_norm = _norm(src, p + "attn_k_norm.weight", cfg.kv_dim if full else cfg.head_dim)
+        if cfg.attn_bias:
+            layer.qkv_bias = np.concatenate([_norm(src, p + "attn_q.bias", cfg.q_dim), _norm(src, p + "attn_k.bias", kv),
+                                             _norm(src, p + "attn_v.bias", kv)])
         if cfg.post_norms:
             layer.attn_post_norm = _norm(src, p + "post_attention_norm.weight", dim)
             layer.ffn_post_norm = _norm(src, p + "post_ffw_norm.weight", dim)
@@ -199,6 +207,13 @@ class Transformer:
 
         lin = self.backend.linear_group
         return router, [(lin([one("gate", e), one("up", e)]), lin([one("down", e)])) for e in range(n)]
+
+    def _load_shared_expert(self, src, p: str) -> tuple:
+        cfg = self.cfg
+        dim, hidden, lin = cfg.dim, cfg.shared_expert_hidden, self.backend.linear_group
+        return (_norm(src, p + "ffn_gate_inp_shexp.weight", dim),
+                lin([src.tensor(p + "ffn_gate_shexp.weight", (hidden, dim)), src.tensor(p + "ffn_up_shexp.weight", (hidden, dim))]),
+                lin([src.tensor(p + "ffn_down_shexp.weight", (dim, hidden))]))
 
     @property
     def resident_bytes(self) -> int:
@@ -290,7 +305,8 @@ class Transformer:
 
     def _moe(self, layer: Layer, x: np.ndarray) -> np.ndarray:
         """Mixture of experts as llama.cpp computes it: softmax over the router's logits, the top k experts
-        per token, their weights renormalized (Mixtral, Qwen3-MoE), the weighted sum of their FFNs."""
+        per token, their weights renormalized (Mixtral, Qwen3-MoE; not Qwen2-MoE, OLMoE), the weighted sum of
+        their FFNs, plus Qwen2-MoE's sigmoid-gated shared expert."""
         cfg = self.cfg
         logits = x @ layer.router.T  # (T, n_experts)
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -306,6 +322,11 @@ class Transformer:
             gate, up = gate_up(x[rows])
             (h,) = down(self.act(gate) * up)
             out[rows] += weights[rows, slot][:, None] * h
+        if layer.shared is not None:  # qwen2moe: every token also through the shared expert, gated by a sigmoid
+            gate_vec, gate_up, down = layer.shared
+            gate, up = gate_up(x)
+            (h,) = down(self.act(gate) * up)
+            out += h / (1.0 + np.exp(-(x @ gate_vec)))[:, None]
         return out
 
     def _attention(self, i: int, layer: Layer, x: np.ndarray, start: int) -> np.ndarray:
@@ -313,9 +334,14 @@ class Transformer:
         t = x.shape[0]
         end = start + t
         q, k, v = layer.qkv(x)
+        if layer.qkv_bias is not None:
+            b = layer.qkv_bias
+            q, k, v = q + b[:cfg.q_dim], k + b[cfg.q_dim:cfg.q_dim + cfg.kv_dim], v + b[cfg.q_dim + cfg.kv_dim:]
+        if cfg.qk_norm_full:
+            q, k = rms_norm(q, layer.q_norm, cfg.norm_eps), rms_norm(k, layer.k_norm, cfg.norm_eps)
         q = q.reshape(t, cfg.n_heads, cfg.head_dim)
         k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
-        if layer.q_norm is not None:
+        if layer.q_norm is not None and not cfg.qk_norm_full:
             q = rms_norm(q, layer.q_norm, cfg.norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.norm_eps)
         local = cfg.local_layers[i]

@@ -64,18 +64,21 @@ def test_make_model_writes_what_llama_cpp_runs(tmp_path):
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "qwen2moe", "olmoe"])
 def test_mixture_of_experts_agrees_with_llama_cpp(tmp_path, arch):
-    """Random-weight MoE models from make-model (8 experts, top 2; Mixtral-style llama, and qwen3moe with its
-    per-head q/k norms and NEOX rope), float32: the same logits as llama.cpp over 3 prompts x 64 generated
-    tokens, and the same greedy tokens. Under --ram or into a store they are refused in one line."""
+    """Random-weight MoE models from make-model (8 experts, top 2): Mixtral-style llama (renormalized top-k
+    weights), qwen3moe (per-head q/k norms, NEOX rope, renormalized), qwen2moe (q/k/v biases, raw top-k
+    weights, a sigmoid-gated shared expert), olmoe (q/k norms over all heads, raw weights), in float32: the
+    same logits as llama.cpp over 3 prompts x 64 generated tokens, and the same greedy tokens. Converting one
+    into a store is refused in one line."""
     from edge.errors import EdgeError
     from weights_tools.__main__ import main
     from weights_tools.convert import convert
 
     path = tmp_path / f"{arch}-moe.gguf"
+    kv_heads = "4" if arch == "olmoe" else "2"  # olmoe's k norm spans all heads: no grouped KV
     assert main(["make-model", "--arch", arch, "--experts", "8", "--top-k", "2", "--layers", "2", "--dim", "128",
-                 "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--quant", "F32", "--out", str(path)]) == 0
+                 "--ffn", "96", "--heads", "4", "--kv-heads", kv_heads, "--quant", "F32", "--out", str(path)]) == 0
     p = measure(path, "numpy", n_gen=64, n_greedy=32, peer_kwargs={"f32_kv": True})
     print(p)
     assert min(p.top1) >= 0.99 and p.mean_abs < 0.005

@@ -46,8 +46,11 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
     path = Path(path)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, arch=arch)
-    if arch == "qwen3moe" and not experts:
-        raise ValueError("qwen3moe needs experts")
+    from edge.config import MOE_ARCHS
+
+    if arch in MOE_ARCHS and not experts:
+        raise ValueError(f"{arch} needs experts")
+    untied_output = untied_output or arch in ("qwen2moe", "olmoe")  # llama.cpp requires their output matrix
     expert_hidden = expert_hidden or hidden
     w.add_block_count(layers)
     w.add_context_length(context)
@@ -57,6 +60,8 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
         w.add_expert_count(experts)
         w.add_expert_used_count(top_k)
         w.add_expert_feed_forward_length(expert_hidden)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(hidden)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(1e-5)
@@ -72,7 +77,8 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
     std = std or 0.64 / float(np.sqrt(dim))  # 0.08 at dim 64: a tame random model at any width
 
     head_dim = dim // heads
-    # (name, shape, kind): "matrix" in the quant type, "norm" (1 + noise, float32), "f32" (a float32 matrix)
+    # (name, shape, kind): "matrix" in the quant type, "norm" (1 + noise, float32), "f32" (a float32 matrix),
+    # "bias" (float32 noise)
     plan: list[tuple[str, tuple, str]] = [("token_embd.weight", (vocab, dim), "matrix"),
                                           ("output_norm.weight", (dim,), "norm")]
     if untied_output:
@@ -86,6 +92,16 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
                  (p + "attn_output.weight", (dim, heads * head_dim), "matrix")]
         if arch == "qwen3moe":
             plan += [(p + "attn_q_norm.weight", (head_dim,), "norm"), (p + "attn_k_norm.weight", (head_dim,), "norm")]
+        if arch == "olmoe":  # one norm over all of q, one over all of k
+            plan += [(p + "attn_q_norm.weight", (heads * head_dim,), "norm"),
+                     (p + "attn_k_norm.weight", (kv_heads * head_dim,), "norm")]
+        if arch == "qwen2moe":
+            plan += [(p + "attn_q.bias", (heads * head_dim,), "bias"), (p + "attn_k.bias", (kv_heads * head_dim,), "bias"),
+                     (p + "attn_v.bias", (kv_heads * head_dim,), "bias"),
+                     (p + "ffn_gate_inp_shexp.weight", (dim,), "bias"),
+                     (p + "ffn_gate_shexp.weight", (hidden, dim), "matrix"),
+                     (p + "ffn_up_shexp.weight", (hidden, dim), "matrix"),
+                     (p + "ffn_down_shexp.weight", (dim, hidden), "matrix")]
         if experts:
             plan += [(p + "ffn_gate_inp.weight", (experts, dim), "f32"),
                      (p + "ffn_gate_exps.weight", (experts, expert_hidden, dim), "matrix"),
@@ -104,7 +120,7 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
         x = rng.standard_normal(shape).astype(np.float32) * (std if kind != "norm" else 0.1)
         if kind == "norm":
             return 1.0 + x, None
-        if kind == "f32" or qt == gguf.GGMLQuantizationType.F32:
+        if kind in ("f32", "bias") or qt == gguf.GGMLQuantizationType.F32:
             return x, None
         return gguf.quantize(x, qt), qt
 
@@ -150,9 +166,9 @@ EXAMPLES = """examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("make-model", help="write a random-weight GGUF of any size (llama, Mixtral-style llama, qwen3moe)",
+    p = sub.add_parser("make-model", help="write a random-weight GGUF of any size (llama, Mixtral-style llama, qwen3moe, qwen2moe, olmoe)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="llama", choices=("llama", "qwen3moe"),
+    p.add_argument("--arch", default="llama", choices=("llama", "qwen3moe", "qwen2moe", "olmoe"),
                    help="architecture (default llama; with --experts, Mixtral-style)")
     p.add_argument("--experts", type=int, default=0, help="experts per layer (0: a dense FFN)")
     p.add_argument("--top-k", type=int, default=2, help="experts each token goes to (default 2)")
@@ -180,8 +196,10 @@ def _run(args) -> int:
     from weights_tools.convert import Progress
 
     heads = args.heads or max(1, args.dim // 64)
-    if args.arch == "qwen3moe" and not args.experts:
-        raise EdgeError("--arch qwen3moe is a mixture of experts: give --experts (and --top-k)")
+    if args.arch != "llama" and not args.experts:
+        raise EdgeError(f"--arch {args.arch} is a mixture of experts: give --experts (and --top-k)")
+    if args.arch == "olmoe" and args.kv_heads not in (None, heads):
+        raise EdgeError("--arch olmoe has as many key/value heads as heads (its k norm spans them all)")
     if args.experts and not 0 < args.top_k <= args.experts:
         raise EdgeError(f"--top-k {args.top_k}: between 1 and --experts {args.experts}")
     if args.dim % heads:
