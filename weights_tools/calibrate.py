@@ -38,16 +38,16 @@ def _activation(cfg):
     return ACTIVATIONS[cfg.activation]
 
 
-def _collect(store_path: Path, tokens: int, threads: int | None):
+def collect_activations(src, tokenizer_source, tokens: int, threads: int | None):
+    """Run the dense model over calibration text: per layer the FFN input x and activation h, and the final
+    hidden states (normed). src: an opened GGUFFile or Store; tokenizer_source: a GGUF with its vocabulary."""
     from edge.evaluate import calibration_text
     from edge.model import Transformer, rms_norm
-    from edge.store import Store
     from edge.tokenizer import Tokenizer
 
-    store = Store(store_path)
-    cfg = store.config
-    model = Transformer(store, min(256, cfg.context_length), backend="ort", threads=threads)
-    tok = Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template)
+    cfg = src.config
+    model = Transformer(src, min(256, cfg.context_length), backend="ort", threads=threads)
+    tok = Tokenizer(tokenizer_source, cfg.arch, src.chat_template)
     ids = tok.encode(calibration_text())
     if len(ids) < tokens:
         raise EdgeError(f"calibration text has {len(ids)} tokens, {tokens} asked; lower --calib-tokens")
@@ -66,8 +66,8 @@ def _collect(store_path: Path, tokens: int, threads: int | None):
         model.forward(chunk, 0, all_logits=True)
         finals.append(model.last_hidden)
     model.trace = None
-    return store, model, ({i: np.concatenate(v) for i, v in xs.items()}, {i: np.concatenate(v) for i, v in hs.items()},
-                          rms_norm(np.concatenate(finals), model.output_norm, cfg.norm_eps))
+    return model, ({i: np.concatenate(v) for i, v in xs.items()}, {i: np.concatenate(v) for i, v in hs.items()},
+                   rms_norm(np.concatenate(finals), model.output_norm, cfg.norm_eps))
 
 
 def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, tokens: int = 1024,
@@ -79,8 +79,11 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
 
     from weights_tools.convert import _write_array
 
+    from edge.store import Store
+
     store_path = Path(store_path)
-    store, model, (X, H, Y) = _collect(store_path, tokens, threads)
+    store = Store(store_path)
+    model, (X, H, Y) = collect_activations(store, store.tokenizer_path, tokens, threads)
     cfg = store.config
     act = _activation(cfg)
     if head_rank % 32:
