@@ -145,40 +145,13 @@ def write_sweep(rows: list[dict], out: Path) -> None:
 
 
 def _svg(rows: list[dict]) -> str:
-    """tok/s against the budget for both systems, as a small self-contained SVG line plot."""
-    w, h, m = 640, 400, 60
-    xs = [r["ram"] for r in rows]
-    series = {"edge": [r["ours"].get("tok_s") for r in rows],
-              "llama.cpp": [r.get("peer", {}).get("tok_s") for r in rows]}
-    ymax = max([v for s in series.values() for v in s if v] + [1.0]) * 1.1
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    """tok/s against the budget for both systems."""
+    from edge.plot import svg_lines
 
-    def px(x, y):
-        return m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - y / ymax * (h - 2 * m)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-             f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-             f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
-             f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
-             f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">RAM budget (memory cap)</text>',
-             f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">decode tok/s</text>']
-    for x in xs:
-        a, _ = px(x, 0)
-        parts.append(f'<text x="{a}" y="{h - m + 16}" text-anchor="middle">{format_size(x)}</text>')
-    for k in range(5):
-        y = ymax * k / 4
-        _, b = px(x0, y)
-        parts.append(f'<text x="{m - 6}" y="{b + 4}" text-anchor="end">{y:.0f}</text>')
-    for (name, ys), color in zip(series.items(), ("#1f77b4", "#d62728")):
-        pts = [px(x, y) for x, y in zip(xs, ys) if y]
-        if pts:
-            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
-                         + " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
-            parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in pts]
-        ly = m + 18 * (0 if name == "edge" else 1)
-        parts.append(f'<text x="{w - m - 90}" y="{ly}" fill="{color}">{name}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+    series = {"edge": [(r["ram"], r["ours"].get("tok_s")) for r in rows],
+              "llama.cpp": [(r["ram"], r.get("peer", {}).get("tok_s")) for r in rows]}
+    return svg_lines(series, "RAM budget (memory cap)", "decode tok/s", x_fmt=lambda v: format_size(int(v)),
+                     y_fmt=lambda v: f"{v:.0f}")
 
 
 def cmd_bench(args) -> int:

@@ -57,6 +57,15 @@ class Plan:
         d.update(cache=self.cache, minimum=self.minimum, cached_fraction=round(self.cached_fraction, 4))
         return d
 
+    def parts(self) -> dict[str, int]:
+        """The budget by part, as the chat UI's bar draws it."""
+        return {"baseline": self.baseline, "KV cache": self.kv, "weights": self.resident,
+                "buffers": self.io + self.scratch + self.margin, "neuron cache": self.cache}
+
+    def summary(self) -> str:
+        return (f"{self.slots}/{self.n_clusters} FFN clusters per layer cached,\n"
+                f"{100 * (1 - self.cached_fraction):.0f}% stream from flash")
+
     def lines(self) -> list[str]:
         f = format_size
         return [f"budget {f(self.budget)}: baseline {f(self.baseline)}, KV cache {f(self.kv)}, I/O buffer "
@@ -157,3 +166,89 @@ def warn_above_physical(budget: int) -> str | None:
     if budget > total:
         return f"--ram {format_size(budget)} is more than this machine's {format_size(total)} of RAM"
     return None
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """A budget over a BitStack model (`edge stack`): what is not the stack (baseline, KV cache, I/O buffer,
+    embedding, head and norms as stored, the sign scratch, margin) plus one block of every linear is the
+    minimum; the rest loads the longest prefix of the universal order that fits."""
+
+    budget: int
+    baseline: int
+    kv: int
+    io: int
+    resident: int         # embedding, head, norms, scales
+    margin: int
+    scratch: int          # the Q4_0 sign matrices of the group computing
+    base: int             # one block of every linear
+    prefix: int           # order entries loaded on top of the base
+    stack_bytes: int      # all loaded blocks (base included)
+    full_bytes: int       # every block of the stack
+    entries: int          # length of the order
+    params: int           # weights in the stacked linears
+    strategy: str = "bitstack"
+
+    @property
+    def minimum(self) -> int:
+        return self.baseline + self.kv + self.io + self.resident + self.margin + self.scratch + self.base
+
+    @property
+    def bits(self) -> float:
+        return 8 * self.stack_bytes / self.params
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(minimum=self.minimum, bits_per_weight=round(self.bits, 3))
+        return d
+
+    def parts(self) -> dict[str, int]:
+        return {"baseline": self.baseline, "KV cache": self.kv, "weights": self.resident,
+                "buffers": self.io + self.scratch + self.margin, "BitStack": self.stack_bytes}
+
+    def summary(self) -> str:
+        return f"BitStack {self.bits:.2f} bits/weight,\n{self.prefix}/{self.entries} blocks past the base"
+
+    def lines(self) -> list[str]:
+        f = format_size
+        return [f"budget {f(self.budget)}: baseline {f(self.baseline)}, KV cache {f(self.kv)}, I/O buffer "
+                f"{f(self.io)}, embedding/head/norms {f(self.resident)}, sign scratch {f(self.scratch)}, "
+                f"margin {f(self.margin)}",
+                f"BitStack {f(self.stack_bytes)} loaded ({self.bits:.2f} bits per weight): one block of every "
+                f"linear ({f(self.base)}) and {self.prefix}/{self.entries} of the order; full depth "
+                f"{f(self.full_bytes)}"]
+
+
+def stack_resident_bytes(store) -> int:
+    """Embedding, head and norms as stored, and the stack's scales (float32)."""
+    cfg = store.config
+    total = 0
+    for name, t in store.attrs["tensors"].items():
+        shape = t["shape"]
+        if name in ("token_embd.weight", "output.weight"):
+            total += shape[0] * quants.FORMATS[t["type"]].row_bytes(shape[1])
+        elif len(shape) == 1:
+            total += 4 * shape[0]  # norms, biases: float32 in RAM
+    return total + 4 * cfg.n_layers * (2 * cfg.dim + cfg.q_dim + cfg.hidden_dim)
+
+
+def make_stack_plan(store, budget: int, baseline: int, n_ctx: int) -> StackPlan:
+    import numpy as np
+
+    from edge.bitstack import SCRATCH_BYTES, StackInfo
+    from edge.model import KVCache
+
+    cfg = store.config
+    info = StackInfo.of(store)
+    sizes = info.prefix_bytes()
+    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER,
+                 resident=stack_resident_bytes(store), margin=MARGIN + activation_bytes(cfg, n_ctx),
+                 scratch=SCRATCH_BYTES, base=info.base_bytes, full_bytes=int(sizes[-1]), entries=len(info.order),
+                 params=info.params())
+    probe = StackPlan(prefix=0, stack_bytes=info.base_bytes, **fixed)
+    if budget < probe.minimum:
+        raise EdgeError(f"--ram {format_size(budget)} is below the minimum of {format_size(probe.minimum)} for "
+                        f"this stacked model with a context of {n_ctx} tokens; raise --ram or lower --ctx")
+    room = budget - (probe.minimum - info.base_bytes)
+    prefix = int(np.searchsorted(sizes, room, side="right")) - 1
+    return StackPlan(prefix=prefix, stack_bytes=int(sizes[prefix]), **fixed)

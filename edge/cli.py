@@ -35,6 +35,9 @@ EXAMPLES_BENCH = """examples:
 """
 
 
+STRATEGIES = ("auto", "sparse", "naive", "bitstack")
+
+
 def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="path to a GGUF model; omitted: the embedded default, SmolLM2-135M-Instruct")
@@ -48,8 +51,10 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
     b = p.add_argument_group("RAM budget (a store calibrated with `edge convert --calibrate`)")
     b.add_argument("--ram", default=None, metavar="SIZE",
                    help="budget for the whole process, like 2GB, 512MiB or 140MB: what does not fit streams from flash")
-    b.add_argument("--strategy", choices=("sparse", "naive"), default="sparse",
-                   help="sparse: neuron cache + predicted clusters (default); naive: every FFN weight read per token")
+    b.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                   help="sparse: neuron cache + predicted clusters; naive: every FFN weight read per token; bitstack: "
+                        "as many BitStack blocks as fit (`edge stack`); auto (default): bitstack on a stacked store, "
+                        "else sparse")
     b.add_argument("--sparsity", type=float, default=0.0,
                    help="fraction of FFN clusters the predictors may skip per token (0, 0.25, 0.5, 0.75, 0.9; "
                         "default 0: exact)")
@@ -121,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default=None, help="a GGUF file or .edge store (default model if omitted)")
     info.add_argument("--ram", default=None, metavar="SIZE", help="show what this budget keeps resident and streams")
     info.add_argument("--ctx", type=int, default=2048, help="context for the --ram plan (default 2048)")
-    info.add_argument("--strategy", choices=("sparse", "naive"), default="sparse")
+    info.add_argument("--strategy", choices=STRATEGIES, default="auto")
     info.add_argument("--sparsity", type=float, default=0.0)
 
     pf = sub.add_parser("probe-flash", help="measure the storage's read curve and save it as a device profile",
@@ -146,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-n", type=int, default=32, help="tokens to generate (default 32)")
     bench.add_argument("--ctx", type=int, default=256, help="context for both (default 256)")
     bench.add_argument("--threads", type=int, default=None, help="threads for both (default 2)")
-    bench.add_argument("--strategy", choices=("sparse", "naive"), default="sparse")
+    bench.add_argument("--strategy", choices=STRATEGIES, default="auto")
     bench.add_argument("--sparsity", type=float, default=0.0)
     bench.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")
     bench.add_argument("--sweep", default=None, metavar="SIZES", help="comma-separated budgets, e.g. 150MB,200MB,300MB")
@@ -303,6 +308,7 @@ def cmd_info(args) -> int:
         print(f"ffn bundles: clusters of {', '.join(map(str, clusters))} neurons, layer 0 bundle "
               f"{format_size(bundle)}; source {src.attrs['source']['file']} sha256 {src.attrs['source']['sha256'][:12]}")
         _info_calibration(src)
+        _info_stack(src)
     if plan is not None:
         print(f"with --ram {args.ram} and --ctx {min(args.ctx, cfg.context_length)}:")
         for line in plan.lines():
@@ -330,10 +336,28 @@ def _info_calibration(src) -> None:
           f"candidates {100 * info['head']['top1_in_candidates']:.1f}% of held-out tokens")
 
 
+def _info_stack(src) -> None:
+    from edge.bitstack import StackInfo
+    from edge.sizes import format_size
+
+    if "stack" not in src.attrs:
+        print("BitStack: none (`edge stack MODEL.edge` builds one)")
+        return
+    info, a = StackInfo.of(src), src.attrs["stack"]
+    sizes = info.prefix_bytes()
+    bpw = 8 / info.params()
+    ranks = sorted({lin["rank"] for lin in info.linears.values()})
+    print(f"BitStack: {info.iters} blocks per linear (rank {', '.join(map(str, ranks))}), "
+          f"{format_size(int(sizes[0]))} ({bpw * sizes[0]:.2f} bits/weight) to {format_size(int(sizes[-1]))} "
+          f"({bpw * sizes[-1]:.2f}) in {len(info.order)} steps")
+    print("  calibration perplexity with every linear at n blocks: "
+          + ", ".join(f"{n}: {p:.2f}" for n, p in enumerate(a["level_ppl"], 1)))
+
+
 def _info_plan(args, src, path):
     """What --ram would keep resident and what would stream (the same planner as run)."""
-    from edge.budget import make_plan
-    from edge.engine import _Meter
+    from edge.budget import make_plan, make_stack_plan
+    from edge.engine import _Meter, resolve_strategy
     from edge.sizes import parse_size
     from edge.sparse import check_calibrated
     from edge.store import Store
@@ -341,10 +365,15 @@ def _info_plan(args, src, path):
 
     if not isinstance(src, Store):
         raise EdgeError(f"{path}: --ram plans need a calibrated store; run `edge convert {path} --calibrate`")
-    check_calibrated(src, "--ram")
+    strategy = resolve_strategy(src, args.strategy)
+    if strategy != "bitstack":
+        check_calibrated(src, "--ram")
     Tokenizer(src.tokenizer_path, src.config.arch, src.chat_template)  # the baseline a run would have
     n_ctx = min(args.ctx, src.config.context_length)
-    return make_plan(src, parse_size(args.ram, flag="--ram"), _Meter().rss(), n_ctx, args.strategy, args.sparsity)
+    budget = parse_size(args.ram, flag="--ram")
+    if strategy == "bitstack":
+        return make_stack_plan(src, budget, _Meter().rss(), n_ctx)
+    return make_plan(src, budget, _Meter().rss(), n_ctx, strategy, args.sparsity)
 
 
 def cmd_probe_flash(args) -> int:

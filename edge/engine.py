@@ -81,7 +81,7 @@ class Engine:
 
     def __init__(self, model: str | Path | None = None, n_ctx: int = 2048, backend: str = "auto",
                  threads: int | None = None, verify: str = "first", ram: int | None = None,
-                 strategy: str = "sparse", sparsity: float = 0.0, window: int = 5, device: str | None = None,
+                 strategy: str = "auto", sparsity: float = 0.0, window: int = 5, device: str | None = None,
                  emulate: bool = False):
         """ram: a budget in bytes for the whole process (a calibrated store; see edge.budget).
         device: a device profile's name (edge.profile): its compute and read threads; with emulate, reads
@@ -131,10 +131,14 @@ class Engine:
             from edge.budget import PressureWatch, make_plan
             from edge.sparse import check_calibrated
 
-            check_calibrated(self.file, "--ram")
-            if strategy not in ("sparse", "naive"):
-                raise EdgeError(f"--strategy {strategy}: choose sparse or naive")
-            self.plan = make_plan(self.file, ram, self.meter.rss(), self.n_ctx, strategy, sparsity, window)
+            strategy = resolve_strategy(self.file, strategy)
+            if strategy == "bitstack":
+                from edge.budget import make_stack_plan
+
+                self.plan = make_stack_plan(self.file, ram, self.meter.rss(), self.n_ctx)
+            else:
+                check_calibrated(self.file, "--ram")
+                self.plan = make_plan(self.file, ram, self.meter.rss(), self.n_ctx, strategy, sparsity, window)
             self.pressure = PressureWatch(self.plan)
         self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads, plan=self.plan)
         if ram is None:
@@ -246,10 +250,20 @@ class Engine:
             raise EdgeError("this model runs without a budget (everything resident); start it with --ram to "
                             "change the budget live")
         p = self.plan
-        plan = make_plan(self.file, budget, p.baseline, self.n_ctx, p.strategy, p.sparsity, p.window)
+        if self.model.stack is not None:
+            from edge.budget import make_stack_plan
+
+            plan = make_stack_plan(self.file, budget, p.baseline, self.n_ctx)
+        else:
+            plan = make_plan(self.file, budget, p.baseline, self.n_ctx, p.strategy, p.sparsity, p.window)
         with self._lock:
             if self.model.sparse_ffn is not None:
                 self.model.sparse_ffn.resize(plan.slots)
+            if self.model.stack is not None:
+                from edge.model import _release_free_memory
+
+                self.model.stack.set_prefix(plan.prefix)  # reads only the added blocks, drops the last ones
+                _release_free_memory()
             self.plan = plan
             self.pressure.plan = self.plan
         return self.plan
@@ -261,7 +275,18 @@ class Engine:
         from edge.sizes import format_size
 
         need = self.pressure.check()
-        if need <= 0 or self.model.sparse_ffn is None or not self.model.sparse_ffn.caches:
+        if need <= 0:
+            return
+        if self.model.stack is not None:  # pop blocks off the top of the stack
+            before = self.plan
+            try:
+                self.resize(self.plan.budget - need)
+            except EdgeError:
+                self.resize(self.plan.minimum)
+            self.last.shrinks.append(f"memory pressure: BitStack down to {self.plan.bits:.2f} bits per weight "
+                                     f"({format_size(before.stack_bytes - self.plan.stack_bytes)} given back)")
+            return
+        if self.model.sparse_ffn is None or not self.model.sparse_ffn.caches:
             return
         before = self.model.sparse_ffn.cache_bytes
         slots = self.model.sparse_ffn.shrink(need)
@@ -285,3 +310,13 @@ class Engine:
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)
+
+
+def resolve_strategy(store, strategy: str) -> str:
+    """--strategy auto: bitstack when the store has a stack (`edge stack`), else sparse."""
+    choices = ("auto", "sparse", "naive", "bitstack")
+    if strategy not in choices:
+        raise EdgeError(f"--strategy {strategy}: choose one of {', '.join(choices)}")
+    if strategy == "auto":
+        return "bitstack" if "stack" in store.attrs else "sparse"
+    return strategy

@@ -133,10 +133,15 @@ class Transformer:
                             "is not built yet: run it without --ram")
         self.act = ACTIVATIONS[cfg.activation]
         self.backend = kernels.make_backend("ggml" if plan else backend, threads)
+        self.stack = None  # BitStack: the linears as loaded blocks (edge.bitstack), the rest resident as stored
+        if plan is not None and plan.strategy == "bitstack":
+            from edge.bitstack import Stack
+
+            self.stack = Stack(src, self.backend.ggml, plan.prefix)
         self.layers = [self._load_layer(src, i) for i in range(cfg.n_layers)]
         self.output_norm = _norm(src, "output_norm.weight", cfg.dim)
         self.sparse_ffn = None
-        if plan is not None:
+        if plan is not None and self.stack is None:
             from edge.sparse import ApproxHead, RowCache, SparseFFN
 
             self.sparse_ffn = SparseFFN(src, self.backend.ggml, self.act, plan.slots, plan.sparsity,
@@ -154,7 +159,9 @@ class Transformer:
         self.kv = KVCache(cfg, n_ctx)
         self.rope_global = Rope(cfg, cfg.rope_base, n_ctx)
         self.rope_local = Rope(cfg, cfg.rope_base_local, n_ctx) if cfg.sliding_window else self.rope_global
-        self.trace = None  # calibration: called as trace(layer, ffn_input, hidden_activation) on every FFN
+        # calibration: trace(layer, point, x) with the input of every dense linear group: "attn_in" (q, k, v),
+        # "attn_out" (the attention output projection), "ffn_in" (gate, up), "ffn_h" (down)
+        self.trace = None
         _release_free_memory()
 
     def _load_layer(self, src, i: int) -> Layer:
@@ -162,16 +169,21 @@ class Transformer:
         p = f"blk.{i}."
         lin = self.backend.linear_group
         dim, hidden, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
+        stack = self.stack
         dense = not self.plan and not cfg.n_experts
         layer = Layer(
             attn_norm=_norm(src, p + "attn_norm.weight", dim),
-            qkv=lin([src.tensor(p + "attn_q.weight", (cfg.q_dim, dim)), src.tensor(p + "attn_k.weight", (kv, dim)),
-                     src.tensor(p + "attn_v.weight", (kv, dim))]),
-            attn_output=lin([src.tensor(p + "attn_output.weight", (dim, cfg.q_dim))]),
+            qkv=stack.group(i, "attn_in") if stack else lin([
+                src.tensor(p + "attn_q.weight", (cfg.q_dim, dim)), src.tensor(p + "attn_k.weight", (kv, dim)),
+                src.tensor(p + "attn_v.weight", (kv, dim))]),
+            attn_output=stack.group(i, "attn_out") if stack else lin([src.tensor(p + "attn_output.weight",
+                                                                                 (dim, cfg.q_dim))]),
             ffn_norm=_norm(src, p + "ffn_norm.weight", dim),
-            gate_up=lin([src.tensor(p + "ffn_gate.weight", (hidden, dim)),
-                         src.tensor(p + "ffn_up.weight", (hidden, dim))]) if dense else None,
-            down=lin([src.tensor(p + "ffn_down.weight", (dim, hidden))]) if dense else None,
+            gate_up=stack.group(i, "ffn_in") if stack else lin([
+                src.tensor(p + "ffn_gate.weight", (hidden, dim)),
+                src.tensor(p + "ffn_up.weight", (hidden, dim))]) if dense else None,
+            down=stack.group(i, "ffn_h") if stack else lin([src.tensor(p + "ffn_down.weight", (dim, hidden))])
+            if dense else None,
         )
         if cfg.n_experts:
             layer.router, layer.experts = self._load_experts(src, p)
@@ -258,7 +270,7 @@ class Transformer:
         else:
             h = self._hidden(tokens, 0)
         x = rms_norm(h, self.output_norm, self.cfg.norm_eps)
-        if self.plan is not None:
+        if self.token_embd is None:  # the head streams (edge.sparse.ApproxHead)
             return self.output.nll(x[:-1], tokens[1:])
         (logits,) = self.output(x)
         return token_nll(logits, tokens)
@@ -299,7 +311,8 @@ class Transformer:
         gate, up = layer.gate_up(x)
         act = self.act(gate) * up
         if self.trace is not None:
-            self.trace(i, x, act)
+            self.trace(i, "ffn_in", x)
+            self.trace(i, "ffn_h", act)
         (h,) = layer.down(act)
         return h
 
@@ -333,6 +346,8 @@ class Transformer:
         cfg = self.cfg
         t = x.shape[0]
         end = start + t
+        if self.trace is not None:
+            self.trace(i, "attn_in", x)
         q, k, v = layer.qkv(x)
         if layer.qkv_bias is not None:
             b = layer.qkv_bias
@@ -368,5 +383,7 @@ class Transformer:
         scores /= scores.sum(axis=-1, keepdims=True)
         out = scores @ values[:, None]  # (n_kv, group, T, hd)
         out = out.transpose(2, 0, 1, 3).reshape(t, cfg.q_dim)
+        if self.trace is not None:
+            self.trace(i, "attn_out", out)
         (h,) = layer.attn_output(out)
         return h

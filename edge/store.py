@@ -146,8 +146,8 @@ class Store:
     def _crcs(self, arr: _Array, engine: IOEngine) -> np.ndarray:
         """The array's chunk checksums, read once per array."""
         if arr.path not in self._crc_cache:
-            head, _, tail = arr.path.partition("/")  # sparse/ (calibration) keeps its own crc/ inside
-            crc = self.array(f"sparse/crc/{tail}" if head == "sparse" else "crc/" + arr.path)
+            head, _, tail = arr.path.partition("/")  # sparse/ (calibration), stack/ keep their own crc/ inside
+            crc = self.array(f"{head}/crc/{tail}" if head in ("sparse", "stack") else "crc/" + arr.path)
             self._crc_cache[arr.path] = np.frombuffer(self.read_chunks(crc, [0], check=False, engine=engine)[0], "<u4")
         return self._crc_cache[arr.path]
 

@@ -211,11 +211,7 @@ class ChatApp(App):
         e = self.engine
         p = e.plan
         if p is not None:
-            parts = {"baseline": p.baseline, "KV cache": p.kv, "weights": p.resident,
-                     "buffers": p.io + p.scratch + p.margin, "neuron cache": p.cache}
-            self.stats.update(budget=p.budget, minimum=p.minimum, parts=parts,
-                              cache=f"{p.slots}/{p.n_clusters} FFN clusters per layer cached,\n"
-                                    f"{100 * (1 - p.cached_fraction):.0f}% stream from flash")
+            self.stats.update(budget=p.budget, minimum=p.minimum, parts=p.parts(), cache=p.summary())
         else:
             weights, kv = e.model.backend.resident_bytes, e.model.kv.nbytes
             rss = e.meter.rss()
@@ -398,7 +394,7 @@ class ChatApp(App):
         def done() -> None:
             self._plan_stats()
             self._refresh_stats()
-            self.notify(f"{format_size(plan.budget)}: {plan.slots}/{plan.n_clusters} FFN clusters per layer in RAM "
+            self.notify(f"{format_size(plan.budget)}: {plan.summary().replace(chr(10), ' ')} "
                         f"(re-planned in {1e3 * took:.0f} ms)", title="Budget changed")
 
         self.call_from_thread(done)

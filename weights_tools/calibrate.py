@@ -55,9 +55,9 @@ def collect_activations(src, tokenizer_source, tokens: int, threads: int | None)
     hs: dict[int, list] = {i: [] for i in range(cfg.n_layers)}
     finals: list = []
 
-    def trace(i, x, h):
-        xs[i].append(x.astype(np.float32))
-        hs[i].append(h.astype(np.float32))
+    def trace(i, point, x):
+        if point in ("ffn_in", "ffn_h"):
+            (xs if point == "ffn_in" else hs)[i].append(x.astype(np.float32))
 
     model.trace = trace
     win = model.n_ctx

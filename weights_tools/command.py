@@ -119,3 +119,62 @@ def prepare_default_store(on_progress=None, force: bool = False):
     convert(default_model_path(), target, quiet=True, on_progress=lambda f, label: tell(0.5 * f, "converting"))
     calibrate(target, progress=lambda d, t: tell(0.5 + 0.5 * d / t, "calibrating"))
     return target
+
+
+STACK_EXAMPLES = """examples:
+  edge stack model.edge                        # 16 blocks per linear, rank scaled to each matrix
+  edge stack model.edge --iters 8 --rank 4     # fewer, cheaper blocks
+  edge run model.edge --ram 200MB              # then: as many blocks as 200MB allows
+  edge eval model.edge --ram 150MB             # perplexity at that size
+  edge info model.edge --ram 150MB             # the depth a budget gives
+
+Interrupted? Run the same command again: it continues where it stopped.
+"""
+
+
+def register_stack(sub) -> None:
+    p = sub.add_parser("stack", help="BitStack: decompose a store's weights into ~1-bit residual blocks, loadable "
+                                     "at any size", epilog=STACK_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("store", help="a store written by `edge convert` (a .edge directory)")
+    p.add_argument("--iters", type=int, default=16, help="residual blocks per linear (default 16)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="rank of each block's magnitude factors (default: scaled to the matrix, 16 on 4096 x 4096)")
+    p.add_argument("--calib", type=int, default=1024, help="calibration tokens for the activation scales (default 1024)")
+    p.add_argument("--order-tokens", type=int, default=128,
+                   help="held-out tokens each perplexity of the universal order is measured on (default 128)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_stack)
+
+
+def _run_stack(args) -> int:
+    import time
+    from pathlib import Path
+
+    from edge.errors import EdgeError
+    from edge.sizes import format_size
+    from edge.store import is_store
+    from weights_tools.convert import Progress
+    from weights_tools.stack import stack
+
+    path = Path(args.store)
+    if not (path.is_dir() and is_store(path)):
+        raise EdgeError(f"{args.store}: not an edge store; run `edge convert {args.store}` first and stack the "
+                        ".edge directory")
+    t0 = time.perf_counter()
+    progress = Progress(1, 1, args.quiet)
+    try:
+        attrs = stack(path, iters=args.iters, rank=args.rank, calib=args.calib, order_tokens=args.order_tokens,
+                      threads=args.threads, progress=lambda d, t, label: progress.advance_to(d, t, label))
+    finally:
+        progress.close()
+    from edge.bitstack import StackInfo
+    from edge.store import Store
+
+    info = StackInfo.of(Store(path))
+    sizes = info.prefix_bytes()
+    print(f"stacked {path} in {time.perf_counter() - t0:.1f}s: {info.iters} blocks per linear, "
+          f"{format_size(int(sizes[0]))} to {format_size(int(sizes[-1]))}; calibration perplexity by depth "
+          + ", ".join(f"{p:.2f}" for p in attrs["level_ppl"]), file=sys.stderr)
+    return 0

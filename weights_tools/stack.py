@@ -1,0 +1,269 @@
+"""`edge stack`: a store's linear weights as BitStack residual stacks (Wang et al. 2024), in the same store.
+
+1. Activation-aware scaling: the dense model runs over `calib` tokens of calibration text in windows of 256;
+   for each group of linears sharing an input (q/k/v, attention output, gate/up, down) and each input channel
+   j, s_j = mean over windows of the L2 norm of channel j over the window's tokens, plus 1e-3. Weight columns
+   are multiplied by s, the runtime divides the group's input by s (edge.bitstack).
+2. Decomposition (edge.bitstack.decompose): `iters` blocks per linear, sign times rank-k magnitude of the
+   residual; rank by default scaled to the matrix (16 on 4096 x 4096, 1-3 on SmolLM2's 576-wide matrices,
+   so the factors cost ~1/8 bit per weight as in the paper).
+3. Universal order (the paper's "average" sorting): every linear keeps its first block. For each level
+   l = 1..iters-1, every linear at l blocks; each linear alone gets block l+1 and the perplexity over
+   `order_tokens` held-out calibration tokens is measured; the linears of the level are sorted by it, best
+   first. The order is level 1's list, then level 2's, ... Each evaluation reruns only the layers from the
+   changed linear's on (the inputs of earlier layers are kept per level). Non-finite perplexities sort last.
+
+Resumable: everything goes into `stack.partial/` inside the store with a marker per finished linear and the
+scores per finished level; a rerun with the same settings continues there. The last step renames it to
+`stack/` and writes the attributes (the commit point); a store without them loads as before.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edge import quants
+from edge.bitstack import GROUP_OF, GROUPS, LINEARS, auto_rank, block_bytes, decompose, split_block, unpack_signs
+from edge.errors import EdgeError
+
+WINDOW = 256
+
+
+def _tokens(store, n: int) -> list[int]:
+    from edge.evaluate import calibration_text
+    from edge.tokenizer import Tokenizer
+
+    tok = Tokenizer(store.tokenizer_path, store.config.arch, store.chat_template)
+    ids = tok.encode(calibration_text())
+    if len(ids) < n:
+        raise EdgeError(f"the calibration text has {len(ids)} tokens, {n} needed; lower --calib or --order-tokens")
+    return ids[:n]
+
+
+def activation_scales(store, ids: list[int], threads: int | None) -> dict[tuple[int, str], np.ndarray]:
+    """s per (layer, group): the mean over windows of each input channel's L2 norm over the window, + 1e-3."""
+    from edge.model import Transformer
+
+    model = Transformer(store, min(WINDOW, store.config.context_length), backend="ort", threads=threads)
+    sums: dict[tuple[int, str], np.ndarray] = {}
+    window: dict[tuple[int, str], np.ndarray] = {}
+
+    def trace(i, point, x):
+        sq = np.square(x, dtype=np.float64).sum(axis=0)
+        window[(i, point)] = window.get((i, point), 0.0) + sq
+
+    model.trace = trace
+    n = 0
+    for start in range(0, len(ids), model.n_ctx):
+        window.clear()
+        model.forward(np.asarray(ids[start:start + model.n_ctx]), 0)
+        for key, sq in window.items():
+            sums[key] = sums.get(key, 0.0) + np.sqrt(sq)
+        n += 1
+    return {key: (v / n + 1e-3).astype(np.float32) for key, v in sums.items()}
+
+
+def _linear_names(cfg) -> list[str]:
+    return [f"blk.{i}.{name}.weight" for i in range(cfg.n_layers) for name in LINEARS]
+
+
+def _split(name: str) -> tuple[int, str]:
+    _, i, lin, _ = name.split(".")
+    return int(i), lin
+
+
+def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, calib: int = 1024,
+          order_tokens: int = 128, threads: int | None = None, progress=None) -> dict:
+    """Build the stack in place; returns the attributes written under attributes["edge"]["stack"].
+    progress(done, total, label) is told of every linear decomposed and every perplexity measured."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    from edge.store import Store
+    from weights_tools.convert import _write_array
+
+    store_path = Path(store_path)
+    store = Store(store_path)
+    cfg = store.config
+    if cfg.n_experts:
+        raise EdgeError(f"{store_path}: a mixture-of-experts model; BitStack covers dense models only")
+    if iters < 1 or (rank is not None and rank < 1):
+        raise EdgeError("--iters and --rank must be at least 1")
+    names = _linear_names(cfg)
+    shapes = {name: tuple(store.attrs["tensors"][name]["shape"]) if name in store.attrs["tensors"]
+              else _ffn_shape(cfg, name) for name in names}
+    params = {"iters": iters, "rank": rank, "calib": calib, "order_tokens": order_tokens,
+              "source": store.attrs["source"]["sha256"], "version": 1}
+    partial = store_path / "stack.partial"
+    if partial.exists():
+        try:
+            same = json.loads((partial / "params.json").read_text()) == params
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(partial)
+    fresh = not partial.exists()
+    group = zarr.open_group(LocalStore(partial), mode="a")
+    if fresh:
+        (partial / "params.json").write_text(json.dumps(params))
+    (partial / "done").mkdir(exist_ok=True)
+    ids = _tokens(store, calib + order_tokens)
+    total = len(names) + (iters - 1) * len(names)
+    tell = progress or (lambda done, total, label: None)
+
+    # 1. scales
+    scale_path = partial / "scales.npz"
+    if scale_path.exists():
+        with np.load(scale_path) as z:
+            scales = {(int(k.split(".")[0]), k.split(".")[1]): z[k] for k in z.files}
+    else:
+        tell(0, total, "activation scales")
+        scales = activation_scales(store, ids[:calib], threads)
+        tmp = partial / "scales.tmp.npz"
+        np.savez(tmp, **{f"{i}.{g}": s for (i, g), s in scales.items()})
+        tmp.replace(scale_path)
+    for i in range(cfg.n_layers):
+        for g in GROUPS:
+            key = f"scale.{i}.{g}"
+            if not (partial / "done" / key).exists():
+                _write_array(group, key, (1.0 / scales[(i, g)]).astype(np.float32).view(np.uint8).reshape(1, -1), 1)
+                (partial / "done" / key).touch()
+
+    # 2. decomposition
+    linears = {}
+    for done, name in enumerate(names):
+        i, lin = _split(name)
+        rows, cols = shapes[name]
+        k = rank or auto_rank(rows, cols)
+        linears[name] = {"rows": rows, "cols": cols, "rank": k, "block_bytes": block_bytes(rows, cols, k)}
+        if (partial / "done" / name).exists():
+            continue
+        t = store.tensor(name)
+        w = quants.dequantize(t.raw, t.type_id, t.cols).reshape(rows, cols) * scales[(i, GROUP_OF[lin])][None, :]
+        blocks = np.stack(list(decompose(w, iters, k)))
+        _write_array(group, name, blocks, 1)
+        (partial / "done" / name).touch()
+        tell(done + 1, total, f"decompose {name}")
+
+    # 3. universal order
+    order, level_ppl = _universal_order(store, partial, group, names, linears, scales, iters,
+                                        ids[calib:calib + order_tokens], threads,
+                                        lambda d, label: tell(len(names) + d, total, label))
+    attrs = {"iters": iters, "calib_tokens": calib, "order_tokens": order_tokens, "linears": linears,
+             "order": order, "level_ppl": level_ppl}
+    final = store_path / "stack"
+    shutil.rmtree(final, ignore_errors=True)
+    for f in ("params.json", "scales.npz", "order.json"):
+        (partial / f).unlink(missing_ok=True)
+    shutil.rmtree(partial / "done")
+    partial.rename(final)
+    meta_path = store_path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["edge"]["stack"] = attrs
+    tmp = meta_path.with_name("zarr.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(meta_path)  # the commit point
+    return attrs
+
+
+def _ffn_shape(cfg, name: str) -> tuple[int, int]:
+    lin = _split(name)[1]
+    return (cfg.dim, cfg.hidden_dim) if lin == "ffn_down" else (cfg.hidden_dim, cfg.dim)
+
+
+class _OrderGroup:
+    """A linear group of dense float32 reconstructions at the current level; `tested` (one linear) uses its
+    next block too."""
+
+    def __init__(self, names: list[str], state: dict, inv_scale: np.ndarray):
+        self.names, self.state, self.inv_scale = names, state, inv_scale
+
+    def __call__(self, x: np.ndarray) -> tuple:
+        xs = x * self.inv_scale
+        out = []
+        for name in self.names:
+            w = self.state["w"][name]
+            if name == self.state["tested"]:
+                w = w + self.state["next"][name]
+            out.append(xs @ w.T)
+        return tuple(out)
+
+
+def _universal_order(store, partial: Path, group, names, linears, scales, iters, ids, threads, tell):
+    from edge.evaluate import token_nll
+    from edge.model import Transformer, rms_norm
+
+    cfg = store.config
+    scores_path = partial / "order.json"
+    scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    arrays = {name: group[name] for name in names}
+
+    def block(name: str, b: int) -> np.ndarray:
+        lin = linears[name]
+        raw = np.asarray(arrays[name][b])
+        signs, u, v = split_block(raw, lin["rows"], lin["cols"], lin["rank"])
+        return unpack_signs(signs, lin["cols"]) * (u.astype(np.float32) @ v.astype(np.float32))
+
+    model = Transformer(store, len(ids), backend="numpy", threads=threads)
+    state = {"w": {}, "next": {}, "tested": None}
+    for i, layer in enumerate(model.layers):
+        inv = {g: 1.0 / scales[(i, g)] for g in GROUPS}
+        layer.qkv = _OrderGroup([f"blk.{i}.{n}.weight" for n in GROUPS["attn_in"]], state, inv["attn_in"])
+        layer.attn_output = _OrderGroup([f"blk.{i}.attn_output.weight"], state, inv["attn_out"])
+        layer.gate_up = _OrderGroup([f"blk.{i}.{n}.weight" for n in GROUPS["ffn_in"]], state, inv["ffn_in"])
+        layer.down = _OrderGroup([f"blk.{i}.ffn_down.weight"], state, inv["ffn_h"])
+    tokens = np.asarray(ids, dtype=np.int64)
+
+    def ppl_from(layer: int, x: np.ndarray) -> float:
+        for j in range(layer, cfg.n_layers):
+            x = model._block(j, model.layers[j], x, 0)
+        (logits,) = model.output(rms_norm(x, model.output_norm, cfg.norm_eps))
+        with np.errstate(all="ignore"):
+            return float(np.exp(token_nll(logits, tokens).mean()))
+
+    def inputs() -> list[np.ndarray]:
+        xs, x = [], model.embed(tokens)
+        for j, layer in enumerate(model.layers):
+            xs.append(x)
+            x = model._block(j, layer, x, 0)
+        return xs + [x]
+
+    order, level_ppl, done = [], [], 0
+    for name in names:
+        state["w"][name] = block(name, 0)
+    for level in range(1, iters):  # every linear at `level` blocks; try each one's block level + 1
+        for name in names:
+            state["next"][name] = block(name, level)
+        key = str(level)
+        if key not in scores:
+            xs = inputs()
+            level_scores = {}
+            for name in names:
+                state["tested"] = name
+                level_scores[name] = ppl_from(_split(name)[0], xs[_split(name)[0]])
+                done += 1
+                tell(done, f"order level {level}: {name}")
+            state["tested"] = None
+            base = ppl_from(cfg.n_layers, xs[-1])
+            scores[key] = {"base": base, "linears": level_scores}
+            tmp = scores_path.with_name("order.tmp.json")
+            tmp.write_text(json.dumps(scores))
+            tmp.replace(scores_path)
+        else:
+            done += len(names)
+        level_ppl.append(scores[key]["base"])
+        ranked = sorted(names, key=lambda n: _finite(scores[key]["linears"][n]))
+        order += [[name, level] for name in ranked]
+        for name in names:
+            state["w"][name] += state["next"].pop(name)
+    state["tested"] = None
+    level_ppl.append(ppl_from(cfg.n_layers, inputs()[-1]))
+    return order, level_ppl
+
+
+def _finite(x: float) -> float:
+    return x if np.isfinite(x) else float("inf")
