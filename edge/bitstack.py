@@ -32,7 +32,8 @@ LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 GROUPS = {"attn_in": ("attn_q", "attn_k", "attn_v"), "attn_out": ("attn_output",),
           "ffn_in": ("ffn_gate", "ffn_up"), "ffn_h": ("ffn_down",)}
 GROUP_OF = {name: g for g, names in GROUPS.items() for name in names}
-SCRATCH_BYTES = 8 << 20  # Q4_0 sign matrices one ggml graph holds at most (more: several graphs)
+SCRATCH_BYTES = 4 << 20  # Q4_0 sign matrices one ggml graph holds at most (more: several graphs)
+REBUILD_TOKENS = 16      # batches of at least this many tokens rebuild the weights in float32 bands (measured)
 Q4_0, Q4_0_BYTES = 2, 18
 
 
@@ -80,6 +81,7 @@ def _q4_table() -> np.ndarray:
 
 
 Q4_TABLE = _q4_table()
+SIGN_F32 = (np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1)  # byte -> 8 signs
 ONE_F16 = np.array([1.0], np.float16).view(np.uint8)
 
 
@@ -189,6 +191,8 @@ class StackedGroup:
 
         xs = np.ascontiguousarray(x, np.float32) * self.inv_scale
         t = xs.shape[0]
+        if t >= REBUILD_TOKENS:
+            return tuple(_rebuilt_product(lin, xs) for lin in self.linears)
         outs = [np.zeros((t, lin.rows), np.float32) for lin in self.linears]
         jobs = [(j, b) for j, lin in enumerate(self.linears) for b in range(lin.depth)]
         while jobs:
@@ -210,6 +214,30 @@ class StackedGroup:
                 lin = self.linears[j]
                 outs[j] += np.einsum("tkm,mk->tm", y.reshape(t, lin.rank, lin.rows), lin.u[b].astype(np.float32))
         return tuple(outs)
+
+
+def _rebuilt_product(lin: StackedLinear, xs: np.ndarray) -> np.ndarray:
+    """xs @ W.T with W rebuilt in float32, a band of rows at a time in the scratch buffer (no full copy). The
+    rebuilt columns are in the signs' storage order, so xs and v are permuted to it instead of W."""
+    t, n = xs.shape
+    perm = _order(n)
+    xp = np.ascontiguousarray(xs[:, perm])
+    band = max(1, SCRATCH_BYTES // (12 * n))
+    buf = _scratch(3 * band * n * 4).view(np.float32)
+    out = np.empty((t, lin.rows), np.float32)
+    vps = [v.astype(np.float32)[:, perm] for v in lin.v]
+    for r0 in range(0, lin.rows, band):
+        r1 = min(lin.rows, r0 + band)
+        k = (r1 - r0) * n
+        w, mag, sign = buf[:k].reshape(-1, n), buf[band * n:band * n + k].reshape(-1, n), buf[2 * band * n:2 * band * n + k]
+        w[:] = 0
+        for b in range(lin.depth):
+            np.matmul(lin.u[b][r0:r1].astype(np.float32), vps[b], out=mag)
+            np.take(SIGN_F32, lin.signs[b][r0:r1], axis=0, out=sign.reshape(r1 - r0, n // 8, 8))
+            mag *= sign.reshape(-1, n)
+            w += mag
+        np.matmul(xp, w.T, out=out[:, r0:r1])
+    return out
 
 
 def _scratch_bytes(lin: StackedLinear) -> int:

@@ -68,12 +68,16 @@ class Plan:
 
     def lines(self) -> list[str]:
         f = format_size
-        return [f"budget {f(self.budget)}: baseline {f(self.baseline)}, KV cache {f(self.kv)}, I/O buffer "
-                f"{f(self.io)}, resident weights {f(self.resident)}, stream buffers {f(self.scratch)}, "
-                f"margin {f(self.margin)}",
+        return [_fixed_line(self, "resident weights", "stream buffers"),
                 f"neuron cache {f(self.cache)}: {self.slots}/{self.n_clusters} clusters per layer "
                 f"({100 * self.cached_fraction:.0f}% of the FFN's {f(self.ffn_bytes)}); the rest streams from flash "
                 f"({self.strategy}, sparsity {self.sparsity:g}, window {self.window})"]
+
+
+def _fixed_line(p, resident: str, scratch: str) -> str:
+    f = format_size
+    return (f"budget {f(p.budget)}: baseline {f(p.baseline)}, KV cache {f(p.kv)}, I/O buffer {f(p.io)}, "
+            f"{resident} {f(p.resident)}, {scratch} {f(p.scratch)}, margin {f(p.margin)}")
 
 
 def resident_bytes(store, predictors: bool) -> int:
@@ -87,6 +91,14 @@ def resident_bytes(store, predictors: bool) -> int:
     if predictors:
         rank = info["rank"]
         total += cfg.n_layers * (4 * cfg.dim * rank + 2 * rank * cfg.hidden_dim + 4 * cfg.hidden_dim)
+    return total + flash_head_bytes(store)
+
+
+def flash_head_bytes(store) -> int:
+    """The head scored by its low-rank copy with exact rows (and embedding rows) read from flash: what stays
+    resident (edge.sparse.ApproxHead, RowCache)."""
+    cfg, info = store.config, store.sparse
+    total = 0
     vocab, r = store.attrs["tensors"][info["head"]["tensor"]]["shape"][0], info["head_rank"]
     total += vocab * quants.FORMATS[quants.Q4_0].row_bytes(r) + 4 * cfg.dim * r  # low-rank head, basis
     from edge.sparse import ROW_CACHE
@@ -98,13 +110,13 @@ def resident_bytes(store, predictors: bool) -> int:
     return total
 
 
-def activation_bytes(cfg, n_ctx: int) -> int:
+def activation_bytes(cfg, n_ctx: int, chunk: int | None = None) -> int:
     """The temporaries of one prefill chunk: attention scores, the FFN's intermediates, copies of the hidden
     state (and the repeated inputs of batched products of streamed records)."""
     from edge.model import PREFILL_CHUNK
     from edge.sparse import REPEAT_BYTES
 
-    return PREFILL_CHUNK * (cfg.n_heads * n_ctx + 6 * cfg.hidden_dim + 8 * cfg.dim) * 4 + REPEAT_BYTES
+    return (chunk or PREFILL_CHUNK) * (cfg.n_heads * n_ctx + 6 * cfg.hidden_dim + 8 * cfg.dim) * 4 + REPEAT_BYTES
 
 
 def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sparse", sparsity: float = 0.0,
@@ -168,6 +180,9 @@ def warn_above_physical(budget: int) -> str | None:
     return None
 
 
+STACK_PREFILL_CHUNK = 64  # BitStack prompts: larger steps than PREFILL_CHUNK, each rebuilds every weight once
+
+
 @dataclass(frozen=True)
 class StackPlan:
     """A budget over a BitStack model (`edge stack`): what is not the stack (baseline, KV cache, I/O buffer,
@@ -188,6 +203,7 @@ class StackPlan:
     entries: int          # length of the order
     params: int           # weights in the stacked linears
     strategy: str = "bitstack"
+    chunk: int = STACK_PREFILL_CHUNK  # prompt positions per forward step: each step rebuilds the weights once
 
     @property
     def minimum(self) -> int:
@@ -211,21 +227,20 @@ class StackPlan:
 
     def lines(self) -> list[str]:
         f = format_size
-        return [f"budget {f(self.budget)}: baseline {f(self.baseline)}, KV cache {f(self.kv)}, I/O buffer "
-                f"{f(self.io)}, embedding/head/norms {f(self.resident)}, sign scratch {f(self.scratch)}, "
-                f"margin {f(self.margin)}",
+        return [_fixed_line(self, "embedding/head/norms", "sign scratch"),
                 f"BitStack {f(self.stack_bytes)} loaded ({self.bits:.2f} bits per weight): one block of every "
                 f"linear ({f(self.base)}) and {self.prefix}/{self.entries} of the order; full depth "
                 f"{f(self.full_bytes)}"]
 
 
 def stack_resident_bytes(store) -> int:
-    """Embedding, head and norms as stored, and the stack's scales (float32)."""
+    """Norms and the stack's scales (float32), and the embedding and head: from flash through the low-rank head
+    on a calibrated store, else resident as stored."""
     cfg = store.config
-    total = 0
+    total = flash_head_bytes(store) if store.sparse is not None else 0
     for name, t in store.attrs["tensors"].items():
         shape = t["shape"]
-        if name in ("token_embd.weight", "output.weight"):
+        if name in ("token_embd.weight", "output.weight") and store.sparse is None:
             total += shape[0] * quants.FORMATS[t["type"]].row_bytes(shape[1])
         elif len(shape) == 1:
             total += 4 * shape[0]  # norms, biases: float32 in RAM
@@ -241,9 +256,13 @@ def make_stack_plan(store, budget: int, baseline: int, n_ctx: int) -> StackPlan:
     cfg = store.config
     info = StackInfo.of(store)
     sizes = info.prefix_bytes()
-    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER,
-                 resident=stack_resident_bytes(store), margin=MARGIN + activation_bytes(cfg, n_ctx),
-                 scratch=SCRATCH_BYTES, base=info.base_bytes, full_bytes=int(sizes[-1]), entries=len(info.order),
+    largest = max(lin["block_bytes"] for lin in info.linears.values())
+    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
+                 io=max(IO_BUFFER, 2 * (largest + (64 << 10))),  # the I/O engine reads a whole block at once
+                 resident=stack_resident_bytes(store),
+                 margin=MARGIN + activation_bytes(cfg, n_ctx, STACK_PREFILL_CHUNK),
+                 scratch=max(SCRATCH_BYTES, max(lin["rows"] * lin["cols"] // 32 * 18 for lin in info.linears.values())),
+                 base=info.base_bytes, full_bytes=int(sizes[-1]), entries=len(info.order),
                  params=info.params())
     probe = StackPlan(prefix=0, stack_bytes=info.base_bytes, **fixed)
     if budget < probe.minimum:

@@ -319,7 +319,7 @@ def cmd_info(args) -> int:
 def _info_calibration(src) -> None:
     info = src.sparse
     if info is None:
-        print("calibration: none (`edge convert MODEL --calibrate` enables --ram)")
+        print("calibration: none (`edge convert MODEL --calibrate` enables --ram with --strategy sparse)")
         return
     import numpy as np
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from edge import flash
 from edge.errors import EdgeError
+from edge.flash import IOEngine
 from edge.sampling import Sampler, SamplerConfig
 
 
@@ -114,7 +115,6 @@ class Engine:
         io = None
         if ram is not None:
             from edge.budget import IO_BUFFER
-            from edge.flash import IOEngine
 
             io = IOEngine(threads=read_threads, buffer_bytes=IO_BUFFER)
         self.file = Store(self.path, engine=io, verify=verify) if self.path.is_dir() else GGUFFile(self.path)
@@ -136,6 +136,9 @@ class Engine:
                 from edge.budget import make_stack_plan
 
                 self.plan = make_stack_plan(self.file, ram, self.meter.rss(), self.n_ctx)
+                if self.plan.io > len(io.buffer):  # blocks larger than half the default buffer
+                    io.close()
+                    self.file.engine = IOEngine(threads=read_threads, buffer_bytes=self.plan.io)
             else:
                 check_calibrated(self.file, "--ram")
                 self.plan = make_plan(self.file, ram, self.meter.rss(), self.n_ctx, strategy, sparsity, window)

@@ -141,11 +141,12 @@ class Transformer:
         self.layers = [self._load_layer(src, i) for i in range(cfg.n_layers)]
         self.output_norm = _norm(src, "output_norm.weight", cfg.dim)
         self.sparse_ffn = None
-        if plan is not None and self.stack is None:
+        if plan is not None and (self.stack is None or src.sparse is not None):  # embedding and head from flash
             from edge.sparse import ApproxHead, RowCache, SparseFFN
 
-            self.sparse_ffn = SparseFFN(src, self.backend.ggml, self.act, plan.slots, plan.sparsity,
-                                        plan.window, plan.strategy, read_threads=src.engine.threads)
+            if self.stack is None:
+                self.sparse_ffn = SparseFFN(src, self.backend.ggml, self.act, plan.slots, plan.sparsity,
+                                            plan.window, plan.strategy, read_threads=src.engine.threads)
             self.token_embd = None
             info = src.attrs["tensors"]["token_embd.weight"]
             self.embd_type = info["type"]
@@ -281,9 +282,9 @@ class Transformer:
         if start + len(tokens) > self.n_ctx:
             raise EdgeError(f"context full: {start + len(tokens)} tokens exceed the context of {self.n_ctx}; "
                             "raise --ctx or start a new chat")
-        if self.plan is not None and len(tokens) > PREFILL_CHUNK:  # activations must fit the budget's margin
-            x = np.concatenate([self._hidden(tokens[i:i + PREFILL_CHUNK], start + i)
-                                for i in range(0, len(tokens), PREFILL_CHUNK)])
+        chunk = getattr(self.plan, "chunk", PREFILL_CHUNK)
+        if self.plan is not None and len(tokens) > chunk:  # activations must fit the budget's margin
+            x = np.concatenate([self._hidden(tokens[i:i + chunk], start + i) for i in range(0, len(tokens), chunk)])
             self.last_hidden = x
             return x
         x = self.embed(tokens)

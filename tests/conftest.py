@@ -77,6 +77,19 @@ def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q8_0", n_laye
                               extra_tensors=extra_tensors, std=0.08)
 
 
+@pytest.fixture(scope="session")
+def tiny_stacked(tmp_path_factory, smollm2) -> Path:
+    """A tiny random llama (SmolLM2's vocabulary) as a store with a 4-deep BitStack (`edge stack`)."""
+    from weights_tools.convert import convert
+    from weights_tools.stack import stack
+
+    d = tmp_path_factory.mktemp("bitstack")
+    src = write_tiny_gguf(d / "tiny.gguf", qtype="F32", n_layers=2, dim=64, tokenizer_from=smollm2)
+    store = convert(src, d / "tiny.edge", quiet=True)
+    stack(store, iters=4, calib=256, order_tokens=64)
+    return store
+
+
 @pytest.fixture
 def tiny_gguf(tmp_path) -> Path:
     return write_tiny_gguf(tmp_path / "tiny.gguf")

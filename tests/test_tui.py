@@ -84,6 +84,13 @@ def test_chat_exchange_stop_save_and_reopen():
     asyncio.run(scenario())
 
 
+async def _set_budget(pilot, size) -> None:
+    """Ctrl+B, the new budget, Enter."""
+    await pilot.press("ctrl+b")
+    await pilot.pause(0.2)
+    await pilot.press("ctrl+u", *str(size), "enter")
+
+
 def test_budget_changes_live_from_the_keyboard(smol_calibrated):
     async def scenario():
         app = ChatApp(str(smol_calibrated), sampler=SamplerConfig(temperature=0), max_tokens=16, n_ctx=256,
@@ -92,10 +99,7 @@ def test_budget_changes_live_from_the_keyboard(smol_calibrated):
             await _wait(pilot, lambda: app.engine is not None)
             plan = app.engine.plan
             assert f"budget {format_size(plan.budget)}" in panel(app) and "neuron cache" in panel(app)
-            small = plan.minimum + 4 * plan.slot_bytes
-            await pilot.press("ctrl+b")
-            await pilot.pause(0.2)
-            await pilot.press("ctrl+u", *str(small), "enter")
+            await _set_budget(pilot, plan.minimum + 4 * plan.slot_bytes)
             await _wait(pilot, lambda: app.engine.plan.budget != plan.budget)
             await pilot.pause(0.2)
             assert app.engine.plan.slots == 4 and f"4/{plan.n_clusters} FFN clusters" in panel(app)
@@ -109,11 +113,29 @@ def test_budget_changes_live_from_the_keyboard(smol_calibrated):
             assert "MB/s" in text and "reads/s" in text and "clusters hit" in text and "read per token" in text
 
             before = app.engine.plan
-            await pilot.press("ctrl+b")
-            await pilot.pause(0.2)
-            await pilot.press("ctrl+u", *"1MB", "enter")  # below the minimum: refused, nothing changes
+            await _set_budget(pilot, "1MB")  # below the minimum: refused, nothing changes
             await pilot.pause(1.0)
             assert app.engine.plan is before and app.is_running
+    asyncio.run(scenario())
+
+
+def test_bitstack_depth_changes_live(tiny_stacked):
+    """On a stacked store the bar shows the loaded stack; Ctrl+B pops blocks off it and the chat goes on."""
+    async def scenario():
+        app = ChatApp(str(tiny_stacked), sampler=SamplerConfig(temperature=0), max_tokens=4, n_ctx=64,
+                      threads=2, engine_options={"ram": 1 << 30}, save=False)
+        async with app.run_test(size=(130, 40)) as pilot:
+            await _wait(pilot, lambda: app.engine is not None)
+            stack = app.engine.model.stack
+            full = len(stack.info.order)
+            assert stack.prefix == full and f"{full}/{full} blocks past the base" in panel(app)
+            await _set_budget(pilot, app.engine.plan.minimum + int(stack.info.prefix_bytes()[2]) - stack.info.base_bytes)
+            await _wait(pilot, lambda: stack.prefix != full)
+            await pilot.pause(0.2)
+            assert stack.prefix == 2 and f"2/{full} blocks past the base" in panel(app) and "BitStack" in panel(app)
+            await pilot.click("#prompt")
+            await pilot.press(*"Hello", "enter")
+            await _wait(pilot, lambda: not app.generating and len(app.messages) == 2)
     asyncio.run(scenario())
 
 

@@ -77,7 +77,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
     import zarr
     from zarr.storage import LocalStore
 
-    from weights_tools.convert import _write_array
+    from weights_tools.convert import _write_array, commit_group
 
     from edge.store import Store
 
@@ -136,15 +136,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
                "head": {"tensor": head_name, **head_check}}
     if progress:
         progress(cfg.n_layers + 1, cfg.n_layers + 1)
-    final = store_path / "sparse"
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    meta_path = store_path / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    meta["attributes"]["edge"]["sparse"] = summary
-    tmp = meta_path.with_name("zarr.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(meta_path)  # the commit point
+    commit_group(store_path, partial, "sparse", summary)
     return summary
 
 

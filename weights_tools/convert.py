@@ -7,6 +7,7 @@ leaves something that opens as a model; a re-run removes the stale partial direc
 from __future__ import annotations
 
 import dataclasses
+import json
 import errno
 import hashlib
 import shutil
@@ -106,6 +107,22 @@ def _write_array(group, path: str, data: np.ndarray, rows_per_chunk: int) -> Non
     c = group.create_array("crc/" + path, shape=(1, n * 4), chunks=(1, n * 4), shards=(1, n * 4), dtype="uint8",
                            compressors=None, filters=None, fill_value=0)
     c[:] = crcs.view(np.uint8).reshape(1, -1)
+
+
+def commit_group(store_path: Path, partial: Path, key: str, attrs: dict) -> None:
+    """Put a finished part of a store in place: `partial` renamed to STORE/KEY, then attributes["edge"][KEY]
+    written by an atomic rename of zarr.json (the commit point: before it the store loads as it was)."""
+    import shutil
+
+    final = store_path / key
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    meta_path = store_path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["edge"][key] = attrs
+    tmp = meta_path.with_name("zarr.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(meta_path)
 
 
 def _write_tokenizer(src, dst: Path) -> None:

@@ -84,7 +84,7 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
     from zarr.storage import LocalStore
 
     from edge.store import Store
-    from weights_tools.convert import _write_array
+    from weights_tools.convert import _write_array, commit_group
 
     store_path = Path(store_path)
     store = Store(store_path)
@@ -155,18 +155,10 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
                                         lambda d, label: tell(len(names) + d, total, label))
     attrs = {"iters": iters, "calib_tokens": calib, "order_tokens": order_tokens, "linears": linears,
              "order": order, "level_ppl": level_ppl}
-    final = store_path / "stack"
-    shutil.rmtree(final, ignore_errors=True)
     for f in ("params.json", "scales.npz", "order.json"):
         (partial / f).unlink(missing_ok=True)
     shutil.rmtree(partial / "done")
-    partial.rename(final)
-    meta_path = store_path / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    meta["attributes"]["edge"]["stack"] = attrs
-    tmp = meta_path.with_name("zarr.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(meta_path)  # the commit point
+    commit_group(store_path, partial, "stack", attrs)
     return attrs
 
 
