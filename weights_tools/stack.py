@@ -1,6 +1,7 @@
 """`edge stack`: a store's linear weights as BitStack residual stacks (Wang et al. 2024), in the same store.
 
-1. Activation-aware scaling: the dense model runs over `calib` tokens of calibration text in windows of 256;
+1. Activation-aware scaling: the dense model runs over `calib` tokens of calibration text in windows of 256
+   (each starting with BOS when the model wants one);
    for each group of linears sharing an input (q/k/v, attention output, gate/up, down) and each input channel
    j, s_j = mean over windows of the L2 norm of channel j over the window's tokens, plus 1e-3. Weight columns
    are multiplied by s, the runtime divides the group's input by s (edge.bitstack).
@@ -8,8 +9,8 @@
    residual; rank by default scaled to the matrix (16 on 4096 x 4096, 1-3 on SmolLM2's 576-wide matrices,
    so the factors cost ~1/8 bit per weight as in the paper).
 3. Universal order (the paper's "average" sorting): every linear keeps its first block. For each level
-   l = 1..iters-1, every linear at l blocks; each linear alone gets block l+1 and the perplexity over
-   `order_tokens` held-out calibration tokens is measured; the linears of the level are sorted by it, best
+   l = 1..iters-1, every linear at l blocks; each linear alone gets block l+1 and the perplexity over one
+   window of `order_tokens` held-out calibration tokens is measured; the linears of the level are sorted by it, best
    first. The order is level 1's list, then level 2's, ... Each evaluation reruns only the layers from the
    changed linear's on (the inputs of earlier layers are kept per level). Non-finite perplexities sort last.
 
@@ -33,22 +34,27 @@ from edge.errors import EdgeError
 WINDOW = 256
 
 
-def _tokens(store, n: int) -> list[int]:
-    from edge.evaluate import calibration_text
+def _windows(store, calib: int, order_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Calibration text as windows of WINDOW tokens (scales) and one held-out window (order), each starting
+    with BOS when the model wants one (Gemma without it is another model)."""
+    from edge.evaluate import calibration_text, windows
     from edge.tokenizer import Tokenizer
 
     tok = Tokenizer(store.tokenizer_path, store.config.arch, store.chat_template)
-    ids = tok.encode(calibration_text())
-    if len(ids) < n:
-        raise EdgeError(f"the calibration text has {len(ids)} tokens, {n} needed; lower --calib or --order-tokens")
-    return ids[:n]
+    ids = tok.encode(calibration_text(), add_bos=False)
+    if len(ids) < calib + order_tokens:
+        raise EdgeError(f"the calibration text has {len(ids)} tokens, {calib + order_tokens} needed; lower --calib "
+                        "or --order-tokens")
+    bos = tok.bos_id if tok.add_bos else None
+    width = min(WINDOW, store.config.context_length)
+    return windows(ids[:calib], width, None, bos), windows(ids[calib:], order_tokens, 1, bos)[0]
 
 
-def activation_scales(store, ids: list[int], threads: int | None) -> dict[tuple[int, str], np.ndarray]:
+def activation_scales(store, wins: list[list[int]], threads: int | None) -> dict[tuple[int, str], np.ndarray]:
     """s per (layer, group): the mean over windows of each input channel's L2 norm over the window, + 1e-3."""
     from edge.model import Transformer
 
-    model = Transformer(store, min(WINDOW, store.config.context_length), backend="ort", threads=threads)
+    model = Transformer(store, max(len(w) for w in wins), backend="ort", threads=threads)
     sums: dict[tuple[int, str], np.ndarray] = {}
     window: dict[tuple[int, str], np.ndarray] = {}
 
@@ -57,14 +63,12 @@ def activation_scales(store, ids: list[int], threads: int | None) -> dict[tuple[
         window[(i, point)] = window.get((i, point), 0.0) + sq
 
     model.trace = trace
-    n = 0
-    for start in range(0, len(ids), model.n_ctx):
+    for w in wins:
         window.clear()
-        model.forward(np.asarray(ids[start:start + model.n_ctx]), 0)
+        model.forward(np.asarray(w), 0)
         for key, sq in window.items():
             sums[key] = sums.get(key, 0.0) + np.sqrt(sq)
-        n += 1
-    return {key: (v / n + 1e-3).astype(np.float32) for key, v in sums.items()}
+    return {key: (v / len(wins) + 1e-3).astype(np.float32) for key, v in sums.items()}
 
 
 def _linear_names(cfg) -> list[str]:
@@ -96,22 +100,22 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
     names = _linear_names(cfg)
     shapes = {name: tuple(store.attrs["tensors"][name]["shape"]) if name in store.attrs["tensors"]
               else _ffn_shape(cfg, name) for name in names}
-    params = {"iters": iters, "rank": rank, "calib": calib, "order_tokens": order_tokens,
-              "source": store.attrs["source"]["sha256"], "version": 1}
+    params = {"iters": iters, "rank": rank, "calib": calib, "source": store.attrs["source"]["sha256"], "version": 2}
     partial = store_path / "stack.partial"
     if partial.exists():
         try:
-            same = json.loads((partial / "params.json").read_text()) == params
+            old = json.loads((partial / "params.json").read_text())
         except (OSError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(partial)
-    fresh = not partial.exists()
+            old = None
+        if old is None or {k: v for k, v in old.items() if k != "order_tokens"} != params:
+            shutil.rmtree(partial)  # other blocks: start over
+        elif old.get("order_tokens") != order_tokens:
+            (partial / "order.json").unlink(missing_ok=True)  # same blocks, another order measurement
+    params["order_tokens"] = order_tokens
     group = zarr.open_group(LocalStore(partial), mode="a")
-    if fresh:
-        (partial / "params.json").write_text(json.dumps(params))
+    (partial / "params.json").write_text(json.dumps(params))
     (partial / "done").mkdir(exist_ok=True)
-    ids = _tokens(store, calib + order_tokens)
+    scale_wins, order_ids = _windows(store, calib, order_tokens)
     total = len(names) + (iters - 1) * len(names)
     tell = progress or (lambda done, total, label: None)
 
@@ -122,7 +126,7 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
             scales = {(int(k.split(".")[0]), k.split(".")[1]): z[k] for k in z.files}
     else:
         tell(0, total, "activation scales")
-        scales = activation_scales(store, ids[:calib], threads)
+        scales = activation_scales(store, scale_wins, threads)
         tmp = partial / "scales.tmp.npz"
         np.savez(tmp, **{f"{i}.{g}": s for (i, g), s in scales.items()})
         tmp.replace(scale_path)
@@ -150,8 +154,7 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
         tell(done + 1, total, f"decompose {name}")
 
     # 3. universal order
-    order, level_ppl = _universal_order(store, partial, group, names, linears, scales, iters,
-                                        ids[calib:calib + order_tokens], threads,
+    order, level_ppl = _universal_order(store, partial, group, names, linears, scales, iters, order_ids, threads,
                                         lambda d, label: tell(len(names) + d, total, label))
     attrs = {"iters": iters, "calib_tokens": calib, "order_tokens": order_tokens, "linears": linears,
              "order": order, "level_ppl": level_ppl}
