@@ -204,3 +204,32 @@ def test_calibrated_stacked_store_reads_embedding_and_head_from_flash(tiny_stack
     window = [int(t) for t in np.arange(1, 50) * 11 % plain.config.vocab_size]
     a, b = plain.model.nll(window), flash.model.nll(window)
     assert np.allclose(a, b, rtol=0.02, atol=0.02)
+
+
+def test_corrupt_stack_block_is_named_on_load(tiny_stacked, tmp_path):
+    import shutil
+
+    from edge.engine import Engine
+
+    store = shutil.copytree(tiny_stacked, tmp_path / "corrupt.edge")
+    shard = next((store / "stack" / "blk.1.ffn_up.weight").rglob("c/*/*"))
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF  # a sign byte of the first block
+    shard.write_bytes(bytes(data))
+    with pytest.raises(EdgeError, match=r"chunk 0 of array 'stack/blk\.1\.ffn_up\.weight' fails its checksum"):
+        Engine(store, n_ctx=64, ram=400 << 20)
+
+
+@pytest.mark.parametrize("flags, message", [(["--iters", "0"], "--iters and --rank must be at least 1"),
+                                            (["--calib", "100000000"], "calibration text has")])
+def test_stack_cli_bad_flags_are_one_line(tiny_stacked, tmp_path, capsys, flags, message):
+    import shutil
+
+    from edge.cli import main
+
+    store = shutil.copytree(tiny_stacked, tmp_path / "s.edge")
+    assert main(["stack", str(store), "--quiet", *flags]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (store / "stack.partial").exists()  # nothing written; the stack already there still loads
+    assert json.loads((store / "zarr.json").read_text()) == json.loads((tiny_stacked / "zarr.json").read_text())

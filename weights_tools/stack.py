@@ -100,6 +100,7 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
     names = _linear_names(cfg)
     shapes = {name: tuple(store.attrs["tensors"][name]["shape"]) if name in store.attrs["tensors"]
               else _ffn_shape(cfg, name) for name in names}
+    scale_wins, order_ids = _windows(store, calib, order_tokens)  # bad settings fail before anything is written
     params = {"iters": iters, "rank": rank, "calib": calib, "source": store.attrs["source"]["sha256"], "version": 2}
     partial = store_path / "stack.partial"
     if partial.exists():
@@ -115,7 +116,6 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
     group = zarr.open_group(LocalStore(partial), mode="a")
     (partial / "params.json").write_text(json.dumps(params))
     (partial / "done").mkdir(exist_ok=True)
-    scale_wins, order_ids = _windows(store, calib, order_tokens)
     total = len(names) + (iters - 1) * len(names)
     tell = progress or (lambda done, total, label: None)
 
