@@ -23,6 +23,7 @@ Q4_0 matrix that exists only in a scratch buffer while its group computes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -46,8 +47,9 @@ def block_bytes(rows: int, cols: int, rank: int) -> int:
     return rows * cols // 8 + 2 * rank * (rows + cols)
 
 
+@lru_cache(maxsize=None)
 def _order(cols: int) -> np.ndarray:
-    """Position in a row of each packed bit, in storage order (see module doc)."""
+    """Position in a row of each packed bit, in storage order (see module doc); shared, not to be modified."""
     t, i, h = np.meshgrid(np.arange(4), np.arange(4), np.arange(2), indexing="ij")
     within = (4 * t + i + 16 * h).reshape(-1)  # 32 positions of one block, storage order
     return (np.arange(cols // 32)[:, None] * 32 + within[None]).reshape(-1)
@@ -101,23 +103,19 @@ def join_block(signs: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def top_abs_factors(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """u (rows, k), v (k, cols) with u @ v the best rank-k approximation of a: U sqrt(S), sqrt(S) V^T (from the
     eigenvectors of the smaller Gram matrix, in float64)."""
+    if a.shape[0] > a.shape[1]:
+        v, u = top_abs_factors(a.T, rank)
+        return u.T, v.T
     a64 = a.astype(np.float64)
-    if a.shape[0] <= a.shape[1]:
-        vals, vecs = np.linalg.eigh(a64 @ a64.T)
-        vals, vecs = vals[::-1][:rank], vecs[:, ::-1][:, :rank]
-        sig = np.sqrt(np.maximum(vals, 1e-30))
-        u = vecs * np.sqrt(sig)
-        v = (vecs.T @ a64) / np.sqrt(sig)[:, None]
-    else:
-        vals, vecs = np.linalg.eigh(a64.T @ a64)
-        vals, vecs = vals[::-1][:rank], vecs[:, ::-1][:, :rank]
-        sig = np.sqrt(np.maximum(vals, 1e-30))
-        v = (vecs * np.sqrt(sig)).T
-        u = (a64 @ vecs) / np.sqrt(sig)[None, :]
+    vals, vecs = np.linalg.eigh(a64 @ a64.T)
+    vals, vecs = vals[::-1][:rank], vecs[:, ::-1][:, :rank]
+    sig = np.sqrt(np.maximum(vals, 1e-30))
+    u = vecs * np.sqrt(sig)
+    v = (vecs.T @ a64) / np.sqrt(sig)[:, None]
     return u.astype(np.float32), v.astype(np.float32)
 
 
-def decompose(w: np.ndarray, iters: int, rank: int, start: np.ndarray | None = None):
+def decompose(w: np.ndarray, iters: int, rank: int):
     """Yield the blocks of w (float32, already scaled) as stored bytes, one per iteration: sign of the residual
     (zeros count as +1) times the rank-k approximation of its magnitude. The residual is updated with the fp16
     factors the runtime will use, so rounding is corrected by the next block."""
@@ -133,11 +131,10 @@ def decompose(w: np.ndarray, iters: int, rank: int, start: np.ndarray | None = N
 
 def reconstruct(blocks: list[np.ndarray], rows: int, cols: int, rank: int) -> np.ndarray:
     """The sum of the blocks as a float32 matrix (reference; the runtime never builds it)."""
-    w = np.zeros((rows, cols), np.float32)
+    lin = StackedLinear("blocks", rows, cols, rank)
     for raw in blocks:
-        signs, u, v = split_block(raw, rows, cols, rank)
-        w += unpack_signs(signs, cols) * (u.astype(np.float32) @ v.astype(np.float32))
-    return w
+        lin.push(raw)
+    return lin.dense()
 
 
 class StackedLinear:
@@ -172,6 +169,7 @@ class StackedLinear:
             lst.pop()
 
     def dense(self) -> np.ndarray:
+        """The sum of the loaded blocks as a float32 matrix (reference)."""
         w = np.zeros((self.rows, self.cols), np.float32)
         for s, u, v in zip(self.signs, self.u, self.v):
             w += unpack_signs(s, self.cols) * (u.astype(np.float32) @ v.astype(np.float32))
@@ -310,7 +308,7 @@ class Stack:
                         for name, lin in self.info.linears.items()}
         self.prefix = 0
         self.read_bytes = 0
-        self.set_prefix(prefix, base=True)
+        self.set_prefix(prefix)
 
     def group(self, layer: int, group: str) -> StackedGroup:
         inv = np.frombuffer(self.store.read_array(f"stack/scale.{layer}.{group}").tobytes(), np.float32).copy()
@@ -320,7 +318,7 @@ class Stack:
     def nbytes(self) -> int:
         return sum(lin.nbytes for lin in self.linears.values())
 
-    def set_prefix(self, prefix: int, base: bool = False) -> int:
+    def set_prefix(self, prefix: int) -> int:
         """Load the blocks of the first `prefix` order entries (on top of one per linear); returns bytes read."""
         prefix = max(0, min(prefix, len(self.info.order)))
         want = self.info.depths(prefix)
@@ -336,6 +334,3 @@ class Stack:
         self.prefix = prefix
         self.read_bytes += read
         return read
-
-    def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / self.info.params()

@@ -98,8 +98,6 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
     if iters < 1 or (rank is not None and rank < 1):
         raise EdgeError("--iters and --rank must be at least 1")
     names = _linear_names(cfg)
-    shapes = {name: tuple(store.attrs["tensors"][name]["shape"]) if name in store.attrs["tensors"]
-              else _ffn_shape(cfg, name) for name in names}
     scale_wins, order_ids = _windows(store, calib, order_tokens)  # bad settings fail before anything is written
     params = {"iters": iters, "rank": rank, "calib": calib, "source": store.attrs["source"]["sha256"], "version": 2}
     partial = store_path / "stack.partial"
@@ -141,12 +139,12 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
     linears = {}
     for done, name in enumerate(names):
         i, lin = _split(name)
-        rows, cols = shapes[name]
+        rows, cols = _shape(cfg, lin)
         k = rank or auto_rank(rows, cols)
         linears[name] = {"rows": rows, "cols": cols, "rank": k, "block_bytes": block_bytes(rows, cols, k)}
         if (partial / "done" / name).exists():
             continue
-        t = store.tensor(name)
+        t = store.tensor(name, (rows, cols))
         w = quants.dequantize(t.raw, t.type_id, t.cols).reshape(rows, cols) * scales[(i, GROUP_OF[lin])][None, :]
         blocks = np.stack(list(decompose(w, iters, k)))
         _write_array(group, name, blocks, 1)
@@ -165,9 +163,11 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
     return attrs
 
 
-def _ffn_shape(cfg, name: str) -> tuple[int, int]:
-    lin = _split(name)[1]
-    return (cfg.dim, cfg.hidden_dim) if lin == "ffn_down" else (cfg.hidden_dim, cfg.dim)
+def _shape(cfg, linear: str) -> tuple[int, int]:
+    """(rows, cols) of a layer's linear, as the forward pass loads it."""
+    return {"attn_q": (cfg.q_dim, cfg.dim), "attn_k": (cfg.kv_dim, cfg.dim), "attn_v": (cfg.kv_dim, cfg.dim),
+            "attn_output": (cfg.dim, cfg.q_dim), "ffn_gate": (cfg.hidden_dim, cfg.dim),
+            "ffn_up": (cfg.hidden_dim, cfg.dim), "ffn_down": (cfg.dim, cfg.hidden_dim)}[linear]
 
 
 class _OrderGroup:
