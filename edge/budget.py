@@ -74,10 +74,11 @@ class Plan:
                 f"({self.strategy}, sparsity {self.sparsity:g}, window {self.window})"]
 
 
-def _fixed_line(p, resident: str, scratch: str) -> str:
+def _fixed_line(p, resident: str, scratch: str, scratch_bytes: int | None = None) -> str:
     f = format_size
     return (f"budget {f(p.budget)}: baseline {f(p.baseline)}, KV cache {f(p.kv)}, I/O buffer {f(p.io)}, "
-            f"{resident} {f(p.resident)}, {scratch} {f(p.scratch)}, margin {f(p.margin)}")
+            f"{resident} {f(p.resident)}, {scratch} {f(p.scratch if scratch_bytes is None else scratch_bytes)}, "
+            f"margin {f(p.margin)}")
 
 
 def resident_bytes(store, predictors: bool) -> int:
@@ -139,6 +140,20 @@ def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sp
                         f"this model with a context of {n_ctx} tokens; raise --ram or lower --ctx")
     slots = 0 if strategy == "naive" else min(n_clusters, (budget - probe.minimum) // probe.slot_bytes)
     return Plan(slots=int(slots), **fixed)
+
+
+def plan_for(store, strategy: str, budget: int, baseline: int, n_ctx: int, sparsity: float = 0.0, window: int = 5,
+             prefetch: int | None = None, evict: str = "score"):
+    """The plan of a resolved strategy (edge.engine.resolve_strategy): BitStack's, the expert cache's, or the
+    streamed FFN's (which needs a calibrated store)."""
+    if strategy == "bitstack":
+        return make_stack_plan(store, budget, baseline, n_ctx)
+    if strategy == "experts":
+        return make_expert_plan(store, budget, baseline, n_ctx, prefetch, evict)
+    from edge.sparse import check_calibrated
+
+    check_calibrated(store, "--ram")
+    return make_plan(store, budget, baseline, n_ctx, strategy, sparsity, window)
 
 
 PRESSURE_FLOOR = 64 << 20  # system memory available below this: give cache back
@@ -271,3 +286,96 @@ def make_stack_plan(store, budget: int, baseline: int, n_ctx: int) -> StackPlan:
     room = budget - (probe.minimum - info.base_bytes)
     prefix = int(np.searchsorted(sizes, room, side="right")) - 1
     return StackPlan(prefix=prefix, stack_bytes=int(sizes[prefix]), **fixed)
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """A budget over a mixture-of-experts store: everything but the experts resident (as stored; routers and
+    norms float32), the experts paged into a cache of whole records (edge.experts). The minimum holds the
+    experts of one layer's token and of the next layer's prefetch."""
+
+    budget: int
+    baseline: int
+    kv: int
+    io: int               # the store's I/O buffer and the two expert read buffers
+    resident: int
+    margin: int
+    slot_bytes: int       # one expert record
+    slots: int            # experts cached
+    min_slots: int
+    n_experts: int        # experts in the model, all layers
+    prefetch: int         # experts predicted and read ahead per layer
+    policy: str = "score"  # eviction (edge.experts.POLICIES)
+    strategy: str = "experts"
+
+    @property
+    def cache(self) -> int:
+        return self.slots * self.slot_bytes
+
+    @property
+    def cached_fraction(self) -> float:
+        return min(1.0, self.slots / self.n_experts)
+
+    @property
+    def minimum(self) -> int:
+        return self.baseline + self.kv + self.io + self.resident + self.margin + self.min_slots * self.slot_bytes
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(cache=self.cache, minimum=self.minimum, cached_fraction=round(self.cached_fraction, 4))
+        return d
+
+    def parts(self) -> dict[str, int]:
+        return {"baseline": self.baseline, "KV cache": self.kv, "weights": self.resident,
+                "buffers": self.io + self.margin, "expert cache": self.cache}
+
+    def summary(self) -> str:
+        return f"{self.slots}/{self.n_experts} experts cached,\n{self.prefetch} read ahead per layer"
+
+    def lines(self) -> list[str]:
+        f = format_size
+        return [_fixed_line(self, "non-expert weights", "expert slots minimum",
+                            self.min_slots * self.slot_bytes),
+                f"expert cache {f(self.cache)}: {self.slots}/{self.n_experts} experts "
+                f"({100 * self.cached_fraction:.0f}%, {f(self.slot_bytes)} each); the rest pages from flash, "
+                f"{self.prefetch} predicted and read ahead per layer"]
+
+
+def expert_resident_bytes(store) -> int:
+    """Every tensor of a mixture-of-experts store but the experts: as stored; routers and 1-D tensors float32."""
+    total = 0
+    for name, t in store.attrs["tensors"].items():
+        shape = t["shape"]
+        if len(shape) == 1:
+            total += 4 * shape[0]
+        elif name.endswith("ffn_gate_inp.weight"):
+            total += 4 * shape[0] * shape[1]
+        else:
+            total += shape[0] * quants.FORMATS[t["type"]].row_bytes(shape[-1])
+    return total
+
+
+def make_expert_plan(store, budget: int, baseline: int, n_ctx: int, prefetch: int | None = None,
+                     evict: str = "score") -> ExpertPlan:
+    from edge.experts import POLICIES, read_buffer_bytes, record_bytes
+    from edge.model import KVCache
+
+    cfg = store.config
+    k = cfg.n_experts_used
+    prefetch = k if prefetch is None else prefetch
+    if evict not in POLICIES:
+        raise EdgeError(f"--evict {evict}: choose one of {', '.join(POLICIES)}")
+    if not 0 <= prefetch <= cfg.n_experts:
+        raise EdgeError(f"--prefetch {prefetch}: between 0 (on-demand loading) and the {cfg.n_experts} experts "
+                        "of a layer")
+    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
+                 io=IO_BUFFER + read_buffer_bytes(store, prefetch), resident=expert_resident_bytes(store),
+                 margin=MARGIN + activation_bytes(cfg, n_ctx), slot_bytes=record_bytes(store),
+                 min_slots=k + prefetch, n_experts=cfg.n_layers * cfg.n_experts, prefetch=prefetch,
+                 policy=evict)
+    probe = ExpertPlan(slots=fixed["min_slots"], **fixed)
+    if budget < probe.minimum:
+        raise EdgeError(f"--ram {format_size(budget)} is below the minimum of {format_size(probe.minimum)} for "
+                        f"this mixture-of-experts model with a context of {n_ctx} tokens; raise --ram or lower --ctx")
+    slots = min(fixed["n_experts"], fixed["min_slots"] + (budget - probe.minimum) // probe.slot_bytes)
+    return ExpertPlan(slots=int(slots), **fixed)

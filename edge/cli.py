@@ -35,7 +35,7 @@ EXAMPLES_BENCH = """examples:
 """
 
 
-STRATEGIES = ("auto", "sparse", "naive", "bitstack")
+STRATEGIES = ("auto", "sparse", "naive", "bitstack", "experts")
 
 
 def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
@@ -53,13 +53,20 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
                    help="budget for the whole process, like 2GB, 512MiB or 140MB: what does not fit streams from flash")
     b.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="sparse: neuron cache + predicted clusters; naive: every FFN weight read per token; bitstack: "
-                        "as many BitStack blocks as fit (`edge stack`); auto (default): bitstack on a stacked store, "
-                        "else sparse")
+                        "as many BitStack blocks as fit (`edge stack`); experts: a mixture of experts paged into an "
+                        "expert cache; auto (default): experts on a mixture of experts, bitstack on a stacked "
+                        "store, else sparse")
     b.add_argument("--sparsity", type=float, default=0.0,
                    help="fraction of FFN clusters the predictors may skip per token (0, 0.25, 0.5, 0.75, 0.9; "
                         "default 0: exact)")
     b.add_argument("--window", type=int, default=5,
                    help="tokens whose clusters are the last to leave the cache (default 5)")
+    b.add_argument("--prefetch", type=int, default=None, metavar="N",
+                   help="mixture of experts: experts predicted and read ahead per layer (default: as many as a "
+                        "token uses; 0: load on demand)")
+    b.add_argument("--evict", choices=("score", "lru"), default="score",
+                   help="mixture of experts: which cached expert leaves first: score (EdgeMoE: rare and far from "
+                        "its next use; default) or lru")
     d = p.add_argument_group("target device (profiles: `edge devices`)")
     d.add_argument("--device", default=None, metavar="NAME",
                    help="a device profile: its compute and read threads, and its default --ram")
@@ -80,7 +87,8 @@ def budget_options(args) -> dict:
     if ram is not None and (msg := warn_above_physical(ram)):
         print(f"warning: {msg}", file=sys.stderr)
     return dict(verify=args.verify_reads, ram=ram, strategy=args.strategy, sparsity=args.sparsity,
-                window=args.window, device=args.device, emulate=args.emulate)
+                window=args.window, device=args.device, emulate=args.emulate, prefetch=args.prefetch,
+                evict=args.evict)
 
 
 def make_engine(args):
@@ -128,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--ctx", type=int, default=2048, help="context for the --ram plan (default 2048)")
     info.add_argument("--strategy", choices=STRATEGIES, default="auto")
     info.add_argument("--sparsity", type=float, default=0.0)
+    info.add_argument("--prefetch", type=int, default=None, help="mixture of experts: experts read ahead per layer")
+    info.add_argument("--evict", choices=("score", "lru"), default="score")
 
     pf = sub.add_parser("probe-flash", help="measure the storage's read curve and save it as a device profile",
                         epilog=EXAMPLES_PROBE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,6 +228,7 @@ def cmd_run(args) -> int:
             "peak_rss_bytes": s.peak_rss_bytes, "flash_read_bytes": s.flash_read_bytes, "stopped": s.stopped,
             "backend": engine.model.backend.name, "threads": getattr(engine.model.backend, "threads", None),
             "plan": engine.plan.as_dict() if engine.plan else None, "sparse": engine.sparse_stats(),
+            "experts": engine.expert_stats(),
             "shrinks": s.shrinks, "decode_seconds": round(s.decode_seconds, 6),
             "decode_wait_seconds": round(s.decode_wait_seconds, 6),
             "device": engine.device.name if engine.device else None, "emulated": engine.emulating,
@@ -356,24 +367,19 @@ def _info_stack(src) -> None:
 
 def _info_plan(args, src, path):
     """What --ram would keep resident and what would stream (the same planner as run)."""
-    from edge.budget import make_plan, make_stack_plan
+    from edge.budget import plan_for
     from edge.engine import _Meter, resolve_strategy
     from edge.sizes import parse_size
-    from edge.sparse import check_calibrated
     from edge.store import Store
     from edge.tokenizer import Tokenizer
 
     if not isinstance(src, Store):
         raise EdgeError(f"{path}: --ram plans need a calibrated store; run `edge convert {path} --calibrate`")
     strategy = resolve_strategy(src, args.strategy)
-    if strategy != "bitstack":
-        check_calibrated(src, "--ram")
     Tokenizer(src.tokenizer_path, src.config.arch, src.chat_template)  # the baseline a run would have
     n_ctx = min(args.ctx, src.config.context_length)
-    budget = parse_size(args.ram, flag="--ram")
-    if strategy == "bitstack":
-        return make_stack_plan(src, budget, _Meter().rss(), n_ctx)
-    return make_plan(src, budget, _Meter().rss(), n_ctx, strategy, args.sparsity)
+    return plan_for(src, strategy, parse_size(args.ram, flag="--ram"), _Meter().rss(), n_ctx, args.sparsity,
+                    prefetch=args.prefetch, evict=args.evict)
 
 
 def cmd_probe_flash(args) -> int:

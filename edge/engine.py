@@ -83,7 +83,7 @@ class Engine:
     def __init__(self, model: str | Path | None = None, n_ctx: int = 2048, backend: str = "auto",
                  threads: int | None = None, verify: str = "first", ram: int | None = None,
                  strategy: str = "auto", sparsity: float = 0.0, window: int = 5, device: str | None = None,
-                 emulate: bool = False):
+                 emulate: bool = False, prefetch: int | None = None, evict: str = "score"):
         """ram: a budget in bytes for the whole process (a calibrated store; see edge.budget).
         device: a device profile's name (edge.profile): its compute and read threads; with emulate, reads
         take the time its flash curve gives (compute runs at this machine's speed)."""
@@ -99,6 +99,8 @@ class Engine:
         self.path = default_store_path() if ram is not None and model is None else resolve_model(model)
         self.meter = _Meter()
         self.plan = None
+        # what every re-plan (resize) keeps
+        self._plan_options = dict(sparsity=sparsity, window=window, prefetch=prefetch, evict=evict)
         self.device = load(device) if device else None
         if emulate and self.device is None:
             raise EdgeError("--emulate needs --device NAME: the device whose flash to emulate")
@@ -110,8 +112,8 @@ class Engine:
         read_threads = self.device.read_threads if self.device else 4
         self._lock = threading.Lock()  # one forward step or one resize at a time
         if ram is not None and not self.path.is_dir():
-            raise EdgeError(f"{self.path}: --ram runs from a calibrated store; run `edge convert {self.path} "
-                            "--calibrate` and give the .edge directory")
+            raise EdgeError(f"{self.path}: --ram runs from a store; run `edge convert {self.path} --calibrate` (a "
+                            "mixture of experts needs no --calibrate) and give the .edge directory")
         io = None
         if ram is not None:
             from edge.budget import IO_BUFFER
@@ -128,20 +130,13 @@ class Engine:
 
         if ram is not None:
             self.tokenizer = tokenizer()  # part of the baseline the planner measures
-            from edge.budget import PressureWatch, make_plan
-            from edge.sparse import check_calibrated
+            from edge.budget import PressureWatch, plan_for
 
-            strategy = resolve_strategy(self.file, strategy)
-            if strategy == "bitstack":
-                from edge.budget import make_stack_plan
-
-                self.plan = make_stack_plan(self.file, ram, self.meter.rss(), self.n_ctx)
-                if self.plan.io > len(io.buffer):  # blocks larger than half the default buffer
-                    io.close()
-                    self.file.engine = IOEngine(threads=read_threads, buffer_bytes=self.plan.io)
-            else:
-                check_calibrated(self.file, "--ram")
-                self.plan = make_plan(self.file, ram, self.meter.rss(), self.n_ctx, strategy, sparsity, window)
+            self.plan = plan_for(self.file, resolve_strategy(self.file, strategy), ram, self.meter.rss(), self.n_ctx,
+                                 **self._plan_options)
+            if self.plan.io > len(io.buffer):  # BitStack blocks larger than half the default buffer
+                io.close()
+                self.file.engine = IOEngine(threads=read_threads, buffer_bytes=self.plan.io)
             self.pressure = PressureWatch(self.plan)
         self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads, plan=self.plan)
         if ram is None:
@@ -176,8 +171,9 @@ class Engine:
                             "shorten it or raise --ctx")
         sampler = sampler or Sampler(SamplerConfig())
         stats = self.last = RunStats(prompt_tokens=len(prompt))
-        if self.model.sparse_ffn is not None:
-            self.model.sparse_ffn.stats.reset()
+        for part in (self.model.sparse_ffn, self.model.experts):
+            if part is not None:
+                part.stats.reset()
         stream = self.tokenizer.streamer()
         io0 = self.meter.read_bytes()
         t0 = time.perf_counter()
@@ -228,17 +224,17 @@ class Engine:
     def read_totals(self) -> tuple[int, int]:
         """(reads, bytes) from flash so far, over every I/O engine of this model (the chat's MB/s, reads/s)."""
         engines = [self.file.engine] if hasattr(self.file, "engine") else []
-        if self.model.sparse_ffn is not None:
-            engines += self.model.sparse_ffn.engines
+        for part in (self.model.sparse_ffn, self.model.experts):
+            if part is not None:
+                engines += part.engines
         return sum(e.stats.reads for e in engines), sum(e.stats.bytes for e in engines)
 
     def io_seconds(self) -> tuple[float, float]:
         """(seconds the compute thread has waited for reads, modelled seconds of every read on the device's
         curve) since start; the first is 0 without a budget (nothing is read while decoding). The store's
         engine does the row reads (embedding, head candidates) on the compute thread."""
-        wait = 0.0
-        if self.model.sparse_ffn is not None:
-            wait = self.file.engine.stats.wall + self.model.sparse_ffn.stats.wait_seconds
+        parts = [p for p in (self.model.sparse_ffn, self.model.experts) if p is not None]
+        wait = self.file.engine.stats.wall + sum(p.stats.wait_seconds for p in parts) if parts else 0.0
         emu = flash.emulation()
         return wait, emu.seconds if emu else 0.0
 
@@ -247,21 +243,21 @@ class Engine:
         cache grows or shrinks; growing reads nothing now (the next tokens fill the new slots with what they
         read anyway), shrinking frees the least recently used clusters. Below the minimum: EdgeError, nothing
         changes."""
-        from edge.budget import make_plan
+        from edge.budget import plan_for
 
         if self.plan is None:
             raise EdgeError("this model runs without a budget (everything resident); start it with --ram to "
                             "change the budget live")
         p = self.plan
-        if self.model.stack is not None:
-            from edge.budget import make_stack_plan
-
-            plan = make_stack_plan(self.file, budget, p.baseline, self.n_ctx)
-        else:
-            plan = make_plan(self.file, budget, p.baseline, self.n_ctx, p.strategy, p.sparsity, p.window)
+        plan = plan_for(self.file, p.strategy, budget, p.baseline, self.n_ctx, **self._plan_options)
         with self._lock:
             if self.model.sparse_ffn is not None:
                 self.model.sparse_ffn.resize(plan.slots)
+            if self.model.experts is not None:
+                from edge.model import _release_free_memory
+
+                self.model.experts.resize(plan.slots)  # keeps the most recently used experts
+                _release_free_memory()
             if self.model.stack is not None:
                 from edge.model import _release_free_memory
 
@@ -289,6 +285,15 @@ class Engine:
             self.last.shrinks.append(f"memory pressure: BitStack down to {self.plan.bits:.2f} bits per weight "
                                      f"({format_size(before.stack_bytes - self.plan.stack_bytes)} given back)")
             return
+        if self.model.experts is not None:  # fewer experts cached
+            before = self.plan
+            try:
+                self.resize(self.plan.budget - need)
+            except EdgeError:
+                self.resize(self.plan.minimum)
+            self.last.shrinks.append(f"memory pressure: expert cache down to {self.plan.slots} experts "
+                                     f"({format_size(before.cache - self.plan.cache)} given back)")
+            return
         if self.model.sparse_ffn is None or not self.model.sparse_ffn.caches:
             return
         before = self.model.sparse_ffn.cache_bytes
@@ -298,6 +303,14 @@ class Engine:
         self.pressure.plan = self.plan
         self.last.shrinks.append(f"memory pressure: neuron cache down to {slots} clusters per layer "
                                  f"({format_size(freed)} given back)")
+
+    def expert_stats(self) -> dict | None:
+        """Expert cache counters of the last run (None unless experts page under a budget)."""
+        pager = self.model.experts
+        if pager is None:
+            return None
+        return dict(pager.stats.as_dict(len(self.last.tokens)), cached=pager.cached, slots=pager.slots,
+                    cache_bytes=pager.cache_bytes)
 
     def sparse_stats(self) -> dict | None:
         """Neuron cache counters of the last run (None without a budget)."""
@@ -316,10 +329,16 @@ class Engine:
 
 
 def resolve_strategy(store, strategy: str) -> str:
-    """--strategy auto: bitstack when the store has a stack (`edge stack`), else sparse."""
-    choices = ("auto", "sparse", "naive", "bitstack")
-    if strategy not in choices:
-        raise EdgeError(f"--strategy {strategy}: choose one of {', '.join(choices)}")
+    """--strategy auto: experts on a mixture-of-experts store, bitstack when the store has a stack (`edge
+    stack`), else sparse."""
+    from edge.cli import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise EdgeError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
+    moe = "experts" in store.attrs
     if strategy == "auto":
-        return "bitstack" if "stack" in store.attrs else "sparse"
+        return "experts" if moe else "bitstack" if "stack" in store.attrs else "sparse"
+    if moe != (strategy == "experts"):
+        raise EdgeError(f"--strategy {strategy}: {store.path} is {'' if moe else 'not '}a mixture of experts; "
+                        f"use {'--strategy experts' if moe else 'another strategy'} (or auto)")
     return strategy

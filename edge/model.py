@@ -128,9 +128,10 @@ class Transformer:
         self.n_ctx = n_ctx
         self.src = src
         self.plan = plan
-        if plan is not None and cfg.n_experts:
-            raise EdgeError(f"{src.path}: a mixture-of-experts model; running it under --ram (expert paging) "
-                            "is not built yet: run it without --ram")
+        paged = plan is not None and plan.strategy == "experts"
+        if plan is not None and cfg.n_experts and not paged:
+            raise EdgeError(f"{src.path}: a mixture-of-experts model runs under --ram with --strategy experts "
+                            f"(not {plan.strategy})")
         self.act = ACTIVATIONS[cfg.activation]
         self.backend = kernels.make_backend("ggml" if plan else backend, threads)
         self.stack = None  # BitStack: the linears as loaded blocks (edge.bitstack), the rest resident as stored
@@ -138,10 +139,19 @@ class Transformer:
             from edge.bitstack import Stack
 
             self.stack = Stack(src, self.backend.ggml, plan.prefix)
+        self.experts = None  # under a budget, a mixture of experts pages its experts (edge.experts)
+        if paged:
+            from edge.experts import ExpertPager
+
+            self.experts = ExpertPager(src, self.backend.ggml, self.act, plan.slots, plan.policy, plan.prefetch,
+                                       read_threads=src.engine.threads)
         self.layers = [self._load_layer(src, i) for i in range(cfg.n_layers)]
+        if self.experts is not None:
+            self.experts.routers = [layer.router for layer in self.layers]
+            self.experts.norms = [layer.ffn_norm for layer in self.layers]
         self.output_norm = _norm(src, "output_norm.weight", cfg.dim)
         self.sparse_ffn = None
-        if plan is not None and (self.stack is None or src.sparse is not None):  # embedding and head from flash
+        if plan is not None and not paged and (self.stack is None or src.sparse is not None):  # head from flash
             from edge.sparse import ApproxHead, RowCache, SparseFFN
 
             if self.stack is None:
@@ -187,7 +197,7 @@ class Transformer:
             if dense else None,
         )
         if cfg.n_experts:
-            layer.router, layer.experts = self._load_experts(src, p)
+            layer.router, layer.experts = self._load_experts(src, p, resident=self.experts is None)
         if cfg.shared_expert_hidden:
             layer.shared = self._load_shared_expert(src, p)
         if cfg.qk_norm:
@@ -202,14 +212,17 @@ class Transformer:
             layer.ffn_post_norm = _norm(src, p + "post_ffw_norm.weight", dim)
         return layer
 
-    def _load_experts(self, src, p: str) -> tuple[np.ndarray, list]:
-        """The router (float32) and each expert's matrices, sliced out of the stacked 3-D tensors."""
+    def _load_experts(self, src, p: str, resident: bool = True) -> tuple[np.ndarray, list | None]:
+        """The router (float32) and each expert's matrices, sliced out of the stacked 3-D tensors (not
+        resident: the router alone; the experts page in through edge.experts)."""
         from edge.gguf_file import Tensor
 
         cfg = self.cfg
         n, dim, hidden = cfg.n_experts, cfg.dim, cfg.expert_hidden
         r = src.tensor(p + "ffn_gate_inp.weight", (n, dim))
         router = quants.dequantize(r.raw, r.type_id, r.cols).reshape(n, dim).astype(np.float32)
+        if not resident:
+            return router, None
         stacks = {k: src.tensor(p + f"ffn_{k}_exps.weight", shape) for k, shape in
                   (("gate", (n, hidden, dim)), ("up", (n, hidden, dim)), ("down", (n, dim, hidden)))}
 
@@ -299,16 +312,17 @@ class Transformer:
         if layer.attn_post_norm is not None:
             h = rms_norm(h, layer.attn_post_norm, cfg.norm_eps)
         x = x + h
-        h = self._ffn(i, layer, rms_norm(x, layer.ffn_norm, cfg.norm_eps))
+        h = self._ffn(i, layer, rms_norm(x, layer.ffn_norm, cfg.norm_eps), x)
         if layer.ffn_post_norm is not None:
             h = rms_norm(h, layer.ffn_post_norm, cfg.norm_eps)
         return x + h
 
-    def _ffn(self, i: int, layer: Layer, x: np.ndarray) -> np.ndarray:
+    def _ffn(self, i: int, layer: Layer, x: np.ndarray, resid: np.ndarray) -> np.ndarray:
+        """x: the normed FFN input; resid: the residual stream it was normed from (expert prediction reads it)."""
         if self.sparse_ffn is not None:
             return self.sparse_ffn(i, x)
-        if layer.experts is not None:
-            return self._moe(layer, x)
+        if layer.router is not None:
+            return self._moe(i, layer, x, resid)
         gate, up = layer.gate_up(x)
         act = self.act(gate) * up
         if self.trace is not None:
@@ -317,7 +331,7 @@ class Transformer:
         (h,) = layer.down(act)
         return h
 
-    def _moe(self, layer: Layer, x: np.ndarray) -> np.ndarray:
+    def _moe(self, i: int, layer: Layer, x: np.ndarray, resid: np.ndarray) -> np.ndarray:
         """Mixture of experts as llama.cpp computes it: softmax over the router's logits, the top k experts
         per token, their weights renormalized (Mixtral, Qwen3-MoE; not Qwen2-MoE, OLMoE), the weighted sum of
         their FFNs, plus Qwen2-MoE's sigmoid-gated shared expert."""
@@ -329,18 +343,25 @@ class Transformer:
         weights = np.take_along_axis(probs, top, axis=-1)
         if cfg.expert_weights_norm:
             weights = weights / weights.sum(axis=-1, keepdims=True)
-        out = np.zeros((len(x), cfg.dim), np.float32)
+        if self.experts is not None:  # paged from flash
+            out = self.experts(i, x, top, weights, resid)
+        else:
+            out = self._resident_experts(layer, x, top, weights)
+        if layer.shared is not None:  # qwen2moe: every token also through the shared expert, gated by a sigmoid
+            gate_vec, gate_up, down = layer.shared
+            gate, up = gate_up(x)
+            (h,) = down(self.act(gate) * up)
+            out += h / (1.0 + np.exp(-(x @ gate_vec)))[:, None]
+        return out
+
+    def _resident_experts(self, layer: Layer, x: np.ndarray, top: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(x), self.cfg.dim), np.float32)
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)  # the tokens routed to expert e
             gate_up, down = layer.experts[e]
             gate, up = gate_up(x[rows])
             (h,) = down(self.act(gate) * up)
             out[rows] += weights[rows, slot][:, None] * h
-        if layer.shared is not None:  # qwen2moe: every token also through the shared expert, gated by a sigmoid
-            gate_vec, gate_up, down = layer.shared
-            gate, up = gate_up(x)
-            (h,) = down(self.act(gate) * up)
-            out += h / (1.0 + np.exp(-(x @ gate_vec)))[:, None]
         return out
 
     def _attention(self, i: int, layer: Layer, x: np.ndarray, start: int) -> np.ndarray:

@@ -13,6 +13,9 @@ Layout of NAME.edge/ (format version 1):
   cluster of `cluster` neurons: [gate rows | up rows | down blocks (dim, cluster / block * block_bytes)].
   Down's quantized blocks run along the hidden axis, so a cluster is a whole number of down blocks and every
   byte is the source's (bit-identical results).
+- experts/blk.<i> (mixture-of-experts models): the layer's experts, (n_experts, record_bytes) uint8, one inner
+  chunk per expert: [gate rows | up rows | down rows] of that expert, in the source's types (one read brings an
+  expert; `experts` attribute: per layer its byte layout).
 - crc/<array path>: uint32 crc32c of every inner chunk of that array.
 """
 
@@ -48,6 +51,24 @@ def ffn_part(name: str) -> tuple[int, str] | None:
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in FFN_NAMES:
         return int(parts[1]), parts[2]
     return None
+
+
+EXPERT_NAMES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+def expert_part(name: str) -> tuple[int, str] | None:
+    """'blk.3.ffn_up_exps.weight' -> (3, 'ffn_up_exps'); None for other tensors."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in EXPERT_NAMES:
+        return int(parts[1]), parts[2]
+    return None
+
+
+def expert_layout(gate: Tensor, up: Tensor, down: Tensor, n: int) -> dict:
+    """Byte sizes of one expert's record (gate, up, down of one expert, each its rows in full)."""
+    return {"n": n, "gate_bytes": gate.raw.nbytes // n, "up_bytes": up.raw.nbytes // n,
+            "down_bytes": down.raw.nbytes // n, "types": [gate.type_id, up.type_id, down.type_id],
+            "dim": gate.shape[-1], "hidden": gate.raw.shape[0] // n}
 
 
 def bundle_layout(gate: Tensor, up: Tensor, down: Tensor, cluster: int) -> dict:
@@ -131,7 +152,7 @@ class Store:
         self._arrays: dict[str, _Array] = {}
         self._files: dict[str, FlashFile] = {}
         self._crc_cache: dict[str, np.ndarray] = {}
-        self._ffn_cache: dict[int, dict[str, Tensor]] = {}
+        self._ffn_cache: dict = {}  # one layer's reassembled FFN (or experts) tensors
 
     def array(self, path: str) -> _Array:
         if path not in self._arrays:
@@ -182,6 +203,8 @@ class Store:
         return np.frombuffer(data, np.uint8)[: arr.shape[0] * arr.shape[1]].reshape(arr.shape)
 
     def has(self, name: str) -> bool:
+        if expert_part(name) is not None:
+            return "experts" in self.attrs
         return name in self.attrs["tensors"] or ffn_part(name) is not None
 
     def tensor_names(self) -> list[str]:
@@ -191,6 +214,9 @@ class Store:
         part = ffn_part(name)
         if part is not None:
             t = self._ffn_tensors(part[0])[part[1]]
+        elif expert_part(name) is not None and "experts" in self.attrs:
+            layer, key = expert_part(name)
+            t = self._expert_tensors(layer)[key]
         else:
             info = self.attrs["tensors"].get(name)
             if info is None:
@@ -219,6 +245,22 @@ class Store:
         return {"ffn_gate": Tensor(p + "ffn_gate.weight", tg, (hidden, dim), np.ascontiguousarray(gate)),
                 "ffn_up": Tensor(p + "ffn_up.weight", tu, (hidden, dim), np.ascontiguousarray(up)),
                 "ffn_down": Tensor(p + "ffn_down.weight", td, (dim, hidden), np.ascontiguousarray(down))}
+
+    def _expert_tensors(self, layer: int) -> dict[str, Tensor]:
+        """The layer's 3-D expert tensors reassembled from its records (the unbudgeted runtime holds them all)."""
+        if ("experts", layer) not in self._ffn_cache:
+            lay = self.attrs["experts"][layer]
+            recs = self.read_array(f"experts/blk.{layer}")
+            n, dim, hidden = lay["n"], lay["dim"], lay["hidden"]
+            out, at = {}, 0
+            for key, rows, cols in (("ffn_gate_exps", hidden, dim), ("ffn_up_exps", hidden, dim),
+                                    ("ffn_down_exps", dim, hidden)):
+                size = lay[key.split("_")[1] + "_bytes"]
+                raw = np.ascontiguousarray(recs[:, at:at + size]).reshape(n * rows, -1)
+                out[key] = Tensor(f"blk.{layer}.{key}.weight", lay["types"][len(out)], (n, rows, cols), raw)
+                at += size
+            self._ffn_cache = {("experts", layer): out}  # one layer at a time
+        return self._ffn_cache[("experts", layer)]
 
     @property
     def sparse(self) -> dict | None:

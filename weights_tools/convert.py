@@ -20,7 +20,7 @@ import numpy as np
 from edge import quants
 from edge.errors import EdgeError
 from edge.gguf_file import GGUFFile, Tensor
-from edge.store import FFN_NAMES, FORMAT_VERSION, bundle_layout, crc32c, ffn_part
+from edge.store import EXPERT_NAMES, FFN_NAMES, FORMAT_VERSION, bundle_layout, crc32c, expert_layout, expert_part, ffn_part
 from weights_tools.gguf_meta import copy_fields, finish
 
 CHUNK_TARGET = 64 << 10  # inner chunk size of resident tensors; the embedding uses ~8 KiB for row lookups
@@ -176,6 +176,16 @@ def requantize(t: Tensor, type_id: int | None) -> Tensor:
     return Tensor(t.name, type_id, t.shape, raw)
 
 
+def _requantize_experts(t: Tensor, type_id: int | None) -> Tensor:
+    """A 3-D expert tensor (n, rows, cols) requantized expert by expert."""
+    if type_id is None or type_id == t.type_id:
+        return t
+    n, rows, cols = t.shape
+    parts = [requantize(Tensor(t.name, t.type_id, (rows, cols), t.raw[e * rows:(e + 1) * rows]), type_id)
+             for e in range(n)]
+    return Tensor(t.name, parts[0].type_id, t.shape, np.concatenate([p.raw for p in parts]))
+
+
 def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | None = None,
             quiet: bool = False, quant: str = "keep", tokenizer_pre: str = "default", device: str | None = None,
             on_progress=None) -> Path:
@@ -194,16 +204,13 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
     else:
         src, source_files = GGUFFile(src_path), [src_path]
     cfg = src.config
-    if cfg.n_experts:
-        raise EdgeError(f"{src_path}: a mixture-of-experts model ({cfg.n_experts} experts); the flash store does "
-                        "not hold experts yet: run the GGUF directly")
     out = Path(out) if out else src_path.with_suffix(".edge")
     if out.exists():
         raise EdgeError(f"{out}: already exists; remove it or give another -o")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # a stale, interrupted conversion: start over
     names = src.tensor_names()
-    ffn = {n for n in names if ffn_part(n)}
+    ffn = {n for n in names if ffn_part(n) or expert_part(n)}
     from edge.profile import bundle_target
 
     bundle_bytes = bundle_target(device) or 32 << 10  # from the --device's or this machine's flash curve
@@ -221,8 +228,15 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
             _write_array(group, "t/" + name, t.raw, max(1, min(t.rows, chunk // max(1, row_bytes))))
             tensors[name] = {"type": t.type_id, "shape": list(t.shape)}
             progress.step(t.nbytes, name)
-        layouts = []
-        for i in range(cfg.n_layers):
+        layouts, experts = [], []
+        for i in range(cfg.n_layers if cfg.n_experts else 0):
+            parts = [_requantize_experts(src.tensor(f"blk.{i}.{n}.weight"), target) for n in EXPERT_NAMES]
+            experts.append(expert_layout(*parts, cfg.n_experts))
+            records = np.concatenate([t.raw.reshape(cfg.n_experts, -1) for t in parts], axis=1)
+            _write_array(group, f"experts/blk.{i}", records, 1)
+            for t in parts:
+                progress.step(t.nbytes, t.name)
+        for i in range(0 if cfg.n_experts else cfg.n_layers):
             gate, up, down = (requantize(src.tensor(f"blk.{i}.{n}.weight"), target) for n in FFN_NAMES)
             c = cluster or default_cluster(down, gate, bundle_bytes)
             fmt = quants.FORMATS[down.type_id]
@@ -238,7 +252,7 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
                 progress.step(t.nbytes, t.name)
         _write_tokenizer(src, partial / "tokenizer.gguf")
         attrs = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "tensors": tensors,
-                 "ffn": layouts, "name": src.metadata.get("general.name") or src_path.stem,
+                 "ffn": layouts, **({"experts": experts} if experts else {}), "name": src.metadata.get("general.name") or src_path.stem,
                  "chat_template": src.chat_template, "quant": quant,
                  "source": {"file": src_path.name, "sha256": _sha256(source_files),
                             "bytes": sum(f.stat().st_size for f in source_files)}}

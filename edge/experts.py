@@ -1,0 +1,324 @@
+"""Mixture-of-experts under a RAM budget: experts paged from flash into an expert cache (EdgeMoE, Yi et al. 2023).
+
+Everything but the experts stays resident (attention, norms, routers, shared experts, embedding, head). Each
+expert is one record in the store (`experts/blk.<i>`: its gate, up and down rows in the source's GGML types),
+so bringing an expert in is one read; llama.cpp's kernels compute it where it lies in the cache.
+
+Per MoE layer and step:
+1. route: the router's top-k (edge.model.Transformer._moe) names the experts this layer needs;
+2. ensure: an expert already cached is a hit (a prefetch still in flight is waited for: a late hit); any other
+   is read now (a miss, "on demand") into a slot freed by eviction;
+3. predict and prefetch: before computing this layer's experts, the next layer's are predicted and the ones
+   not cached are read on an I/O thread while this layer's experts, and the next layer's attention, compute.
+   The predictor is pre-gating (Pre-gated MoE, Mixtral offloading): the next layer's router applied to this
+   layer's residual stream under the next layer's FFN norm. Prefetch 0 is on-demand loading (the paper's
+   baseline);
+4. evict: `score` (EdgeMoE): the cached expert with the lowest frequency / (layers until its layer runs again)
+   goes first, experts predicted for the next layer and the layer computing are kept; `lru`: the least
+   recently used goes first (Mixtral offloading keeps an LRU per layer; here one pool over all layers, so
+   the budget decides how many per layer).
+
+Frequency is the expert's share of routing decisions in its layer, counted as the run goes (a prior of one
+use each, so unused experts start equal).
+
+Stats (`ExpertStats`): needed experts, hits, late hits, misses, evictions, prediction precision and recall,
+reads and bytes, and the seconds the compute thread waited for reads.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from edge.ggml import Weight
+
+POLICIES = ("score", "lru")
+
+
+@dataclass
+class ExpertStats:
+    """Counters since the last `reset()`."""
+
+    needed: int = 0        # (layer, expert) pairs a step routed to
+    hits: int = 0          # of those, cached and loaded when needed
+    late: int = 0          # of those, still being prefetched: waited for
+    misses: int = 0        # of those, read on demand
+    evicted: int = 0
+    predicted: int = 0     # experts the predictor named for the next layer
+    predicted_used: int = 0  # of those, routed to by that layer
+    routed_after_prediction: int = 0  # experts routed to at layers that had a prediction (recall's denominator)
+    prefetched: int = 0    # experts read ahead (predicted and not cached)
+    reads: int = 0
+    read_bytes: int = 0
+    wait_seconds: float = 0.0  # compute thread waiting for expert reads (its own and prefetches)
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, 0)
+
+    @property
+    def hit_rate(self) -> float:
+        return (self.hits + self.late) / self.needed if self.needed else 1.0
+
+    @property
+    def precision(self) -> float:
+        return self.predicted_used / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.predicted_used / self.routed_after_prediction if self.routed_after_prediction else 0.0
+
+    def as_dict(self, tokens: int = 1) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(hit_rate=round(self.hit_rate, 4), precision=round(self.precision, 4), recall=round(self.recall, 4),
+                 read_bytes_per_token=self.read_bytes // max(1, tokens), wait_seconds=round(self.wait_seconds, 4))
+        return d
+
+
+class ExpertLayout:
+    """One layer's expert record: gate rows | up rows | down rows, in the source's types."""
+
+    def __init__(self, lay: dict):
+        self.n, self.dim, self.hidden = lay["n"], lay["dim"], lay["hidden"]
+        self.types = tuple(lay["types"])
+        self.g, self.u, self.d = lay["gate_bytes"], lay["up_bytes"], lay["down_bytes"]
+        self.bytes = self.g + self.u + self.d
+
+    def weights(self, buf: np.ndarray, offset: int) -> tuple[Weight, Weight, Weight]:
+        tg, tu, td = self.types
+        return (Weight(buf, tg, self.hidden, self.dim, offset=offset),
+                Weight(buf, tu, self.hidden, self.dim, offset=offset + self.g),
+                Weight(buf, td, self.dim, self.hidden, offset=offset + self.g + self.u))
+
+
+def record_bytes(store) -> int:
+    """The largest expert record of the store: one cache slot."""
+    return max(ExpertLayout(lay).bytes for lay in store.attrs["experts"])
+
+
+def read_buffer_bytes(store, prefetch: int) -> int:
+    """The two read buffers: on demand (one record) and prefetch (`prefetch` records), with alignment slack."""
+    rec = record_bytes(store) + (8 << 10)
+    return rec + max(1, prefetch) * rec
+
+
+class ExpertPager:
+    """The experts of every layer under one cache of `slots` records."""
+
+    def __init__(self, store, ggml, act, slots: int, policy: str = "score", prefetch: int | None = None,
+                 read_threads: int = 4):
+        """prefetch: experts predicted and read ahead per layer (default: as many as a token uses; 0: on-demand
+        loading, no prediction)."""
+        from edge.flash import IOEngine
+
+        cfg = store.config
+        self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
+        self.layouts = [ExpertLayout(lay) for lay in store.attrs["experts"]]
+        self.arrays = [store.array(f"experts/blk.{i}") for i in range(cfg.n_layers)]
+        self.policy = policy
+        self.prefetch = cfg.n_experts_used if prefetch is None else prefetch
+        self.slot_bytes = record_bytes(store)
+        self.buf = np.zeros((slots, self.slot_bytes), np.uint8)
+        self.slots = slots
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.key_of: list[tuple[int, int] | None] = [None] * slots
+        self.last_use = np.zeros(slots, np.int64)
+        self.pending: dict[int, Future] = {}  # slot -> prefetch in flight
+        self.freq = np.ones((cfg.n_layers, cfg.n_experts), np.float64)
+        self.stats = ExpertStats()
+        self.clock = 0  # layer steps so far (recency)
+        self._cur = 0   # the layer computing (eviction's distances count from it)
+        self._keep: set[int] = set()  # slots not to evict now (this layer's, the next layer's predicted)
+        self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for it
+        rec = self.slot_bytes + (8 << 10)
+        self._io = IOEngine(threads=read_threads, buffer_bytes=rec, max_read=max(1 << 20, rec))
+        self._io_ahead = IOEngine(threads=read_threads, buffer_bytes=max(1, self.prefetch) * rec,
+                                  max_read=max(1 << 20, rec))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="edge-experts")
+        self.routers: list[np.ndarray] = []   # filled by the model: every layer's router and FFN norm (pregate)
+        self.norms: list[np.ndarray] = []
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.buf.nbytes
+
+    @property
+    def engines(self) -> list:
+        return [self._io, self._io_ahead]
+
+    @property
+    def cached(self) -> int:
+        return len(self.slot_of)
+
+    # -- the step ---------------------------------------------------------------------------------------------
+
+    def __call__(self, i: int, x: np.ndarray, top: np.ndarray, weights: np.ndarray,
+                 resid: np.ndarray | None = None) -> np.ndarray:
+        """The weighted sum of the routed experts' FFNs for x (T, dim); top, weights: (T, k) from the router."""
+        self.clock += 1
+        self._cur = i
+        st = self.stats
+        needed = sorted((int(e) for e in np.unique(top)), key=lambda e: (i, e) not in self.slot_of)  # cached first
+        st.needed += len(needed)
+        np.add.at(self.freq[i], top.reshape(-1), 1.0)
+        predicted = self._predicted.pop(i, None)
+        if predicted is not None:
+            st.predicted_used += len(predicted & set(needed))
+            st.routed_after_prediction += len(needed)
+        out = np.zeros((len(x), self.cfg.dim), np.float32)
+        k = self.cfg.n_experts_used
+        for j in range(0, len(needed), k):  # a token's worth of experts at a time: a prompt's union may not fit
+            group = needed[j:j + k]
+            self._keep = {self.slot_of[(i, e)] for e in group if (i, e) in self.slot_of}
+            slots = [self._ensure(i, e) for e in group]
+            if j == 0 and self.prefetch and resid is not None and i + 1 < self.cfg.n_layers and len(x) == 1:
+                self._prefetch(i + 1, resid)  # read while this layer's experts compute
+            self._compute(i, x, top, weights, group, slots, out)
+        return out
+
+    def _compute(self, i: int, x: np.ndarray, top: np.ndarray, weights: np.ndarray, group: list[int],
+                 slots: list[int], out: np.ndarray) -> None:
+        """out += the weighted FFNs of the experts in `group` (cached in `slots`): gate and up of all of them
+        in one ggml graph, their downs in a second."""
+        lay = self.layouts[i]
+        first, routed = [], []
+        for e, s in zip(group, slots):
+            rows, which = np.nonzero(top == e)
+            g, u, d = lay.weights(self.buf, s * self.slot_bytes)
+            xe = x[rows] if len(rows) < len(x) else x
+            first += [(xe, g), (xe, u)]
+            routed.append((rows, which, d))
+            self.last_use[s] = self.clock
+        outs = self.ggml.products(first)
+        downs = self.ggml.products([(self.act(outs[2 * n]) * outs[2 * n + 1], d) for n, (_, _, d) in enumerate(routed)])
+        for (rows, which, _), h in zip(routed, downs):
+            out[rows] += weights[rows, which][:, None] * h
+
+    def _ensure(self, i: int, e: int) -> int:
+        """The slot holding expert e of layer i: cached, prefetched (waited for) or read now."""
+        st = self.stats
+        s = self.slot_of.get((i, e))
+        if s is not None:
+            fut = self.pending.pop(s, None)
+            if fut is not None and not fut.done():
+                t = time.perf_counter()
+                fut.result()
+                st.wait_seconds += time.perf_counter() - t
+                st.late += 1
+            else:
+                if fut is not None:
+                    fut.result()  # raise a failed read here
+                st.hits += 1
+            self._keep.add(s)
+            return s
+        st.misses += 1
+        s = self._take_slot(i, e)
+        t = time.perf_counter()
+        (view,) = self.store.read_views(self.arrays[i], [e], True, self._io)
+        self.buf[s, :len(view)] = np.frombuffer(view, np.uint8)
+        st.wait_seconds += time.perf_counter() - t
+        st.reads += 1
+        st.read_bytes += len(view)
+        self._keep.add(s)
+        return s
+
+    def _take_slot(self, i: int, e: int) -> int:
+        """A free slot, or the one the policy evicts; assigned to (i, e)."""
+        if len(self.slot_of) < self.slots:
+            s = self.key_of.index(None)
+        else:
+            s = self._victim()
+            self._drop(s)
+            self.stats.evicted += 1
+        self.key_of[s] = (i, e)
+        self.slot_of[(i, e)] = s
+        return s
+
+    def _drop(self, s: int) -> None:
+        fut = self.pending.pop(s, None)
+        if fut is not None:
+            fut.result()  # a slot being written is not reused before its read ends
+        key = self.key_of[s]
+        if key is not None:
+            del self.slot_of[key]
+        self.key_of[s] = None
+
+    def _victim(self) -> int:
+        cand = [s for s in range(self.slots) if s not in self._keep]
+        if not cand:
+            raise RuntimeError("expert cache: every slot is in use by this step (the plan's minimum was not kept)")
+        if self.policy == "lru":
+            return min(cand, key=lambda s: self.last_use[s])
+        n = self.cfg.n_layers
+
+        def value(s: int) -> float:  # EdgeMoE: frequency / layers until its layer runs again
+            layer, e = self.key_of[s]
+            dist = (layer - self._cur) % n or n
+            return self.freq[layer, e] / self.freq[layer].sum() / dist
+        return min(cand, key=lambda s: (value(s), self.last_use[s]))
+
+    # -- prediction and prefetch ---------------------------------------------------------------------------
+
+    def predict(self, j: int, resid: np.ndarray) -> list[int]:
+        """Pre-gating: layer j's router on this residual stream under layer j's FFN norm; its top experts in
+        order, as many as the prefetch depth."""
+        from edge.model import rms_norm
+
+        h = rms_norm(resid[-1:], self.norms[j], self.cfg.norm_eps)
+        logits = (h @ self.routers[j].T)[0]
+        return [int(e) for e in np.argsort(-logits, kind="stable")[:self.prefetch]]
+
+    def _prefetch(self, j: int, resid: np.ndarray) -> None:
+        guess = self.predict(j, resid)
+        self._predicted[j] = set(guess)
+        self.stats.predicted += len(guess)
+        todo = []
+        for e in guess:
+            s = self.slot_of.get((j, e))
+            if s is not None:
+                self._keep.add(s)
+                continue
+            if len(self.slot_of) >= self.slots and not [c for c in range(self.slots) if c not in self._keep]:
+                break  # no slot to spare: the rest loads on demand
+            s = self._take_slot(j, e)
+            self._keep.add(s)
+            todo.append((e, s))
+        if todo:
+            self.stats.prefetched += len(todo)
+            fut = self._pool.submit(self._read_ahead, j, todo)
+            for _, s in todo:
+                self.pending[s] = fut
+
+    def _read_ahead(self, j: int, todo: list[tuple[int, int]]) -> None:
+        views = self.store.read_views(self.arrays[j], [e for e, _ in todo], True, self._io_ahead)
+        for (_, s), view in zip(todo, views):
+            self.buf[s, :len(view)] = np.frombuffer(view, np.uint8)
+            self.stats.reads += 1
+            self.stats.read_bytes += len(view)
+
+    # -- budget changes --------------------------------------------------------------------------------------
+
+    def resize(self, slots: int) -> None:
+        """Hold `slots` experts: shrinking keeps the most valuable by the policy (their bytes move to a new,
+        smaller array; the old one goes back to the OS), growing adds free slots."""
+        for fut in list(self.pending.values()):
+            fut.result()
+        self.pending.clear()
+        self._keep = set()
+        order = sorted((s for s in range(self.slots) if self.key_of[s] is not None),
+                       key=lambda s: -self.last_use[s])[:slots]
+        buf = np.zeros((slots, self.slot_bytes), np.uint8)
+        key_of: list = [None] * slots
+        last = np.zeros(slots, np.int64)
+        for new, old in enumerate(order):
+            buf[new] = self.buf[old]
+            key_of[new] = self.key_of[old]
+            last[new] = self.last_use[old]
+        self.buf, self.key_of, self.last_use, self.slots = buf, key_of, last, slots
+        self.slot_of = {k: s for s, k in enumerate(key_of) if k is not None}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

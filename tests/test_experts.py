@@ -1,0 +1,150 @@
+"""Mixture-of-experts stores and expert paging under a budget (edge.experts): the store holds each expert as
+one record, a store run equals the GGUF's, and a paged run computes the same logits as every expert resident
+whatever the cache size, eviction policy or prefetch depth, with its counters adding up."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from edge.errors import EdgeError
+
+
+@pytest.fixture(scope="module")
+def moe_store(tmp_path_factory):
+    """A random qwen2moe (shared expert, 8 experts, top 2, 4 layers) in Q8_0, and its store."""
+    from weights_tools.__main__ import main
+    from weights_tools.convert import convert
+
+    d = tmp_path_factory.mktemp("moe")
+    gguf = d / "qwen2moe.gguf"
+    assert main(["make-model", "--arch", "qwen2moe", "--experts", "8", "--top-k", "2", "--layers", "4", "--dim",
+                 "128", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--quant", "Q8_0", "--out", str(gguf)]) == 0
+    return gguf, convert(gguf, d / "qwen2moe.edge", quiet=True)
+
+
+def _greedy(engine, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    from edge.sampling import Sampler, SamplerConfig
+
+    out = list(engine.generate(prompt, n, Sampler(SamplerConfig(temperature=0.0)), stop_at_end=False))
+    return [ev.token for ev in out if ev.token >= 0], engine.model.forward(np.asarray(prompt[:8]), 0)
+
+
+def test_store_holds_each_expert_as_one_record(moe_store):
+    """Every expert's gate, up and down bytes are one chunk of experts/blk.<i>, the source's bytes exactly;
+    the store runs (every expert resident) to the GGUF's logits."""
+    from edge.engine import Engine
+    from edge.gguf_file import GGUFFile
+    from edge.store import Store
+
+    gguf, store_path = moe_store
+    src, store = GGUFFile(gguf), Store(store_path)
+    lay = store.attrs["experts"][1]
+    arr = store.array("experts/blk.1")
+    assert arr.n_chunks == 8 and arr.chunk_bytes == lay["gate_bytes"] + lay["up_bytes"] + lay["down_bytes"]
+    rec = np.frombuffer(store.read_chunks(arr, [5])[0], np.uint8)
+    parts = [src.tensor(f"blk.1.ffn_{k}_exps.weight").raw.reshape(8, -1)[5] for k in ("gate", "up", "down")]
+    assert np.array_equal(rec, np.concatenate(parts))
+    for name in ("blk.1.ffn_down_exps.weight", "blk.3.ffn_gate_exps.weight"):
+        assert np.array_equal(store.tensor(name).raw, src.tensor(name).raw)
+    prompt = [1, 5, 9, 200, 31, 7, 77, 3]
+    a = Engine(gguf, n_ctx=64, backend="ggml", threads=2).model.forward(np.asarray(prompt), 0)
+    b = Engine(store_path, n_ctx=64, backend="ggml", threads=2).model.forward(np.asarray(prompt), 0)
+    assert np.array_equal(a, b)
+
+
+def _budget(plan, slots: int) -> int:
+    """The budget whose plan caches `slots` experts."""
+    return plan.minimum + (slots - plan.min_slots) * plan.slot_bytes
+
+
+@pytest.mark.parametrize("evict,prefetch", [("score", None), ("lru", None), ("score", 0), ("lru", 1)])
+def test_paged_experts_compute_what_resident_experts_do(moe_store, evict, prefetch):
+    """Under a budget caching a quarter of the experts (8 of 32) the tokens and logits are the resident run's;
+    every routed expert is a hit, a late hit or a miss; bytes read are whole records; without prefetch nothing
+    is predicted; shrinking the cache to its minimum mid-run changes nothing but the counters."""
+    from edge.engine import Engine
+
+    _, store_path = moe_store
+    prompt = [1, 5, 9, 200, 31, 7, 77, 3, 40, 41]
+    ref = Engine(store_path, n_ctx=64, backend="ggml", threads=2)
+    want_tokens, want_logits = _greedy(ref, prompt, 24)
+    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, evict=evict, prefetch=prefetch)
+    assert engine.plan.strategy == "experts" and engine.plan.slots == 32  # everything fits
+    plan = engine.resize(_budget(engine.plan, 8))
+    assert plan.slots == 8 and engine.model.experts.slots == 8
+    tokens, logits = _greedy(engine, prompt, 24)
+    assert tokens == want_tokens
+    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-4)
+    st = engine.expert_stats()
+    assert st["needed"] == st["hits"] + st["late"] + st["misses"] > 0
+    assert st["misses"] > 0 and st["evicted"] > 0
+    lay = engine.file.attrs["experts"][0]
+    assert st["read_bytes"] == st["reads"] * (lay["gate_bytes"] + lay["up_bytes"] + lay["down_bytes"])
+    assert st["reads"] == st["misses"] + st["prefetched"]
+    if prefetch == 0:
+        assert st["predicted"] == st["prefetched"] == 0
+    else:
+        k = prefetch or 2
+        assert st["predicted"] == k * 3 * 23  # layers 1..3 of every decoded token but the first
+        assert 0 <= st["recall"] <= 1 and 0 <= st["precision"] <= 1
+    engine.resize(engine.plan.minimum)
+    assert engine.model.experts.slots == engine.plan.min_slots
+    again, _ = _greedy(engine, prompt, 8)
+    assert again == want_tokens[:8]
+
+
+def test_every_expert_cached_reads_each_once(moe_store):
+    """With room for all 32 experts, each is read at most once however long the run (reads over two runs:
+    distinct experts routed to)."""
+    from edge.engine import Engine
+
+    _, store_path = moe_store
+    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40)
+    _greedy(engine, [1, 2, 3, 4], 30)
+    first = engine.expert_stats()
+    assert first["reads"] <= 32 and first["evicted"] == 0
+    _greedy(engine, [5, 6, 7, 8], 30)
+    second = engine.expert_stats()
+    assert first["reads"] + second["reads"] == engine.model.experts.cached <= 32 and second["evicted"] == 0
+
+
+def test_expert_budget_errors_name_the_figure(moe_store):
+    from edge.budget import make_expert_plan
+    from edge.store import Store
+    from edge.sizes import format_size
+
+    store = Store(moe_store[1])
+    plan = make_expert_plan(store, 1 << 40, 100 << 20, 64)
+    with pytest.raises(EdgeError, match=f"minimum of {format_size(plan.minimum)}"):
+        make_expert_plan(store, plan.minimum - 1, 100 << 20, 64)
+    with pytest.raises(EdgeError, match="--prefetch 9"):
+        make_expert_plan(store, 1 << 40, 100 << 20, 64, prefetch=9)
+    with pytest.raises(EdgeError, match="--strategy sparse"):
+        from edge.engine import resolve_strategy
+
+        resolve_strategy(store, "sparse")
+    assert dataclasses.replace(plan, slots=plan.min_slots).cache == plan.min_slots * plan.slot_bytes
+
+
+def test_corrupt_expert_record_is_named(moe_store, tmp_path):
+    """A flipped byte inside an expert's record fails its checksum when that expert is first paged in."""
+    import shutil
+
+    from edge.engine import Engine
+    from edge.store import Store
+
+    store_path = tmp_path / "bad.edge"
+    shutil.copytree(moe_store[1], store_path)
+    arr = Store(store_path).array("experts/blk.0")
+    with open(arr.file, "r+b") as f:
+        for e in range(8):  # every expert of layer 0: whichever the router picks
+            f.seek(int(arr.offsets[e]) + 100)
+            b = f.read(1)
+            f.seek(int(arr.offsets[e]) + 100)
+            f.write(bytes([b[0] ^ 0xFF]))
+    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40)
+    with pytest.raises(EdgeError, match="experts/blk.0.*checksum|checksum.*experts/blk.0"):
+        _greedy(engine, [1, 2, 3], 2)
