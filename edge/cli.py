@@ -292,13 +292,14 @@ def cmd_info(args) -> int:
     cfg = src.config
     parts: Counter = Counter()
     formats: Counter = Counter()
-    names = src.tensor_names() + ([f"blk.{i}.{n}.weight" for i in range(cfg.n_layers)
-                                   for n in ("ffn_gate", "ffn_up", "ffn_down")] if isinstance(src, Store) else [])
+    streamed = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps") if cfg.n_experts else ("ffn_gate", "ffn_up", "ffn_down")
+    names = src.tensor_names() + ([f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in streamed]
+                                  if isinstance(src, Store) else [])
     for name in names:
         t = src.tensor(name)
         part = ("ffn bundles (stream)" if ffn_part(name) else "embeddings (row lookup)" if name == "token_embd.weight"
-                else "head" if name == "output.weight" else "experts and routers" if "_exps." in name
-                or "gate_inp" in name else "resident (attention, norms)")
+                else "head" if name == "output.weight" else "experts (paged)" if "_exps." in name
+                else "routers" if "gate_inp" in name else "resident (attention, norms)")
         parts[part] += t.nbytes
         formats[quants.type_name(t.type_id)] += t.nbytes
     print(f"{path}  [{'edge store' if isinstance(src, Store) else 'GGUF'}]")
@@ -312,7 +313,11 @@ def cmd_info(args) -> int:
         print(f"  {part:30} {format_size(n):>9}")
     print(f"  {'total':30} {format_size(sum(parts.values())):>9}")
     print("quant formats: " + ", ".join(f"{k} {format_size(v)}" for k, v in formats.most_common()))
-    if isinstance(src, Store):
+    if isinstance(src, Store) and cfg.n_experts:
+        lay = src.attrs["experts"][0]
+        print(f"experts: one record each, layer 0 expert {format_size(lay['gate_bytes'] + lay['up_bytes'] + lay['down_bytes'])}; "
+              f"source {src.attrs['source']['file']} sha256 {src.attrs['source']['sha256'][:12]}")
+    elif isinstance(src, Store):
         clusters = Counter(lay["cluster"] for lay in src.attrs["ffn"])
         lay = src.attrs["ffn"][0]
         bundle = lay["gate_bytes"] + lay["up_bytes"] + lay["down_bytes"]

@@ -135,11 +135,12 @@ class ExpertPager:
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for it
         rec = self.slot_bytes + (8 << 10)
         self._io = IOEngine(threads=read_threads, buffer_bytes=rec, max_read=max(1 << 20, rec))
-        self._io_ahead = IOEngine(threads=read_threads, buffer_bytes=max(1, self.prefetch) * rec,
+        self._io_ahead = IOEngine(threads=max(1, min(read_threads, self.prefetch)), buffer_bytes=max(1, self.prefetch) * rec,
                                   max_read=max(1 << 20, rec))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="edge-experts")
         self.routers: list[np.ndarray] = []   # filled by the model: every layer's router and FFN norm (pregate)
         self.norms: list[np.ndarray] = []
+        self._gates: list[np.ndarray] | None = None  # router rows times the FFN norm's weights, per layer
 
     @property
     def cache_bytes(self) -> int:
@@ -173,9 +174,9 @@ class ExpertPager:
         for j in range(0, len(needed), k):  # a token's worth of experts at a time: a prompt's union may not fit
             group = needed[j:j + k]
             self._keep = {self.slot_of[(i, e)] for e in group if (i, e) in self.slot_of}
-            slots = [self._ensure(i, e) for e in group]
             if j == 0 and self.prefetch and resid is not None and i + 1 < self.cfg.n_layers and len(x) == 1:
-                self._prefetch(i + 1, resid)  # read while this layer's experts compute
+                self._prefetch(i + 1, resid, group)  # read while this layer's experts load and compute
+            slots = [self._ensure(i, e) for e in group]
             self._compute(i, x, top, weights, group, slots, out)
         return out
 
@@ -247,31 +248,38 @@ class ExpertPager:
         self.key_of[s] = None
 
     def _victim(self) -> int:
-        cand = [s for s in range(self.slots) if s not in self._keep]
-        if not cand:
+        free = np.ones(self.slots, bool)
+        free[list(self._keep)] = False
+        cand = np.flatnonzero(free)
+        if not len(cand):
             raise RuntimeError("expert cache: every slot is in use by this step (the plan's minimum was not kept)")
         if self.policy == "lru":
-            return min(cand, key=lambda s: self.last_use[s])
+            return int(cand[np.argmin(self.last_use[cand])])
+        # EdgeMoE: the expert's share of its layer's routing / layers until its layer runs again
+        layer = np.array([self.key_of[s][0] for s in cand])
+        expert = np.array([self.key_of[s][1] for s in cand])
         n = self.cfg.n_layers
-
-        def value(s: int) -> float:  # EdgeMoE: frequency / layers until its layer runs again
-            layer, e = self.key_of[s]
-            dist = (layer - self._cur) % n or n
-            return self.freq[layer, e] / self.freq[layer].sum() / dist
-        return min(cand, key=lambda s: (value(s), self.last_use[s]))
+        dist = (layer - self._cur) % n
+        dist[dist == 0] = n
+        value = self.freq[layer, expert] / self.freq[layer].sum(axis=1) / dist
+        best = np.lexsort((self.last_use[cand], value))[0]  # lowest value, then least recently used
+        return int(cand[best])
 
     # -- prediction and prefetch ---------------------------------------------------------------------------
 
     def predict(self, j: int, resid: np.ndarray) -> list[int]:
         """Pre-gating: layer j's router on this residual stream under layer j's FFN norm; its top experts in
-        order, as many as the prefetch depth."""
-        from edge.model import rms_norm
-
-        h = rms_norm(resid[-1:], self.norms[j], self.cfg.norm_eps)
-        logits = (h @ self.routers[j].T)[0]
+        order, as many as the prefetch depth. (RMS normalization scales every logit alike, so the ranking is
+        that of the residual times the router with the norm's weights folded in.)"""
+        if self._gates is None:
+            self._gates = [r * w[None, :] for r, w in zip(self.routers, self.norms)]
+        logits = self._gates[j] @ resid[-1]
         return [int(e) for e in np.argsort(-logits, kind="stable")[:self.prefetch]]
 
-    def _prefetch(self, j: int, resid: np.ndarray) -> None:
+    def _prefetch(self, j: int, resid: np.ndarray, now: list[int]) -> None:
+        """Read layer j's predicted experts ahead; `now`: this layer's experts, whose slots (some still to be
+        read) are set aside first."""
+        spare = self.slots - len(self._keep) - sum((self._cur, e) not in self.slot_of for e in now)
         guess = self.predict(j, resid)
         self._predicted[j] = set(guess)
         self.stats.predicted += len(guess)
@@ -281,8 +289,9 @@ class ExpertPager:
             if s is not None:
                 self._keep.add(s)
                 continue
-            if len(self.slot_of) >= self.slots and not [c for c in range(self.slots) if c not in self._keep]:
+            if spare <= 0:
                 break  # no slot to spare: the rest loads on demand
+            spare -= 1
             s = self._take_slot(j, e)
             self._keep.add(s)
             todo.append((e, s))
