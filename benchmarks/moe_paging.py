@@ -37,7 +37,7 @@ def run(store: Path, cache: float, n: int, threads: int, device: str | None, emu
                         device=device, emulate=emulate)
         plan = engine.plan
         slots = max(plan.min_slots, round(cache * plan.n_experts)) if cached else plan.min_slots
-        engine.resize(plan.minimum + (slots - plan.min_slots) * plan.slot_bytes)
+        engine.resize(plan.budget_for(slots))
         prompt = engine.chat_tokens([{"role": "user", "content": PROMPT}])
         events = list(engine.generate(prompt, n, Sampler(SamplerConfig(temperature=0.0)), stop_at_end=False))
         st, last = engine.expert_stats(), engine.last

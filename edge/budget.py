@@ -19,6 +19,8 @@ from edge.sizes import format_size
 
 MARGIN = 8 << 20        # read copies, allocator slack, kernels' work buffers (plus the activations, by model)
 IO_BUFFER = 4 << 20     # the I/O engine's preallocated read buffer under a budget
+KERNEL_SHARE = 64       # expert plans leave 1/64 of the cache for what the cap also charges with it: page
+                        # tables, huge-page rounding, the libraries' page cache
 
 
 @dataclass(frozen=True)
@@ -143,13 +145,13 @@ def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sp
 
 
 def plan_for(store, strategy: str, budget: int, baseline: int, n_ctx: int, sparsity: float = 0.0, window: int = 5,
-             prefetch: int | None = None, evict: str = "score"):
+             prefetch: int | None = None, evict: str = "score", predict: str = "pregate"):
     """The plan of a resolved strategy (edge.engine.resolve_strategy): BitStack's, the expert cache's, or the
     streamed FFN's (which needs a calibrated store)."""
     if strategy == "bitstack":
         return make_stack_plan(store, budget, baseline, n_ctx)
     if strategy == "experts":
-        return make_expert_plan(store, budget, baseline, n_ctx, prefetch, evict)
+        return make_expert_plan(store, budget, baseline, n_ctx, prefetch, evict, predict)
     from edge.sparse import check_calibrated
 
     check_calibrated(store, "--ram")
@@ -157,6 +159,7 @@ def plan_for(store, strategy: str, budget: int, baseline: int, n_ctx: int, spars
 
 
 PRESSURE_FLOOR = 64 << 20  # system memory available below this: give cache back
+LIMIT_ROUNDING = 1 << 20   # a cgroup limit this close under the budget is the budget (the kernel rounds it)
 
 
 class PressureWatch:
@@ -173,8 +176,8 @@ class PressureWatch:
         need = 0
         if available < PRESSURE_FLOOR:
             need = PRESSURE_FLOOR - available
-        if limit is not None and limit < self.plan.budget:
-            need = max(need, self.plan.budget - limit)
+        if limit is not None and limit < self.plan.budget - LIMIT_ROUNDING:  # a cap set to the budget reads
+            need = max(need, self.plan.budget - limit)                      # back rounded down to pages
         return need
 
 
@@ -306,6 +309,7 @@ class ExpertPlan:
     n_experts: int        # experts in the model, all layers
     prefetch: int         # experts predicted and read ahead per layer
     policy: str = "score"  # eviction (edge.experts.POLICIES)
+    predictor: str = "pregate"  # edge.experts.PREDICTORS
     strategy: str = "experts"
 
     @property
@@ -325,6 +329,10 @@ class ExpertPlan:
         d.update(cache=self.cache, minimum=self.minimum, cached_fraction=round(self.cached_fraction, 4))
         return d
 
+    def budget_for(self, slots: int) -> int:
+        """The smallest budget whose plan caches `slots` experts (each costs its record and a 1/KERNEL_SHARE)."""
+        return self.minimum + (slots - self.min_slots) * (self.slot_bytes + self.slot_bytes // KERNEL_SHARE)
+
     def parts(self) -> dict[str, int]:
         return {"baseline": self.baseline, "KV cache": self.kv, "weights": self.resident,
                 "buffers": self.io + self.margin, "expert cache": self.cache}
@@ -338,7 +346,7 @@ class ExpertPlan:
                             self.min_slots * self.slot_bytes),
                 f"expert cache {f(self.cache)}: {self.slots}/{self.n_experts} experts "
                 f"({100 * self.cached_fraction:.0f}%, {f(self.slot_bytes)} each); the rest pages from flash, "
-                f"{self.prefetch} predicted and read ahead per layer"]
+                f"{self.prefetch} predicted ({self.predictor}) and read ahead per layer, eviction {self.policy}"]
 
 
 def expert_resident_bytes(store) -> int:
@@ -356,13 +364,15 @@ def expert_resident_bytes(store) -> int:
 
 
 def make_expert_plan(store, budget: int, baseline: int, n_ctx: int, prefetch: int | None = None,
-                     evict: str = "score") -> ExpertPlan:
-    from edge.experts import POLICIES, read_buffer_bytes, record_bytes
+                     evict: str = "score", predict: str = "pregate") -> ExpertPlan:
+    from edge.experts import POLICIES, PREDICTORS, read_buffer_bytes, record_bytes
     from edge.model import KVCache
 
     cfg = store.config
     k = cfg.n_experts_used
     prefetch = k if prefetch is None else prefetch
+    if predict not in PREDICTORS:
+        raise EdgeError(f"--predict {predict}: choose one of {', '.join(PREDICTORS)}")
     if evict not in POLICIES:
         raise EdgeError(f"--evict {evict}: choose one of {', '.join(POLICIES)}")
     if not 0 <= prefetch <= cfg.n_experts:
@@ -372,10 +382,11 @@ def make_expert_plan(store, budget: int, baseline: int, n_ctx: int, prefetch: in
                  io=IO_BUFFER + read_buffer_bytes(store, prefetch), resident=expert_resident_bytes(store),
                  margin=MARGIN + activation_bytes(cfg, n_ctx), slot_bytes=record_bytes(store),
                  min_slots=k + prefetch, n_experts=cfg.n_layers * cfg.n_experts, prefetch=prefetch,
-                 policy=evict)
+                 policy=evict, predictor=predict)
     probe = ExpertPlan(slots=fixed["min_slots"], **fixed)
     if budget < probe.minimum:
         raise EdgeError(f"--ram {format_size(budget)} is below the minimum of {format_size(probe.minimum)} for "
                         f"this mixture-of-experts model with a context of {n_ctx} tokens; raise --ram or lower --ctx")
-    slots = min(fixed["n_experts"], fixed["min_slots"] + (budget - probe.minimum) // probe.slot_bytes)
+    cost = probe.budget_for(probe.min_slots + 1) - probe.minimum
+    slots = min(fixed["n_experts"], fixed["min_slots"] + (budget - probe.minimum) // cost)
     return ExpertPlan(slots=int(slots), **fixed)

@@ -67,6 +67,9 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
     b.add_argument("--evict", choices=("score", "lru"), default="score",
                    help="mixture of experts: which cached expert leaves first: score (EdgeMoE: rare and far from "
                         "its next use; default) or lru")
+    b.add_argument("--predict", choices=("pregate", "trace"), default="pregate",
+                   help="mixture of experts: how the next layer's experts are guessed: pregate (its router on "
+                        "this layer's state; default) or trace (routing tables from `edge convert --calibrate`)")
     d = p.add_argument_group("target device (profiles: `edge devices`)")
     d.add_argument("--device", default=None, metavar="NAME",
                    help="a device profile: its compute and read threads, and its default --ram")
@@ -88,7 +91,7 @@ def budget_options(args) -> dict:
         print(f"warning: {msg}", file=sys.stderr)
     return dict(verify=args.verify_reads, ram=ram, strategy=args.strategy, sparsity=args.sparsity,
                 window=args.window, device=args.device, emulate=args.emulate, prefetch=args.prefetch,
-                evict=args.evict)
+                evict=args.evict, predict=args.predict)
 
 
 def make_engine(args):
@@ -138,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--sparsity", type=float, default=0.0)
     info.add_argument("--prefetch", type=int, default=None, help="mixture of experts: experts read ahead per layer")
     info.add_argument("--evict", choices=("score", "lru"), default="score")
+    info.add_argument("--predict", choices=("pregate", "trace"), default="pregate")
 
     pf = sub.add_parser("probe-flash", help="measure the storage's read curve and save it as a device profile",
                         epilog=EXAMPLES_PROBE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -384,7 +388,7 @@ def _info_plan(args, src, path):
     Tokenizer(src.tokenizer_path, src.config.arch, src.chat_template)  # the baseline a run would have
     n_ctx = min(args.ctx, src.config.context_length)
     return plan_for(src, strategy, parse_size(args.ram, flag="--ram"), _Meter().rss(), n_ctx, args.sparsity,
-                    prefetch=args.prefetch, evict=args.evict)
+                    prefetch=args.prefetch, evict=args.evict, predict=args.predict)
 
 
 def cmd_probe_flash(args) -> int:

@@ -83,7 +83,7 @@ class Engine:
     def __init__(self, model: str | Path | None = None, n_ctx: int = 2048, backend: str = "auto",
                  threads: int | None = None, verify: str = "first", ram: int | None = None,
                  strategy: str = "auto", sparsity: float = 0.0, window: int = 5, device: str | None = None,
-                 emulate: bool = False, prefetch: int | None = None, evict: str = "score"):
+                 emulate: bool = False, prefetch: int | None = None, evict: str = "score", predict: str = "pregate"):
         """ram: a budget in bytes for the whole process (a calibrated store; see edge.budget).
         device: a device profile's name (edge.profile): its compute and read threads; with emulate, reads
         take the time its flash curve gives (compute runs at this machine's speed)."""
@@ -100,7 +100,8 @@ class Engine:
         self.meter = _Meter()
         self.plan = None
         # what every re-plan (resize) keeps
-        self._plan_options = dict(sparsity=sparsity, window=window, prefetch=prefetch, evict=evict)
+        self._plan_options = dict(sparsity=sparsity, window=window, prefetch=prefetch, evict=evict,
+                                   predict=predict)
         self.device = load(device) if device else None
         if emulate and self.device is None:
             raise EdgeError("--emulate needs --device NAME: the device whose flash to emulate")
@@ -134,15 +135,29 @@ class Engine:
 
             self.plan = plan_for(self.file, resolve_strategy(self.file, strategy), ram, self.meter.rss(), self.n_ctx,
                                  **self._plan_options)
-            if self.plan.io > len(io.buffer):  # BitStack blocks larger than half the default buffer
+            if self.plan.strategy == "bitstack" and self.plan.io > len(io.buffer):  # blocks over half the buffer
                 io.close()
                 self.file.engine = IOEngine(threads=read_threads, buffer_bytes=self.plan.io)
             self.pressure = PressureWatch(self.plan)
         self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads, plan=self.plan)
+        if self.plan is not None and self.plan.strategy == "experts":
+            self._fold_load_slack()
         if ram is None:
             self.tokenizer = tokenizer()  # after the model: its checks name a bad tensor, llama.cpp's do not
         self.cached: list[int] = []   # tokens whose keys and values are in the KV cache, in order
         self.last = RunStats()
+
+    def _fold_load_slack(self) -> None:
+        """What loading left beyond the resident weights (allocator slack, libraries mapped on first use) is
+        measured now and counted as baseline: the expert cache, still empty, shrinks by it."""
+        from edge.budget import plan_for
+
+        slack = self.meter.rss() - (self.plan.baseline + self.plan.resident)
+        if slack > 0:
+            self.plan = plan_for(self.file, self.plan.strategy, self.plan.budget, self.plan.baseline + slack,
+                                 self.n_ctx, **self._plan_options)
+            self.model.experts.resize(self.plan.slots)
+            self.pressure.plan = self.plan
 
     @property
     def name(self) -> str:

@@ -10,16 +10,17 @@ Per MoE layer and step:
    is read now (a miss, "on demand") into a slot freed by eviction;
 3. predict and prefetch: before computing this layer's experts, the next layer's are predicted and the ones
    not cached are read on an I/O thread while this layer's experts, and the next layer's attention, compute.
-   The predictor is pre-gating (Pre-gated MoE, Mixtral offloading): the next layer's router applied to this
-   layer's residual stream under the next layer's FFN norm. Prefetch 0 is on-demand loading (the paper's
-   baseline);
+   Predictors: `pregate` (Pre-gated MoE, Mixtral offloading): the next layer's router applied to this layer's
+   residual stream under the next layer's FFN norm; `trace` (EdgeMoE): calibration tables of which experts
+   follow the ones this token took at the two layers before (weights_tools.moe_traces). Prefetch 0 is
+   on-demand loading;
 4. evict: `score` (EdgeMoE): the cached expert with the lowest frequency / (layers until its layer runs again)
    goes first, experts predicted for the next layer and the layer computing are kept; `lru`: the least
    recently used goes first (Mixtral offloading keeps an LRU per layer; here one pool over all layers, so
    the budget decides how many per layer).
 
-Frequency is the expert's share of routing decisions in its layer, counted as the run goes (a prior of one
-use each, so unused experts start equal).
+Frequency is the expert's share of routing decisions in its layer: the calibration counts when the store has
+them (`edge convert --calibrate`), plus the run's own, plus one each.
 
 Stats (`ExpertStats`): needed experts, hits, late hits, misses, evictions, prediction precision and recall,
 reads and bytes, and the seconds the compute thread waited for reads.
@@ -33,9 +34,11 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from edge.errors import EdgeError
 from edge.ggml import Weight
 
 POLICIES = ("score", "lru")
+PREDICTORS = ("pregate", "trace")
 
 
 @dataclass
@@ -109,9 +112,10 @@ class ExpertPager:
     """The experts of every layer under one cache of `slots` records."""
 
     def __init__(self, store, ggml, act, slots: int, policy: str = "score", prefetch: int | None = None,
-                 read_threads: int = 4):
+                 predictor: str = "pregate", read_threads: int = 4):
         """prefetch: experts predicted and read ahead per layer (default: as many as a token uses; 0: on-demand
-        loading, no prediction)."""
+        loading, no prediction). predictor: pregate, or trace (the routing tables of `edge convert
+        --calibrate`)."""
         from edge.flash import IOEngine
 
         cfg = store.config
@@ -121,13 +125,24 @@ class ExpertPager:
         self.policy = policy
         self.prefetch = cfg.n_experts_used if prefetch is None else prefetch
         self.slot_bytes = record_bytes(store)
-        self.buf = np.zeros((slots, self.slot_bytes), np.uint8)
+        # one array per slot: shrinking frees whole slots, growing allocates new ones, nothing is copied
+        self.bufs = [np.zeros(self.slot_bytes, np.uint8) for _ in range(slots)]
         self.slots = slots
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_of: list[tuple[int, int] | None] = [None] * slots
         self.last_use = np.zeros(slots, np.int64)
         self.pending: dict[int, Future] = {}  # slot -> prefetch in flight
+        self.tables = load_tables(store)
+        if predictor == "trace" and self.tables is None:
+            raise EdgeError(f"{store.path}: --predict trace needs the routing traces of `edge convert "
+                            f"{store.path} --calibrate`; run that, or use --predict pregate")
+        self.predictor = predictor
+        # routing frequency (EdgeMoE's eviction weighs it): the calibration counts when there are some, plus
+        # this run's, plus one each
         self.freq = np.ones((cfg.n_layers, cfg.n_experts), np.float64)
+        if self.tables is not None:
+            self.freq += self.tables[:, 0]
+        self._chosen: dict[int, np.ndarray] = {}  # layer -> experts this token was routed to (trace predictor)
         self.stats = ExpertStats()
         self.clock = 0  # layer steps so far (recency)
         self._cur = 0   # the layer computing (eviction's distances count from it)
@@ -144,7 +159,7 @@ class ExpertPager:
 
     @property
     def cache_bytes(self) -> int:
-        return self.buf.nbytes
+        return self.slots * self.slot_bytes
 
     @property
     def engines(self) -> list:
@@ -165,6 +180,8 @@ class ExpertPager:
         needed = sorted((int(e) for e in np.unique(top)), key=lambda e: (i, e) not in self.slot_of)  # cached first
         st.needed += len(needed)
         np.add.at(self.freq[i], top.reshape(-1), 1.0)
+        if len(x) == 1:
+            self._chosen[i] = top[0]
         predicted = self._predicted.pop(i, None)
         if predicted is not None:
             st.predicted_used += len(predicted & set(needed))
@@ -188,7 +205,7 @@ class ExpertPager:
         first, routed = [], []
         for e, s in zip(group, slots):
             rows, which = np.nonzero(top == e)
-            g, u, d = lay.weights(self.buf, s * self.slot_bytes)
+            g, u, d = lay.weights(self.bufs[s], 0)
             xe = x[rows] if len(rows) < len(x) else x
             first += [(xe, g), (xe, u)]
             routed.append((rows, which, d))
@@ -219,7 +236,7 @@ class ExpertPager:
         s = self._take_slot(i, e)
         t = time.perf_counter()
         (view,) = self.store.read_views(self.arrays[i], [e], True, self._io)
-        self.buf[s, :len(view)] = np.frombuffer(view, np.uint8)
+        self.bufs[s][:len(view)] = np.frombuffer(view, np.uint8)
         st.wait_seconds += time.perf_counter() - t
         st.reads += 1
         st.read_bytes += len(view)
@@ -268,12 +285,16 @@ class ExpertPager:
     # -- prediction and prefetch ---------------------------------------------------------------------------
 
     def predict(self, j: int, resid: np.ndarray) -> list[int]:
-        """Pre-gating: layer j's router on this residual stream under layer j's FFN norm; its top experts in
-        order, as many as the prefetch depth. (RMS normalization scales every logit alike, so the ranking is
-        that of the residual times the router with the norm's weights folded in.)"""
-        if self._gates is None:
-            self._gates = [r * w[None, :] for r, w in zip(self.routers, self.norms)]
-        logits = self._gates[j] @ resid[-1]
+        """Layer j's most likely experts, as many as the prefetch depth. pregate: layer j's router on this
+        residual stream under layer j's FFN norm (RMS normalization scales every logit alike, so the ranking
+        is that of the residual times the router with the norm's weights folded in). trace: the calibration
+        tables given the experts this token took at the two layers before j."""
+        if self.predictor == "trace":
+            logits = trace_scores(self.tables, j, self._chosen.get(j - 1), self._chosen.get(j - 2))
+        else:
+            if self._gates is None:
+                self._gates = [r * w[None, :] for r, w in zip(self.routers, self.norms)]
+            logits = self._gates[j] @ resid[-1]
         return [int(e) for e in np.argsort(-logits, kind="stable")[:self.prefetch]]
 
     def _prefetch(self, j: int, resid: np.ndarray, now: list[int]) -> None:
@@ -304,30 +325,51 @@ class ExpertPager:
     def _read_ahead(self, j: int, todo: list[tuple[int, int]]) -> None:
         views = self.store.read_views(self.arrays[j], [e for e, _ in todo], True, self._io_ahead)
         for (_, s), view in zip(todo, views):
-            self.buf[s, :len(view)] = np.frombuffer(view, np.uint8)
+            self.bufs[s][:len(view)] = np.frombuffer(view, np.uint8)
             self.stats.reads += 1
             self.stats.read_bytes += len(view)
 
     # -- budget changes --------------------------------------------------------------------------------------
 
     def resize(self, slots: int) -> None:
-        """Hold `slots` experts: shrinking keeps the most valuable by the policy (their bytes move to a new,
-        smaller array; the old one goes back to the OS), growing adds free slots."""
+        """Hold `slots` experts: shrinking keeps the most recently used and frees the other slots' arrays,
+        growing adds empty slots; no expert's bytes move."""
         for fut in list(self.pending.values()):
             fut.result()
         self.pending.clear()
         self._keep = set()
-        order = sorted((s for s in range(self.slots) if self.key_of[s] is not None),
-                       key=lambda s: -self.last_use[s])[:slots]
-        buf = np.zeros((slots, self.slot_bytes), np.uint8)
-        key_of: list = [None] * slots
-        last = np.zeros(slots, np.int64)
-        for new, old in enumerate(order):
-            buf[new] = self.buf[old]
-            key_of[new] = self.key_of[old]
-            last[new] = self.last_use[old]
-        self.buf, self.key_of, self.last_use, self.slots = buf, key_of, last, slots
-        self.slot_of = {k: s for s, k in enumerate(key_of) if k is not None}
+        order = sorted(range(self.slots), key=lambda s: (self.key_of[s] is None, -self.last_use[s]))
+        keep = order[:slots]
+        self.bufs = [self.bufs[s] for s in keep] + [np.zeros(self.slot_bytes, np.uint8)
+                                                   for _ in range(slots - len(keep))]
+        self.key_of = [self.key_of[s] for s in keep] + [None] * (slots - len(keep))
+        self.last_use = np.concatenate([self.last_use[keep], np.zeros(slots - len(keep), np.int64)])
+        self.slots = slots
+        self.slot_of = {k: s for s, k in enumerate(self.key_of) if k is not None}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def trace_scores(tables: np.ndarray, j: int, before: np.ndarray | None, before2: np.ndarray | None) -> np.ndarray:
+    """Scores of layer j's experts given the experts chosen at j-1 (`before`) and j-2 (`before2`): the mean
+    conditional probability from each table, plus the layer's frequency as a tie-break."""
+    e = tables.shape[2]
+    freq = tables[j, 0]
+    score = 1e-3 * freq / max(1.0, freq.sum())
+    for chosen, row in ((before, 1), (before2, 1 + e)):
+        if chosen is not None and j >= (1 if row == 1 else 2):
+            c = tables[j, row + np.asarray(chosen)]  # (k, E)
+            score = score + (c / np.maximum(1.0, c.sum(axis=1, keepdims=True))).mean(axis=0)
+    return score
+
+
+def load_tables(store) -> np.ndarray | None:
+    """The routing count tables (weights_tools.moe_traces.count_tables), or None before `edge convert
+    --calibrate`."""
+    if "moe" not in store.attrs:
+        return None
+    cfg = store.config
+    e = cfg.n_experts
+    raw = store.read_array("moe/counts").reshape(-1)
+    return raw.view(np.float32).reshape(cfg.n_layers, 1 + 2 * e, e).copy()

@@ -144,7 +144,7 @@ class Transformer:
             from edge.experts import ExpertPager
 
             self.experts = ExpertPager(src, self.backend.ggml, self.act, plan.slots, plan.policy, plan.prefetch,
-                                       read_threads=src.engine.threads)
+                                       plan.predictor, read_threads=src.engine.threads)
         self.layers = [self._load_layer(src, i) for i in range(cfg.n_layers)]
         if self.experts is not None:
             self.experts.routers = [layer.router for layer in self.layers]
@@ -171,7 +171,8 @@ class Transformer:
         self.rope_global = Rope(cfg, cfg.rope_base, n_ctx)
         self.rope_local = Rope(cfg, cfg.rope_base_local, n_ctx) if cfg.sliding_window else self.rope_global
         # calibration: trace(layer, point, x) with the input of every dense linear group: "attn_in" (q, k, v),
-        # "attn_out" (the attention output projection), "ffn_in" (gate, up), "ffn_h" (down)
+        # "attn_out" (the attention output projection), "ffn_in" (gate, up), "ffn_h" (down); and the experts a
+        # mixture routes each token to, "experts" ((T, k) ids)
         self.trace = None
         _release_free_memory()
 
@@ -343,6 +344,8 @@ class Transformer:
         weights = np.take_along_axis(probs, top, axis=-1)
         if cfg.expert_weights_norm:
             weights = weights / weights.sum(axis=-1, keepdims=True)
+        if self.trace is not None:
+            self.trace(i, "experts", top)
         if self.experts is not None:  # paged from flash
             out = self.experts(i, x, top, weights, resid)
         else:

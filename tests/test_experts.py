@@ -55,11 +55,6 @@ def test_store_holds_each_expert_as_one_record(moe_store):
     assert np.array_equal(a, b)
 
 
-def _budget(plan, slots: int) -> int:
-    """The budget whose plan caches `slots` experts."""
-    return plan.minimum + (slots - plan.min_slots) * plan.slot_bytes
-
-
 @pytest.mark.parametrize("evict,prefetch", [("score", None), ("lru", None), ("score", 0), ("lru", 1)])
 def test_paged_experts_compute_what_resident_experts_do(moe_store, evict, prefetch):
     """Under a budget caching a quarter of the experts (8 of 32) the tokens and logits are the resident run's;
@@ -73,7 +68,7 @@ def test_paged_experts_compute_what_resident_experts_do(moe_store, evict, prefet
     want_tokens, want_logits = _greedy(ref, prompt, 24)
     engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, evict=evict, prefetch=prefetch)
     assert engine.plan.strategy == "experts" and engine.plan.slots == 32  # everything fits
-    plan = engine.resize(_budget(engine.plan, 8))
+    plan = engine.resize(engine.plan.budget_for(8))
     assert plan.slots == 8 and engine.model.experts.slots == 8
     tokens, logits = _greedy(engine, prompt, 24)
     assert tokens == want_tokens
@@ -148,3 +143,56 @@ def test_corrupt_expert_record_is_named(moe_store, tmp_path):
     engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40)
     with pytest.raises(EdgeError, match="experts/blk.0.*checksum|checksum.*experts/blk.0"):
         _greedy(engine, [1, 2, 3], 2)
+
+
+def test_routing_traces_drive_the_trace_predictor(moe_store, tmp_path):
+    """`edge convert STORE --calibrate` on a mixture of experts records routing counts: per layer they add up
+    to tokens x k (and x k again for the pair tables), the held-out recall of the table is stored, and
+    `--predict trace` then prefetches from them without changing a token. Before calibration it is refused
+    in one line naming the command."""
+    import shutil
+
+    from edge.engine import Engine
+    from edge.experts import load_tables
+    from edge.store import Store
+    from weights_tools.moe_traces import calibrate_experts
+
+    store_path = tmp_path / "traced.edge"
+    shutil.copytree(moe_store[1], store_path)
+    with pytest.raises(EdgeError, match="--calibrate"):
+        Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, predict="trace")
+    summary = calibrate_experts(store_path, tokens=200, threads=2)
+    assert summary["tokens"] == 200 and len(summary["table_recall"]) == 3
+    assert all(0.0 <= r <= 1.0 for r in summary["table_recall"])
+    tables = load_tables(Store(store_path))
+    assert tables.shape == (4, 17, 8)
+    assert np.all(tables[:, 0].sum(axis=1) == 200 * 2)
+    assert tables[0, 1:].sum() == 0 and np.all(tables[1:, 1:9].sum(axis=(1, 2)) == 200 * 4)
+    assert tables[1, 9:].sum() == 0 and np.all(tables[2:, 9:].sum(axis=(1, 2)) == 200 * 4)
+    prompt = [1, 5, 9, 200, 31, 7, 77, 3]
+    want, _ = _greedy(Engine(store_path, n_ctx=64, backend="ggml", threads=2), prompt, 16)
+    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, predict="trace")
+    engine.resize(engine.plan.budget_for(8))
+    got, _ = _greedy(engine, prompt, 16)
+    assert got == want
+    st = engine.expert_stats()
+    assert st["predicted"] == 2 * 3 * 15 and st["predicted_used"] <= st["predicted"]
+
+
+def test_interrupted_trace_calibration_leaves_the_store_as_it_was(moe_store, tmp_path, monkeypatch):
+    """Cut before its commit, the calibration leaves no traces the store would load."""
+    import shutil
+
+    from edge.store import Store
+    from weights_tools import moe_traces
+
+    store_path = tmp_path / "cut.edge"
+    shutil.copytree(moe_store[1], store_path)
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("weights_tools.convert.commit_group", cut)
+    with pytest.raises(KeyboardInterrupt):
+        moe_traces.calibrate_experts(store_path, tokens=64, threads=2)
+    assert "moe" not in Store(store_path).attrs

@@ -290,7 +290,7 @@ class ChatApp(App):
         self.stats.update(status="stopped" if s.stopped == "cancelled" else "ready", tok_s=s.tok_s,
                           prefill_tok_s=s.prefill_tok_s, tokens=len(s.tokens), rss=s.peak_rss_bytes,
                           position=len(e.cached), tok_s_now=0.0)
-        sp = e.sparse_stats()
+        sp = e.sparse_stats() or e.expert_stats()
         if sp is not None:
             self.stats.update(hit_rate=sp["hit_rate"], read_per_token=sp["read_bytes_per_token"])
         self._sample_io()
@@ -305,8 +305,9 @@ class ChatApp(App):
         if now - t0 >= 0.2:
             self.stats.update(flash_mb_s=(nbytes - bytes0) / (now - t0) / 1e6, reads_s=(reads - reads0) / (now - t0))
             self._io_mark = (now, reads, nbytes)
-        if self.engine.model.sparse_ffn is not None:
-            self.stats["hit_rate"] = self.engine.model.sparse_ffn.stats.hit_rate
+        for part in (self.engine.model.sparse_ffn, self.engine.model.experts):
+            if part is not None:
+                self.stats["hit_rate"] = part.stats.hit_rate
 
     def _refresh_stats(self) -> None:
         import psutil
@@ -334,7 +335,8 @@ class ChatApp(App):
         if "read_per_token" in s:
             live.append(f"        {format_size(s['read_per_token'])} read per token\n")
         if "hit_rate" in s:
-            live.append(f"cache   {100 * s['hit_rate']:.1f}% of FFN clusters hit\n")
+            what = "experts" if self.engine.model.experts is not None else "FFN clusters"
+            live.append(f"cache   {100 * s['hit_rate']:.1f}% of {what} hit\n")
         if "rss" in s:
             live.append(f"RSS     {format_size(s['rss'])}\n")
         if "position" in s:

@@ -84,8 +84,8 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
     store_path = Path(store_path)
     store = Store(store_path)
     if store.config.n_experts:
-        raise EdgeError(f"{store_path}: a mixture of experts needs no --calibrate: --ram pages its experts "
-                        "(`edge run STORE --ram SIZE`)")
+        raise EdgeError(f"{store_path}: a mixture of experts: its calibration is weights_tools.moe_traces "
+                        "(`edge convert STORE --calibrate` runs it)")
     model, (X, H, Y) = collect_activations(store, store.tokenizer_path, tokens, threads)
     cfg = store.config
     act = _activation(cfg)

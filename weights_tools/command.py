@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   edge convert model.gguf --calibrate          # convert, then calibrate for --ram runs
   edge convert model.edge --calibrate          # calibrate an existing store in place
   edge convert --calibrate                     # the default model, for `edge run --ram 150MB`
+  edge convert mixtral.gguf --calibrate        # a mixture of experts: routing traces for --predict trace
 """
 
 
@@ -33,7 +34,8 @@ def register(sub) -> None:
                    help="Hugging Face sources: llama.cpp's pre-tokenizer name (smollm, llama-bpe, qwen2, ...)")
     p.add_argument("--calibrate", action="store_true",
                    help="measure neuron order, sparsity thresholds, predictors and the head's low-rank copy on "
-                        "calibration text (needed by --ram); SRC may be an existing store")
+                        "calibration text (needed by --ram); on a mixture of experts, record routing traces (for "
+                        "--predict trace and eviction); SRC may be an existing store")
     p.add_argument("--rank", type=int, default=64, help="rank of the per-layer predictors (default 64)")
     p.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -77,7 +79,21 @@ def _run(args) -> int:
     else:
         out = convert(args.src, args.out, cluster=args.cluster, quiet=args.quiet, quant=args.quant,
                       tokenizer_pre=args.tokenizer_pre, device=args.device)
-    if args.calibrate:
+    if args.calibrate and _is_moe(out):
+        from weights_tools.moe_traces import calibrate_experts
+
+        t1 = time.perf_counter()
+        progress = Progress(1, 1, args.quiet)
+        try:
+            summary = calibrate_experts(out, tokens=args.calib_tokens, progress=lambda done, total:
+                                        progress.advance_to(done, total, "route traces"))
+        finally:
+            progress.close()
+        rec = summary["table_recall"]
+        print(f"recorded routing traces of {out} in {time.perf_counter() - t1:.1f}s ({summary['tokens']} tokens): "
+              f"held-out recall of the trace predictor {min(rec):.2f}-{max(rec):.2f} "
+              f"(mean {sum(rec) / len(rec):.2f})", file=sys.stderr)
+    elif args.calibrate:
         from weights_tools.calibrate import calibrate
 
         t1 = time.perf_counter()
@@ -94,6 +110,12 @@ def _run(args) -> int:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({format_size(size)}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
+
+
+def _is_moe(store_path) -> bool:
+    from edge.store import Store
+
+    return bool(Store(store_path).config.n_experts)
 
 
 def prepare_default_store(on_progress=None, force: bool = False):
