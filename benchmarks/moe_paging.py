@@ -19,22 +19,29 @@ import gc
 import sys
 from pathlib import Path
 
-# (eviction, prefetch depth (None: a token's k), cached, label); the first is the paper's baseline: every expert
-# loaded when routed to, nothing kept past its layer (the cache at its minimum)
-CONFIGS = (("lru", 0, False, "on demand, no cache (baseline)"), ("lru", 0, True, "on demand, LRU"),
-           ("score", 0, True, "on demand, EdgeMoE eviction"), ("lru", None, True, "pre-gated prefetch, LRU"),
-           ("score", None, True, "pre-gated prefetch, EdgeMoE eviction"))
+# (eviction, prefetch depth (None: a token's k), predictor, cached, label); the first is the paper's baseline:
+# every expert loaded when routed to, nothing kept past its layer (the cache at its minimum)
+CONFIGS = (("lru", 0, "pregate", False, "on demand, no cache (baseline)"),
+           ("lru", 0, "pregate", True, "on demand, LRU"), ("score", 0, "pregate", True, "on demand, EdgeMoE eviction"),
+           ("lru", None, "pregate", True, "pre-gated prefetch, LRU"),
+           ("score", None, "pregate", True, "pre-gated prefetch, EdgeMoE eviction"))
+TRACED = (("score", None, "trace", True, "trace prefetch, EdgeMoE eviction"),)  # with `edge convert --calibrate`
 PROMPT = "Explain in a few sentences why the sky is blue, then give three tips for a good night's sleep."
 
 
-def run(store: Path, cache: float, n: int, threads: int, device: str | None, emulate: bool) -> list[dict]:
+def run(store: Path, cache: float, n: int, threads: int, device: str | None, emulate: bool,
+        depth: int | None = None) -> list[dict]:
     from edge.engine import Engine
     from edge.sampling import Sampler, SamplerConfig
 
+    import json
+
+    traced = "moe" in json.loads((store / "zarr.json").read_text())["attributes"]["edge"]
     rows = []
-    for evict, prefetch, cached, label in CONFIGS:
-        engine = Engine(store, n_ctx=512, threads=threads, ram=1 << 40, evict=evict, prefetch=prefetch,
-                        device=device, emulate=emulate)
+    for evict, prefetch, predict, cached, label in CONFIGS + (TRACED if traced else ()):
+        engine = Engine(store, n_ctx=512, threads=threads, ram=1 << 40, evict=evict,
+                        prefetch=(depth or _k(store)) if prefetch is None else prefetch,
+                        predict=predict, device=device, emulate=emulate)
         plan = engine.plan
         slots = max(plan.min_slots, round(cache * plan.n_experts)) if cached else plan.min_slots
         engine.resize(plan.budget_for(slots))
@@ -56,6 +63,12 @@ def run(store: Path, cache: float, n: int, threads: int, device: str | None, emu
     return rows
 
 
+def _k(store: Path) -> int:
+    from edge.store import Store
+
+    return Store(store).config.n_experts_used
+
+
 def _common_prefix(a: list, b: list) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -69,15 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=float, default=0.5, help="fraction of all experts the cache holds (default 0.5)")
     ap.add_argument("-n", type=int, default=64, help="tokens to generate (default 64)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefetch", type=int, default=None, help="depth of the prefetch rows (default: a token's k)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--emulate", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="write OUT.csv and OUT.md")
     a = ap.parse_args(argv)
-    rows = run(a.store, a.cache, a.n, a.threads, a.device, a.emulate)
+    rows = run(a.store, a.cache, a.n, a.threads, a.device, a.emulate, a.prefetch)
     agree = min(_common_prefix(r["tokens"], rows[0]["tokens"]) for r in rows)
     base = rows[0]["tok_s"] or 1.0
     head = ["config", "tok_s", "speedup", "hit_rate", "misses", "late", "precision", "recall", "mb_per_token", "wait_s"]
     lines = [f"`python benchmarks/moe_paging.py {a.store.name} --cache {a.cache} -n {a.n} --threads {a.threads}"
+             + (f" --prefetch {a.prefetch}" if a.prefetch is not None else "")
              + (f" --device {a.device}" if a.device else "") + (" --emulate" if a.emulate else "") + "`",
              f"cache {rows[-1]['slots']}/{rows[-1]['experts']} experts (baseline: {rows[0]['slots']}); tokens identical across runs for the first "
              f"{agree} of {a.n}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

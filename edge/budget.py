@@ -145,7 +145,7 @@ def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sp
 
 
 def plan_for(store, strategy: str, budget: int, baseline: int, n_ctx: int, sparsity: float = 0.0, window: int = 5,
-             prefetch: int | None = None, evict: str = "score", predict: str = "pregate"):
+             prefetch: int = 0, evict: str = "score", predict: str = "pregate"):
     """The plan of a resolved strategy (edge.engine.resolve_strategy): BitStack's, the expert cache's, or the
     streamed FFN's (which needs a calibrated store)."""
     if strategy == "bitstack":
@@ -363,14 +363,13 @@ def expert_resident_bytes(store) -> int:
     return total
 
 
-def make_expert_plan(store, budget: int, baseline: int, n_ctx: int, prefetch: int | None = None,
+def make_expert_plan(store, budget: int, baseline: int, n_ctx: int, prefetch: int = 0,
                      evict: str = "score", predict: str = "pregate") -> ExpertPlan:
     from edge.experts import POLICIES, PREDICTORS, read_buffer_bytes, record_bytes
     from edge.model import KVCache
 
     cfg = store.config
     k = cfg.n_experts_used
-    prefetch = k if prefetch is None else prefetch
     if predict not in PREDICTORS:
         raise EdgeError(f"--predict {predict}: choose one of {', '.join(PREDICTORS)}")
     if evict not in POLICIES:

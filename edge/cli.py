@@ -61,9 +61,9 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
                         "default 0: exact)")
     b.add_argument("--window", type=int, default=5,
                    help="tokens whose clusters are the last to leave the cache (default 5)")
-    b.add_argument("--prefetch", type=int, default=None, metavar="N",
-                   help="mixture of experts: experts predicted and read ahead per layer (default: as many as a "
-                        "token uses; 0: load on demand)")
+    b.add_argument("--prefetch", type=int, default=0, metavar="N",
+                   help="mixture of experts: experts predicted and read ahead per layer (default 0: load on demand, "
+                        "measured fastest here; try the k a token uses on fast flash with spare cores)")
     b.add_argument("--evict", choices=("score", "lru"), default="score",
                    help="mixture of experts: which cached expert leaves first: score (EdgeMoE: rare and far from "
                         "its next use; default) or lru")
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--ctx", type=int, default=2048, help="context for the --ram plan (default 2048)")
     info.add_argument("--strategy", choices=STRATEGIES, default="auto")
     info.add_argument("--sparsity", type=float, default=0.0)
-    info.add_argument("--prefetch", type=int, default=None, help="mixture of experts: experts read ahead per layer")
+    info.add_argument("--prefetch", type=int, default=0, help="mixture of experts: experts read ahead per layer")
     info.add_argument("--evict", choices=("score", "lru"), default="score")
     info.add_argument("--predict", choices=("pregate", "trace"), default="pregate")
 

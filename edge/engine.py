@@ -83,7 +83,7 @@ class Engine:
     def __init__(self, model: str | Path | None = None, n_ctx: int = 2048, backend: str = "auto",
                  threads: int | None = None, verify: str = "first", ram: int | None = None,
                  strategy: str = "auto", sparsity: float = 0.0, window: int = 5, device: str | None = None,
-                 emulate: bool = False, prefetch: int | None = None, evict: str = "score", predict: str = "pregate"):
+                 emulate: bool = False, prefetch: int = 0, evict: str = "score", predict: str = "pregate"):
         """ram: a budget in bytes for the whole process (a calibrated store; see edge.budget).
         device: a device profile's name (edge.profile): its compute and read threads; with emulate, reads
         take the time its flash curve gives (compute runs at this machine's speed)."""

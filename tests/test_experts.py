@@ -55,7 +55,7 @@ def test_store_holds_each_expert_as_one_record(moe_store):
     assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("evict,prefetch", [("score", None), ("lru", None), ("score", 0), ("lru", 1)])
+@pytest.mark.parametrize("evict,prefetch", [("score", 2), ("lru", 2), ("score", 0), ("lru", 1)])
 def test_paged_experts_compute_what_resident_experts_do(moe_store, evict, prefetch):
     """Under a budget caching a quarter of the experts (8 of 32) the tokens and logits are the resident run's;
     every routed expert is a hit, a late hit or a miss; bytes read are whole records; without prefetch nothing
@@ -82,8 +82,7 @@ def test_paged_experts_compute_what_resident_experts_do(moe_store, evict, prefet
     if prefetch == 0:
         assert st["predicted"] == st["prefetched"] == 0
     else:
-        k = prefetch or 2
-        assert st["predicted"] == k * 3 * 23  # layers 1..3 of every decoded token but the first
+        assert st["predicted"] == prefetch * 3 * 23  # layers 1..3 of every decoded token but the first
         assert 0 <= st["recall"] <= 1 and 0 <= st["precision"] <= 1
     engine.resize(engine.plan.minimum)
     assert engine.model.experts.slots == engine.plan.min_slots
@@ -171,7 +170,7 @@ def test_routing_traces_drive_the_trace_predictor(moe_store, tmp_path):
     assert tables[1, 9:].sum() == 0 and np.all(tables[2:, 9:].sum(axis=(1, 2)) == 200 * 4)
     prompt = [1, 5, 9, 200, 31, 7, 77, 3]
     want, _ = _greedy(Engine(store_path, n_ctx=64, backend="ggml", threads=2), prompt, 16)
-    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, predict="trace")
+    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, predict="trace", prefetch=2)
     engine.resize(engine.plan.budget_for(8))
     got, _ = _greedy(engine, prompt, 16)
     assert got == want

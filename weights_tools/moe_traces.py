@@ -5,8 +5,8 @@ experts chosen at the previous two MoE layers to the probability of each expert 
 (the sets chosen at two layers) has C(E, k)^2 values, far more than calibration tokens (784 for 8 experts, top 2;
 1024 tokens), so the table is kept factored: per layer j, counts of expert e at j given expert a at j-1 (C1)
 and given expert b at j-2 (C2). The runtime (edge.experts, `--predict trace`) scores e by the mean of
-P(e | a) over the experts a chosen at j-1 plus the mean of P(e | b) over those at j-2. The per-layer routing
-frequencies are also EdgeMoE's eviction prior.
+P(e | a) over the experts a chosen at j-1 plus the mean of P(e | b) over those at j-2. (The per-layer routing
+frequencies are stored too; as an eviction prior they measured worse than the run's own counts.)
 
 The model runs through the paged runtime itself (edge.experts, half the available memory as its budget), so a
 model larger than RAM calibrates too. Counts come from the first three quarters of the tokens; the last
