@@ -159,7 +159,7 @@ def plan_for(store, strategy: str, budget: int, baseline: int, n_ctx: int, spars
 
 
 PRESSURE_FLOOR = 64 << 20  # system memory available below this: give cache back
-LIMIT_ROUNDING = 1 << 20   # a cgroup limit this close under the budget is the budget (the kernel rounds it)
+LIMIT_ROUNDING = 64 << 10  # a cgroup limit this close under the budget is the budget (the kernel rounds it)
 
 
 class PressureWatch:
@@ -242,6 +242,10 @@ class StackPlan:
 
     def summary(self) -> str:
         return f"BitStack {self.bits:.2f} bits/weight,\n{self.prefix}/{self.entries} blocks past the base"
+
+    def shrunk_from(self, before: "StackPlan") -> str:
+        return (f"BitStack down to {self.bits:.2f} bits per weight "
+                f"({format_size(before.stack_bytes - self.stack_bytes)} given back)")
 
     def lines(self) -> list[str]:
         f = format_size
@@ -339,6 +343,9 @@ class ExpertPlan:
 
     def summary(self) -> str:
         return f"{self.slots}/{self.n_experts} experts cached,\n{self.prefetch} read ahead per layer"
+
+    def shrunk_from(self, before: "ExpertPlan") -> str:
+        return f"expert cache down to {self.slots} experts ({format_size(before.cache - self.cache)} given back)"
 
     def lines(self) -> list[str]:
         f = format_size

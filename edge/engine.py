@@ -291,23 +291,14 @@ class Engine:
         need = self.pressure.check()
         if need <= 0:
             return
-        if self.model.stack is not None:  # pop blocks off the top of the stack
+        if self.model.stack is not None or self.model.experts is not None:  # a shallower stack, fewer experts
             before = self.plan
             try:
                 self.resize(self.plan.budget - need)
             except EdgeError:
                 self.resize(self.plan.minimum)
-            self.last.shrinks.append(f"memory pressure: BitStack down to {self.plan.bits:.2f} bits per weight "
-                                     f"({format_size(before.stack_bytes - self.plan.stack_bytes)} given back)")
-            return
-        if self.model.experts is not None:  # fewer experts cached
-            before = self.plan
-            try:
-                self.resize(self.plan.budget - need)
-            except EdgeError:
-                self.resize(self.plan.minimum)
-            self.last.shrinks.append(f"memory pressure: expert cache down to {self.plan.slots} experts "
-                                     f"({format_size(before.cache - self.plan.cache)} given back)")
+            if self.plan.budget < before.budget:  # at the minimum already: nothing more to give
+                self.last.shrinks.append(f"memory pressure: {self.plan.shrunk_from(before)}")
             return
         if self.model.sparse_ffn is None or not self.model.sparse_ffn.caches:
             return

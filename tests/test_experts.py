@@ -195,3 +195,24 @@ def test_interrupted_trace_calibration_leaves_the_store_as_it_was(moe_store, tmp
     with pytest.raises(KeyboardInterrupt):
         moe_traces.calibrate_experts(store_path, tokens=64, threads=2)
     assert "moe" not in Store(store_path).attrs
+
+
+def test_memory_pressure_gives_experts_back_once(moe_store):
+    """A cgroup limit lowered under the budget mid-run drops cached experts and the run goes on with the same
+    tokens; at the minimum it is not reported again; a limit equal to the budget rounded to pages is no
+    pressure."""
+    from edge.engine import Engine
+
+    _, store_path = moe_store
+    prompt = [1, 5, 9, 200, 31, 7, 77, 3]
+    want, _ = _greedy(Engine(store_path, n_ctx=64, backend="ggml", threads=2), prompt, 24)
+    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40)
+    budget = engine.resize(engine.plan.budget_for(16)).budget
+    engine.pressure.probe = lambda: (1 << 40, budget - 4095)  # the kernel's page rounding
+    assert engine.pressure.check() == 0
+    low = engine.plan.budget_for(6)
+    engine.pressure.probe = lambda: (1 << 40, low)
+    got, _ = _greedy(engine, prompt, 24)
+    assert got == want
+    assert len(engine.last.shrinks) == 1 and "expert cache down to 6 experts" in engine.last.shrinks[0]
+    assert engine.model.experts.slots == 6 and engine.model.experts.cached <= 6
