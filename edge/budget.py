@@ -342,7 +342,8 @@ class ExpertPlan:
                 "buffers": self.io + self.margin, "expert cache": self.cache}
 
     def summary(self) -> str:
-        return f"{self.slots}/{self.n_experts} experts cached,\n{self.prefetch} read ahead per layer"
+        ahead = f"{self.prefetch} read ahead per layer" if self.prefetch else "the rest loaded on demand"
+        return f"{self.slots}/{self.n_experts} experts cached,\n{ahead}"
 
     def shrunk_from(self, before: "ExpertPlan") -> str:
         return f"expert cache down to {self.slots} experts ({format_size(before.cache - self.cache)} given back)"

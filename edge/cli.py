@@ -15,6 +15,7 @@ EXAMPLES_RUN = """examples:
   edge run -p "The capital of France is"                 # the default model (SmolLM2-135M-Instruct)
   edge run model.gguf -p "Write a haiku" --chat -n 64 --temp 0.7 --seed 1
   edge run -p "Hello" --json                              # one JSON object with tokens and stats
+  edge run mixtral.edge --ram 1GB -p "Hello" --prefetch 2  # experts paged from flash, 2 read ahead per layer
 """
 EXAMPLES_EVAL = """examples:
   edge eval                                   # default model, default text (a slice of pydoc_data.topics)
@@ -63,7 +64,7 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
                    help="tokens whose clusters are the last to leave the cache (default 5)")
     b.add_argument("--prefetch", type=int, default=0, metavar="N",
                    help="mixture of experts: experts predicted and read ahead per layer (default 0: load on demand, "
-                        "measured fastest here; try the k a token uses on fast flash with spare cores)")
+                        "measured faster on 2 cores; try the k a token uses with spare cores)")
     b.add_argument("--evict", choices=("score", "lru"), default="score",
                    help="mixture of experts: which cached expert leaves first: score (EdgeMoE: rare and far from "
                         "its next use; default) or lru")

@@ -335,7 +335,7 @@ class ChatApp(App):
         if "read_per_token" in s:
             live.append(f"        {format_size(s['read_per_token'])} read per token\n")
         if "hit_rate" in s:
-            what = "experts" if self.engine.model.experts is not None else "FFN clusters"
+            what = "experts" if self.engine is not None and self.engine.model.experts is not None else "FFN clusters"
             live.append(f"cache   {100 * s['hit_rate']:.1f}% of {what} hit\n")
         if "rss" in s:
             live.append(f"RSS     {format_size(s['rss'])}\n")
