@@ -297,9 +297,10 @@ def cmd_info(args) -> int:
     cfg = src.config
     parts: Counter = Counter()
     formats: Counter = Counter()
-    streamed = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps") if cfg.n_experts else ("ffn_gate", "ffn_up", "ffn_down")
-    names = src.tensor_names() + ([f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in streamed]
-                                  if isinstance(src, Store) else [])
+    store_moe = isinstance(src, Store) and cfg.n_experts
+    names = src.tensor_names() + ([f"blk.{i}.{n}.weight" for i in range(cfg.n_layers)
+                                   for n in ("ffn_gate", "ffn_up", "ffn_down")]
+                                  if isinstance(src, Store) and not cfg.n_experts else [])
     for name in names:
         t = src.tensor(name)
         part = ("ffn bundles (stream)" if ffn_part(name) else "embeddings (row lookup)" if name == "token_embd.weight"
@@ -307,6 +308,10 @@ def cmd_info(args) -> int:
                 else "routers" if "gate_inp" in name else "resident (attention, norms)")
         parts[part] += t.nbytes
         formats[quants.type_name(t.type_id)] += t.nbytes
+    for i in range(cfg.n_layers if store_moe else 0):  # each expert in its chosen bitwidth (edge expert-bits)
+        for t in (t for ex in src.expert_tensors(i) for t in ex):
+            parts["experts (paged)"] += t.nbytes
+            formats[quants.type_name(t.type_id)] += t.nbytes
     print(f"{path}  [{'edge store' if isinstance(src, Store) else 'GGUF'}]")
     print(f"{cfg.arch}: {cfg.n_layers} layers, dim {cfg.dim}, ffn {cfg.hidden_dim}, heads {cfg.n_heads}/"
           f"{cfg.n_kv_heads} x {cfg.head_dim}, vocab {cfg.vocab_size}, context {cfg.context_length}"
@@ -322,6 +327,11 @@ def cmd_info(args) -> int:
         lay = src.attrs["experts"][0]
         print(f"experts: one record each, layer 0 expert {format_size(lay['gate_bytes'] + lay['up_bytes'] + lay['down_bytes'])}; "
               f"source {src.attrs['source']['file']} sha256 {src.attrs['source']['sha256'][:12]}")
+        bits = src.attrs.get("bits")
+        if bits:
+            kinds = Counter(k for row in bits["choice"] for k in row)
+            print(f"expert bitwidths (edge expert-bits --bits {bits['target_bits']:g}): {bits['bits_per_weight']:.2f} bits "
+                  "per weight, " + ", ".join(f"{n} {k if k != 'keep' else 'as the source'}" for k, n in kinds.most_common()))
     elif isinstance(src, Store):
         clusters = Counter(lay["cluster"] for lay in src.attrs["ffn"])
         lay = src.attrs["ffn"][0]

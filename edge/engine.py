@@ -150,14 +150,9 @@ class Engine:
     def _fold_load_slack(self) -> None:
         """What loading left beyond the resident weights (allocator slack, libraries mapped on first use) is
         measured now and counted as baseline: the expert cache, still empty, shrinks by it."""
-        from edge.budget import plan_for
-
         slack = self.meter.rss() - (self.plan.baseline + self.plan.resident)
         if slack > 0:
-            self.plan = plan_for(self.file, self.plan.strategy, self.plan.budget, self.plan.baseline + slack,
-                                 self.n_ctx, **self._plan_options)
-            self.model.experts.resize(self.plan.slots)
-            self.pressure.plan = self.plan
+            self.resize(self.plan.budget, baseline=self.plan.baseline + slack)
 
     @property
     def name(self) -> str:
@@ -186,9 +181,8 @@ class Engine:
                             "shorten it or raise --ctx")
         sampler = sampler or Sampler(SamplerConfig())
         stats = self.last = RunStats(prompt_tokens=len(prompt))
-        for part in (self.model.sparse_ffn, self.model.experts):
-            if part is not None:
-                part.stats.reset()
+        for part in self.model.paged:
+            part.stats.reset()
         stream = self.tokenizer.streamer()
         io0 = self.meter.read_bytes()
         t0 = time.perf_counter()
@@ -239,44 +233,39 @@ class Engine:
     def read_totals(self) -> tuple[int, int]:
         """(reads, bytes) from flash so far, over every I/O engine of this model (the chat's MB/s, reads/s)."""
         engines = [self.file.engine] if hasattr(self.file, "engine") else []
-        for part in (self.model.sparse_ffn, self.model.experts):
-            if part is not None:
-                engines += part.engines
+        for part in self.model.paged:
+            engines += part.engines
         return sum(e.stats.reads for e in engines), sum(e.stats.bytes for e in engines)
 
     def io_seconds(self) -> tuple[float, float]:
         """(seconds the compute thread has waited for reads, modelled seconds of every read on the device's
         curve) since start; the first is 0 without a budget (nothing is read while decoding). The store's
         engine does the row reads (embedding, head candidates) on the compute thread."""
-        parts = [p for p in (self.model.sparse_ffn, self.model.experts) if p is not None]
+        parts = self.model.paged
         wait = self.file.engine.stats.wall + sum(p.stats.wait_seconds for p in parts) if parts else 0.0
         emu = flash.emulation()
         return wait, emu.seconds if emu else 0.0
 
-    def resize(self, budget: int):
+    def resize(self, budget: int, baseline: int | None = None):
         """Re-plan for a new budget while the model is loaded (between tokens, also mid-answer): the neuron
         cache grows or shrinks; growing reads nothing now (the next tokens fill the new slots with what they
         read anyway), shrinking frees the least recently used clusters. Below the minimum: EdgeError, nothing
-        changes."""
+        changes. baseline: a new measure of the process without weights (load slack folded in)."""
         from edge.budget import plan_for
+        from edge.model import _release_free_memory
 
         if self.plan is None:
             raise EdgeError("this model runs without a budget (everything resident); start it with --ram to "
                             "change the budget live")
         p = self.plan
-        plan = plan_for(self.file, p.strategy, budget, p.baseline, self.n_ctx, **self._plan_options)
+        plan = plan_for(self.file, p.strategy, budget, p.baseline if baseline is None else baseline, self.n_ctx,
+                        **self._plan_options)
         with self._lock:
-            if self.model.sparse_ffn is not None:
-                self.model.sparse_ffn.resize(plan.slots)
-            if self.model.experts is not None:
-                from edge.model import _release_free_memory
-
-                self.model.experts.resize(plan.slots)  # keeps the most recently used experts
-                _release_free_memory()
+            for part in self.model.paged:
+                part.resize(plan.slots)  # keeps the most recently used clusters / experts
             if self.model.stack is not None:
-                from edge.model import _release_free_memory
-
                 self.model.stack.set_prefix(plan.prefix)  # reads only the added blocks, drops the last ones
+            if self.model.experts is not None or self.model.stack is not None:
                 _release_free_memory()
             self.plan = plan
             self.pressure.plan = self.plan

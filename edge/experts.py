@@ -1,8 +1,9 @@
 """Mixture-of-experts under a RAM budget: experts paged from flash into an expert cache (EdgeMoE, Yi et al. 2023).
 
 Everything but the experts stays resident (attention, norms, routers, shared experts, embedding, head). Each
-expert is one record in the store (`experts/blk.<i>`: its gate, up and down rows in the source's GGML types),
-so bringing an expert in is one read; llama.cpp's kernels compute it where it lies in the cache.
+expert is one record in the store (`experts/blk.<i>`: its gate, up and down rows in the source's GGML types,
+or `bits/<type>/blk.<i>` where `edge expert-bits` chose a lower bitwidth for it), so bringing an expert in is
+one read; llama.cpp's kernels compute it where it lies in the cache.
 
 Per MoE layer and step:
 1. route: the router's top-k (edge.model.Transformer._moe) names the experts this layer needs;
@@ -27,6 +28,7 @@ reads and bytes, and the seconds the compute thread waited for reads.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -97,8 +99,10 @@ class ExpertLayout:
 
 
 def record_bytes(store) -> int:
-    """The largest expert record of the store: one cache slot."""
-    return max(ExpertLayout(lay).bytes for lay in store.attrs["experts"])
+    """The largest expert record the store runs with (each expert in its chosen bitwidth): one cache slot."""
+    cfg = store.config
+    kinds = {(i, store.expert_kind(i, e)) for i in range(cfg.n_layers) for e in range(cfg.n_experts)}
+    return max(ExpertLayout(store.expert_source(i, kind)[1]).bytes for i, kind in kinds)
 
 
 def read_buffer_bytes(store, prefetch: int) -> int:
@@ -119,8 +123,10 @@ class ExpertPager:
 
         cfg = store.config
         self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
-        self.layouts = [ExpertLayout(lay) for lay in store.attrs["experts"]]
-        self.arrays = [store.array(f"experts/blk.{i}") for i in range(cfg.n_layers)]
+        # per layer and expert: the array its record lies in (its chosen bitwidth) and the record's layout
+        self.sources = [[store.expert_source(i, store.expert_kind(i, e)) for e in range(cfg.n_experts)]
+                        for i in range(cfg.n_layers)]
+        self.layouts = [[ExpertLayout(lay) for _, lay in layer] for layer in self.sources]
         self.policy = policy
         self.prefetch = prefetch
         self.slot_bytes = record_bytes(store)
@@ -148,9 +154,12 @@ class ExpertPager:
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for it
         rec = read_buffer_bytes(store, 0)  # one record with its alignment slack (the plan counts both buffers)
         self._io = IOEngine(threads=read_threads, buffer_bytes=rec, max_read=max(1 << 20, rec))
-        self._io_ahead = IOEngine(threads=max(1, min(read_threads, self.prefetch)),
-                                  buffer_bytes=max(1, self.prefetch * rec), max_read=max(1 << 20, rec))
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="edge-experts")
+        self._io_ahead = self._pool = None  # the read-ahead thread and its buffers, with prefetch only
+        if prefetch:
+            self._io_ahead = IOEngine(threads=min(read_threads, prefetch), buffer_bytes=prefetch * rec,
+                                      max_read=max(1 << 20, rec))
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="edge-experts")
+        self._count = threading.Lock()  # read counters: bumped by the compute and the read-ahead threads
         self.routers: list[np.ndarray] = []   # filled by the model: every layer's router and FFN norm (pregate)
         self.norms: list[np.ndarray] = []
         self._gates: list[np.ndarray] | None = None  # router rows times the FFN norm's weights, per layer
@@ -161,7 +170,7 @@ class ExpertPager:
 
     @property
     def engines(self) -> list:
-        return [self._io, self._io_ahead]
+        return [e for e in (self._io, self._io_ahead) if e is not None]
 
     @property
     def cached(self) -> int:
@@ -199,11 +208,10 @@ class ExpertPager:
                  slots: list[int], out: np.ndarray) -> None:
         """out += the weighted FFNs of the experts in `group` (cached in `slots`): gate and up of all of them
         in one ggml graph, their downs in a second."""
-        lay = self.layouts[i]
         first, routed = [], []
         for e, s in zip(group, slots):
             rows, which = np.nonzero(top == e)
-            g, u, d = lay.weights(self.bufs[s])
+            g, u, d = self.layouts[i][e].weights(self.bufs[s])
             xe = x[rows] if len(rows) < len(x) else x
             first += [(xe, g), (xe, u)]
             routed.append((rows, which, d))
@@ -233,11 +241,12 @@ class ExpertPager:
         st.misses += 1
         s = self._take_slot(i, e)
         t = time.perf_counter()
-        (view,) = self.store.read_views(self.arrays[i], [e], True, self._io)
+        (view,) = self.store.read_views(self.sources[i][e][0], [e], True, self._io)
         self.bufs[s][:len(view)] = np.frombuffer(view, np.uint8)
-        st.wait_seconds += time.perf_counter() - t
-        st.reads += 1
-        st.read_bytes += len(view)
+        with self._count:
+            st.wait_seconds += time.perf_counter() - t
+            st.reads += 1
+            st.read_bytes += len(view)
         self._keep.add(s)
         return s
 
@@ -321,11 +330,14 @@ class ExpertPager:
                 self.pending[s] = fut
 
     def _read_ahead(self, j: int, todo: list[tuple[int, int]]) -> None:
-        views = self.store.read_views(self.arrays[j], [e for e, _ in todo], True, self._io_ahead)
-        for (_, s), view in zip(todo, views):
-            self.bufs[s][:len(view)] = np.frombuffer(view, np.uint8)
-            self.stats.reads += 1
-            self.stats.read_bytes += len(view)
+        for arr in {id(self.sources[j][e][0]): self.sources[j][e][0] for e, _ in todo}.values():
+            mine = [(e, s) for e, s in todo if self.sources[j][e][0] is arr]  # experts of one bitwidth: one batch
+            views = self.store.read_views(arr, [e for e, _ in mine], True, self._io_ahead)
+            for (_, s), view in zip(mine, views):
+                self.bufs[s][:len(view)] = np.frombuffer(view, np.uint8)
+                with self._count:
+                    self.stats.reads += 1
+                    self.stats.read_bytes += len(view)
 
     # -- budget changes --------------------------------------------------------------------------------------
 
@@ -346,7 +358,8 @@ class ExpertPager:
         self.slot_of = {k: s for s, k in enumerate(self.key_of) if k is not None}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def trace_scores(tables: np.ndarray, j: int, before: np.ndarray | None, before2: np.ndarray | None) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 from edge import kernels, quants
 from edge.config import ModelConfig
 from edge.errors import EdgeError
+from edge.gguf_file import Tensor
 
 
 PREFILL_CHUNK = 32  # under a budget, prompts run this many positions at a time (activations scale with it)
@@ -104,6 +105,24 @@ class Layer:
 def _norm(src, name: str, size: int) -> np.ndarray:
     t = src.tensor(name, (size,))
     return quants.dequantize(t.raw, t.type_id).reshape(-1).astype(np.float32)
+
+
+def expert_tensors(src, layer: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Gate, up and down of each of a layer's experts: a store's records (each in its chosen bitwidth), or
+    sliced out of a GGUF's stacked 3-D tensors."""
+    if hasattr(src, "expert_tensors"):
+        return src.expert_tensors(layer)
+    cfg = src.config
+    n, dim, hidden = cfg.n_experts, cfg.dim, cfg.expert_hidden
+    p = f"blk.{layer}.ffn_"
+    stacks = [src.tensor(p + f"{k}_exps.weight", shape) for k, shape in
+              (("gate", (n, hidden, dim)), ("up", (n, hidden, dim)), ("down", (n, dim, hidden)))]
+
+    def one(t: Tensor, e: int) -> Tensor:
+        rows, cols = t.shape[1], t.shape[2]
+        return Tensor(f"{t.name}[{e}]", t.type_id, (rows, cols), t.raw[e * rows:(e + 1) * rows])
+
+    return [tuple(one(t, e) for t in stacks) for e in range(n)]
 
 
 def _release_free_memory() -> None:
@@ -214,26 +233,15 @@ class Transformer:
         return layer
 
     def _load_experts(self, src, p: str, resident: bool = True) -> tuple[np.ndarray, list | None]:
-        """The router (float32) and each expert's matrices, sliced out of the stacked 3-D tensors (not
-        resident: the router alone; the experts page in through edge.experts)."""
-        from edge.gguf_file import Tensor
-
-        cfg = self.cfg
-        n, dim, hidden = cfg.n_experts, cfg.dim, cfg.expert_hidden
+        """The router (float32) and each expert's matrices (not resident: the router alone; the experts page
+        in through edge.experts)."""
+        n, dim = self.cfg.n_experts, self.cfg.dim
         r = src.tensor(p + "ffn_gate_inp.weight", (n, dim))
         router = quants.dequantize(r.raw, r.type_id, r.cols).reshape(n, dim).astype(np.float32)
         if not resident:
             return router, None
-        stacks = {k: src.tensor(p + f"ffn_{k}_exps.weight", shape) for k, shape in
-                  (("gate", (n, hidden, dim)), ("up", (n, hidden, dim)), ("down", (n, dim, hidden)))}
-
-        def one(k: str, e: int) -> Tensor:
-            t = stacks[k]
-            rows, cols = t.shape[1], t.shape[2]
-            return Tensor(f"{t.name}[{e}]", t.type_id, (rows, cols), t.raw[e * rows:(e + 1) * rows])
-
         lin = self.backend.linear_group
-        return router, [(lin([one("gate", e), one("up", e)]), lin([one("down", e)])) for e in range(n)]
+        return router, [(lin([g, u]), lin([d])) for g, u, d in expert_tensors(src, int(p.split(".")[1]))]
 
     def _load_shared_expert(self, src, p: str) -> tuple:
         cfg = self.cfg
@@ -241,6 +249,11 @@ class Transformer:
         return (_norm(src, p + "ffn_gate_inp_shexp.weight", dim),
                 lin([src.tensor(p + "ffn_gate_shexp.weight", (hidden, dim)), src.tensor(p + "ffn_up_shexp.weight", (hidden, dim))]),
                 lin([src.tensor(p + "ffn_down_shexp.weight", (dim, hidden))]))
+
+    @property
+    def paged(self) -> list:
+        """The parts paged from flash under the budget: the neuron cache (edge.sparse) or the expert cache."""
+        return [p for p in (self.sparse_ffn, self.experts) if p is not None]
 
     @property
     def resident_bytes(self) -> int:

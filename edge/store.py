@@ -16,6 +16,8 @@ Layout of NAME.edge/ (format version 1):
 - experts/blk.<i> (mixture-of-experts models): the layer's experts, (n_experts, record_bytes) uint8, one inner
   chunk per expert: [gate rows | up rows | down rows] of that expert, in the source's types (one read brings an
   expert; `experts` attribute: per layer its byte layout).
+- bits/<type>/blk.<i> (`edge expert-bits`): the layer's experts requantized to another type, laid out like
+  experts/; `bits` attribute: per type the layouts, the sensitivity profiles and the chosen type per expert.
 - crc/<array path>: uint32 crc32c of every inner chunk of that array.
 """
 
@@ -171,8 +173,8 @@ class Store:
     def _crcs(self, arr: _Array, engine: IOEngine) -> np.ndarray:
         """The array's chunk checksums, read once per array."""
         if arr.path not in self._crc_cache:
-            head, _, tail = arr.path.partition("/")  # sparse/, moe/ (calibration), stack/ keep their crc/ inside
-            crc = self.array(f"{head}/crc/{tail}" if head in ("sparse", "stack", "moe") else "crc/" + arr.path)
+            head, _, tail = arr.path.partition("/")  # sparse/, moe/ (calibration), stack/, bits/ keep their crc/ inside
+            crc = self.array(f"{head}/crc/{tail}" if head in ("sparse", "stack", "moe", "bits") else "crc/" + arr.path)
             self._crc_cache[arr.path] = np.frombuffer(self.read_chunks(crc, [0], check=False, engine=engine)[0], "<u4")
         return self._crc_cache[arr.path]
 
@@ -250,19 +252,49 @@ class Store:
                 "ffn_up": Tensor(p + "ffn_up.weight", tu, (hidden, dim), np.ascontiguousarray(up)),
                 "ffn_down": Tensor(p + "ffn_down.weight", td, (dim, hidden), np.ascontiguousarray(down))}
 
-    def _expert_tensors(self, layer: int) -> dict[str, Tensor]:
-        """The layer's 3-D expert tensors reassembled from its records (the unbudgeted runtime holds them all)."""
-        if ("experts", layer) not in self._ffn_cache:
-            lay = self.attrs["experts"][layer]
-            recs = self.read_array(f"experts/blk.{layer}")
-            n, dim, hidden = lay["n"], lay["dim"], lay["hidden"]
-            out, at = {}, 0
-            for key, rows, cols in (("ffn_gate_exps", hidden, dim), ("ffn_up_exps", hidden, dim),
-                                    ("ffn_down_exps", dim, hidden)):
-                size = lay[key.split("_")[1] + "_bytes"]
-                raw = np.ascontiguousarray(recs[:, at:at + size]).reshape(n * rows, -1)
-                out[key] = Tensor(f"blk.{layer}.{key}.weight", lay["types"][len(out)], (n, rows, cols), raw)
+    # -- experts: the source's records, or other bitwidths chosen per expert (`edge expert-bits`) -----------
+
+    def expert_kind(self, layer: int, e: int) -> str:
+        """The variant expert e of `layer` runs in: "keep" (the source's record) or a type of `bits/`."""
+        choice = self.attrs.get("bits", {}).get("choice")
+        return choice[layer][e] if choice else "keep"
+
+    def expert_source(self, layer: int, kind: str) -> tuple[_Array, dict]:
+        """The array holding the layer's experts in `kind`, and their record layout."""
+        if kind == "keep":
+            return self.array(f"experts/blk.{layer}"), self.attrs["experts"][layer]
+        return self.array(f"bits/{kind}/blk.{layer}"), self.attrs["bits"]["types"][kind][layer]
+
+    def expert_tensors(self, layer: int, kind: str | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Gate, up and down of each of the layer's experts, each in its chosen variant (or all in `kind`)."""
+        kinds = [kind or self.expert_kind(layer, e) for e in range(self.config.n_experts)]
+        out = []
+        for e, kind in enumerate(kinds):
+            arr, lay = self.expert_source(layer, kind)
+            (rec,) = self.read_chunks(arr, [e])
+            rec = np.frombuffer(rec, np.uint8)
+            parts, at, p = [], 0, f"blk.{layer}.ffn_"
+            for k, (key, rows, cols) in enumerate((("gate", lay["hidden"], lay["dim"]), ("up", lay["hidden"], lay["dim"]),
+                                                   ("down", lay["dim"], lay["hidden"]))):
+                size = lay[key + "_bytes"]
+                parts.append(Tensor(f"{p}{key}_exps.weight[{e}]", lay["types"][k], (rows, cols),
+                                    rec[at:at + size].reshape(rows, -1)))
                 at += size
+            out.append(tuple(parts))
+        return out
+
+    def _expert_tensors(self, layer: int) -> dict[str, Tensor]:
+        """The layer's 3-D expert tensors (experts of one type only), as GGUFFile gives them."""
+        if ("experts", layer) not in self._ffn_cache:
+            per = self.expert_tensors(layer)
+            if len({tuple(t.type_id for t in ex) for ex in per}) > 1:
+                raise EdgeError(f"{self.path}: layer {layer}'s experts have different bitwidths (edge expert-bits); "
+                                "they load one by one")
+            out = {}
+            for k, key in enumerate(EXPERT_NAMES):
+                t0 = per[0][k]
+                out[key] = Tensor(f"blk.{layer}.{key}.weight", t0.type_id, (len(per), *t0.shape),
+                                  np.concatenate([ex[k].raw for ex in per]))
             self._ffn_cache = {("experts", layer): out}  # one layer at a time
         return self._ffn_cache[("experts", layer)]
 

@@ -74,12 +74,12 @@ def test_eval_matches_llama_cpp_perplexity(capsys, real_model):
     from edge.peer import LlamaCpp
     from edge.tokenizer import Tokenizer
 
-    code, out, _ = run_cli(capsys, "eval", str(real_model), "--ctx", "256", "--windows", "3", "--json")
+    code, out, _ = run_cli(capsys, "eval", str(real_model), "--ctx", "256", "--windows", "2", "--json")
     assert code == 0
     ours = json.loads(out)
     f = GGUFFile(real_model)
     tok = Tokenizer(real_model, f.config.arch, f.chat_template)
-    wins = windows(tok.encode(eval_text(), add_bos=False), 256, 3, tok.bos_id if tok.add_bos else None)
+    wins = windows(tok.encode(eval_text(), add_bos=False), 256, 2, tok.bos_id if tok.add_bos else None)
     peer = LlamaCpp(real_model, n_ctx=256, threads=2)
     ref = perplexity(lambda w: token_nll(peer.logits(w), w), wins)
     print(ours["ppl"], ref.ppl)

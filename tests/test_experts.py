@@ -216,3 +216,74 @@ def test_memory_pressure_gives_experts_back_once(moe_store):
     assert got == want
     assert len(engine.last.shrinks) == 1 and "expert cache down to 6 experts" in engine.last.shrinks[0]
     assert engine.model.experts.slots == 6 and engine.model.experts.cached <= 6
+
+
+def test_expert_bitwidths_follow_measured_sensitivity(moe_store, tmp_path):
+    """`edge expert-bits`: at 5.2 bits per expert weight the experts are split between q4_0 (4.5) and the
+    source's Q8_0 (8.5), least sensitive first, within the target; each profile score is what a whole run with that expert alone
+    lowered measures; the store then runs its mixed bitwidths paged exactly as resident; a new target reuses
+    the variants and profile; an interrupted profile leaves the store as it was and a rerun writes no variant
+    again; a target under the smallest variant names it."""
+    import shutil
+
+    from edge.engine import Engine
+    from edge.store import Store
+    from weights_tools import expert_bits
+    from weights_tools.calibrate import LayerReplay
+
+    store_path = tmp_path / "bits.edge"
+    shutil.copytree(moe_store[1], store_path)
+    calls = []
+
+    def cut(done, total, label):
+        calls.append(label)
+        if label.startswith("profile layer 2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        expert_bits.adapt(store_path, 5.2, tokens=64, threads=2, progress=cut)
+    assert "bits" not in Store(store_path).attrs and (store_path / "bits.partial").is_dir()
+    written = (store_path / "bits.partial" / "q4_1" / "blk.0" / "c" / "0" / "0").stat().st_mtime_ns
+    attrs = expert_bits.adapt(store_path, 5.2, tokens=64, threads=2)
+    assert (store_path / "bits" / "q4_1" / "blk.0" / "c" / "0" / "0").stat().st_mtime_ns == written  # not rewritten
+    assert attrs["bounds"] == ["q4_0", "keep"] and 5.0 < attrs["bits_per_weight"] <= 5.2
+    store = Store(store_path)
+    scores = np.array(attrs["profiles"]["q4_0/keep"]["scores"])
+    kinds = np.array([[store.expert_kind(i, e) for e in range(8)] for i in range(4)])
+    assert 0 < (kinds == "q4_0").sum() < 32 and set(kinds.ravel()) == {"q4_0", "keep"}
+    assert scores[kinds == "q4_0"].max() <= scores[kinds == "keep"].min()
+
+    ids = expert_bits._held_out(store, 64)
+    var = expert_bits.Variants(store, ["q4_0", "keep"], len(ids), threads=2)
+    replay = LayerReplay(var.model, ids)
+    var.apply([["keep"] * 8 for _ in range(4)])
+    replay.inputs()
+    base = replay.ppl_from(4)
+    assert base == pytest.approx(attrs["profiles"]["q4_0/keep"]["base"], rel=1e-6)
+    i, e = 2, int(np.argmax(scores[2]))
+    var.set(i, e, "q4_0")
+    replay.inputs()
+    assert replay.ppl_from(4) - base == pytest.approx(scores[i, e], rel=1e-4, abs=1e-6)
+
+    prompt = [1, 5, 9, 200, 31, 7, 77, 3, 40, 41]
+    want_tokens, want_logits = _greedy(Engine(store_path, n_ctx=64, backend="ggml", threads=2), prompt, 16)
+    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40)
+    engine.resize(engine.plan.budget_for(8))
+    tokens, logits = _greedy(engine, prompt, 16)
+    assert tokens == want_tokens
+    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-4)
+    source = Engine(moe_store[1], n_ctx=64, backend="ggml", threads=2)
+    assert not np.allclose(_greedy(source, prompt, 1)[1], want_logits, atol=1e-3)  # other bytes did run
+
+    again = expert_bits.adapt(store_path, 8.5, tokens=64, threads=2)
+    assert again["bounds"] is None and {k for row in again["choice"] for k in row} == {"keep"}
+    assert again["profiles"] == attrs["profiles"]
+    with pytest.raises(EdgeError, match="at least 4.50"):
+        expert_bits.adapt(store_path, 4.0, tokens=64, threads=2)
+
+    from edge.cli import main
+
+    args = ["expert-bits", str(store_path), "--bits", "5.2", "--calib-tokens", "64", "--threads", "2", "--quiet"]
+    assert main(args + ["--bounds", "q5_0,q4_1"]) == 2  # fewer bits first
+    assert main(args + ["--bounds", "q4_1,q5_0"]) == 0
+    assert Store(store_path).attrs["bits"]["bounds"] == ["q4_1", "q5_0"]

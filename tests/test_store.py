@@ -24,8 +24,9 @@ def greedy(model, n=24):
 def test_store_generates_the_gguf_tokens(request, name):
     gguf_path = request.getfixturevalue(name)
     store = request.getfixturevalue("smol_store" if name == "smollm2" else "gemma_store")
-    from_gguf, _ = greedy(gguf_path)
-    from_store, engine = greedy(store)
+    n = 24 if name == "smollm2" else 8  # Gemma's 262144-row head makes each token slow; bytes differ at once
+    from_gguf, _ = greedy(gguf_path, n)
+    from_store, engine = greedy(store, n)
     assert from_store == from_gguf
     assert engine.file.engine.stats.reads > 0  # the weights came through the I/O engine
 
@@ -136,9 +137,9 @@ def test_requantized_store_keeps_quality(smollm2, tmp_path, capsys):
 
     out = convert(smollm2, tmp_path / "q8.edge", quiet=True, quant="q8_0")
     assert {v["type"] for v in Store(out).attrs["tensors"].values() if len(v["shape"]) == 2} == {8}
-    assert main(["eval", str(out), "--windows", "1", "--json"]) == 0
+    assert main(["eval", str(out), "--windows", "2", "--ctx", "128", "--json"]) == 0
     ppl_store = json.loads(capsys.readouterr().out)["ppl"]
-    assert main(["eval", str(smollm2), "--windows", "1", "--json", "--verify-reads", "always"]) == 0
+    assert main(["eval", str(smollm2), "--windows", "2", "--ctx", "128", "--json", "--verify-reads", "always"]) == 0
     ppl_src = json.loads(capsys.readouterr().out)["ppl"]
     assert abs(ppl_store / ppl_src - 1) < 0.03
 

@@ -305,9 +305,8 @@ class ChatApp(App):
         if now - t0 >= 0.2:
             self.stats.update(flash_mb_s=(nbytes - bytes0) / (now - t0) / 1e6, reads_s=(reads - reads0) / (now - t0))
             self._io_mark = (now, reads, nbytes)
-        for part in (self.engine.model.sparse_ffn, self.engine.model.experts):
-            if part is not None:
-                self.stats["hit_rate"] = part.stats.hit_rate
+        for part in self.engine.model.paged:
+            self.stats["hit_rate"] = part.stats.hit_rate
 
     def _refresh_stats(self) -> None:
         import psutil

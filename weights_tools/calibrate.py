@@ -160,3 +160,36 @@ def _head_recall(model, y, v, low) -> dict:
     best = exact.argmax(axis=1)
     inside = float(np.mean([b in t for b, t in zip(best, top)]))
     return {"candidates": HEAD_CANDIDATES, "top1_in_candidates": inside}
+
+
+class LayerReplay:
+    """The perplexity of one window of tokens after a change at one layer, rerunning only the layers from it on:
+    `inputs()` runs the whole model and keeps every layer's input, `ppl_from(l)` reruns layers l.. from the
+    kept input of layer l (BitStack's universal order, EdgeMoE's expert profile)."""
+
+    def __init__(self, model, tokens):
+        self.model = model
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+        self.xs: list[np.ndarray] = []
+
+    def inputs(self) -> list[np.ndarray]:
+        """Run every layer; keep each one's input (and the last one's output, at index n_layers)."""
+        m = self.model
+        xs, x = [], m.embed(self.tokens)
+        for j, layer in enumerate(m.layers):
+            xs.append(x)
+            x = m._block(j, layer, x, 0)
+        self.xs = xs + [x]
+        return self.xs
+
+    def ppl_from(self, layer: int) -> float:
+        from edge.evaluate import token_nll
+        from edge.model import rms_norm
+
+        m = self.model
+        x = self.xs[layer]
+        for j in range(layer, m.cfg.n_layers):
+            x = m._block(j, m.layers[j], x, 0)
+        (logits,) = m.output(rms_norm(x, m.output_norm, m.cfg.norm_eps))
+        with np.errstate(all="ignore"):
+            return float(np.exp(token_nll(logits, self.tokens).mean()))

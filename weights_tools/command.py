@@ -200,3 +200,68 @@ def _run_stack(args) -> int:
           f"{format_size(int(sizes[0]))} to {format_size(int(sizes[-1]))}; calibration perplexity by depth "
           + ", ".join(f"{p:.2f}" for p in attrs["level_ppl"]), file=sys.stderr)
     return 0
+
+
+BITS_EXAMPLES = """examples:
+  edge expert-bits moe.edge --bits 5.5         # experts at 5.5 bits per weight on average
+  edge expert-bits moe.edge --bits 8.5         # back to the source's bitwidth (q8_0)
+  edge run moe.edge --ram 1GB -p "Hello"       # runs the chosen bitwidths, paged or resident
+
+Each expert gets the lower or the higher of the two uniform bitwidths around --bits; the least sensitive
+experts (perplexity rise when each alone goes lower) go lower first. Interrupted? Run it again: it continues.
+"""
+
+
+def register_expert_bits(sub) -> None:
+    p = sub.add_parser("expert-bits", help="EdgeMoE: choose each expert's bitwidth for a size target, by its "
+                                           "measured sensitivity", epilog=BITS_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("store", help="a mixture-of-experts store written by `edge convert` (a .edge directory)")
+    p.add_argument("--bits", type=float, required=True,
+                   help="average bits per expert weight (q4_0 is 4.5, q5_0 5.5, q8_0 8.5); non-expert weights stay")
+    p.add_argument("--bounds", default=None, metavar="LOW,HIGH",
+                   help="the two bitwidths to mix (q4_0, q4_1, q5_0, q5_1, q8_0 or keep: the source's); default: "
+                        "the two uniform bitwidths around --bits")
+    p.add_argument("--calib-tokens", type=int, default=128,
+                   help="held-out calibration tokens each expert's sensitivity is measured on (default 128)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_expert_bits)
+
+
+def _run_expert_bits(args) -> int:
+    import time
+    from collections import Counter
+    from pathlib import Path
+
+    from edge.errors import EdgeError
+    from edge.sizes import format_size
+    from edge.store import is_store
+    from weights_tools.convert import Progress
+    from weights_tools.expert_bits import adapt
+
+    path = Path(args.store)
+    if not (path.is_dir() and is_store(path)):
+        raise EdgeError(f"{args.store}: not an edge store; run `edge convert {args.store}` first")
+    pair = None
+    if args.bounds:
+        pair = tuple(k.strip().lower() for k in args.bounds.split(","))
+        if len(pair) != 2:
+            raise EdgeError(f"--bounds {args.bounds}: give two bitwidths, LOW,HIGH (e.g. q4_0,keep)")
+    t0 = time.perf_counter()
+    progress = Progress(1, 1, args.quiet)
+    try:
+        attrs = adapt(path, args.bits, tokens=args.calib_tokens, threads=args.threads, pair=pair,
+                      progress=lambda d, t, label: progress.advance_to(d, t, label))
+    finally:
+        progress.close()
+    counts = Counter(k for row in attrs["choice"] for k in row)
+    mix = ", ".join(f"{n} at {k if k != 'keep' else 'the source type'}" for k, n in counts.most_common())
+    line = f"experts of {path}: {attrs['bits_per_weight']:.2f} bits per weight ({format_size(attrs['expert_bytes'])}): {mix}"
+    if attrs["bounds"]:
+        low, high = attrs["bounds"]
+        prof = attrs["profiles"][f"{low}/{high}"]
+        line += (f"; calibration perplexity all {high}: {prof['base']:.3f}, all {low}: {prof['low']:.3f}"
+                 f" ({prof['tokens']} tokens)")
+    print(line + f" [{time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+    return 0

@@ -117,9 +117,17 @@ def commit_group(store_path: Path, partial: Path, key: str, attrs: dict) -> None
     final = store_path / key
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
-    meta_path = store_path / "zarr.json"
+    write_attrs(store_path, key, attrs)
+
+
+def write_attrs(store_path: Path, key: str, attrs: dict | None) -> None:
+    """attributes["edge"][KEY] = attrs (None: removed), by an atomic rename of zarr.json."""
+    meta_path = Path(store_path) / "zarr.json"
     meta = json.loads(meta_path.read_text())
-    meta["attributes"]["edge"][key] = attrs
+    if attrs is None:
+        meta["attributes"]["edge"].pop(key, None)
+    else:
+        meta["attributes"]["edge"][key] = attrs
     tmp = meta_path.with_name("zarr.json.tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(meta_path)

@@ -189,8 +189,8 @@ class _OrderGroup:
 
 
 def _universal_order(store, partial: Path, group, names, linears, scales, iters, ids, threads, tell):
-    from edge.evaluate import token_nll
-    from edge.model import Transformer, rms_norm
+    from edge.model import Transformer
+    from weights_tools.calibrate import LayerReplay
 
     cfg = store.config
     scores_path = partial / "order.json"
@@ -211,21 +211,7 @@ def _universal_order(store, partial: Path, group, names, linears, scales, iters,
         layer.attn_output = _OrderGroup([f"blk.{i}.attn_output.weight"], state, inv["attn_out"])
         layer.gate_up = _OrderGroup([f"blk.{i}.{n}.weight" for n in GROUPS["ffn_in"]], state, inv["ffn_in"])
         layer.down = _OrderGroup([f"blk.{i}.ffn_down.weight"], state, inv["ffn_h"])
-    tokens = np.asarray(ids, dtype=np.int64)
-
-    def ppl_from(layer: int, x: np.ndarray) -> float:
-        for j in range(layer, cfg.n_layers):
-            x = model._block(j, model.layers[j], x, 0)
-        (logits,) = model.output(rms_norm(x, model.output_norm, cfg.norm_eps))
-        with np.errstate(all="ignore"):
-            return float(np.exp(token_nll(logits, tokens).mean()))
-
-    def inputs() -> list[np.ndarray]:
-        xs, x = [], model.embed(tokens)
-        for j, layer in enumerate(model.layers):
-            xs.append(x)
-            x = model._block(j, layer, x, 0)
-        return xs + [x]
+    replay = LayerReplay(model, ids)
 
     order, level_ppl, done = [], [], 0
     for name in names:
@@ -235,15 +221,15 @@ def _universal_order(store, partial: Path, group, names, linears, scales, iters,
             state["next"][name] = block(name, level)
         key = str(level)
         if key not in scores:
-            xs = inputs()
+            replay.inputs()
             level_scores = {}
             for name in names:
                 state["tested"] = name
-                level_scores[name] = ppl_from(_split(name)[0], xs[_split(name)[0]])
+                level_scores[name] = replay.ppl_from(_split(name)[0])
                 done += 1
                 tell(done, f"order level {level}: {name}")
             state["tested"] = None
-            base = ppl_from(cfg.n_layers, xs[-1])
+            base = replay.ppl_from(cfg.n_layers)
             scores[key] = {"base": base, "linears": level_scores}
             tmp = scores_path.with_name("order.tmp.json")
             tmp.write_text(json.dumps(scores))
@@ -256,7 +242,8 @@ def _universal_order(store, partial: Path, group, names, linears, scales, iters,
         for name in names:
             state["w"][name] += state["next"].pop(name)
     state["tested"] = None
-    level_ppl.append(ppl_from(cfg.n_layers, inputs()[-1]))
+    replay.inputs()
+    level_ppl.append(replay.ppl_from(cfg.n_layers))
     return order, level_ppl
 
 
