@@ -331,7 +331,7 @@ def cmd_info(args) -> int:
         if bits:
             kinds = Counter(k for row in bits["choice"] for k in row)
             print(f"expert bitwidths (edge expert-bits --bits {bits['target_bits']:g}): {bits['bits_per_weight']:.2f} bits "
-                  "per weight, " + ", ".join(f"{n} {k if k != 'keep' else 'as the source'}" for k, n in kinds.most_common()))
+                  "per weight, " + ", ".join(f"{n} {k if k != 'keep' else 'in the source type'}" for k, n in kinds.most_common()))
     elif isinstance(src, Store):
         clusters = Counter(lay["cluster"] for lay in src.attrs["ffn"])
         lay = src.attrs["ffn"][0]

@@ -246,7 +246,7 @@ def test_stack_of_the_real_model_improves_with_depth(smol_store, tmp_path):
     from weights_tools.stack import stack
 
     store = shutil.copytree(smol_store, tmp_path / "smol.edge")
-    attrs = stack(store, iters=2, calib=128, order_tokens=16)
+    attrs = stack(store, iters=2, calib=256, order_tokens=16)
     assert attrs["level_ppl"][1] < attrs["level_ppl"][0]
     eng = Engine(store, n_ctx=128, ram=1 << 30)
     wins = windows(eng.tokenizer.encode(eval_text()), 128, 1, None)

@@ -255,13 +255,16 @@ def _run_expert_bits(args) -> int:
                       progress=lambda d, t, label: progress.advance_to(d, t, label))
     finally:
         progress.close()
+    def name(kind: str) -> str:
+        return "the source's type" if kind == "keep" else kind
+
     counts = Counter(k for row in attrs["choice"] for k in row)
-    mix = ", ".join(f"{n} at {k if k != 'keep' else 'the source type'}" for k, n in counts.most_common())
+    mix = ", ".join(f"{n} at {name(k)}" for k, n in counts.most_common())
     line = f"experts of {path}: {attrs['bits_per_weight']:.2f} bits per weight ({format_size(attrs['expert_bytes'])}): {mix}"
     if attrs["bounds"]:
         low, high = attrs["bounds"]
         prof = attrs["profiles"][f"{low}/{high}"]
-        line += (f"; calibration perplexity all {high}: {prof['base']:.3f}, all {low}: {prof['low']:.3f}"
-                 f" ({prof['tokens']} tokens)")
+        line += (f"; calibration perplexity with all at {name(high)}: {prof['base']:.3f}, all at {name(low)}: "
+                 f"{prof['low']:.3f} ({prof['tokens']} tokens)")
     print(line + f" [{time.perf_counter() - t0:.1f}s]", file=sys.stderr)
     return 0
