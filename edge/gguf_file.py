@@ -78,7 +78,7 @@ def _parse(buf) -> tuple[dict, int | None, list[_TensorInfo]]:
     """Metadata scalars and strings, the vocabulary's length, and the tensor infos of a GGUF held in `buf`.
     Arrays are skipped without building them (the `gguf` reader makes a numpy view per element: ~25s for
     Gemma 3's 262144-token vocabulary). Raises struct.error / ValueError on a damaged file."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
 
     size = len(buf)
     unpack = struct.unpack_from
@@ -140,8 +140,7 @@ def _parse(buf) -> tuple[dict, int | None, list[_TensorInfo]]:
         at += 4 + 8 * n_dims
         type_id, offset = unpack("<IQ", buf, at)
         at += 12
-        block, block_bytes = GGML_QUANT_SIZES.get(GGMLQuantizationType(type_id), (0, 0)) \
-            if type_id in GGMLQuantizationType._value2member_map_ else (0, 0)
+        block, block_bytes = GGML_QUANT_SIZES.get(type_id, (0, 0))  # keyed by an IntEnum: plain ints find it
         n = int(np.prod(dims, dtype=np.float64)) if dims else 1
         infos.append(_TensorInfo(name, type_id, tuple(int(d) for d in dims), offset,
                                  n // block * block_bytes if block else 0))

@@ -32,7 +32,6 @@ from edge import quants
 from edge.errors import EdgeError
 
 VARIANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
-WINDOW = 256
 
 
 def expert_params(cfg) -> int:
@@ -55,14 +54,12 @@ def variant_types(store) -> list[str]:
     return out
 
 
-def _record(lay: dict) -> int:
-    return lay["gate_bytes"] + lay["up_bytes"] + lay["down_bytes"]
-
-
 def kind_bytes(store, kind: str, layouts: dict | None = None) -> np.ndarray:
     """Bytes of one expert record of each layer in `kind` ("keep": the source's)."""
+    from edge.experts import ExpertLayout
+
     lays = store.attrs["experts"] if kind == "keep" else (layouts or store.attrs["bits"]["types"])[kind]
-    return np.array([_record(lay) for lay in lays], np.int64)
+    return np.array([ExpertLayout(lay).bytes for lay in lays], np.int64)
 
 
 def kind_bits(store, kind: str, layouts: dict | None = None) -> float:
@@ -168,6 +165,7 @@ def _write_variants(store, partial: Path, kinds: list[str], state: dict, tell) -
     import zarr
     from zarr.storage import LocalStore
 
+    from edge.store import expert_layout
     from weights_tools.convert import _write_array
 
     cfg = store.config
@@ -178,14 +176,10 @@ def _write_variants(store, partial: Path, kinds: list[str], state: dict, tell) -
             tell(f"requantize layer {i} to {kind}")
             if lays[i] is not None:
                 continue
-            recs, lay = [], None
-            for parts in requantized(store, i, kind):
-                recs.append(np.concatenate([p.raw.reshape(-1) for p in parts]))
-                lay = {"n": cfg.n_experts, "gate_bytes": parts[0].raw.nbytes, "up_bytes": parts[1].raw.nbytes,
-                       "down_bytes": parts[2].raw.nbytes, "types": [p.type_id for p in parts], "dim": cfg.dim,
-                       "hidden": cfg.expert_hidden}
+            experts = requantized(store, i, kind)
+            recs = [np.concatenate([p.raw.reshape(-1) for p in parts]) for parts in experts]
             _write_array(group, f"{kind}/blk.{i}", np.stack(recs), 1)
-            lays[i] = lay
+            lays[i] = {**expert_layout(*experts[0], 1), "n": cfg.n_experts}  # every expert's record alike
             _save_state(partial, state)
 
 
@@ -224,7 +218,7 @@ def _profile(var: Variants, replay, low: str, high: str, partial: Path, state: d
 def adapt(store_path: str | Path, bits: float, tokens: int = 128, threads: int | None = None, progress=None,
           pair: tuple[str, str] | None = None) -> dict:
     """Choose every expert's bitwidth for `bits` bits per expert weight; returns attributes["edge"]["bits"].
-    pair: (LOW, HIGH) instead of the two bitwidths around `bits`. progress(done, total, label)."""
+    pair: (LOW, HIGH) instead of the smallest variant and the source's type. progress(done, total, label)."""
     from edge.store import Store
     from weights_tools.calibrate import LayerReplay
     from weights_tools.convert import commit_group, write_attrs
@@ -252,7 +246,8 @@ def adapt(store_path: str | Path, bits: float, tokens: int = 128, threads: int |
         if state is None or state.get("source") != source:
             shutil.rmtree(partial)
             state = None
-    if state is None and committed is not None and committed.get("source") == source:
+    committed_here = committed is not None and committed.get("source") == source
+    if state is None and committed_here:
         state = {"source": source, "types": committed["types"], "profiles": committed["profiles"]}
     state = state or {"source": source, "types": {}, "profiles": {}}
     done_kinds = {k for k, lays in state["types"].items() if None not in lays}
@@ -269,9 +264,7 @@ def adapt(store_path: str | Path, bits: float, tokens: int = 128, threads: int |
     fixed = pair
     if set(kinds) <= done_kinds:  # bounds need the variants' sizes; with all written they are known now
         pair = fixed or bounds(store, bits, layouts)
-        ready = pair is None or f"{pair[0]}/{pair[1]}" in state["profiles"] and \
-            None not in state["profiles"][f"{pair[0]}/{pair[1]}"]["scores"]
-        if ready and committed is not None and committed.get("source") == source:
+        if _profiled(state, pair) and committed_here:
             attrs = _attrs(store, state, bits, pair)
             write_attrs(store_path, "bits", attrs)  # only a new choice
             return attrs
@@ -294,7 +287,7 @@ def adapt(store_path: str | Path, bits: float, tokens: int = 128, threads: int |
     _write_variants(store, partial, kinds, state, tell)
     layouts = state["types"]
     pair = fixed or bounds(store, bits, layouts)
-    if pair is not None and None in state["profiles"].get(f"{pair[0]}/{pair[1]}", {"scores": [None]})["scores"]:
+    if not _profiled(state, pair):
         ids = _held_out(store, tokens)
         var = Variants(store, sorted({*pair}), len(ids), threads, lambda i, kind: requantized(store, i, kind))
         _profile(var, LayerReplay(var.model, ids), *pair, partial, state, tell)
@@ -303,6 +296,14 @@ def adapt(store_path: str | Path, bits: float, tokens: int = 128, threads: int |
     (partial / "state.json").unlink()
     commit_group(store_path, partial, "bits", attrs)
     return attrs
+
+
+def _profiled(state: dict, pair: tuple[str, str] | None) -> bool:
+    """Whether the profile the choice needs is complete (none needed when every expert keeps its type)."""
+    if pair is None:
+        return True
+    prof = state["profiles"].get(f"{pair[0]}/{pair[1]}")
+    return prof is not None and None not in prof["scores"]
 
 
 def _attrs(store, state: dict, bits: float, pair: tuple[str, str] | None) -> dict:
