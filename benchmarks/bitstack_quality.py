@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 
 
 def write(rows: list[dict], out: Path, title: str) -> None:
-    from edge.plot import svg_lines
+    from edge.plot import write_plot
 
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["system,bits_per_weight,linear_bytes,ppl,detail"]
@@ -127,8 +127,8 @@ def write(rows: list[dict], out: Path, title: str) -> None:
     series = {"BitStack": [(r["bits"], r["ppl"]) for r in rows if r["system"] == "BitStack"],
               "llama.cpp quantizer": sorted((r["bits"], r["ppl"]) for r in rows if r["system"].startswith("llama.cpp ")),
               "source": [(r["bits"], r["ppl"]) for r in rows if r["system"] == "source (ours)"]}
-    out.with_suffix(".svg").write_text(svg_lines(series, "bits per weight (layer linears)", "perplexity (log)",
-                                                 log_y=True, points_only=("source",)))
+    write_plot(out, series, "bits per weight (layer linears)", "perplexity (log)", log_y=True,
+               points_only=("source",))
 
 
 if __name__ == "__main__":

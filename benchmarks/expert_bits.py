@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from edge.evaluate import eval_text, windows
-    from edge.plot import svg_lines
+    from edge.plot import write_plot
     from edge.store import Store
     from edge.tokenizer import Tokenizer
     from weights_tools.expert_bits import (Variants, adapt, choice_bytes, expert_params, format_bits, kind_bits,
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     series: dict = {}
     for r in rows:
         series.setdefault(r["series"], []).append((r["bits_per_weight"], r["ppl"]))
-    out.with_suffix(".svg").write_text(svg_lines(series, "bits per expert weight", "perplexity", log_y=True,
-                                                 x_fmt=lambda v: f"{v:.2f}"))
+    write_plot(out, series, "bits per expert weight", "perplexity", log_y=True, x_fmt=lambda v: f"{v:.2f}")
     return 0
 
 

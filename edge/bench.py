@@ -141,17 +141,21 @@ def write_sweep(rows: list[dict], out: Path) -> None:
                       str(s.get("cgroup_peak_bytes") or "")]
         lines.append(",".join(cells))
     out.with_suffix(".csv").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".svg").write_text(_svg(rows))
+    plot_sweep(out.with_suffix(".csv"))
 
 
-def _svg(rows: list[dict]) -> str:
-    """tok/s against the budget for both systems."""
-    from edge.plot import svg_lines
+def plot_sweep(csv_path: Path) -> None:
+    """The sweep's plot, tok/s against the budget for both systems, from its CSV: beside it as .svg and .png."""
+    import csv
 
-    series = {"edge": [(r["ram"], r["ours"].get("tok_s")) for r in rows],
-              "llama.cpp": [(r["ram"], r.get("peer", {}).get("tok_s")) for r in rows]}
-    return svg_lines(series, "RAM budget (memory cap)", "decode tok/s", x_fmt=lambda v: format_size(int(v)),
-                     y_fmt=lambda v: f"{v:.0f}")
+    from edge.plot import write_plot
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    series = {name: [(float(r["ram_bytes"]), float(r[col]) if r[col] else None) for r in rows]
+              for name, col in (("edge", "edge_tok_s"), ("llama.cpp", "llama_cpp_tok_s"))}
+    write_plot(Path(csv_path).with_suffix(""), series, "RAM budget (memory cap)", "decode tok/s",
+               x_fmt=lambda v: format_size(int(v)), y_fmt=lambda v: f"{v:.0f}")
 
 
 def cmd_bench(args) -> int:
@@ -199,7 +203,7 @@ def cmd_bench(args) -> int:
     if args.sweep:
         out = Path(args.out)
         write_sweep(rows, out)
-        print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.svg')}")
+        print(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.svg')} and {out.with_suffix('.png')}")
     if args.json:
         print(json.dumps(rows))
     return 0

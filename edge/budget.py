@@ -40,6 +40,7 @@ class Plan:
     strategy: str
     sparsity: float
     window: int
+    read_ahead: bool      # with sparsity > 0: the next layer's predicted clusters read during this layer
 
     @property
     def cache(self) -> int:
@@ -83,7 +84,7 @@ def _fixed_line(p, resident: str, scratch: str, scratch_bytes: int | None = None
             f"margin {f(p.margin)}")
 
 
-def resident_bytes(store, predictors: bool) -> int:
+def resident_bytes(store, predictors: bool, read_ahead: bool = False) -> int:
     """Bytes the budgeted runtime keeps resident besides the FFN cache (see module doc)."""
     cfg, info = store.config, store.sparse
     total = 0
@@ -91,9 +92,11 @@ def resident_bytes(store, predictors: bool) -> int:
         if name.startswith("blk.") or name == "output_norm.weight":  # attention and norms, as stored
             rows, cols = (t["shape"] + [1])[:2]
             total += rows * quants.FORMATS[t["type"]].row_bytes(cols) if len(t["shape"]) == 2 else 4 * rows
-    if predictors:
-        rank = info["rank"]
-        total += cfg.n_layers * (4 * cfg.dim * rank + 2 * rank * cfg.hidden_dim + 4 * cfg.hidden_dim)
+    if predictors:  # per layer, float32 at run time: its clusters' (and the next layer's: edge.sparse.predict)
+        n = [lay["hidden"] // lay["cluster"] for lay in store.attrs["ffn"]]
+        for k in n + (n[1:] if read_ahead else []):
+            r = min(info["rank"], k)
+            total += 4 * (cfg.dim * r + r * k + k)
     return total + flash_head_bytes(store)
 
 
@@ -123,7 +126,7 @@ def activation_bytes(cfg, n_ctx: int, chunk: int | None = None) -> int:
 
 
 def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sparse", sparsity: float = 0.0,
-              window: int = 5) -> Plan:
+              window: int = 5, read_ahead: bool = False) -> Plan:
     from edge.model import KVCache
     from edge.sparse import Layout, stream_buffer_bytes
 
@@ -132,10 +135,11 @@ def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sp
     n_clusters = max(lay.n_clusters for lay in layouts)
     scratch = 2 * stream_buffer_bytes(layouts)  # the read buffers: the layer computing and the one prefetched
     fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER,
-                 resident=resident_bytes(store, strategy == "sparse" and sparsity > 0), margin=MARGIN + activation_bytes(cfg, n_ctx),
+                 resident=resident_bytes(store, strategy == "sparse" and sparsity > 0, read_ahead), margin=MARGIN + activation_bytes(cfg, n_ctx),
                  scratch=scratch, slot_bytes=sum(lay.bytes for lay in layouts), n_clusters=n_clusters,
                  n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),
-                 strategy=strategy, sparsity=sparsity, window=window)
+                 strategy=strategy, sparsity=sparsity, window=window,
+                 read_ahead=read_ahead and strategy == "sparse" and sparsity > 0)
     probe = Plan(slots=0, **fixed)
     if budget < probe.minimum:
         raise EdgeError(f"--ram {format_size(budget)} is below the minimum of {format_size(probe.minimum)} for "
@@ -155,7 +159,7 @@ def plan_for(store, strategy: str, budget: int, baseline: int, n_ctx: int, spars
     from edge.sparse import check_calibrated
 
     check_calibrated(store, "--ram")
-    return make_plan(store, budget, baseline, n_ctx, strategy, sparsity, window)
+    return make_plan(store, budget, baseline, n_ctx, strategy, sparsity, window, read_ahead=prefetch > 0)
 
 
 PRESSURE_FLOOR = 64 << 20  # system memory available below this: give cache back

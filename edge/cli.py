@@ -64,7 +64,8 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
                    help="tokens whose clusters are the last to leave the cache (default 5)")
     b.add_argument("--prefetch", type=int, default=0, metavar="N",
                    help="mixture of experts: experts predicted and read ahead per layer (default 0: load on demand, "
-                        "measured faster on 2 cores; try the k a token uses with spare cores)")
+                        "measured faster on 2 cores; try the k a token uses with spare cores); with --sparsity > 0, "
+                        "any N > 0 reads ahead the clusters the next layer's predictor names")
     b.add_argument("--evict", choices=("score", "lru"), default="score",
                    help="mixture of experts: which cached expert leaves first: score (EdgeMoE: rare and far from "
                         "its next use; default) or lru")
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sparsity", type=float, default=0.0)
     bench.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")
     bench.add_argument("--sweep", default=None, metavar="SIZES", help="comma-separated budgets, e.g. 150MB,200MB,300MB")
-    bench.add_argument("--out", default="benchmarks/sweep", help="sweep output stem: STEM.csv and STEM.svg")
+    bench.add_argument("--out", default="benchmarks/sweep", help="sweep output stem: STEM.csv, STEM.svg and STEM.png")
     bench.add_argument("--json", action="store_true", help="also print the rows as JSON")
     bench.add_argument("--device", default=None, metavar="NAME",
                        help="also project the run onto this device profile (`edge devices`)")
@@ -354,6 +355,8 @@ def _info_calibration(src) -> None:
         return
     import numpy as np
 
+    from edge.sparse import PREDICTOR
+
     layers = info["layers"]
     parts = []
     for s in sorted(layers[0]["recall"], key=float):
@@ -363,6 +366,12 @@ def _info_calibration(src) -> None:
             parts.append(f"{float(s):g}: {rec:.2f}/{prec:.2f}")
     print(f"calibration: {info['tokens']} tokens; predictors rank {info['rank']}, cluster recall/precision by "
           f"sparsity on held-out text: {', '.join(parts)}")
+    if info.get("predictor") != PREDICTOR:
+        print(f"  predictors from an older edge: `edge convert {src.path} --calibrate` again to use --sparsity")
+    else:
+        nxt = [f"{float(s):g}: {np.mean([lay['next_recall'][s] for lay in layers[:-1]]):.2f}"
+               for s in sorted(layers[0]["next_recall"], key=float) if float(s) > 0]
+        print(f"  next layer's clusters predicted from this layer's input (read ahead), recall: {', '.join(nxt)}")
     print(f"  head: low-rank copy rank {info['head_rank']}, exact top-1 within its {info['head']['candidates']} "
           f"candidates {100 * info['head']['top1_in_candidates']:.1f}% of held-out tokens")
 

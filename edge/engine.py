@@ -317,7 +317,8 @@ class Engine:
         return {"reads": st.reads, "read_bytes": st.read_bytes, "read_bytes_per_token": st.read_bytes // n,
                 "hit_rate": round(st.hit_rate, 4), "clusters_needed": st.needed, "evicted": st.evicted,
                 "evicted_in_window": st.evicted_in_window, "streamed": st.streamed,
-                "neurons_per_token": st.neurons // n, "cache_bytes": ffn.cache_bytes}
+                "neurons_per_token": st.neurons // n, "cache_bytes": ffn.cache_bytes,
+                "prefetched": st.prefetched, "prefetch_used": st.prefetch_used}
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)

@@ -166,11 +166,14 @@ class IOEngine:
         self.max_read = max_read
         self.buffer = mmap.mmap(-1, _round_up(buffer_bytes, ALIGN))
         self.stats = ReadStats()
+        self.end = 0  # the buffer's bytes in use by the last read
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edge-read")
 
-    def read(self, f: FlashFile, requests: list[tuple[int, int]], coalesced: bool = True) -> list[memoryview]:
-        """Bytes of each (offset, length) request, in the order given."""
+    def read(self, f: FlashFile, requests: list[tuple[int, int]], coalesced: bool = True,
+             append: bool = False) -> list[memoryview]:
+        """Bytes of each (offset, length) request, in the order given. append: placed after the last read's
+        bytes, whose views stay valid (else from the buffer's start)."""
         order = sorted(range(len(requests)), key=lambda k: requests[k][0])
         reqs = [requests[k] for k in order]
         for off, n in reqs:
@@ -178,12 +181,13 @@ class IOEngine:
                 raise ValueError(f"{f.path}: read of {n} bytes at {off} is outside the file ({f.size} bytes)")
         gap = self.coalesce_gap if coalesced else -1
         spans = coalesce(reqs, gap, ALIGN, self.max_read)
-        places, pos = [], 0
+        places, pos = [], _round_up(self.end, ALIGN) if append else 0
         for s in spans:
             places.append(pos)
             pos += s.end - s.start
         if pos > len(self.buffer):
             raise ValueError(f"a read of {pos} bytes exceeds the I/O buffer of {len(self.buffer)} bytes")
+        self.end = pos
         view = memoryview(self.buffer)
         dests = [view[p:p + s.end - s.start] for s, p in zip(spans, places)]
         started = time.perf_counter()

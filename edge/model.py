@@ -175,7 +175,8 @@ class Transformer:
 
             if self.stack is None:
                 self.sparse_ffn = SparseFFN(src, self.backend.ggml, self.act, plan.slots, plan.sparsity,
-                                            plan.window, plan.strategy, read_threads=src.engine.threads)
+                                            plan.window, plan.strategy, read_threads=src.engine.threads,
+                                            read_ahead=plan.read_ahead)
             self.token_embd = None
             info = src.attrs["tensors"]["token_embd.weight"]
             self.embd_type = info["type"]

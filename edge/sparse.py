@@ -4,11 +4,11 @@ LLM in a flash (Alizadeh et al. 2023), adapted to SwiGLU/GeGLU models. The unit 
 cluster of neurons whose gate rows, up rows and down columns are one contiguous record in the source's own
 GGML blocks, computed by llama.cpp's kernels (edge.ggml) straight from the cache. Per layer and token:
 
-1. predict: with a sparsity target > 0, the layer's low-rank predictor (`edge convert --calibrate`) scores
-   every cluster from the FFN input; clusters under the calibrated threshold are not read (while the cache
-   has free slots they are read anyway, best scored first: skipping only saves reads, and cached clusters are
-   always computed). At sparsity 0 (the default) every cluster is needed and the result equals the dense
-   model's;
+1. predict: with a sparsity target > 0, the layer's trained low-rank predictor (`edge convert --calibrate`)
+   scores every cluster's log importance from the FFN input; clusters under the calibrated threshold are not
+   read (while the cache has free slots they are read anyway, best scored first: skipping only saves reads,
+   and cached clusters are always computed). At sparsity 0 (the default) every cluster is needed and the
+   result equals the dense model's;
 2. read: a needed cluster that is not cached is read from flash (one record, coalesced with its neighbours);
 3. cache: one preallocated matrix per layer; insert appends a cluster in the first free slot, delete moves the
    last slot into the hole, so the used slots stay a prefix and nothing is reallocated per token. When the
@@ -21,8 +21,10 @@ GGML blocks, computed by llama.cpp's kernels (edge.ggml) straight from the cache
    act(gate) * up, the down products in a second graph, summed.
 
 Reads for layer i+1 run while layer i computes (its own thread and I/O engine): at sparsity 0 the clusters it
-will read are known (those not cached). With predictors the prefetch is off for now (the paper predicts
-layer i+1 from layer i's input; not done yet).
+will read are known (those not cached). With predictors, `read_ahead` (`--prefetch 1`) reads the clusters
+layer i+1's next-layer predictor names from layer i's input (the paper's overlap); clusters it then needs
+and no prediction brought are read after them into the same buffer. Off by default: on 2 cores the read
+thread competes with compute and a quarter of the read-ahead goes unused (benchmarks/README.md).
 
 `naive` (the paper's baseline): no cache; every cluster of every layer is read and streamed each token, with
 the same prefetch.
@@ -37,6 +39,8 @@ import numpy as np
 
 from edge.errors import EdgeError
 from edge.ggml import Weight
+
+PREDICTOR = "ridge-log-importance"  # the predictors' kind in attributes["edge"]["sparse"] (weights_tools.calibrate)
 
 PREFETCH_READ = 1 << 20
 REPEAT_BYTES = 2 << 20  # batched products of streamed records: their repeated input, their outputs, at most
@@ -56,6 +60,8 @@ class SparseStats:
     streamed: int = 0           # needed clusters read and used but not kept (the cache was full)
     neurons: int = 0            # neurons computed
     wait_seconds: float = 0.0   # time the compute thread waited for FFN reads (its own and prefetched ones)
+    prefetched: int = 0         # clusters read ahead for the next layer
+    prefetch_used: int = 0      # of those, needed by it (the rest are reads all the same)
 
     def reset(self) -> None:
         for f in fields(self):
@@ -152,7 +158,7 @@ class SparseFFN:
     """The FFN of every layer, from the store's bundles, under a cache of `slots` clusters per layer."""
 
     def __init__(self, store, ggml, act, slots: int, sparsity: float = 0.0, window: int = 5,
-                 strategy: str = "sparse", read_threads: int = 4):
+                 strategy: str = "sparse", read_threads: int = 4, read_ahead: bool = False):
         info = store.sparse
         cfg = store.config
         self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
@@ -160,37 +166,40 @@ class SparseFFN:
         self.window, self.strategy = window, strategy
         key = min(info["layers"][0]["thresholds"], key=lambda k: abs(float(k) - sparsity))
         self.sparsity = float(key)
-        self.tau = [float(layer["thresholds"][key]) for layer in info["layers"]]
         self.predicting = strategy == "sparse" and self.sparsity > 0
-        self.pred_a, self.pred_b, self.upmean = [], [], []
+        self.read_ahead = self.predicting and read_ahead
+        self.this, self.next = [], []  # per layer: predictors (A, B, bias) of its clusters and of the next layer's
         if self.predicting:  # predictors only where they choose something
-            rank, dim, hidden = info["rank"], cfg.dim, cfg.hidden_dim
+            if info.get("predictor") != PREDICTOR:
+                raise EdgeError(f"{store.path}: its predictors come from an older edge; run `edge convert "
+                                f"{store.path} --calibrate` again to use --sparsity")
+            self.tau = [float(layer["thresholds"][key]) for layer in info["layers"]]
+            self.next_tau = [float(layer["next_thresholds"][key]) for layer in info["layers"][:-1]]
+            n = [lay.n_clusters for lay in self.layouts]
             for i in range(cfg.n_layers):
-                aux = store.read_array(f"sparse/aux.{i}").reshape(-1)
-                o = 2 * dim * rank
-                self.pred_a.append(aux[:o].view(np.float16).reshape(dim, rank).astype(np.float32))
-                self.pred_b.append(aux[o:o + 2 * rank * hidden].view(np.float16).reshape(rank, hidden).copy())
-                self.upmean.append(aux[o + 2 * rank * hidden:].view(np.float32).copy())
+                raw = store.read_array(f"sparse/aux.{i}").reshape(-1)
+                preds = unpack_predictors(raw, cfg.dim, info["rank"], n[i], n[i + 1] if i + 1 < len(n) else None)
+                self.this.append(preds[0])
+                self.next.append(preds[1] if len(preds) > 1 and self.read_ahead else None)
         self.arrays = [store.array(f"ffn/blk.{i}") for i in range(cfg.n_layers)]
         self.caches = [] if strategy == "naive" else [
             _LayerCache(min(slots, lay.n_clusters), lay) for lay in self.layouts]
         self.stats = SparseStats()
         self.step = 0
         # prefetch: while layer i computes from one read buffer, layer i+1's reads land in the other, issued
-        # from their own thread; streamed clusters are computed in place from the buffer they were read into
+        # from their own thread; streamed clusters are computed in place from the buffer they were read into.
+        # At sparsity 0 the clusters layer i+1 will read are known (those not cached); with predictors and
+        # read_ahead, those its next-layer predictor names from layer i's input (layer 0 of the next token is
+        # read when needed)
         self._pending: dict[int, tuple[list[int], object]] = {}
-        self.prefetch = strategy == "naive" or not self.predicting
+        from concurrent.futures import ThreadPoolExecutor
+
         from edge.flash import IOEngine
 
-        # read buffers of one layer each (the plan's stream buffers): two for prefetching, else one for the
-        # reads of the layer computing now
-        self._ios = [IOEngine(threads=read_threads, buffer_bytes=stream_buffer_bytes(self.layouts), max_read=PREFETCH_READ)
-                     for _ in range(2 if self.prefetch else 1)]
+        self._ios = [IOEngine(threads=read_threads, buffer_bytes=stream_buffer_bytes(self.layouts),
+                              max_read=PREFETCH_READ) for _ in range(2)]
         self._next_io = 0
-        if self.prefetch:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="edge-prefetch")
+        self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="edge-prefetch")
 
     @property
     def cache_bytes(self) -> int:
@@ -222,10 +231,9 @@ class SparseFFN:
         _release_free_memory()
 
     def predict(self, i: int, x: np.ndarray) -> np.ndarray:
-        """Predicted importance of every cluster for the tokens x (T, dim): (n_clusters,), max over tokens."""
-        g = (x @ self.pred_a[i]) @ self.pred_b[i]
-        p = np.abs(self.act(g.astype(np.float32))) * self.upmean[i]
-        return p.reshape(len(p), -1, self.layouts[i].c).sum(-1).max(axis=0)
+        """Predicted log importance of every cluster of layer i for the tokens x (T, dim): (n_clusters,), the
+        largest over the tokens."""
+        return predict(self.this[i], x).max(axis=0)
 
     def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
         lay = self.layouts[i]
@@ -265,15 +273,14 @@ class SparseFFN:
             missing, stream = missing[:free], missing[free:]
         st.streamed += len(stream)
         ids = sorted(int(c) for c in np.concatenate([missing, stream]))
-        views = self._take_prefetched(i)
-        if self.prefetch:
-            self._start_prefetch((i + 1) % self.cfg.n_layers)
+        views, prefetched = self._take_prefetched(i, ids)
+        self._start_prefetch((i + 1) % self.cfg.n_layers, x, i)
         if ids:
             arr = self.arrays[i]
             rest = [c for c in ids if c not in views]
             if rest:
                 t = time.perf_counter()
-                views.update(zip(rest, self._read_now(arr, rest, prefetched=bool(views))))
+                views.update(zip(rest, self._read_now(arr, rest, prefetched)))
                 st.wait_seconds += time.perf_counter() - t
             st.reads += len(ids)
             st.read_bytes += len(ids) * arr.chunk_bytes
@@ -282,36 +289,49 @@ class SparseFFN:
         return self._compute(x, lay, cache if cache is not None and cache.used else None,
                              [views[int(c)] for c in sorted(int(c) for c in stream)])
 
-    def _read_now(self, arr, ids: list[int], prefetched: bool) -> list:
-        """Clusters needed now that no prefetch brought. Into the idle read buffer (in prefetch mode, the one
-        not receiving the next layer's reads, free unless it holds this layer's prefetched clusters); when it
-        is not free (a resize between a prefetch and its use), copied out in batches through the store's
-        engine (a few clusters)."""
-        if not self.prefetch:
-            return self.store.read_views(arr, ids, True, self._ios[0])
-        if not prefetched:
-            return self.store.read_views(arr, ids, True, self._ios[self._next_io])
-        return [memoryview(b) for b in self.store.read_chunks(arr, ids)]
+    def _read_now(self, arr, ids: list[int], prefetched) -> list:
+        """Clusters needed now that no prefetch brought: after this layer's read-ahead in its buffer
+        (`prefetched`, the engine it went to), else into the buffer not receiving the next layer's reads."""
+        if prefetched is not None:
+            return self.store.read_views(arr, ids, True, prefetched, append=True)
+        return self.store.read_views(arr, ids, True, self._ios[self._next_io])
 
-    def _start_prefetch(self, j: int) -> None:
-        """Read layer j's clusters that are not cached (at sparsity 0, exactly what it will need)."""
+    def _start_prefetch(self, j: int, x: np.ndarray, i: int) -> None:
+        """Read layer j's clusters that are not cached and will be needed: all of them at sparsity 0, those
+        the next-layer predictor names from layer i's input x otherwise."""
         cache = self.caches[j] if self.caches else None
-        n = self.layouts[j].n_clusters
-        ids = list(range(n)) if cache is None else [int(c) for c in np.flatnonzero(cache.slot_of < 0)]
+        if self.predicting:
+            if j == 0 or not self.read_ahead:
+                return
+            ids = np.flatnonzero(predict(self.next[i], x).max(axis=0) >= self.next_tau[i])
+        else:
+            ids = np.arange(self.layouts[j].n_clusters)
+        if cache is not None:
+            ids = ids[cache.slot_of[ids] < 0]
+        ids = [int(c) for c in ids]
         if ids:
             io = self._ios[self._next_io]
             self._next_io ^= 1
-            self._pending[j] = (ids, self._prefetch_pool.submit(self.store.read_views, self.arrays[j], ids, True, io))
+            self._pending[j] = (ids, io, self._prefetch_pool.submit(self.store.read_views, self.arrays[j], ids,
+                                                                     True, io))
 
-    def _take_prefetched(self, i: int) -> dict:
+    def _take_prefetched(self, i: int, needed: list[int]) -> tuple[dict, object]:
+        """Layer i's read-ahead clusters and the engine holding them; those it does not need count as reads
+        all the same."""
         pending = self._pending.pop(i, None)
         if pending is None:
-            return {}
-        ids, fut = pending
+            return {}, None
+        ids, io, fut = pending
         t = time.perf_counter()
         views = fut.result()
-        self.stats.wait_seconds += time.perf_counter() - t
-        return dict(zip(ids, views))
+        st = self.stats
+        st.wait_seconds += time.perf_counter() - t
+        used = len(set(ids) & set(needed))
+        st.prefetched += len(ids)
+        st.prefetch_used += used
+        st.reads += len(ids) - used
+        st.read_bytes += (len(ids) - used) * self.arrays[i].chunk_bytes
+        return dict(zip(ids, views)), io
 
     def _compute(self, x: np.ndarray, lay: Layout, cache: _LayerCache | None, streamed: list) -> np.ndarray:
         """The FFN over the cache's used prefix and over the streamed records where they were read.
@@ -355,6 +375,33 @@ class SparseFFN:
         return y
 
 
+def predict(pred, x: np.ndarray) -> np.ndarray:
+    """Predicted log importance of every cluster, (T, clusters)."""
+    a, b, bias = pred
+    return (x @ np.asarray(a, np.float32)) @ np.asarray(b, np.float32) + bias
+
+
+def pack_predictors(this, nxt) -> np.ndarray:
+    """One layer's predictors as bytes: A, B (float16) and bias (float32) of this layer's, then the next's."""
+    parts = [this] + ([nxt] if nxt is not None else [])
+    return np.concatenate([np.asarray(m).view(np.uint8).reshape(-1) for p in parts for m in p])
+
+
+def unpack_predictors(raw: np.ndarray, dim: int, rank: int, clusters: int, next_clusters: int | None) -> list:
+    """The inverse of pack_predictors, as float32 (A, B, bias) tuples: [this] or [this, next]."""
+    out, o = [], 0
+    for n in [clusters] + ([next_clusters] if next_clusters else []):
+        r = min(rank, n)
+        a = raw[o:o + 2 * dim * r].view(np.float16).reshape(dim, r).astype(np.float32)
+        o += 2 * dim * r
+        b = raw[o:o + 2 * r * n].view(np.float16).reshape(r, n).astype(np.float32)
+        o += 2 * r * n
+        bias = raw[o:o + 4 * n].view(np.float32).copy()
+        o += 4 * n
+        out.append((a, b, bias))
+    return out
+
+
 def _runs(views: list, record: int) -> list[tuple]:
     """Group record views (in cluster order) into runs at one stride in one buffer: (buffer, offset, count,
     stride) each."""
@@ -375,11 +422,12 @@ def _runs(views: list, record: int) -> list[tuple]:
 
 
 def stream_buffer_bytes(layouts: list[Layout]) -> int:
-    """A read buffer that holds one layer's clusters, with room for the alignment of every coalesced read."""
+    """A read buffer that holds one layer's clusters, with room for the alignment of every read: a cluster each
+    at worst (scattered by the predictors), reads split at PREFETCH_READ, a checksum array."""
     from edge.flash import ALIGN
 
-    most = max(lay.n_clusters * lay.bytes for lay in layouts)
-    return most + (most // PREFETCH_READ + 2) * 2 * ALIGN + (1 << 20)
+    return max(lay.n_clusters * (lay.bytes + 2 * ALIGN) + (lay.n_clusters * lay.bytes // PREFETCH_READ + 4) * 2 * ALIGN
+               for lay in layouts)
 
 
 class RowCache:

@@ -170,12 +170,13 @@ class Store:
             self._files[arr.path] = FlashFile(arr.file)
         return self._files[arr.path]
 
-    def _crcs(self, arr: _Array, engine: IOEngine) -> np.ndarray:
-        """The array's chunk checksums, read once per array."""
+    def _crcs(self, arr: _Array, engine: IOEngine, append: bool = False) -> np.ndarray:
+        """The array's chunk checksums, read once per array (append: after the engine's last read)."""
         if arr.path not in self._crc_cache:
             head, _, tail = arr.path.partition("/")  # sparse/, moe/ (calibration), stack/, bits/ keep their crc/ inside
             crc = self.array(f"{head}/crc/{tail}" if head in ("sparse", "stack", "moe", "bits") else "crc/" + arr.path)
-            self._crc_cache[arr.path] = np.frombuffer(self.read_chunks(crc, [0], check=False, engine=engine)[0], "<u4")
+            raw = self.read_views(crc, [0], False, engine, append)[0]
+            self._crc_cache[arr.path] = np.frombuffer(bytes(raw), "<u4")
         return self._crc_cache[arr.path]
 
     def read_chunks(self, arr: _Array, chunks: list[int], check: bool = True, engine: IOEngine | None = None) -> list[bytes]:
@@ -189,11 +190,13 @@ class Store:
         return out
 
     def read_views(self, arr: _Array, chunks: list[int], check: bool = True,
-                   engine: IOEngine | None = None) -> list[memoryview]:
-        """Inner chunks as views into the engine's buffer (valid until its next read), verified."""
+                   engine: IOEngine | None = None, append: bool = False) -> list[memoryview]:
+        """Inner chunks as views into the engine's buffer, verified; valid until its next read (append: placed
+        after the engine's last read, whose views stay valid)."""
         engine = engine or self.engine
-        crcs = self._crcs(arr, engine) if check and self.verify != "never" else None
-        views = engine.read(self._file(arr), [(int(arr.offsets[c]), int(arr.lengths[c])) for c in chunks])
+        crcs = self._crcs(arr, engine, append) if check and self.verify != "never" else None
+        views = engine.read(self._file(arr), [(int(arr.offsets[c]), int(arr.lengths[c])) for c in chunks],
+                            append=append)
         if crcs is not None:
             for c, v in zip(chunks, views):
                 if self.verify == "always" or (arr.path, c) not in self._verified:

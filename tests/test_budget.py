@@ -159,22 +159,29 @@ def test_stays_under_a_kernel_memory_cap(smol_calibrated):
 
 
 def test_sparsity_skips_predicted_clusters(smol_calibrated):
+    """The trained predictors find most of the clusters a token needs on held-out text (a static choice of the
+    clusters most important on average finds 0.80 at 25% sparsity on SmolLM2; these 0.84, the next layer's
+    from this layer's input 0.83); the run skips clusters and reads ahead what the next-layer predictor names,
+    most of which that layer then uses."""
     store = Store(smol_calibrated)
-    info = store.sparse
-    for layer in info["layers"]:
-        assert all(0 <= v <= 1 for v in layer["recall"].values())
-    engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"), sparsity=0.5)
+    layers = store.sparse["layers"]
+    assert np.mean([lay["recall"]["0.25"] for lay in layers]) > 0.8
+    assert np.mean([lay["next_recall"]["0.25"] for lay in layers[:-1]]) > 0.8
+    assert np.mean([lay["precision"]["0.25"] for lay in layers]) > 0.85
+    engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"), sparsity=0.5, prefetch=1)
+    engine.resize(engine.plan.minimum + 4 * engine.plan.slot_bytes)  # 4 cached clusters per layer: reads remain
     prompt = engine.tokenizer.encode("Once upon a time")
     list(engine.generate(prompt, 8, stop_at_end=False))
     st = engine.sparse_stats()
-    all_clusters = engine.plan.n_clusters * store.config.n_layers * (len(prompt) > 0)
+    all_clusters = engine.plan.n_clusters * store.config.n_layers
     assert 0 < st["clusters_needed"] < all_clusters * 9  # prefill + 8 steps, some clusters skipped
+    assert st["prefetched"] > 0 and st["prefetch_used"] > 0.5 * st["prefetched"]
 
 
 def test_info_shows_the_plan(smol_calibrated):
     code, out, err = edge("info", str(smol_calibrated), "--ram", "150MB", "--ctx", "256")
     assert code == 0, err
-    assert "neuron cache" in out and "clusters per layer" in out and "calibration: 1024 tokens" in out
+    assert "neuron cache" in out and "clusters per layer" in out and "calibration: 2048 tokens" in out
 
 
 def test_interrupted_calibration_leaves_the_store_as_it_was(tmp_path, smollm2, monkeypatch):
@@ -208,6 +215,12 @@ def test_bench_sweep_against_llama_cpp(capsys, tmp_path, smol_calibrated, smollm
     assert len(rows) == 3 and rows[0].startswith("ram_bytes,edge_tok_s")
     assert all(float(r.split(",")[1]) > 0 and float(r.split(",")[4]) > 0 for r in rows[1:])
     assert (tmp_path / "sweep.svg").read_text().startswith("<svg")
+    from PIL import Image
+
+    with Image.open(tmp_path / "sweep.png") as png:  # a drawn plot: white ground, both systems' colours
+        assert png.format == "PNG" and png.size == (1280, 800)
+        colours = {c for _, c in png.getcolors(1 << 20)}
+        assert (255, 255, 255) in colours and (31, 119, 180) in colours and (214, 39, 40) in colours
 
 
 def test_resize_live_grows_and_shrinks_between_tokens(smol_calibrated):

@@ -39,6 +39,24 @@ def test_reads_return_the_bytes(data_file, engine, reqs, coalesced):
         f.close()
 
 
+@settings(max_examples=20, deadline=None)
+@given(first=st.lists(st.tuples(st.integers(0, 3 * 1024 * 1024), st.integers(0, 70_000)), min_size=1, max_size=8),
+       then=st.lists(st.tuples(st.integers(0, 3 * 1024 * 1024), st.integers(0, 70_000)), min_size=1, max_size=8))
+def test_appended_reads_keep_the_last_reads_views(data_file, engine, first, then):
+    """append=True places a read after the last one: both reads' views hold their bytes afterwards (the budgeted
+    FFN reads what its read-ahead missed into the read-ahead's buffer)."""
+    path, data = data_file
+    first, then = ([(o, min(n, len(data) - o)) for o, n in r] for r in (first, then))
+    f = FlashFile(path)
+    try:
+        a = engine.read(f, first)
+        b = engine.read(f, then, append=True)
+        for (o, n), view in zip(first + then, a + b):
+            assert bytes(view) == data[o:o + n]
+    finally:
+        f.close()
+
+
 def test_coalescing_merges_neighbours_and_aligns():
     spans = coalesce([(0, 100), (150, 100), (100_000, 10)], gap=4096, align=ALIGN, max_bytes=1 << 20)
     assert [(s.start, s.end, s.first, s.last) for s in spans] == [(0, 4096, 0, 2), (98304, 102400, 2, 3)]

@@ -3,10 +3,16 @@
 Runs the dense model over `edge.evaluate.calibration_text()` and records, per layer, the FFN input x and the
 hidden activation h = act(gate(x)) * up(x). From those:
 
-- a low-rank predictor per layer (LLM in a flash, section 3.1): g_hat = (x @ A) @ B approximates the gate
-  pre-activation; B holds the top `rank` right singular vectors of the calibration gate outputs (so the
-  approximation is best where activations actually lie) and A = W_gate.T @ B.T; a cluster's predicted
-  importance is the sum over its neurons of |act(g_hat)| * mean|up|. Clusters are the store's FFN bundles;
+- two trained low-rank predictors per layer (LLM in a flash, section 3.1, adapted to clusters): from the
+  layer's FFN input x they estimate each cluster's log importance, log sum_j |h_j| * |down[:, j]| (how much
+  the cluster adds to the FFN output), one for this layer (which clusters to skip) and one for the next
+  layer (which to read ahead while this one computes). Each is a reduced-rank least-squares fit on
+  calibration activations: a ridge regression W over [x, 1], truncated to rank `rank` along the top singular
+  vectors of its fitted outputs; stored as A (dim x r), B (r x clusters) and a bias. Measured on SmolLM2
+  (held-out text, 25% sparsity): recall of the true top 75% per token 0.85 (next layer's 0.84), where the
+  closed-form predictor before it (SVD of the gate outputs, importance |act(g)| * mean|up|) had 0.65 and
+  perplexity with skipping 134.9 against this one's 36.4 (a per-token oracle: 29.9). Clusters are the
+  store's FFN bundles;
 - thresholds: for each target sparsity s, the predicted-importance quantile below which a cluster is
   skipped, with recall and precision of that choice on held-out text (the last quarter of the tokens);
 - the head's low-rank copy `sparse/head` (Q4_0 blocks): logits ~ (h @ V) @ L.T with V the top `head_rank`
@@ -20,7 +26,6 @@ point): an interrupted calibration leaves the store as it was.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -28,19 +33,15 @@ import numpy as np
 
 from edge import quants
 from edge.errors import EdgeError
+from edge.sparse import PREDICTOR, pack_predictors, predict
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 
-def _activation(cfg):
-    from edge.model import ACTIVATIONS
-
-    return ACTIVATIONS[cfg.activation]
-
-
-def collect_activations(src, tokenizer_source, tokens: int, threads: int | None):
-    """Run the dense model over calibration text: per layer the FFN input x and activation h, and the final
-    hidden states (normed). src: an opened GGUFFile or Store; tokenizer_source: a GGUF with its vocabulary."""
+def collect_activations(src, tokenizer_source, tokens: int, threads: int | None, reduce=None):
+    """Run the dense model over calibration text: per layer the FFN input x and activation h (or reduce(layer,
+    h) in its place: h is the largest), and the final hidden states (normed). src: an opened GGUFFile or Store;
+    tokenizer_source: a GGUF with its vocabulary."""
     from edge.evaluate import calibration_text
     from edge.model import Transformer, rms_norm
     from edge.tokenizer import Tokenizer
@@ -56,8 +57,10 @@ def collect_activations(src, tokenizer_source, tokens: int, threads: int | None)
     finals: list = []
 
     def trace(i, point, x):
-        if point in ("ffn_in", "ffn_h"):
-            (xs if point == "ffn_in" else hs)[i].append(x.astype(np.float32))
+        if point == "ffn_in":
+            xs[i].append(x.astype(np.float32))
+        elif point == "ffn_h":
+            hs[i].append(reduce(i, x) if reduce else x.astype(np.float32))
 
     model.trace = trace
     win = model.n_ctx
@@ -70,7 +73,7 @@ def collect_activations(src, tokenizer_source, tokens: int, threads: int | None)
                    rms_norm(np.concatenate(finals), model.output_norm, cfg.norm_eps))
 
 
-def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, tokens: int = 1024,
+def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, tokens: int = 4096,
               threads: int | None = None, progress=None) -> dict:
     """Calibrate a store in place; returns the summary written under attributes["edge"]["sparse"]."""
     import gguf
@@ -83,44 +86,53 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
 
     store_path = Path(store_path)
     store = Store(store_path)
-    if store.config.n_experts:
+    cfg = store.config
+    if cfg.n_experts:
         raise EdgeError(f"{store_path}: a mixture of experts: its calibration is weights_tools.moe_traces "
                         "(`edge convert STORE --calibrate` runs it)")
-    model, (X, H, Y) = collect_activations(store, store.tokenizer_path, tokens, threads)
-    cfg = store.config
-    act = _activation(cfg)
     if head_rank % 32:
         raise EdgeError(f"head rank {head_rank}: must be a multiple of 32 (Q4_0 blocks)")
+    clusters = [lay["cluster"] for lay in store.attrs["ffn"]]
+    down_norms = []
+    for i in range(cfg.n_layers):
+        dt = store.tensor(f"blk.{i}.ffn_down.weight")
+        down_norms.append(np.linalg.norm(quants.dequantize(dt.raw, dt.type_id, dt.cols), axis=0))
+
+    def importance(i, h):  # (T, clusters): log of what each cluster adds to the FFN output, at most
+        c = (np.abs(h.astype(np.float32)) * down_norms[i]).reshape(len(h), -1, clusters[i]).sum(-1)
+        return np.log(c + 1e-6).astype(np.float32)
+
+    model, (X, imp, Y) = collect_activations(store, store.tokenizer_path, tokens, threads, importance)
     held = len(Y) * 3 // 4  # fit on the first three quarters, report on the rest
     partial = store_path / "sparse.partial"
     shutil.rmtree(partial, ignore_errors=True)
     group = zarr.create_group(LocalStore(partial))
     layers = []
     for i in range(cfg.n_layers):
-        x, h = X[i], H[i]
-        cluster = store.attrs["ffn"][i]["cluster"]
-        p = f"blk.{i}."
-        gt, ut = store.tensor(p + "ffn_gate.weight"), store.tensor(p + "ffn_up.weight")
-        gate = quants.dequantize(gt.raw, gt.type_id, gt.cols)
-        up = quants.dequantize(ut.raw, ut.type_id, ut.cols)
-        g = x[:held] @ gate.T  # (n, hidden): the gate outputs the predictor must reproduce
-        _, _, vt = np.linalg.svd(g, full_matrices=False)
-        b = vt[:rank].astype(np.float16)  # (rank, hidden)
-        a = (gate.T @ vt[:rank].T).astype(np.float16)  # (dim, rank)
-        upmean = np.abs(x[:held] @ up.T).mean(axis=0).astype(np.float32)
-        aux = np.concatenate([a.view(np.uint8).reshape(-1), b.view(np.uint8).reshape(-1), upmean.view(np.uint8)])
-        _write_array(group, f"aux.{i}", aux.reshape(1, -1), 1)
-        pred = _predict(x, a, b, upmean, act, cluster)
-        true = np.abs(h).reshape(len(h), -1, cluster).sum(-1)
-        entry = {"cluster": cluster, "thresholds": {}, "recall": {}, "precision": {}}
+        x, true = X[i], imp[i]
+        this = fit_predictor(x[:held], true[:held], rank)
+        nxt = fit_predictor(x[:held], imp[i + 1][:held], rank) if i + 1 < cfg.n_layers else None
+        _write_array(group, f"aux.{i}", pack_predictors(this, nxt).reshape(1, -1), 1)
+        pred = predict(this, x)
+        entry = {"cluster": clusters[i], "thresholds": {}, "recall": {}, "precision": {}}
+        if nxt is not None:
+            entry["next_recall"] = {}
         for s in SPARSITIES:
-            tau = float(np.quantile(pred[:held], s)) if s > 0 else 0.0
+            tau = float(np.quantile(pred[:held], s)) if s > 0 else -np.inf
             need = true[held:] >= np.quantile(true[:held], s) if s > 0 else np.ones_like(true[held:], bool)
             chosen = pred[held:] >= tau
             hit = (need & chosen).sum()
-            entry["thresholds"][str(s)] = tau
+            entry["thresholds"][str(s)] = tau if s > 0 else None
             entry["recall"][str(s)] = float(hit / max(1, need.sum()))
             entry["precision"][str(s)] = float(hit / max(1, chosen.sum()))
+            if nxt is not None:  # the next layer's clusters chosen from this layer's input, at its own quantile
+                p2, t2 = predict(nxt, x), imp[i + 1]
+                need2 = t2[held:] >= np.quantile(t2[:held], s) if s > 0 else np.ones_like(t2[held:], bool)
+                chosen2 = p2[held:] >= (np.quantile(p2[:held], s) if s > 0 else -np.inf)
+                entry["next_recall"][str(s)] = float((need2 & chosen2).sum() / max(1, need2.sum()))
+        if nxt is not None:
+            entry["next_thresholds"] = {str(s): float(np.quantile(predict(nxt, x[:held]), s)) for s in SPARSITIES
+                                        if s > 0}
         layers.append(entry)
         if progress:
             progress(i + 1, cfg.n_layers + 1)
@@ -135,18 +147,25 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
     _write_array(group, "head", low, max(1, (1 << 20) // low.shape[1]))
     _write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
     head_check = _head_recall(model, Y[held:], v, low)
-    summary = {"rank": rank, "head_rank": head_rank, "tokens": int(len(Y)), "layers": layers,
-               "head": {"tensor": head_name, **head_check}}
+    summary = {"predictor": PREDICTOR, "rank": rank, "head_rank": head_rank, "tokens": int(len(Y)),
+               "layers": layers, "head": {"tensor": head_name, **head_check}}
     if progress:
         progress(cfg.n_layers + 1, cfg.n_layers + 1)
     commit_group(store_path, partial, "sparse", summary)
     return summary
 
 
-def _predict(x, a, b, upmean, act, cluster):
-    g = (x @ a.astype(np.float32)) @ b.astype(np.float32)
-    p = np.abs(act(g)) * upmean
-    return p.reshape(len(p), -1, cluster).sum(-1)
+def fit_predictor(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-3):
+    """Reduced-rank ridge regression of y (T, clusters) on [x, 1]: (A (dim, r), B (r, clusters), bias)."""
+    xa = np.concatenate([x, np.ones((len(x), 1), np.float32)], axis=1).astype(np.float64)
+    g = xa.T @ xa
+    w = np.linalg.solve(g + ridge * np.trace(g) / len(g) * np.eye(len(g)), xa.T @ y)  # (dim + 1, clusters)
+    r = min(rank, y.shape[1])
+    _, _, vt = np.linalg.svd(xa @ w, full_matrices=False)
+    proj = vt[:r]  # (r, clusters): the fitted outputs' top directions
+    a = w[:-1] @ proj.T
+    bias = w[-1] @ proj.T @ proj
+    return a.astype(np.float16), proj.astype(np.float16), bias.astype(np.float32)
 
 
 HEAD_CANDIDATES = 128  # rows rescored exactly per token (edge.sparse.ApproxHead)

@@ -37,7 +37,8 @@ def register(sub) -> None:
                         "calibration text (needed by --ram); on a mixture of experts, record routing traces (for "
                         "--predict trace and eviction); SRC may be an existing store")
     p.add_argument("--rank", type=int, default=64, help="rank of the per-layer predictors (default 64)")
-    p.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)")
+    p.add_argument("--calib-tokens", type=int, default=None,
+                   help="calibration tokens (default 4096; routing traces of a mixture of experts: 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--progress-lines", action="store_true", help=argparse.SUPPRESS)  # "FRACTION LABEL" lines (chat UI)
     p.set_defaults(handler=_run)
@@ -85,7 +86,7 @@ def _run(args) -> int:
         t1 = time.perf_counter()
         progress = Progress(1, 1, args.quiet)
         try:
-            summary = calibrate_experts(out, tokens=args.calib_tokens, progress=lambda done, total:
+            summary = calibrate_experts(out, tokens=args.calib_tokens or 1024, progress=lambda done, total:
                                         progress.advance_to(done, total, "route traces"))
         finally:
             progress.close()
@@ -99,7 +100,7 @@ def _run(args) -> int:
         t1 = time.perf_counter()
         progress = Progress(1, 1, args.quiet)
         try:
-            summary = calibrate(out, rank=args.rank, tokens=args.calib_tokens,
+            summary = calibrate(out, rank=args.rank, tokens=args.calib_tokens or 4096,
                                 threads=None, progress=lambda done, total: progress.advance_to(done, total, "calibrate"))
         finally:
             progress.close()
