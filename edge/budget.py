@@ -74,7 +74,8 @@ class Plan:
         return [_fixed_line(self, "resident weights", "stream buffers"),
                 f"neuron cache {f(self.cache)}: {self.slots}/{self.n_clusters} clusters per layer "
                 f"({100 * self.cached_fraction:.0f}% of the FFN's {f(self.ffn_bytes)}); the rest streams from flash "
-                f"({self.strategy}, sparsity {self.sparsity:g}, window {self.window})"]
+                f"({self.strategy}, sparsity {self.sparsity:g}, window {self.window}"
+                f"{', next layer read ahead by prediction' if self.read_ahead else ''})"]
 
 
 def _fixed_line(p, resident: str, scratch: str, scratch_bytes: int | None = None) -> str:
@@ -135,7 +136,8 @@ def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sp
     n_clusters = max(lay.n_clusters for lay in layouts)
     scratch = 2 * stream_buffer_bytes(layouts)  # the read buffers: the layer computing and the one prefetched
     fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER,
-                 resident=resident_bytes(store, strategy == "sparse" and sparsity > 0, read_ahead), margin=MARGIN + activation_bytes(cfg, n_ctx),
+                 resident=resident_bytes(store, strategy == "sparse" and sparsity > 0, read_ahead),
+                 margin=MARGIN + activation_bytes(cfg, n_ctx),
                  scratch=scratch, slot_bytes=sum(lay.bytes for lay in layouts), n_clusters=n_clusters,
                  n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),
                  strategy=strategy, sparsity=sparsity, window=window,
