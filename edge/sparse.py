@@ -178,9 +178,10 @@ class SparseFFN:
             n = [lay.n_clusters for lay in self.layouts]
             for i in range(cfg.n_layers):
                 raw = store.read_array(f"sparse/aux.{i}").reshape(-1)
-                preds = unpack_predictors(raw, cfg.dim, info["rank"], n[i], n[i + 1] if i + 1 < len(n) else None)
+                ahead = n[i + 1] if self.read_ahead and i + 1 < len(n) else None  # the next layer's: read-ahead
+                preds = unpack_predictors(raw, cfg.dim, info["rank"], n[i], ahead)
                 self.this.append(preds[0])
-                self.next.append(preds[1] if len(preds) > 1 and self.read_ahead else None)
+                self.next.append(preds[1] if ahead else None)
         self.arrays = [store.array(f"ffn/blk.{i}") for i in range(cfg.n_layers)]
         self.caches = [] if strategy == "naive" else [
             _LayerCache(min(slots, lay.n_clusters), lay) for lay in self.layouts]
@@ -191,7 +192,7 @@ class SparseFFN:
         # At sparsity 0 the clusters layer i+1 will read are known (those not cached); with predictors and
         # read_ahead, those its next-layer predictor names from layer i's input (layer 0 of the next token is
         # read when needed)
-        self._pending: dict[int, tuple[list[int], object]] = {}
+        self._pending: dict[int, tuple[list[int], object, object]] = {}  # layer -> ids, engine, future
         from concurrent.futures import ThreadPoolExecutor
 
         from edge.flash import IOEngine
@@ -274,7 +275,7 @@ class SparseFFN:
         st.streamed += len(stream)
         ids = sorted(int(c) for c in np.concatenate([missing, stream]))
         views, prefetched = self._take_prefetched(i, ids)
-        self._start_prefetch((i + 1) % self.cfg.n_layers, x, i)
+        self._start_prefetch(i, x)
         if ids:
             arr = self.arrays[i]
             rest = [c for c in ids if c not in views]
@@ -296,9 +297,11 @@ class SparseFFN:
             return self.store.read_views(arr, ids, True, prefetched, append=True)
         return self.store.read_views(arr, ids, True, self._ios[self._next_io])
 
-    def _start_prefetch(self, j: int, x: np.ndarray, i: int) -> None:
-        """Read layer j's clusters that are not cached and will be needed: all of them at sparsity 0, those
-        the next-layer predictor names from layer i's input x otherwise."""
+    def _start_prefetch(self, i: int, x: np.ndarray) -> None:
+        """Read the next layer's (j = i + 1, wrapping to the next token's first) clusters that are not cached
+        and will be needed: all of them at sparsity 0, those its predictor names from layer i's input x
+        otherwise."""
+        j = (i + 1) % self.cfg.n_layers
         cache = self.caches[j] if self.caches else None
         if self.predicting:
             if j == 0 or not self.read_ahead:

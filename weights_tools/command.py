@@ -171,20 +171,27 @@ def register_stack(sub) -> None:
     p.set_defaults(handler=_run_stack)
 
 
-def _run_stack(args) -> int:
-    import time
+def _store_dir(arg: str, then: str = ""):
+    """The store directory a tool works on in place, or a one-line error saying how to make one."""
     from pathlib import Path
 
     from edge.errors import EdgeError
-    from edge.sizes import format_size
     from edge.store import is_store
+
+    path = Path(arg)
+    if not (path.is_dir() and is_store(path)):
+        raise EdgeError(f"{arg}: not an edge store; run `edge convert {arg}` first{then}")
+    return path
+
+
+def _run_stack(args) -> int:
+    import time
+
+    from edge.sizes import format_size
     from weights_tools.convert import Progress
     from weights_tools.stack import stack
 
-    path = Path(args.store)
-    if not (path.is_dir() and is_store(path)):
-        raise EdgeError(f"{args.store}: not an edge store; run `edge convert {args.store}` first and stack the "
-                        ".edge directory")
+    path = _store_dir(args.store, " and stack the .edge directory")
     t0 = time.perf_counter()
     progress = Progress(1, 1, args.quiet)
     try:
@@ -208,8 +215,9 @@ BITS_EXAMPLES = """examples:
   edge expert-bits moe.edge --bits 8.5         # back to the source's bitwidth (q8_0)
   edge run moe.edge --ram 1GB -p "Hello"       # runs the chosen bitwidths, paged or resident
 
-Each expert gets the lower or the higher of the two uniform bitwidths around --bits; the least sensitive
-experts (perplexity rise when each alone goes lower) go lower first. Interrupted? Run it again: it continues.
+Each expert gets one of two bitwidths, by default the smallest variant (q4_0) and the source's own type; the
+least sensitive experts (perplexity rise when each alone goes lower) go lower first until the average meets
+--bits. Interrupted? Run it again: it continues.
 """
 
 
@@ -222,7 +230,7 @@ def register_expert_bits(sub) -> None:
                    help="average bits per expert weight (q4_0 is 4.5, q5_0 5.5, q8_0 8.5); non-expert weights stay")
     p.add_argument("--bounds", default=None, metavar="LOW,HIGH",
                    help="the two bitwidths to mix (q4_0, q4_1, q5_0, q5_1, q8_0 or keep: the source's); default: "
-                        "the two uniform bitwidths around --bits")
+                        "the smallest variant and keep")
     p.add_argument("--calib-tokens", type=int, default=128,
                    help="held-out calibration tokens each expert's sensitivity is measured on (default 128)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
@@ -233,17 +241,13 @@ def register_expert_bits(sub) -> None:
 def _run_expert_bits(args) -> int:
     import time
     from collections import Counter
-    from pathlib import Path
 
     from edge.errors import EdgeError
     from edge.sizes import format_size
-    from edge.store import is_store
     from weights_tools.convert import Progress
     from weights_tools.expert_bits import adapt
 
-    path = Path(args.store)
-    if not (path.is_dir() and is_store(path)):
-        raise EdgeError(f"{args.store}: not an edge store; run `edge convert {args.store}` first")
+    path = _store_dir(args.store)
     pair = None
     if args.bounds:
         pair = tuple(k.strip().lower() for k in args.bounds.split(","))
