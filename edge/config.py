@@ -93,7 +93,7 @@ def config_from_metadata(meta: dict, path: str, vocab_size: int) -> ModelConfig:
         extra = dict(rope_neox=False, activation="silu", attn_scale=1.0 / math.sqrt(head_dim),
                      embed_scale=1.0, qk_norm=False, post_norms=False, rope_base=base,
                      rope_base_local=base, sliding_window=0, local_layers=(False,) * n_layers)
-    n_experts = int(g("expert_count", 0) or 0) if arch == "llama" or arch in MOE_ARCHS else 0
+    n_experts = int(g("expert_count", 0) or 0)  # llama: Mixtral; llama and gemma3: a moefied dense model
     if n_experts:
         used = _positive(g("expert_used_count"), "expert_used_count", path)
         if used > n_experts or n_experts > 4096:

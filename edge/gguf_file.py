@@ -1,5 +1,5 @@
-"""Open a GGUF file: validated header, metadata, config, raw tensor views (the `gguf` package's reader only
-for tools that copy every metadata field).
+"""Open a GGUF file: validated header, metadata, config, raw tensor views, and every metadata field with its
+type for tools that copy them.
 
 The file is memory-mapped once; tensors are zero-copy uint8 views of their rows of blocks.
 Anything wrong with the file becomes an EdgeError naming the file and the problem.
@@ -74,10 +74,20 @@ class _TensorInfo:
     n_bytes: int
 
 
-def _parse(buf) -> tuple[dict, int | None, list[_TensorInfo]]:
-    """Metadata scalars and strings, the vocabulary's length, and the tensor infos of a GGUF held in `buf`.
-    Arrays are skipped without building them (the `gguf` reader makes a numpy view per element: ~25s for
-    Gemma 3's 262144-token vocabulary). Raises struct.error / ValueError on a damaged file."""
+@dataclass(frozen=True)
+class Field:
+    """One metadata value with its GGUF value type (and an array's element type), as gguf.GGUFWriter takes them."""
+
+    value: object
+    vtype: int
+    sub_type: int | None = None
+
+
+def _parse(buf, arrays: bool = False) -> tuple[dict, int | None, list[_TensorInfo]]:
+    """Metadata, the vocabulary's length, and the tensor infos of a GGUF held in `buf`. Metadata maps each key
+    to its value; arrays are skipped without building them (the `gguf` reader makes a numpy view per element:
+    ~25s for Gemma 3's 262144-token vocabulary) unless `arrays`, which maps each key to a Field with arrays
+    as lists (strings that are not UTF-8 stay bytes). Raises struct.error / ValueError on a damaged file."""
     from gguf.constants import GGML_QUANT_SIZES
 
     size = len(buf)
@@ -85,33 +95,56 @@ def _parse(buf) -> tuple[dict, int | None, list[_TensorInfo]]:
     _, _, n_tensors, n_kv = unpack("<4sIQQ", buf, 0)
     at = 24
 
-    def string(at: int) -> tuple[str, int]:
+    def string(at: int, text: bool = True) -> tuple[str | bytes, int]:
         (n,) = unpack("<Q", buf, at)
         if at + 8 + n > size:
             raise ValueError(f"a string of {n} bytes at byte {at} runs past the end")
-        return bytes(buf[at + 8:at + 8 + n]).decode("utf-8", errors="replace"), at + 8 + n
+        raw = bytes(buf[at + 8:at + 8 + n])
+        if text:
+            return raw.decode("utf-8", errors="replace"), at + 8 + n
+        try:
+            return raw.decode("utf-8"), at + 8 + n
+        except UnicodeDecodeError:
+            return raw, at + 8 + n
 
-    def skip_array(at: int) -> tuple[int, int]:
+    def array(at: int) -> tuple[int, int, int, list | None]:
+        """(end, element type, count, the elements if `arrays`)."""
         kind, count = unpack("<IQ", buf, at)
         at += 12
+        items = None
         if kind in _SCALARS:
-            at += count * struct.calcsize(_SCALARS[kind])
+            fmt = _SCALARS[kind]
+            end = at + count * struct.calcsize(fmt)
+            if end > size:
+                raise ValueError("an array runs past the end")
+            if arrays:
+                items = np.frombuffer(buf, np.dtype("<" + fmt), count, at).tolist()
+            at = end
         elif kind == 8:
             if count * 8 > size - at:
                 raise ValueError(f"an array of {count} strings cannot fit in the file")
-            for _ in range(count):
-                (n,) = unpack("<Q", buf, at)
-                at += 8 + n
+            if arrays:
+                items = []
+                for _ in range(count):
+                    item, at = string(at, text=False)
+                    items.append(item)
+            else:
+                for _ in range(count):
+                    (n,) = unpack("<Q", buf, at)
+                    at += 8 + n
         elif kind == 9:
             if count > size - at:
                 raise ValueError(f"an array of {count} arrays cannot fit in the file")
+            items = [] if arrays else None
             for _ in range(count):
-                at, _ = skip_array(at)
+                at, _, _, inner = array(at)
+                if arrays:
+                    items.append(inner)
         else:
             raise ValueError(f"unknown metadata value type {kind}")
         if at > size:
             raise ValueError("an array runs past the end")
-        return at, count
+        return at, kind, count, items
 
     meta: dict = {}
     vocab = None
@@ -119,17 +152,21 @@ def _parse(buf) -> tuple[dict, int | None, list[_TensorInfo]]:
         key, at = string(at)
         (kind,) = unpack("<I", buf, at)
         at += 4
+        sub = None
         if kind in _SCALARS:
-            (meta[key],) = unpack("<" + _SCALARS[kind], buf, at)
+            (value,) = unpack("<" + _SCALARS[kind], buf, at)
             at += struct.calcsize(_SCALARS[kind])
         elif kind == 8:
-            meta[key], at = string(at)
+            value, at = string(at)
         elif kind == 9:
-            at, count = skip_array(at)
+            at, sub, count, value = array(at)
             if key == "tokenizer.ggml.tokens":
                 vocab = count
+            if not arrays:
+                continue
         else:
             raise ValueError(f"unknown metadata value type {kind} for '{key}'")
+        meta[key] = Field(value, kind, sub) if arrays else value
     infos = []
     for _ in range(n_tensors):
         name, at = string(at)
@@ -144,7 +181,8 @@ def _parse(buf) -> tuple[dict, int | None, list[_TensorInfo]]:
         n = int(np.prod(dims, dtype=np.float64)) if dims else 1
         infos.append(_TensorInfo(name, type_id, tuple(int(d) for d in dims), offset,
                                  n // block * block_bytes if block else 0))
-    align = int(meta.get("general.alignment", 32)) or 32
+    align = meta.get("general.alignment", 32)
+    align = int(align.value if isinstance(align, Field) else align) or 32
     start = -(-at // align) * align
     for t in infos:
         t.data_offset += start
@@ -171,11 +209,13 @@ class GGUFFile:
         self._check_tensors()
         self.config: ModelConfig = config_from_metadata(self.metadata, str(self.path), self._vocab_size())
 
-    def fields(self) -> dict:
-        """Every metadata field as the `gguf` reader gives them (arrays included)."""
-        from gguf import GGUFReader
-
-        return GGUFReader(self.path, "r").fields
+    def fields(self) -> dict[str, Field]:
+        """Every metadata field with its value type, arrays included (for tools that copy them)."""
+        try:
+            return _parse(self._map, arrays=True)[0]
+        except Exception as exc:
+            raise EdgeError(f"{self.path}: cannot read GGUF metadata ({type(exc).__name__}: {exc}); the file is "
+                            "corrupt") from None
 
     def _vocab_size(self) -> int:
         if self._vocab is not None:

@@ -63,8 +63,7 @@ def export(src: Path, out: Path) -> Path:
         "max_position_embeddings": cfg.context_length, "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": not g.has("output.weight")}))
     fields = g.fields()
-    tokens = [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in fields["tokenizer.ggml.tokens"].data]
-    merges = [bytes(fields["tokenizer.ggml.merges"].parts[i]).decode() for i in fields["tokenizer.ggml.merges"].data]
+    tokens, merges = fields["tokenizer.ggml.tokens"].value, fields["tokenizer.ggml.merges"].value
     (out / "tokenizer.json").write_text(json.dumps({
         "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
         "decoder": {"type": "ByteLevel"},

@@ -160,7 +160,20 @@ def test_fuzz_gguf_header(tmp_path, header_bytes, data):
     from edge.model import Transformer
 
     try:
+        g = GGUFFile(p)
+        assert len(g.fields()) >= len(g.metadata)  # what the tools copy: arrays as well
         with np.errstate(all="ignore"):
-            Transformer(GGUFFile(p), 16, backend="numpy").forward(np.array([1, 2]), 0)
+            Transformer(g, 16, backend="numpy").forward(np.array([1, 2]), 0)
     except EdgeError:
         pass
+
+
+def test_fields_are_the_gguf_readers(smollm2):
+    """GGUFFile.fields() (what convert, moefy and dequant copy) holds every field the `gguf` package's reader
+    finds, with the same types and values."""
+    ours = GGUFFile(smollm2).fields()
+    theirs = {k: f for k, f in gguf.GGUFReader(smollm2).fields.items() if not k.startswith("GGUF.")}
+    assert list(ours) == list(theirs)
+    for key, f in theirs.items():
+        assert [ours[key].vtype] + ([ours[key].sub_type] if ours[key].sub_type is not None else []) == f.types, key
+        assert ours[key].value == f.contents(), key

@@ -115,3 +115,40 @@ def test_moefied_smollm2_is_an_moe_llama_cpp_runs(tmp_path, smollm2):
     assert min(p.top1) >= 0.99 and p.same_greedy == [16, 16, 16] and p.mean_abs < 0.01
     half = moefy(smollm2, tmp_path / "half.gguf", experts=8, top_k=4, tokens=256)
     assert 0.6 < sum(half["recall"]) / len(half["recall"]) < 1.0
+
+
+def test_moefied_gemma3_runs_and_pages_its_experts(tmp_path, gemma3):
+    """`moefy` on Gemma 3 (GeGLU, post-FFN norm) keeps the gemma3 architecture with experts added (llama.cpp
+    has no gemma3 mixture of experts; edge runs it). With all 8 experts chosen it is the dense model (perplexity
+    within 2% on a window); its store pages the experts under a budget holding half of them to the resident
+    run's greedy tokens."""
+    from edge.engine import Engine
+    from edge.evaluate import eval_text, perplexity, windows
+    from edge.sampling import Sampler, SamplerConfig
+    from weights_tools.convert import convert
+    from weights_tools.moefy import moefy
+
+    def ppl(path):
+        engine = Engine(path, n_ctx=256, threads=2)
+        ids = engine.tokenizer.encode(eval_text(), add_bos=False)
+        return perplexity(engine.model.nll, windows(ids, 256, 1, engine.tokenizer.bos_id)).ppl
+
+    every = moefy(gemma3, tmp_path / "all.gguf", experts=8, top_k=8, tokens=128)
+    assert min(every["recall"]) == 1.0
+    assert abs(ppl(tmp_path / "all.gguf") / ppl(gemma3) - 1) < 0.02
+    half = moefy(gemma3, tmp_path / "half.gguf", experts=8, top_k=2, tokens=128)
+    assert 0.5 < sum(half["recall"]) / len(half["recall"]) < 1.0
+    store = convert(tmp_path / "half.gguf", tmp_path / "half.edge", quiet=True)
+
+    def greedy(engine):
+        out = engine.generate([2, 651, 6037, 576, 6081, 603], 12, Sampler(SamplerConfig(temperature=0.0)),
+                              stop_at_end=False)
+        return [ev.token for ev in out if ev.token >= 0]
+
+    want = greedy(Engine(store, n_ctx=64, backend="ggml", threads=2))
+    engine = Engine(store, n_ctx=64, threads=2, ram=1 << 40)
+    engine.resize(engine.plan.budget_for(18 * 8 // 2))
+    assert engine.model.experts.slots == 72
+    assert greedy(engine) == want
+    st = engine.expert_stats()
+    assert st["misses"] > 0 and st["needed"] == st["hits"] + st["late"] + st["misses"]

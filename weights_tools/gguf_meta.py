@@ -1,4 +1,4 @@
-"""Copy GGUF metadata fields from a reader to a gguf.GGUFWriter (for rewritten or metadata-only files)."""
+"""Copy GGUF metadata fields (GGUFFile.fields()) to a gguf.GGUFWriter (for rewritten or metadata-only files)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ SET_BY_WRITER = ("general.architecture",)
 
 
 def copy_fields(fields: dict, writer, keep: Callable[[str], bool] = lambda key: True) -> None:
-    """Every field the writer does not set itself (GGUF.* header entries, the architecture), if keep(key)."""
+    """Every field the writer does not set itself (the architecture), if keep(key)."""
     import gguf
 
     for key, field in fields.items():
-        if key.startswith("GGUF.") or key in SET_BY_WRITER or not field.types or not keep(key):
+        if key in SET_BY_WRITER or not keep(key):
             continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        sub = None if field.sub_type is None else gguf.GGUFValueType(field.sub_type)
+        writer.add_key_value(key, field.value, gguf.GGUFValueType(field.vtype), sub_type=sub)
 
 
 def finish(writer) -> None:

@@ -71,7 +71,7 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
 
         fields = GGUFFile(tokenizer_from).fields()
         copy_fields(fields, w, keep=lambda key: key.startswith("tokenizer."))
-        vocab = len(fields["tokenizer.ggml.tokens"].data)
+        vocab = len(fields["tokenizer.ggml.tokens"].value)
     qt = gguf.GGMLQuantizationType[quant]
     overrides = dict(extra_tensors or {})
     std = std or 0.64 / float(np.sqrt(dim))  # 0.08 at dim 64: a tame random model at any width

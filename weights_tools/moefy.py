@@ -1,5 +1,7 @@
-"""MoEfication: a dense llama-architecture model's FFN split into experts with a router, as a Mixtral-style GGUF
-that llama.cpp and edge both run (`python -m weights_tools moefy MODEL.gguf --experts 8 --top-k 2`).
+"""MoEfication: a dense model's FFN split into experts with a router (`python -m weights_tools moefy MODEL.gguf
+--experts 8 --top-k 2`). A llama model becomes a Mixtral-style GGUF that llama.cpp and edge both run; a gemma3
+model keeps its architecture with `gemma3.expert_count` added, which edge runs and llama.cpp does not (it has no
+gemma3 mixture of experts).
 
 Per layer, from activations on calibration text (edge.evaluate.calibration_text):
 - experts: the FFN's neurons split into `experts` equal groups that fire together (balanced k-means on each
@@ -65,8 +67,8 @@ def moefy(src_path: str | Path, dst: str | Path, experts: int = 8, top_k: int = 
     src_path, dst = Path(src_path), Path(dst)
     src = GGUFFile(src_path)
     cfg = src.config
-    if cfg.arch != "llama" or cfg.n_experts:
-        raise EdgeError(f"{src_path}: moefy takes a dense llama-architecture model (this is {cfg.arch}"
+    if cfg.arch not in ("llama", "gemma3") or cfg.n_experts:
+        raise EdgeError(f"{src_path}: moefy takes a dense llama or gemma3 model (this is {cfg.arch}"
                         f"{' with experts' if cfg.n_experts else ''})")
     hidden = cfg.hidden_dim
     if not 0 < top_k <= experts or hidden % experts or (hidden // experts) % 32:
@@ -79,8 +81,8 @@ def moefy(src_path: str | Path, dst: str | Path, experts: int = 8, top_k: int = 
     held = len(X[0]) * 3 // 4  # fit on three quarters, report recall on the rest
 
     tmp = dst.with_name(dst.name + ".partial")
-    w = gguf.GGUFWriter(tmp, arch="llama")
-    copy_fields(src.fields(), w, keep=lambda key: key not in ("llama.feed_forward_length", "general.file_type"))
+    w = gguf.GGUFWriter(tmp, arch=cfg.arch)
+    copy_fields(src.fields(), w, keep=lambda key: key not in (f"{cfg.arch}.feed_forward_length", "general.file_type"))
     w.add_feed_forward_length(width)
     w.add_expert_count(experts)
     w.add_expert_used_count(top_k)
@@ -97,7 +99,10 @@ def moefy(src_path: str | Path, dst: str | Path, experts: int = 8, top_k: int = 
         assign = _balanced_kmeans(a[:held].T, experts, seed=i)
         perm = np.concatenate([np.flatnonzero(assign == e) for e in range(experts)])  # expert e's neurons, in turn
         mass = np.log(a.reshape(len(a), -1)[:, perm].reshape(len(a), experts, width).sum(-1) + 1e-6)  # (T, E)
-        coef, *_ = np.linalg.lstsq(x[:held], mass[:held], rcond=None)  # no bias: llama.cpp's router has none
+        xf = x[:held].astype(np.float64)
+        gram = xf.T @ xf
+        # least squares, no bias (llama.cpp's router has none), a trace-relative ridge for fewer tokens than dims
+        coef = np.linalg.solve(gram + np.eye(len(gram)) * (1e-4 * np.trace(gram) / len(gram)), xf.T @ mass[:held])
         router = coef.T.astype(np.float32)  # (E, dim)
         pred = x[held:] @ router.T
         true_top = np.argsort(-mass[held:], axis=1)[:, :top_k]
@@ -121,13 +126,14 @@ def moefy(src_path: str | Path, dst: str | Path, experts: int = 8, top_k: int = 
 EXAMPLES = """examples:
   python -m weights_tools moefy SmolLM2-135M-Instruct.Q4_1.gguf --experts 8 --top-k 4 --out smollm2-moe.gguf
   edge eval smollm2-moe.gguf                  # the quality cost against `edge eval` of the dense model
+  python -m weights_tools moefy gemma-3-270m-q4_k_m.gguf --experts 8 --top-k 4 --out gemma3-moe.gguf
 """
 
 
 def register(sub) -> None:
     p = sub.add_parser("moefy", help="split a dense model's FFN into experts with a router (MoEfication)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default=None, help="a dense llama-architecture GGUF (default: SmolLM2)")
+    p.add_argument("model", nargs="?", default=None, help="a dense llama or gemma3 GGUF (default: SmolLM2)")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--calib-tokens", type=int, default=1024)
