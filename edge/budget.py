@@ -305,7 +305,7 @@ def make_stack_plan(store, budget: int, baseline: int, n_ctx: int) -> StackPlan:
 class ExpertPlan:
     """A budget over a mixture-of-experts store: everything but the experts resident (as stored; routers and
     norms float32), the experts paged into a cache of whole records (edge.experts). The minimum holds the
-    experts of one layer's token and of the next layer's prefetch."""
+    experts of one layer's token and of the next layer's prefetch, in each slot class."""
 
     budget: int
     baseline: int
@@ -313,18 +313,32 @@ class ExpertPlan:
     io: int               # the store's I/O buffer and the two expert read buffers
     resident: int
     margin: int
-    slot_bytes: int       # one expert record
+    classes: tuple        # slot classes: (record bytes, experts of that size) (edge.experts.slot_classes)
     slots: int            # experts cached
-    min_slots: int
+    floor: int            # slots each class keeps at least: a token's routed and predicted experts
     n_experts: int        # experts in the model, all layers
     prefetch: int         # experts predicted and read ahead per layer
     policy: str = "score"  # eviction (edge.experts.POLICIES)
     predictor: str = "pregate"  # edge.experts.PREDICTORS
     strategy: str = "experts"
 
+    def share(self, slots: int) -> list[int]:
+        """Each slot class's part of `slots` cached experts (edge.experts.split_slots)."""
+        from edge.experts import split_slots
+
+        return split_slots(slots, self.classes, self.floor)
+
+    def cache_for(self, slots: int) -> int:
+        """What `slots` cached experts take."""
+        return sum(n * b for n, (b, _) in zip(self.share(slots), self.classes))
+
+    @property
+    def min_slots(self) -> int:
+        return sum(min(self.floor, n) for _, n in self.classes)
+
     @property
     def cache(self) -> int:
-        return self.slots * self.slot_bytes
+        return self.cache_for(self.slots)
 
     @property
     def cached_fraction(self) -> float:
@@ -332,7 +346,7 @@ class ExpertPlan:
 
     @property
     def minimum(self) -> int:
-        return self.baseline + self.kv + self.io + self.resident + self.margin + self.min_slots * self.slot_bytes
+        return self.baseline + self.kv + self.io + self.resident + self.margin + self.cache_for(self.min_slots)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -341,7 +355,8 @@ class ExpertPlan:
 
     def budget_for(self, slots: int) -> int:
         """The smallest budget whose plan caches `slots` experts (each costs its record and a 1/KERNEL_SHARE)."""
-        return self.minimum + (slots - self.min_slots) * (self.slot_bytes + self.slot_bytes // KERNEL_SHARE)
+        extra = [n - m for n, m in zip(self.share(slots), self.share(self.min_slots))]
+        return self.minimum + sum(n * (b + b // KERNEL_SHARE) for n, (b, _) in zip(extra, self.classes))
 
     def parts(self) -> dict[str, int]:
         return {"baseline": self.baseline, "KV cache": self.kv, "weights": self.resident,
@@ -356,10 +371,11 @@ class ExpertPlan:
 
     def lines(self) -> list[str]:
         f = format_size
-        return [_fixed_line(self, "non-expert weights", "expert slots minimum",
-                            self.min_slots * self.slot_bytes),
+        sizes = [f(b) for b, _ in self.classes]
+        each = f"{sizes[0]} each" if len(sizes) == 1 else f"records of {' / '.join(sizes)} in slots of their size"
+        return [_fixed_line(self, "non-expert weights", "expert slots minimum", self.cache_for(self.min_slots)),
                 f"expert cache {f(self.cache)}: {self.slots}/{self.n_experts} experts "
-                f"({100 * self.cached_fraction:.0f}%, {f(self.slot_bytes)} each); the rest pages from flash, "
+                f"({100 * self.cached_fraction:.0f}%, {each}); the rest pages from flash, "
                 f"{self.prefetch} predicted ({self.predictor}) and read ahead per layer, eviction {self.policy}"]
 
 
@@ -379,7 +395,7 @@ def expert_resident_bytes(store) -> int:
 
 def make_expert_plan(store, budget: int, baseline: int, n_ctx: int, prefetch: int = 0,
                      evict: str = "score", predict: str = "pregate") -> ExpertPlan:
-    from edge.experts import POLICIES, PREDICTORS, read_buffer_bytes, record_bytes
+    from edge.experts import POLICIES, PREDICTORS, read_buffer_bytes, slot_classes
     from edge.model import KVCache
 
     cfg = store.config
@@ -393,13 +409,15 @@ def make_expert_plan(store, budget: int, baseline: int, n_ctx: int, prefetch: in
                         "of a layer")
     fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
                  io=IO_BUFFER + read_buffer_bytes(store, prefetch), resident=expert_resident_bytes(store),
-                 margin=MARGIN + activation_bytes(cfg, n_ctx), slot_bytes=record_bytes(store),
-                 min_slots=k + prefetch, n_experts=cfg.n_layers * cfg.n_experts, prefetch=prefetch,
+                 margin=MARGIN + activation_bytes(cfg, n_ctx), classes=slot_classes(store),
+                 floor=k + prefetch, n_experts=cfg.n_layers * cfg.n_experts, prefetch=prefetch,
                  policy=evict, predictor=predict)
-    probe = ExpertPlan(slots=fixed["min_slots"], **fixed)
+    probe = ExpertPlan(slots=0, **fixed)
     if budget < probe.minimum:
         raise EdgeError(f"--ram {format_size(budget)} is below the minimum of {format_size(probe.minimum)} for "
                         f"this mixture-of-experts model with a context of {n_ctx} tokens; raise --ram or lower --ctx")
-    cost = probe.budget_for(probe.min_slots + 1) - probe.minimum
-    slots = min(fixed["n_experts"], fixed["min_slots"] + (budget - probe.minimum) // cost)
-    return ExpertPlan(slots=int(slots), **fixed)
+    lo, hi = probe.min_slots, fixed["n_experts"]  # the most experts whose budget fits (budget_for grows with slots)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if probe.budget_for(mid) <= budget else (lo, mid - 1)
+    return ExpertPlan(slots=lo, **fixed)

@@ -98,11 +98,44 @@ class ExpertLayout:
                 Weight(record, td, self.dim, self.hidden, offset=self.g + self.u))
 
 
-def record_bytes(store) -> int:
-    """The largest expert record the store runs with (each expert in its chosen bitwidth): one cache slot."""
+def record_sizes(store) -> np.ndarray:
+    """(n_layers, n_experts): each expert's record bytes in the bitwidth it runs in."""
     cfg = store.config
-    kinds = {(i, store.expert_kind(i, e)) for i in range(cfg.n_layers) for e in range(cfg.n_experts)}
-    return max(ExpertLayout(store.expert_source(i, kind)[1]).bytes for i, kind in kinds)
+    sizes = {}
+    out = np.zeros((cfg.n_layers, cfg.n_experts), np.int64)
+    for i in range(cfg.n_layers):
+        for e in range(cfg.n_experts):
+            kind = store.expert_kind(i, e)
+            if (i, kind) not in sizes:
+                sizes[i, kind] = ExpertLayout(store.expert_source(i, kind)[1]).bytes
+            out[i, e] = sizes[i, kind]
+    return out
+
+
+def record_bytes(store) -> int:
+    """The largest expert record the store runs with: one read buffer."""
+    return int(record_sizes(store).max())
+
+
+def slot_classes(store) -> tuple[tuple[int, int], ...]:
+    """The expert cache's slot classes: (record bytes, experts of that size), smallest first. One class unless
+    `edge expert-bits` chose several bitwidths; each class's slots hold only its experts, so an expert at a
+    lower bitwidth takes a smaller slot."""
+    size, count = np.unique(record_sizes(store), return_counts=True)
+    return tuple((int(b), int(n)) for b, n in zip(size, count))
+
+
+def split_slots(slots: int, classes, floor: int) -> list[int]:
+    """`slots` cache slots shared among the classes: each first gets min(floor, its experts) (a token's routed
+    and predicted experts may all be of one size), then one at a time to the class holding the smallest share
+    of its experts (so every bitwidth is cached in about the same proportion). Adding a slot never takes one
+    from a class."""
+    counts = [n for _, n in classes]
+    out = [min(floor, n) for n in counts]
+    for _ in range(max(0, min(slots, sum(counts)) - sum(out))):
+        c = min((k for k in range(len(counts)) if out[k] < counts[k]), key=lambda k: out[k] / counts[k])
+        out[c] += 1
+    return out
 
 
 def read_buffer_bytes(store, prefetch: int) -> int:
@@ -129,13 +162,17 @@ class ExpertPager:
         self.layouts = [[ExpertLayout(lay) for _, lay in layer] for layer in self.sources]
         self.policy = policy
         self.prefetch = prefetch
-        self.slot_bytes = record_bytes(store)
-        # one array per slot: shrinking frees whole slots, growing allocates new ones, nothing is copied
-        self.bufs = [np.zeros(self.slot_bytes, np.uint8) for _ in range(slots)]
-        self.slots = slots
+        self.classes = slot_classes(store)
+        sizes = [b for b, _ in self.classes]
+        self.class_of = np.searchsorted(sizes, record_sizes(store))  # (layer, expert) -> its slot class
+        # one array per slot, sized for its class: shrinking frees whole slots, growing allocates new ones,
+        # nothing is copied
+        self.bufs: list[np.ndarray] = []
+        self.slot_class = np.zeros(0, np.int64)
+        self.key_of: list[tuple[int, int] | None] = []
+        self.last_use = np.zeros(0, np.int64)
+        self.slots = 0
         self.slot_of: dict[tuple[int, int], int] = {}
-        self.key_of: list[tuple[int, int] | None] = [None] * slots
-        self.last_use = np.zeros(slots, np.int64)
         self.pending: dict[int, Future] = {}  # slot -> prefetch in flight
         self.tables = load_tables(store)
         if predictor == "trace" and self.tables is None:
@@ -163,10 +200,11 @@ class ExpertPager:
         self.routers: list[np.ndarray] = []   # filled by the model: every layer's router and FFN norm (pregate)
         self.norms: list[np.ndarray] = []
         self._gates: list[np.ndarray] | None = None  # router rows times the FFN norm's weights, per layer
+        self.resize(slots)
 
     @property
     def cache_bytes(self) -> int:
-        return self.slots * self.slot_bytes
+        return sum(b.nbytes for b in self.bufs)
 
     @property
     def engines(self) -> list:
@@ -251,11 +289,13 @@ class ExpertPager:
         return s
 
     def _take_slot(self, i: int, e: int) -> int:
-        """A free slot, or the one the policy evicts; assigned to (i, e)."""
-        if len(self.slot_of) < self.slots:
-            s = self.key_of.index(None)
+        """A free slot of the expert's class, or the one the policy evicts from it; assigned to (i, e)."""
+        mine = np.flatnonzero(self.slot_class == self.class_of[i, e])
+        free = [int(s) for s in mine if self.key_of[s] is None]
+        if free:
+            s = free[0]
         else:
-            s = self._victim()
+            s = self._victim(mine)
             self._drop(s)
             self.stats.evicted += 1
         self.key_of[s] = (i, e)
@@ -271,10 +311,9 @@ class ExpertPager:
             del self.slot_of[key]
         self.key_of[s] = None
 
-    def _victim(self) -> int:
-        free = np.ones(self.slots, bool)
-        free[list(self._keep)] = False
-        cand = np.flatnonzero(free)
+    def _victim(self, mine: np.ndarray) -> int:
+        """The slot to evict among `mine` (one class's slots)."""
+        cand = np.array([s for s in mine if s not in self._keep], np.int64)
         if not len(cand):
             raise RuntimeError("expert cache: every slot is in use by this step (the plan's minimum was not kept)")
         if self.policy == "lru":
@@ -307,7 +346,12 @@ class ExpertPager:
     def _prefetch(self, j: int, resid: np.ndarray, now: list[int]) -> None:
         """Read layer j's predicted experts ahead; `now`: this layer's experts, whose slots (some still to be
         read) are set aside first."""
-        spare = self.slots - len(self._keep) - sum((self._cur, e) not in self.slot_of for e in now)
+        spare = np.bincount(self.slot_class, minlength=len(self.classes))  # per class: slots not set aside
+        for s in self._keep:
+            spare[self.slot_class[s]] -= 1
+        for e in now:
+            if (self._cur, e) not in self.slot_of:
+                spare[self.class_of[self._cur, e]] -= 1
         guess = self.predict(j, resid)
         self._predicted[j] = set(guess)
         self.stats.predicted += len(guess)
@@ -317,9 +361,10 @@ class ExpertPager:
             if s is not None:
                 self._keep.add(s)
                 continue
-            if spare <= 0:
-                break  # no slot to spare: the rest loads on demand
-            spare -= 1
+            c = self.class_of[j, e]
+            if spare[c] <= 0:
+                continue  # no slot of its size to spare: it loads on demand
+            spare[c] -= 1
             s = self._take_slot(j, e)
             self._keep.add(s)
             todo.append((e, s))
@@ -342,19 +387,23 @@ class ExpertPager:
     # -- budget changes --------------------------------------------------------------------------------------
 
     def resize(self, slots: int) -> None:
-        """Hold `slots` experts: shrinking keeps the most recently used and frees the other slots' arrays,
-        growing adds empty slots; no expert's bytes move."""
+        """Hold `slots` experts, shared among the slot classes by split_slots: shrinking keeps each class's most
+        recently used and frees the other slots' arrays, growing adds empty slots; no expert's bytes move."""
         for fut in list(self.pending.values()):
             fut.result()
         self.pending.clear()
         self._keep = set()
-        order = sorted(range(self.slots), key=lambda s: (self.key_of[s] is None, -self.last_use[s]))
-        keep = order[:slots]
-        self.bufs = [self.bufs[s] for s in keep] + [np.zeros(self.slot_bytes, np.uint8)
-                                                   for _ in range(slots - len(keep))]
-        self.key_of = [self.key_of[s] for s in keep] + [None] * (slots - len(keep))
-        self.last_use = np.concatenate([self.last_use[keep], np.zeros(slots - len(keep), np.int64)])
-        self.slots = slots
+        want = split_slots(slots, self.classes, self.cfg.n_experts_used + self.prefetch)
+        keep = []
+        for c, n in enumerate(want):
+            mine = [s for s in range(self.slots) if self.slot_class[s] == c]
+            mine.sort(key=lambda s: (self.key_of[s] is None, -self.last_use[s]))
+            keep += [(c, s) for s in mine[:n]] + [(c, None) for _ in range(n - len(mine))]
+        self.bufs = [self.bufs[s] if s is not None else np.zeros(self.classes[c][0], np.uint8) for c, s in keep]
+        self.key_of = [self.key_of[s] if s is not None else None for _, s in keep]
+        self.last_use = np.array([self.last_use[s] if s is not None else 0 for _, s in keep], np.int64)
+        self.slot_class = np.array([c for c, _ in keep], np.int64)
+        self.slots = len(keep)
         self.slot_of = {k: s for s, k in enumerate(self.key_of) if k is not None}
 
     def close(self) -> None:

@@ -120,7 +120,7 @@ def test_expert_budget_errors_name_the_figure(moe_store):
         from edge.engine import resolve_strategy
 
         resolve_strategy(store, "sparse")
-    assert dataclasses.replace(plan, slots=plan.min_slots).cache == plan.min_slots * plan.slot_bytes
+    assert dataclasses.replace(plan, slots=plan.min_slots).cache == plan.min_slots * plan.classes[0][0]
 
 
 def test_corrupt_expert_record_is_named(moe_store, tmp_path):
@@ -268,10 +268,20 @@ def test_expert_bitwidths_follow_measured_sensitivity(moe_store, tmp_path):
     prompt = [1, 5, 9, 200, 31, 7, 77, 3, 40, 41]
     want_tokens, want_logits = _greedy(Engine(store_path, n_ctx=64, backend="ggml", threads=2), prompt, 16)
     engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40)
-    engine.resize(engine.plan.budget_for(8))
+    plan = engine.resize(engine.plan.budget_for(12))
+    (small, n_small), (big, n_big) = plan.classes  # q4_0 and Q8_0 records: slots of each size
+    assert n_small == (kinds == "q4_0").sum() and plan.min_slots == 4 and big > small
+    pager = engine.model.experts
+    mine = np.bincount(pager.slot_class, minlength=2)
+    assert pager.slots == 12 and mine.min() >= 2 and abs(mine[0] / n_small - mine[1] / n_big) < 0.25
+    assert pager.cache_bytes == plan.cache == mine[0] * small + mine[1] * big < 12 * big
     tokens, logits = _greedy(engine, prompt, 16)
     assert tokens == want_tokens
     np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-4)
+    st = engine.expert_stats()
+    assert st["misses"] > 0 and st["evicted"] > 0
+    assert all(pager.class_of[key] == pager.slot_class[s] for key, s in pager.slot_of.items())
+    assert engine.resize(plan.budget_for(12) - 1).slots == 11  # one less byte: one expert less
     source = Engine(moe_store[1], n_ctx=64, backend="ggml", threads=2)
     assert not np.allclose(_greedy(source, prompt, 1)[1], want_logits, atol=1e-3)  # other bytes did run
 
