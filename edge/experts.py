@@ -22,6 +22,10 @@ Per MoE layer and step:
 
 Frequency is the expert's share of routing decisions in its layer, counted as the run goes (plus one each).
 
+Slots: one preallocated array per cached expert, in a class per record size (one class unless `edge
+expert-bits` mixed bitwidths); an expert goes to, and evicts from, its own class only (split_slots shares the
+slots among the classes).
+
 Stats (`ExpertStats`): needed experts, hits, late hits, misses, evictions, prediction precision and recall,
 reads and bytes, and the seconds the compute thread waited for reads.
 """
