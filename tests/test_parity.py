@@ -90,21 +90,24 @@ def test_mixture_of_experts_agrees_with_llama_cpp(tmp_path, arch):
     assert p.same_greedy == [32, 32, 32]
 
 
+def ppl(path) -> float:
+    """Perplexity of one 256-token window of `edge eval`'s text."""
+    from edge.engine import Engine
+    from edge.evaluate import eval_text, perplexity, windows
+
+    engine = Engine(path, n_ctx=256, threads=2)
+    ids = engine.tokenizer.encode(eval_text(), add_bos=False)
+    return perplexity(engine.model.nll, windows(ids, 256, 1, engine.tokenizer.bos_id)).ppl
+
+
 def test_moefied_smollm2_is_an_moe_llama_cpp_runs(tmp_path, smollm2):
     """`moefy`: SmolLM2's FFN split into 8 experts with a fitted router. With all 8 chosen it is the dense model
     (perplexity within 2% on a window: only down's re-quantization and the flat softmax differ) and llama.cpp
     computes the same function (float32 copies). With 4 of 8 the router finds most of the true top 4.
     (Top-k < all is not compared with llama.cpp: over 30 layers a routing decision at a near-tie flips on
     1e-5-level rounding differences and the continuations part; random 2-layer MoE models agree exactly.)"""
-    from edge.engine import Engine
-    from edge.evaluate import eval_text, perplexity, windows
     from weights_tools.dequant_gguf import write_dequantized
     from weights_tools.moefy import moefy
-
-    def ppl(path):
-        engine = Engine(path, n_ctx=256, threads=2)
-        ids = engine.tokenizer.encode(eval_text(), add_bos=False)
-        return perplexity(engine.model.nll, windows(ids, 256, 1, engine.tokenizer.bos_id)).ppl
 
     every = moefy(smollm2, tmp_path / "all.gguf", experts=8, top_k=8, tokens=256)
     assert min(every["recall"]) == 1.0
@@ -123,15 +126,9 @@ def test_moefied_gemma3_runs_and_pages_its_experts(tmp_path, gemma3):
     within 2% on a window); its store pages the experts under a budget holding half of them to the resident
     run's greedy tokens."""
     from edge.engine import Engine
-    from edge.evaluate import eval_text, perplexity, windows
     from edge.sampling import Sampler, SamplerConfig
     from weights_tools.convert import convert
     from weights_tools.moefy import moefy
-
-    def ppl(path):
-        engine = Engine(path, n_ctx=256, threads=2)
-        ids = engine.tokenizer.encode(eval_text(), add_bos=False)
-        return perplexity(engine.model.nll, windows(ids, 256, 1, engine.tokenizer.bos_id)).ppl
 
     every = moefy(gemma3, tmp_path / "all.gguf", experts=8, top_k=8, tokens=128)
     assert min(every["recall"]) == 1.0
