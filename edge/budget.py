@@ -65,6 +65,10 @@ class Plan:
         return {"baseline": self.baseline, "KV cache": self.kv, "weights": self.resident,
                 "buffers": self.io + self.scratch + self.margin, "neuron cache": self.cache}
 
+    def shrunk_from(self, before: "Plan") -> str:
+        return (f"neuron cache down to {self.slots} clusters per layer ({format_size(before.cache - self.cache)} "
+                "given back)")
+
     def summary(self) -> str:
         return (f"{self.slots}/{self.n_clusters} FFN clusters per layer cached,\n"
                 f"{100 * (1 - self.cached_fraction):.0f}% stream from flash")

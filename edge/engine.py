@@ -154,6 +154,22 @@ class Engine:
         if slack > 0:
             self.resize(self.plan.budget, baseline=self.plan.baseline + slack)
 
+    def _fold_growth(self) -> None:
+        """The process grown past its plan while running (a chat's widgets and history, allocator slack; the
+        plan measured the baseline once, at start): when resident memory comes within an eighth of the margin
+        of the budget, enough of the cache to bring it back to a quarter of the margin under the budget becomes
+        baseline; the budget stays. At the minimum there is nothing more to give."""
+        p = self.plan
+        rss = self.meter.rss()
+        if rss <= p.budget - p.margin // 8:
+            return
+        grown = min(rss - (p.budget - p.margin // 4), p.budget - p.minimum)
+        if grown <= 0:
+            return
+        self.resize(p.budget, baseline=p.baseline + grown)
+        if self.plan.cache < p.cache:
+            self.last.shrinks.append(f"memory grew past the plan: {self.plan.shrunk_from(p)}")
+
     @property
     def name(self) -> str:
         return self.file.metadata.get("general.name") or self.path.stem
@@ -272,13 +288,13 @@ class Engine:
         return self.plan
 
     def _relieve_pressure(self) -> None:
-        """Shrink the neuron cache when memory is short from outside, and keep going."""
+        """Shrink the cache when memory is short from outside, or the process has grown past its plan, and
+        keep going."""
         import dataclasses
-
-        from edge.sizes import format_size
 
         need = self.pressure.check()
         if need <= 0:
+            self._fold_growth()
             return
         if self.model.stack is not None or self.model.experts is not None:  # a shallower stack, fewer experts
             before = self.plan
@@ -291,13 +307,12 @@ class Engine:
             return
         if self.model.sparse_ffn is None or not self.model.sparse_ffn.caches:
             return
-        before = self.model.sparse_ffn.cache_bytes
+        before, held = self.plan, self.model.sparse_ffn.cache_bytes
         slots = self.model.sparse_ffn.shrink(need)
-        freed = before - self.model.sparse_ffn.cache_bytes
+        freed = held - self.model.sparse_ffn.cache_bytes
         self.plan = dataclasses.replace(self.plan, slots=slots, budget=self.plan.budget - freed)
         self.pressure.plan = self.plan
-        self.last.shrinks.append(f"memory pressure: neuron cache down to {slots} clusters per layer "
-                                 f"({format_size(freed)} given back)")
+        self.last.shrinks.append(f"memory pressure: {self.plan.shrunk_from(before)}")
 
     def expert_stats(self) -> dict | None:
         """Expert cache counters of the last run (None unless experts page under a budget)."""

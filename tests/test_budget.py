@@ -141,6 +141,26 @@ def test_memory_pressure_shrinks_the_cache_and_keeps_going(smol_calibrated):
     assert engine.plan.budget <= lowered
 
 
+def test_growth_past_the_plan_comes_out_of_the_cache(smol_calibrated):
+    """Memory the process takes after its plan was made (what a chat's widgets and history do) is given back
+    from the cache: a real allocation mid-conversation that brings resident memory past the budget is folded
+    into the baseline at the next check; the budget stays, the cache shrinks by at least as much, generation
+    goes on."""
+    engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"))
+    engine.resize(engine.plan.minimum + engine.plan.n_clusters * engine.plan.slot_bytes)  # the whole FFN
+    prompt = engine.tokenizer.encode("Once upon a time")
+    list(engine.generate(prompt, 9, stop_at_end=False))  # fills the cache (and folds any load slack)
+    plan, cache = engine.plan, engine.model.sparse_ffn.cache_bytes
+    extra = 16 << 20
+    hog = np.ones(max(0, plan.budget - engine.meter.rss()) + extra, np.uint8)  # touched: resident
+    tokens = [ev.token for ev in engine.generate(prompt, 16, stop_at_end=False)]
+    assert len(tokens) == 16 and hog[-1] == 1
+    assert any("grew past the plan: neuron cache down to" in s for s in engine.last.shrinks), engine.last.shrinks
+    assert engine.plan.budget == plan.budget and engine.plan.baseline >= plan.baseline + extra
+    assert engine.model.sparse_ffn.cache_bytes <= cache - extra
+    assert engine.meter.rss() < plan.budget
+
+
 def test_stays_under_a_kernel_memory_cap(smol_calibrated):
     """The real thing: the process in a cgroup capped at its budget is not killed and finishes."""
     from edge.cgroup import MemoryCap
