@@ -43,13 +43,19 @@ def _balanced_kmeans(features: np.ndarray, k: int, iters: int = 12, seed: int = 
     for _ in range(iters):
         score = f @ centroids.T  # (n, k)
         order = np.argsort(-score, axis=None)  # best (neuron, group) pairs first
-        assign[:] = -1
+        before, assign = assign, np.full(n, -1, np.int64)
         room = np.full(k, size)
-        for flat in order:
-            i, g = divmod(int(flat), k)
+        left = n
+        for flat in order.tolist():
+            i, g = divmod(flat, k)
             if assign[i] < 0 and room[g] > 0:
                 assign[i] = g
                 room[g] -= 1
+                left -= 1
+                if not left:
+                    break
+        if np.array_equal(assign, before):
+            break  # converged: the same groups give the same centroids
         centroids = np.stack([f[assign == g].mean(axis=0) for g in range(k)])
         centroids /= np.linalg.norm(centroids, axis=1, keepdims=True) + 1e-9
     return assign
