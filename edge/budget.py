@@ -241,6 +241,11 @@ class StackPlan:
     def bits(self) -> float:
         return 8 * self.stack_bytes / self.params
 
+    @property
+    def cache(self) -> int:
+        """What a smaller budget can take back: the blocks loaded past the base."""
+        return self.stack_bytes - self.base
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(minimum=self.minimum, bits_per_weight=round(self.bits, 3))

@@ -142,6 +142,13 @@ def test_resize_reads_only_the_added_blocks(tiny_stacked):
         eng.resize(base)
     assert stack.prefix == 1
 
+    eng.resize(base + sizes[10])
+    plan = eng.plan
+    eng.meter.rss = lambda: plan.budget  # a reading: the process has grown to its budget since the plan
+    eng._relieve_pressure()
+    assert eng.plan.budget == plan.budget and stack.prefix < 10  # (all the tiny stack: the margin is larger)
+    assert eng.last.shrinks == [f"memory grew past the plan: {eng.plan.shrunk_from(plan)}"]
+
 
 def test_interrupted_stack_resumes_and_never_loads_half(tmp_path, smollm2):
     from edge.engine import Engine
