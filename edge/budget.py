@@ -404,7 +404,7 @@ def expert_resident_bytes(store) -> int:
 
 def make_expert_plan(store, budget: int, baseline: int, n_ctx: int, prefetch: int = 0,
                      evict: str = "score", predict: str = "pregate") -> ExpertPlan:
-    from edge.experts import POLICIES, PREDICTORS, read_buffer_bytes, slot_classes
+    from edge.experts import POLICIES, PREDICTORS, read_buffer_bytes, record_sizes, slot_classes
     from edge.model import KVCache
 
     cfg = store.config
@@ -416,9 +416,10 @@ def make_expert_plan(store, budget: int, baseline: int, n_ctx: int, prefetch: in
     if not 0 <= prefetch <= cfg.n_experts:
         raise EdgeError(f"--prefetch {prefetch}: between 0 (on-demand loading) and the {cfg.n_experts} experts "
                         "of a layer")
+    sizes = record_sizes(store)
     fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
-                 io=IO_BUFFER + read_buffer_bytes(store, prefetch), resident=expert_resident_bytes(store),
-                 margin=MARGIN + activation_bytes(cfg, n_ctx), classes=slot_classes(store),
+                 io=IO_BUFFER + read_buffer_bytes(int(sizes.max()), prefetch), resident=expert_resident_bytes(store),
+                 margin=MARGIN + activation_bytes(cfg, n_ctx), classes=slot_classes(sizes),
                  floor=k + prefetch, n_experts=cfg.n_layers * cfg.n_experts, prefetch=prefetch,
                  policy=evict, predictor=predict)
     probe = ExpertPlan(slots=0, **fixed)

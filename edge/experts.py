@@ -116,16 +116,11 @@ def record_sizes(store) -> np.ndarray:
     return out
 
 
-def record_bytes(store) -> int:
-    """The largest expert record the store runs with: one read buffer."""
-    return int(record_sizes(store).max())
-
-
-def slot_classes(store) -> tuple[tuple[int, int], ...]:
-    """The expert cache's slot classes: (record bytes, experts of that size), smallest first. One class unless
-    `edge expert-bits` chose several bitwidths; each class's slots hold only its experts, so an expert at a
-    lower bitwidth takes a smaller slot."""
-    size, count = np.unique(record_sizes(store), return_counts=True)
+def slot_classes(sizes: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """The expert cache's slot classes from the record sizes (record_sizes): (record bytes, experts of that
+    size), smallest first. One class unless `edge expert-bits` chose several bitwidths; each class's slots hold
+    only its experts, so an expert at a lower bitwidth takes a smaller slot."""
+    size, count = np.unique(sizes, return_counts=True)
     return tuple((int(b), int(n)) for b, n in zip(size, count))
 
 
@@ -142,10 +137,10 @@ def split_slots(slots: int, classes, floor: int) -> list[int]:
     return out
 
 
-def read_buffer_bytes(store, prefetch: int) -> int:
-    """The read buffers: on demand (one record) and, with prefetch > 0, ahead (`prefetch` records), each record
-    with alignment slack."""
-    rec = record_bytes(store) + (8 << 10)
+def read_buffer_bytes(record: int, prefetch: int) -> int:
+    """The read buffers for records of at most `record` bytes: on demand (one record) and, with prefetch > 0,
+    ahead (`prefetch` records), each record with alignment slack."""
+    rec = record + (8 << 10)
     return rec + prefetch * rec
 
 
@@ -166,9 +161,9 @@ class ExpertPager:
         self.layouts = [[ExpertLayout(lay) for _, lay in layer] for layer in self.sources]
         self.policy = policy
         self.prefetch = prefetch
-        self.classes = slot_classes(store)
-        sizes = [b for b, _ in self.classes]
-        self.class_of = np.searchsorted(sizes, record_sizes(store))  # (layer, expert) -> its slot class
+        sizes = np.array([[lay.bytes for lay in layer] for layer in self.layouts], np.int64)
+        self.classes = slot_classes(sizes)
+        self.class_of = np.searchsorted([b for b, _ in self.classes], sizes)  # (layer, expert) -> its slot class
         # one array per slot, sized for its class: shrinking frees whole slots, growing allocates new ones,
         # nothing is copied
         self.bufs: list[np.ndarray] = []
@@ -193,7 +188,7 @@ class ExpertPager:
         self._cur = 0   # the layer computing (eviction's distances count from it)
         self._keep: set[int] = set()  # slots not to evict now (this layer's, the next layer's predicted)
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for it
-        rec = read_buffer_bytes(store, 0)  # one record with its alignment slack (the plan counts both buffers)
+        rec = read_buffer_bytes(int(sizes.max()), 0)  # one record and its alignment slack (the plan counts both)
         self._io = IOEngine(threads=read_threads, buffer_bytes=rec, max_read=max(1 << 20, rec))
         self._io_ahead = self._pool = None  # the read-ahead thread and its buffers, with prefetch only
         if prefetch:
