@@ -132,6 +132,9 @@ class Engine:
         if ram is not None:
             self.tokenizer = tokenizer()  # part of the baseline the planner measures
             from edge.budget import PressureWatch, plan_for
+            from edge.model import _release_free_memory
+
+            _release_free_memory()  # reading the vocabulary's temporaries are not baseline
 
             self.plan = plan_for(self.file, resolve_strategy(self.file, strategy), ram, self.meter.rss(), self.n_ctx,
                                  **self._plan_options)

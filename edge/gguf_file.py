@@ -75,6 +75,21 @@ class _TensorInfo:
 
 
 @dataclass(frozen=True)
+class Strings:
+    """A GGUF string array without a Python object per string: the strings' bytes end to end and where each
+    starts (Gemma 3's 262144-token vocabulary as Python strings is ~20MB; this is ~3MB)."""
+
+    blob: np.ndarray     # uint8
+    offsets: np.ndarray  # int32 (int64 past 2GB), one more than there are strings
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes()
+
+
+@dataclass(frozen=True)
 class Field:
     """One metadata value with its GGUF value type (and an array's element type), as gguf.GGUFWriter takes them."""
 
@@ -83,13 +98,14 @@ class Field:
     sub_type: int | None = None
 
 
-def _parse(buf, arrays: bool = False) -> tuple[dict, int | None, list[_TensorInfo]]:
+def _parse(buf, arrays: bool = False, compact: frozenset[str] = frozenset(),
+           tensors: bool = True) -> tuple[dict, int | None, list[_TensorInfo]]:
     """Metadata, the vocabulary's length, and the tensor infos of a GGUF held in `buf`. Metadata maps each key
     to its value; arrays are skipped without building them (the `gguf` reader makes a numpy view per element:
     ~25s for Gemma 3's 262144-token vocabulary) unless `arrays`, which maps each key to a Field with arrays
-    as lists (strings that are not UTF-8 stay bytes). Raises struct.error / ValueError on a damaged file."""
-    from gguf.constants import GGML_QUANT_SIZES
-
+    as lists (strings that are not UTF-8 stay bytes), or the key is in `compact`: then a string array becomes
+    `Strings` and a numeric one a numpy array. Without `tensors`, the tensor infos are not read. Raises
+    struct.error / ValueError on a damaged file."""
     size = len(buf)
     unpack = struct.unpack_from
     _, _, n_tensors, n_kv = unpack("<4sIQQ", buf, 0)
@@ -107,8 +123,8 @@ def _parse(buf, arrays: bool = False) -> tuple[dict, int | None, list[_TensorInf
         except UnicodeDecodeError:
             return raw, at + 8 + n
 
-    def array(at: int) -> tuple[int, int, int, list | None]:
-        """(end, element type, count, the elements if `arrays`)."""
+    def array(at: int, packed: bool = False) -> tuple[int, int, int, object]:
+        """(end, element type, count, the elements if `arrays` or `packed`: as Strings or numpy if packed)."""
         kind, count = unpack("<IQ", buf, at)
         at += 12
         items = None
@@ -117,13 +133,30 @@ def _parse(buf, arrays: bool = False) -> tuple[dict, int | None, list[_TensorInf
             end = at + count * struct.calcsize(fmt)
             if end > size:
                 raise ValueError("an array runs past the end")
-            if arrays:
+            if packed:
+                items = np.frombuffer(buf, np.dtype("<" + fmt), count, at).copy()
+            elif arrays:
                 items = np.frombuffer(buf, np.dtype("<" + fmt), count, at).tolist()
             at = end
         elif kind == 8:
             if count * 8 > size - at:
                 raise ValueError(f"an array of {count} strings cannot fit in the file")
-            if arrays:
+            if packed:
+                starts = np.empty(count, np.int64)
+                for i in range(count):
+                    (n,) = unpack("<Q", buf, at)
+                    starts[i] = at + 8
+                    at += 8 + n
+                if at > size:
+                    raise ValueError("a string array runs past the end")
+                first = int(starts[0]) - 8 if count else at
+                keep = np.ones(at - first, bool)  # the region without each string's 8-byte length
+                keep[(starts[:, None] - 8 - first + np.arange(8)).ravel()] = False
+                blob = np.frombuffer(buf, np.uint8, at - first, first)[keep]
+                lengths = np.diff(np.append(starts, at + 8)) - 8
+                offsets = np.concatenate([[0], np.cumsum(lengths)])
+                items = Strings(blob, offsets.astype(np.int32 if len(blob) < 2**31 else np.int64))
+            elif arrays:
                 items = []
                 for _ in range(count):
                     item, at = string(at, text=False)
@@ -159,15 +192,19 @@ def _parse(buf, arrays: bool = False) -> tuple[dict, int | None, list[_TensorInf
         elif kind == 8:
             value, at = string(at)
         elif kind == 9:
-            at, sub, count, value = array(at)
+            at, sub, count, value = array(at, packed=key in compact)
             if key == "tokenizer.ggml.tokens":
                 vocab = count
-            if not arrays:
+            if not arrays and key not in compact:
                 continue
         else:
             raise ValueError(f"unknown metadata value type {kind} for '{key}'")
-        meta[key] = Field(value, kind, sub) if arrays else value
+        meta[key] = Field(value, kind, sub) if arrays and key not in compact else value
     infos = []
+    if not tensors:
+        return meta, vocab, infos
+    from gguf.constants import GGML_QUANT_SIZES
+
     for _ in range(n_tensors):
         name, at = string(at)
         (n_dims,) = unpack("<I", buf, at)
@@ -187,6 +224,27 @@ def _parse(buf, arrays: bool = False) -> tuple[dict, int | None, list[_TensorInf
     for t in infos:
         t.data_offset += start
     return meta, vocab, infos
+
+
+TOKENIZER_ARRAYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                              "tokenizer.ggml.token_type"})
+
+
+def read_tokenizer(path: str | os.PathLike) -> dict:
+    """A GGUF's metadata with its tokenizer arrays packed (Strings for tokens and merges, numpy for scores and
+    token types): what edge.tokenizer keeps, read without a Python object per token."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeError(f"{path}: no such file; the model's tokenizer is missing (convert the model again)")
+    check_header(path)
+    try:
+        buf = np.memmap(path, np.uint8, "r").view(np.ndarray)
+        meta = _parse(buf, compact=TOKENIZER_ARRAYS, tensors=False)[0]  # (without importing gguf: ~5MB)
+        del buf
+    except Exception as exc:
+        raise EdgeError(f"{path}: cannot read GGUF ({type(exc).__name__}: {exc}); the file is truncated or "
+                        "corrupt") from None
+    return meta
 
 
 class GGUFFile:

@@ -1,0 +1,85 @@
+"""Our tokenizer against llama.cpp's on the same GGUF: every token's piece and end-of-generation flag, and the
+ids of fixed and fuzzed text, with and without BOS and special-token parsing."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge.tokenizer import Tokenizer, _LlamaVocab, _Vocab
+
+_PAIRS: dict[Path, tuple] = {}
+
+TEXTS = [
+    "Once upon a time, in a small village by the sea,", "  leading  and trailing  ", "\t\ttabs\n\nnew lines\r\n",
+    "digits 12345 and 3.14159, \u00bd and \u2153 \u216b", "\u00dcn\u00efc\u00f6d\u00e9 fa\u00e7ade \u2014 \u201cquotes\u201d "
+    "\u65e5\u672c\u8a9e \u4e2d\u6587 \ud55c\uad6d\uc5b4", "emoji \U0001f600\U0001f44d\U0001f3fd \U0001f468\u200d\U0001f469",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<start_of_turn>user\nhi<end_of_turn>\n<bos><eos>",
+    "don't won't I'm you're they've he'll she'd IT'S", "\u00a0nbsp\u2003em\u3000ideographic", "x\x1cy\x1fz\x00w",
+    "a" * 300, "    def f(x):\n        return x ** 2  # comment\n", "<0x41> <unk> <mask> </s> [multimodal]", "", " ",
+    "\n", "\u2581\u2581 already escaped",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_llama_cpp_vocabularies():
+    yield
+    _PAIRS.clear()  # while llama_cpp can still free them (at interpreter exit it cannot)
+
+
+def pair(path: Path) -> tuple[Tokenizer, _LlamaVocab]:
+    if path not in _PAIRS:
+        _PAIRS[path] = Tokenizer(path, "llama", None), _LlamaVocab(path)
+    return _PAIRS[path]
+
+
+def test_every_token_reads_as_llama_cpp_reads_it(real_model):
+    ours, ref = pair(real_model)
+    v = ours._vocab
+    assert isinstance(v, _Vocab)  # both models' vocabularies are ours, not llama.cpp's
+    assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.add_bos) == (ref.n_tokens, ref.bos, ref.eos, ref.add_bos)
+    assert [t for t in range(v.n_tokens) if v.piece(t) != ref.piece(t)] == []
+    assert [t for t in range(v.n_tokens) if ours.is_end(t) != ref.is_eog(t)] == []
+    assert ours.is_end(ours.eos_id) and ours.decode(ours.encode("Hello world", add_bos=False)) == "Hello world"
+
+
+def test_text_tokenizes_as_llama_cpp_does(real_model):
+    from edge.evaluate import eval_text
+
+    ours, ref = pair(real_model)
+    chat = ours.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}])
+    for text in TEXTS + [chat, eval_text()[:20000]]:
+        for add, special in ((True, True), (False, False), (True, False)):
+            assert ours.encode(text, add_bos=add, special=special) == ref.encode(text, add, special), repr(text[:60])
+
+
+_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",
+             "</s>", "<unk>", "<mask>", "\n", " ", "  ", "'s", "'ll", "123", "\u2581"]
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.one_of(st.text(st.characters(blacklist_categories=("Cs", "Cn")), max_size=24),
+                                st.sampled_from(_SPECIALS)), max_size=8),
+       add=st.booleans(), special=st.booleans())
+def test_fuzzed_text_tokenizes_as_llama_cpp_does(request, model, parts, add, special):
+    """Any text (characters of every Unicode category this Python knows, mixed with special tokens, spaces,
+    contractions and digits): the same ids as llama.cpp."""
+    ours, ref = pair(request.getfixturevalue(model))
+    text = "".join(parts)
+    assert ours.encode(text, add_bos=add, special=special) == ref.encode(text, add, special)
+
+
+def test_a_budgeted_run_imports_neither_llama_cpp_nor_gguf(smollm2, gemma3):
+    """The tokenizer is part of the baseline a budget pays for: reading it loads no llama.cpp vocabulary and no
+    gguf package."""
+    code = ("import sys; from edge.tokenizer import Tokenizer\n"
+            f"for p in {[str(smollm2), str(gemma3)]!r}:\n"
+            "    t = Tokenizer(p, 'llama', None); assert t.encode('Hello world')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('llama_cpp', 'gguf')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
