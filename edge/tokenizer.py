@@ -143,6 +143,7 @@ class _Lookup:
         hashes = np.fromiter((hash(texts[i]) for i in range(len(texts))), np.int64, len(texts))
         self.order = np.argsort(hashes, kind="stable").astype(np.int32)
         self.hashes = hashes[self.order]
+        self.memo: dict | None = None  # answers kept during one encode (texts repeat: "th", "e", " the")
 
     def ids(self, items: list[bytes]) -> np.ndarray:
         """Many lookups at once: ids, -1 where a text is not a token."""
@@ -156,14 +157,21 @@ class _Lookup:
         return out
 
     def get(self, text: bytes) -> int | None:
+        memo = self.memo
+        if memo is not None and text in memo:
+            return memo[text]
         h = hash(text)
-        i = int(np.searchsorted(self.hashes, h, "right")) - 1
+        i = int(self.hashes.searchsorted(h, "right")) - 1
+        found = None
         while i >= 0 and self.hashes[i] == h:
             t = int(self.order[i])
             if self.texts[t] == text:
-                return t
+                found = t
+                break
             i -= 1
-        return None
+        if memo is not None:
+            memo[text] = found
+        return found
 
 
 class _Vocab:
@@ -253,7 +261,7 @@ class _Vocab:
         if a is None or b is None:
             return self.odd_ranks.get((lb, rb), -1)
         key = a * self.n_tokens + b
-        i = int(np.searchsorted(self.keys, key))
+        i = int(self.keys.searchsorted(key))
         return int(self.ranks[i]) if i < len(self.keys) and self.keys[i] == key else -1
 
     def text(self, tid: int) -> str:
@@ -262,9 +270,17 @@ class _Vocab:
     # --- encoding
 
     def encode(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        self.lookup.memo = {}
+        try:
+            return self._encode(text, add_special, parse_special)
+        finally:
+            self.lookup.memo = None
+
+    def _encode(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         fragments: list[str | int] = [text] if text else []
+        chars = set(text)
         for tid, s in self.specials:
-            if not parse_special and self.attrs[tid] & (CONTROL | UNKNOWN):
+            if s[:1] not in chars or not parse_special and self.attrs[tid] & (CONTROL | UNKNOWN):
                 continue
             out = []
             for f in fragments:

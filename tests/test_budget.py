@@ -98,12 +98,12 @@ def _norm(store):
 
 
 def test_run_under_budget_reports_plan_and_streams(smol_calibrated):
-    code, out, err = edge("run", str(smol_calibrated), "--ram", "150MB", "--ctx", "256", "-p",
+    code, out, err = edge("run", str(smol_calibrated), "--ram", "120MB", "--ctx", "256", "-p",
                           "The capital of France is", "-n", "12", "--json", "--threads", "2", "--ignore-eos")
     assert code == 0, err
     d = json.loads(out)
     plan, sparse = d["plan"], d["sparse"]
-    assert plan["budget"] == parse_size("150MB") and 0 < plan["slots"] < plan["n_clusters"]
+    assert plan["budget"] == parse_size("120MB") and 0 < plan["slots"] < plan["n_clusters"]
     assert sparse["read_bytes_per_token"] > 0 and 0 < sparse["hit_rate"] < 1 and sparse["streamed"] > 0
     assert len(d["tokens"]) == 12
     assert d["peak_rss_bytes"] <= plan["budget"] * 1.05  # RSS also counts clean library pages a cap can drop
@@ -162,20 +162,22 @@ def test_growth_past_the_plan_comes_out_of_the_cache(smol_calibrated):
 
 
 def test_stays_under_a_kernel_memory_cap(smol_calibrated):
-    """The real thing: the process in a cgroup capped at its budget is not killed and finishes."""
+    """The real thing: the process in a cgroup capped at its budget, streaming part of its FFN, is not killed
+    and finishes."""
     from edge.cgroup import MemoryCap
 
-    cap, why = MemoryCap.make(parse_size("150MiB"), "edge-test")
+    cap, why = MemoryCap.make(parse_size("125MiB"), "edge-test")
     if cap is None:
         pytest.skip(f"no memory cgroup here: {why}")
     try:
-        proc = cap.run([sys.executable, "-m", "edge", "run", str(smol_calibrated), "--ram", "150MiB", "--ctx", "256",
+        proc = cap.run([sys.executable, "-m", "edge", "run", str(smol_calibrated), "--ram", "125MiB", "--ctx", "256",
                         "-p", "Once upon a time", "-n", "16", "--json", "--ignore-eos", "--threads", "2"])
         killed = cap.oom_killed
     finally:
         cap.close()
     assert proc.returncode == 0 and not killed, proc.stderr[-500:]
-    assert len(json.loads(proc.stdout.splitlines()[-1])["tokens"]) == 16
+    d = json.loads(proc.stdout.splitlines()[-1])
+    assert len(d["tokens"]) == 16 and d["plan"]["slots"] < d["plan"]["n_clusters"]
 
 
 def test_sparsity_skips_predicted_clusters(smol_calibrated):
