@@ -134,6 +134,16 @@ def _pieces(pattern: re.Pattern, text: str, collapsed: str) -> list[str]:
     return out
 
 
+def _hex_prefix(digits: bytes) -> int:
+    """The byte of a <0xXX> token as llama.cpp's strtol reads it: the leading hex digits, 0 if none."""
+    n = 0
+    for c in digits:
+        if chr(c) not in "0123456789abcdefABCDEF":
+            break
+        n = 16 * n + int(chr(c), 16)
+    return n & 0xFF
+
+
 class _Lookup:
     """Token text -> id without a dict of Python strings: sorted 64-bit hashes of every text (the last of
     equal texts wins, as in llama.cpp's map)."""
@@ -190,12 +200,15 @@ class _Vocab:
                             np.concatenate([[0], np.cumsum([len(t) for t in names])]).astype(np.int64))
         self.texts = texts
         self.lookup = _Lookup(texts)
-        types = meta.get("tokenizer.ggml.token_type")
-        self.attrs = (_ATTR_OF_TYPE[np.clip(types, 0, 6) * (types <= 6)] if types is not None
+        types, scores = meta.get("tokenizer.ggml.token_type"), meta.get("tokenizer.ggml.scores")
+        for what, arr in (("token types", types), ("scores", scores)):
+            if arr is not None and (not isinstance(arr, np.ndarray) or arr.shape != (n,)):
+                raise ValueError(f"{what} do not match the {n} tokens")
+        self.attrs = (_ATTR_OF_TYPE[np.clip(types, 0, 6).astype(np.intp) * (types <= 6)] if types is not None
                       else np.full(n, NORMAL, np.uint8))
-        self.scores = meta.get("tokenizer.ggml.scores") if self.spm else None
-        if self.scores is not None:
-            self.scores = self.scores.astype(np.float32)
+        self.scores = None  # (SPM) llama.cpp scores 0 where the file has none
+        if self.spm:
+            self.scores = scores.astype(np.float32) if scores is not None else np.zeros(n, np.float32)
 
         def special(key: str, default: int | None) -> int | None:
             v = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -398,7 +411,7 @@ class _Vocab:
         if self.spm:
             if attr & NORMAL:
                 return raw.replace("\u2581".encode(), b" ")
-            return bytes([int(raw[3:5], 16)]) if attr & BYTE else b""
+            return bytes([_hex_prefix(raw[3:5])]) if attr & BYTE else b""
         if not attr & NORMAL:
             return b""
         out = bytearray()
@@ -419,8 +432,12 @@ class _LlamaVocab:
         import llama_cpp
         from llama_cpp import Llama
 
-        with _quiet_stderr():
-            self._llama = Llama(str(path), vocab_only=True, verbose=False)
+        try:
+            with _quiet_stderr():
+                self._llama = Llama(str(path), vocab_only=True, verbose=False)
+        except ValueError as exc:
+            raise EdgeError(f"{path}: llama.cpp cannot read its tokenizer ({exc}); download or convert the model "
+                            "again") from None
         self._model = self._llama._model
         self._ctypes, self._lib = ctypes, llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
@@ -452,14 +469,22 @@ def _open_vocab(path: Path):
     from edge.gguf_file import read_tokenizer
 
     meta = read_tokenizer(path)
+    if not isinstance(meta.get("tokenizer.ggml.tokens"), Strings):
+        raise EdgeError(f"{path}: no tokenizer vocabulary (tokenizer.ggml.tokens) in the file; it is not a complete "
+                        "model, download or convert it again")
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     name = str(meta.get("general.name", "")).lower()
-    if model == "llama" and "phi-3" not in name and "phi3" not in name:  # phi-3 strips spaces around specials
-        return _Vocab(meta, None)
-    if model == "gpt2" and pre in _SPLITS:
-        return _Vocab(meta, _SPLITS[pre])
-    del meta
-    return _LlamaVocab(path)
+    split = {"llama": None}.get(model, _SPLITS.get(pre, "llama.cpp") if model == "gpt2" else "llama.cpp")
+    if "phi-3" in name or "phi3" in name:  # llama.cpp strips spaces around phi-3's special tokens
+        split = "llama.cpp"
+    if split == "llama.cpp":
+        del meta
+        return _LlamaVocab(path)
+    try:
+        return _Vocab(meta, split)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
+        raise EdgeError(f"{path}: the tokenizer vocabulary is damaged ({type(exc).__name__}: {exc}); download or "
+                        "convert the model again") from None
 
 
 class Tokenizer:

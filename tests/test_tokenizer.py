@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge.errors import EdgeError
 from edge.tokenizer import Tokenizer, _LlamaVocab, _Vocab
 
 _PAIRS: dict[Path, tuple] = {}
@@ -83,3 +84,31 @@ def test_a_budgeted_run_imports_neither_llama_cpp_nor_gguf(smollm2, gemma3):
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('llama_cpp', 'gguf')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def vocab_gguf(tmp_path_factory, smollm2) -> bytes:
+    from tests.conftest import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("vocab") / "v.gguf", tokenizer_from=smollm2).read_bytes()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_damaged_vocabulary(tmp_path, vocab_gguf, data):
+    """Bytes flipped anywhere in a GGUF's vocabulary (tokens, merges, types, the header), or the file cut: the
+    tokenizer reads it and encodes, or says in an EdgeError what is wrong; nothing else escapes."""
+    buf = bytearray(vocab_gguf)
+    for _ in range(data.draw(st.integers(1, 8))):
+        region = data.draw(st.sampled_from([4096, len(buf)]))
+        buf[data.draw(st.integers(0, region - 1))] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        buf = buf[: data.draw(st.integers(0, len(buf)))]
+    p = tmp_path / "fuzz.gguf"
+    p.write_bytes(bytes(buf))
+    try:
+        tok = Tokenizer(p, "llama", None)
+        ids = tok.encode("Hello world, <|im_start|>user 123\n")
+        tok.decode(ids)
+    except EdgeError as exc:
+        assert str(p) in str(exc)
