@@ -337,7 +337,7 @@ class _Vocab:
         """Merge adjacent symbols (characters at first) best pair first: pair(left, right) gives a priority
         (smaller first, ties to the left) or None; a popped pair whose symbols changed since is dropped."""
         n = len(word)
-        start, size = list(range(n)), [1] * n
+        size = [1] * n  # symbol i starts at character i (merges only grow a symbol rightwards)
         nxt = list(range(1, n + 1))
         nxt[-1] = -1
         prv = list(range(-1, n - 1))
@@ -346,7 +346,7 @@ class _Vocab:
         def push(left: int, right: int) -> None:
             if left < 0 or right < 0:
                 return
-            a, b = word[start[left]:start[left] + size[left]], word[start[right]:start[right] + size[right]]
+            a, b = word[left:left + size[left]], word[right:right + size[right]]
             key = pair(a, b)
             if key is not None:
                 heapq.heappush(heap, (key, left, right, size[left] + size[right]))
@@ -364,41 +364,41 @@ class _Vocab:
                 prv[nxt[right]] = left
             push(prv[left], left)
             push(left, nxt[left])
-        return [word[start[i]:start[i] + size[i]] for i in range(n) if size[i]]
+        return [word[i:i + size[i]] for i in range(n) if size[i]]
 
     def _spm(self, text: str, ids: list[int]) -> None:
         def pair(a: str, b: str):
             tid = self.lookup.get((a + b).encode())
             return None if tid is None else -float(self.scores[tid])
 
-        for sym in self._merge(text, pair) if text else []:
-            tid = self.lookup.get(sym.encode())
-            if tid is not None:
-                ids.append(tid)
-                continue
-            for byte in sym.encode():  # not a token: its bytes (a merged symbol always is one)
-                tid = self.lookup.get(b"<0x%02X>" % byte)
-                if tid is None:
-                    tid = self.lookup.get(bytes([byte]))
-                if tid is not None:
-                    ids.append(tid)
+        self._emit(self._merge(text, pair) if text else [], ids)
 
     def _bpe(self, word: str, ids: list[int]) -> None:
         def pair(a: str, b: str):
             r = self.rank(a, b)
             return None if r < 0 else r
 
-        for sym in self._merge(word, pair) if word else []:
+        self._emit(self._merge(word, pair) if word else [], ids)
+
+    def _emit(self, symbols: list[str], ids: list[int]) -> None:
+        """Each merged symbol's token; a symbol that is none (a merged symbol always is one) as its bytes: SPM's
+        <0xXX> tokens, else (and for BPE) the one-byte token."""
+        for sym in symbols:
             tid = self.lookup.get(sym.encode())
             if tid is not None:
                 ids.append(tid)
                 continue
             for byte in sym.encode():
-                tid = self.lookup.get(bytes([byte]))
+                tid = self.lookup.get(b"<0x%02X>" % byte) if self.spm else None
+                if tid is None:
+                    tid = self.lookup.get(bytes([byte]))
                 if tid is not None:
                     ids.append(tid)
 
     # --- decoding
+
+    def is_eog(self, tid: int) -> bool:
+        return tid in self.eog
 
     def piece(self, tid: int) -> bytes:
         """llama.cpp's token_to_piece without special tokens: control and unknown tokens are empty."""
@@ -512,8 +512,7 @@ class Tokenizer:
 
     def is_end(self, token: int) -> bool:
         """End of generation: EOS or an end-of-turn token such as <|im_end|> or <end_of_turn>."""
-        v = self._vocab
-        return v.is_eog(token) if isinstance(v, _LlamaVocab) else token in v.eog
+        return self._vocab.is_eog(token)
 
     def streamer(self) -> "TextStream":
         return TextStream(self)
