@@ -123,11 +123,13 @@ def flash_head_bytes(store) -> int:
 
 def activation_bytes(cfg, n_ctx: int, chunk: int | None = None) -> int:
     """The temporaries of one prefill chunk: attention scores, the FFN's intermediates, copies of the hidden
-    state (and the repeated inputs of batched products of streamed records)."""
+    state (and the repeated inputs of batched products of streamed records); and ggml's kept decode graphs."""
+    from edge.ggml import GRAPH_CACHE, GRAPH_ROWS
     from edge.model import PREFILL_CHUNK
     from edge.sparse import REPEAT_BYTES
 
-    return (chunk or PREFILL_CHUNK) * (cfg.n_heads * n_ctx + 6 * cfg.hidden_dim + 8 * cfg.dim) * 4 + REPEAT_BYTES
+    return (chunk or PREFILL_CHUNK) * (cfg.n_heads * n_ctx + 6 * cfg.hidden_dim + 8 * cfg.dim) * 4 + REPEAT_BYTES \
+        + GRAPH_CACHE + 8 * GRAPH_ROWS
 
 
 def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sparse", sparsity: float = 0.0,

@@ -373,7 +373,9 @@ def _info_calibration(src) -> None:
                for s in sorted(layers[0]["next_recall"], key=float) if float(s) > 0]
         print(f"  next layer's clusters predicted from this layer's input (read ahead), recall: {', '.join(nxt)}")
     print(f"  head: low-rank copy rank {info['head_rank']}, exact top-1 within its {info['head']['candidates']} "
-          f"candidates {100 * info['head']['top1_in_candidates']:.1f}% of held-out tokens")
+          f"candidates {100 * info['head']['top1_in_candidates']:.1f}% of held-out tokens"
+          + (f"; its row cache starts with the {info['head']['hot_rows']} most frequent" if info['head'].get('hot_rows')
+             else ""))
 
 
 def _info_stack(src) -> None:

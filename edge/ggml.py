@@ -19,11 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edge import quants
 from edge.errors import EdgeError
 
 F32 = 0
 MAX_N_THREADS = 512
 GRAPH_NODES = 512  # mul_mat nodes one computation may hold (a layer's streamed clusters are one node each)
+GRAPH_CACHE = 1 << 20  # bytes of kept one-row graphs (Ggml.products); a decode step of SmolLM2 keeps ~0.5MB
+GRAPH_ROWS = 16384  # kept graphs' inputs and outputs, each at most this many floats (not a head's logits)
 
 
 class _InitParams(ctypes.Structure):
@@ -62,20 +65,28 @@ class Weight:
     a writable buffer we own). With batches > 1, a stack of such matrices `batch_stride` bytes apart, multiplied
     by an input of shape (batches, T, cols)."""
 
-    __slots__ = ("buf", "address", "type_id", "rows", "cols", "row_stride", "offset", "batches", "batch_stride")
+    __slots__ = ("buf", "address", "type_id", "rows", "cols", "row_stride", "offset", "batches", "batch_stride",
+                 "full_cols", "block_elements")
 
     def __init__(self, buf, type_id: int, rows: int, cols: int, row_stride: int | None = None,
                  offset: int = 0, batches: int = 1, batch_stride: int = 0):
-        from edge import quants
-
+        fmt = quants.FORMATS[type_id]
         self.buf, self.type_id, self.rows, self.cols = buf, type_id, rows, cols
-        self.row_stride = row_stride or quants.FORMATS[type_id].row_bytes(cols)
+        self.row_stride = row_stride or fmt.row_bytes(cols)
         self.offset, self.batches, self.batch_stride = offset, batches, batch_stride
         arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
         self.address = arr.ctypes.data + offset
-        end = offset + (batches - 1) * batch_stride + (rows - 1) * self.row_stride + quants.FORMATS[type_id].row_bytes(cols)
+        end = offset + (batches - 1) * batch_stride + (rows - 1) * self.row_stride + fmt.row_bytes(cols)
         if end > arr.nbytes:
             raise ValueError("weight extends past its buffer")
+        # the row length ggml is told: the stride in elements (a view takes the first `cols` of longer rows)
+        if batches > 1:
+            self.full_cols = cols
+        elif self.row_stride % fmt.block_bytes:
+            raise ValueError("row stride is not a whole number of blocks")
+        else:
+            self.full_cols = self.row_stride // fmt.block_bytes * fmt.block_size
+        self.block_elements = -(-((batches - 1) * batch_stride + rows * self.row_stride) // fmt.block_bytes) * fmt.block_size
 
 
 class Ggml:
@@ -113,6 +124,12 @@ class Ggml:
         self._meta_size = (4 * GRAPH_NODES * self.ggml_tensor_overhead()
                            + self.ggml_graph_overhead_custom(GRAPH_NODES, False) + 4096)
         self._meta = np.zeros(self._meta_size, np.uint8)
+        self._meta_address = self._meta.ctypes.data
+        self._graphs: dict[tuple, _Graph] = {}  # insertion order: least recently used first
+        self._graph_bytes = 0
+        self._clock = 0
+        self._graph_in = np.zeros(GRAPH_ROWS, np.float32)  # every kept graph's inputs, and outputs
+        self._graph_out = np.zeros(GRAPH_ROWS, np.float32)
         self._work = np.zeros(1 << 20, np.uint8)
         self._data_offset = self._find_data_offset()
 
@@ -133,69 +150,145 @@ class Ggml:
     def _set_data(self, tensor: int, address: int) -> None:
         ctypes.c_uint64.from_address(tensor + self._data_offset).value = address
 
-    def matmul(self, x: np.ndarray, weights: list[Weight]) -> list[np.ndarray]:
+    def matmul(self, x: np.ndarray, weights: list[Weight], keep: bool = True) -> list[np.ndarray]:
         """[x @ W.T for W in weights]: x (T, cols) float32 -> (T, rows) float32 each, one graph computation."""
-        return self.products([(x, w) for w in weights])
+        return self.products([(x, w) for w in weights], keep)
 
-    def products(self, pairs: list[tuple[np.ndarray, Weight]]) -> list[np.ndarray]:
-        """[x @ W.T for x, W in pairs] in one graph computation (inputs shared by identity are given once)."""
-        inputs: dict[int, np.ndarray] = {}
+    def products(self, pairs: list[tuple[np.ndarray, Weight]], keep: bool = True) -> list[np.ndarray]:
+        """[x @ W.T for x, W in pairs] in one graph computation (inputs shared by identity are given once).
+
+        One token's products (inputs of one row, weights not batched) run a graph built once for these
+        weights and kept (`_Graph`): the input is copied in, the outputs copied out. A decode step makes ~120
+        such calls; building each graph anew (~15 ctypes calls) cost ~40us of Python apiece (15 instead of 43us
+        per call of a tiny product here). keep=False: weights that will not be seen again (rows just read)."""
+        slot: dict[int, int] = {}
+        xs: list[np.ndarray] = []
         for x, _ in pairs:
-            if id(x) not in inputs:
-                inputs[id(x)] = np.ascontiguousarray(x if x.ndim >= 2 else x[None], dtype=np.float32)
-        outs = [np.empty(inputs[id(x)].shape[:-1] + (w.rows,), np.float32) for x, w in pairs]
-        ctx = self.ggml_init(_InitParams(self._meta_size, self._meta.ctypes.data, True))
+            if id(x) not in slot:
+                slot[id(x)] = len(xs)
+                xs.append(x)
+        if keep and all(x.ndim == 1 or x.ndim == 2 and len(x) == 1 for x in xs) and all(w.batches == 1 for _, w in pairs):
+            key = (tuple(x.shape[-1] for x in xs),
+                   tuple((slot[id(x)], w.address, w.type_id, w.rows, w.cols, w.row_stride) for x, w in pairs))
+            g = self._kept(key, [x.shape[-1] for x in xs], [(slot[id(x)], w) for x, w in pairs])
+            if g is not None:
+                for buf, x in zip(g.inputs, xs):
+                    buf[0] = x.reshape(-1)
+                self._compute(g.graph, g.plan)
+                return [o.copy() for o in g.outputs]
+        inputs = [np.ascontiguousarray(x if x.ndim >= 2 else x[None], dtype=np.float32) for x in xs]
+        outs = [np.empty(inputs[slot[id(x)]].shape[:-1] + (w.rows,), np.float32) for x, w in pairs]
+        ctx = self.ggml_init(_InitParams(self._meta_size, self._meta_address, True))
         try:
-            tensors = {}
-            for key, x in inputs.items():
-                if x.ndim == 3:
-                    tensors[key] = self.ggml_new_tensor_3d(ctx, F32, x.shape[2], x.shape[1], x.shape[0])
-                else:
-                    tensors[key] = self.ggml_new_tensor_2d(ctx, F32, x.shape[1], x.shape[0])
-                self._set_data(tensors[key], x.ctypes.data)
-            graph = self.ggml_new_graph_custom(ctx, GRAPH_NODES, False)
-            for (x, w), out in zip(pairs, outs):
-                xin = inputs[id(x)]
-                if w.cols != xin.shape[-1] or (w.batches > 1) != (xin.ndim == 3):
-                    raise ValueError(f"weight ({w.batches} x {w.rows} x {w.cols}) does not fit input {xin.shape}")
-                full = self._full_cols(w)
-                if w.batches > 1:  # a strided stack: a flat base tensor and a 3-D view of it
-                    from edge import quants
-
-                    fmt = quants.FORMATS[w.type_id]
-                    span = (w.batches - 1) * w.batch_stride + w.rows * w.row_stride
-                    base = self.ggml_new_tensor_1d(ctx, w.type_id, -(-span // fmt.block_bytes) * fmt.block_size)
-                    self._set_data(base, w.address)
-                    wt = self.ggml_view_3d(ctx, base, w.cols, w.rows, w.batches, w.row_stride, w.batch_stride, 0)
-                else:
-                    wt = self.ggml_new_tensor_2d(ctx, w.type_id, full, w.rows)
-                    self._set_data(wt, w.address)
-                    if full != w.cols:  # the first `cols` of longer rows (the down cache's used prefix)
-                        wt = self.ggml_view_2d(ctx, wt, w.cols, w.rows, w.row_stride, 0)
-                y = self.ggml_mul_mat(ctx, wt, tensors[id(x)])
-                self._set_data(y, out.ctypes.data)
-                self.ggml_build_forward_expand(graph, y)
-            plan = self.ggml_graph_plan(graph, self.threads, self._pool)
-            if plan.work_size > self._work.nbytes:
-                self._work = np.zeros(plan.work_size, np.uint8)
-            plan.work_data = self._work.ctypes.data
-            status = self.ggml_graph_compute(graph, ctypes.byref(plan))
-            if status != 0:
-                raise EdgeError(f"ggml graph computation failed (status {status})")
+            graph = self._build(ctx, GRAPH_NODES, inputs, [(slot[id(x)], w) for x, w in pairs], outs)
+            self._compute(graph, self.ggml_graph_plan(graph, self.threads, self._pool))
         finally:
             self.ggml_free(ctx)
         return outs
 
-    @staticmethod
-    def _full_cols(w: Weight) -> int:
-        from edge import quants
+    def _build(self, ctx: int, size: int, inputs: list[np.ndarray], pairs: list[tuple[int, Weight]],
+               outs: list[np.ndarray]) -> int:
+        """A graph in ctx of inputs[k] @ W.T into outs, for (k, W) in pairs, over the arrays' own memory."""
+        new_1d, new_2d, view_2d, view_3d = (self.ggml_new_tensor_1d, self.ggml_new_tensor_2d, self.ggml_view_2d,
+                                            self.ggml_view_3d)
+        mul_mat, expand, set_data = self.ggml_mul_mat, self.ggml_build_forward_expand, self._set_data
+        tensors = []
+        for x in inputs:
+            if x.ndim == 3:
+                tensors.append(self.ggml_new_tensor_3d(ctx, F32, x.shape[2], x.shape[1], x.shape[0]))
+            else:
+                tensors.append(new_2d(ctx, F32, x.shape[1], x.shape[0]))
+            set_data(tensors[-1], x.ctypes.data)
+        graph = self.ggml_new_graph_custom(ctx, size, False)
+        for (k, w), out in zip(pairs, outs):
+            x = inputs[k]
+            if w.cols != x.shape[-1] or (w.batches > 1) != (x.ndim == 3):
+                raise ValueError(f"weight ({w.batches} x {w.rows} x {w.cols}) does not fit input {x.shape}")
+            if w.batches > 1:  # a strided stack: a flat base tensor and a 3-D view of it
+                base = new_1d(ctx, w.type_id, w.block_elements)
+                set_data(base, w.address)
+                wt = view_3d(ctx, base, w.cols, w.rows, w.batches, w.row_stride, w.batch_stride, 0)
+            else:
+                wt = new_2d(ctx, w.type_id, w.full_cols, w.rows)
+                set_data(wt, w.address)
+                if w.full_cols != w.cols:  # the first `cols` of longer rows (the down cache's used prefix)
+                    wt = view_2d(ctx, wt, w.cols, w.rows, w.row_stride, 0)
+            y = mul_mat(ctx, wt, tensors[k])
+            set_data(y, out.ctypes.data)
+            expand(graph, y)
+        return graph
 
-        fmt = quants.FORMATS[w.type_id]
-        if w.batches > 1:
-            return w.cols
-        if w.row_stride % fmt.block_bytes:
-            raise ValueError("row stride is not a whole number of blocks")
-        return w.row_stride // fmt.block_bytes * fmt.block_size
+    def _compute(self, graph: int, plan: _Cplan) -> None:
+        if plan.work_size > self._work.nbytes:
+            self._work = np.zeros(plan.work_size, np.uint8)
+        plan.work_data = self._work.ctypes.data
+        status = self.ggml_graph_compute(graph, ctypes.byref(plan))
+        if status != 0:
+            raise EdgeError(f"ggml graph computation failed (status {status})")
+
+    def _kept(self, key: tuple, input_cols: list[int], pairs: list[tuple[int, Weight]]) -> "_Graph | None":
+        """The kept graph for these products, built if there is room (None if not: built and freed per call).
+
+        Room: GRAPH_CACHE bytes, made by dropping graphs unused for twice as many calls as are kept (a decode
+        step's graphs recur every step; those of weights that changed, such as a neuron cache's used prefix
+        as it fills, do not). A model whose step needs more than fits keeps what fits, not a cycle of misses."""
+        self._clock += 1
+        g = self._graphs.pop(key, None)
+        if g is None:
+            if not _Graph.fits(input_cols, pairs):
+                return None  # a large product (a head): building its graph is a small part of its time
+            nbytes = _Graph.bytes_for(self, input_cols, pairs)
+            while self._graph_bytes + nbytes > GRAPH_CACHE and self._graphs:
+                oldest = next(iter(self._graphs))
+                if self._graphs[oldest].last >= self._clock - 2 * len(self._graphs):
+                    return None
+                self._graph_bytes -= self._graphs.pop(oldest).close()
+            if self._graph_bytes + nbytes > GRAPH_CACHE:
+                return None
+            g = _Graph(self, input_cols, pairs)
+            self._graph_bytes += g.nbytes
+        g.last = self._clock
+        self._graphs[key] = g  # most recently used last
+        return g
+
+
+class _Graph:
+    """A kept graph of one-row products: its own ggml context (tensor and graph metadata, ~4KB) and compute
+    plan. Inputs and outputs live in the runtime's two GRAPH_ROWS buffers, shared by every kept graph (one
+    computes at a time; its outputs are copied out at once)."""
+
+    def __init__(self, gg: Ggml, input_cols: list[int], pairs: list[tuple[int, Weight]]):
+        self.gg, self.last = gg, 0
+        self.inputs = self._views(gg._graph_in, input_cols)
+        self.outputs = self._views(gg._graph_out, [w.rows for _, w in pairs])
+        size = self._size(input_cols, pairs)
+        self.meta = np.zeros(self.bytes_for(gg, input_cols, pairs), np.uint8)
+        self.ctx = gg.ggml_init(_InitParams(self.meta.nbytes, self.meta.ctypes.data, True))
+        self.graph = gg._build(self.ctx, size, self.inputs, pairs, self.outputs)
+        self.plan = gg.ggml_graph_plan(self.graph, gg.threads, gg._pool)
+        self.nbytes = self.meta.nbytes
+
+    @staticmethod
+    def _views(buf: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        at = np.cumsum([0] + sizes)
+        return [buf[a:a + n].reshape(1, n) for a, n in zip(at, sizes)]
+
+    @staticmethod
+    def fits(input_cols: list[int], pairs: list) -> bool:
+        return sum(input_cols) <= GRAPH_ROWS and sum(w.rows for _, w in pairs) <= GRAPH_ROWS
+
+    @staticmethod
+    def _size(input_cols: list[int], pairs: list) -> int:
+        return 2 * len(pairs) + len(input_cols) + 8  # nodes: products and views; leafs: inputs and weights
+
+    @classmethod
+    def bytes_for(cls, gg: Ggml, input_cols: list[int], pairs: list) -> int:
+        return ((len(input_cols) + 3 * len(pairs)) * gg.ggml_tensor_overhead()
+                + gg.ggml_graph_overhead_custom(cls._size(input_cols, pairs), False) + 256)
+
+    def close(self) -> int:
+        self.gg.ggml_free(self.ctx)
+        return self.nbytes
 
 
 _INSTANCES: dict[int, Ggml] = {}

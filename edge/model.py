@@ -22,8 +22,8 @@ PREFILL_CHUNK = 32  # under a budget, prompts run this many positions at a time 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x: (..., n) normed over its last axis and scaled by weight (n,)."""
-    ms = np.mean(np.square(x), axis=-1, keepdims=True)
-    return x * (1.0 / np.sqrt(ms + eps)) * weight
+    ms = np.add.reduce(x * x, axis=-1, keepdims=True) / np.float32(x.shape[-1])  # np.mean's own sum, without
+    return x * (1.0 / np.sqrt(ms + eps)) * weight                                # its ~40us of Python per call
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:

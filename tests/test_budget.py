@@ -79,15 +79,25 @@ def test_streamed_ffn_agrees_with_dense(dense, slots, strategy):
 
 
 def test_low_rank_head_picks_the_full_heads_token(dense):
-    """Greedy choices of the low-rank head (+ exact rescoring of its candidates) equal the full head's."""
+    """Greedy choices of the low-rank head (+ exact rescoring of its candidates), one position at a time as
+    in decoding, equal the full head's. Its row cache starts with the calibration's most frequent candidates
+    (the stored rows equal the head's), and those serve part of the lookups."""
     from edge.ggml import ggml
-    from edge.sparse import ApproxHead
+    from edge.sparse import ApproxHead, ROW_CACHE
 
     store, toks, ref, hidden = dense
     final = rms_norm(hidden, _norm(store), store.config.norm_eps)
-    (approx,) = ApproxHead(store, ggml(2))(final)
+    head = ApproxHead(store, ggml(2))
+    cache = head.row_cache
+    hot = store.sparse["head"]["hot_rows"]
+    assert 0 < hot <= ROW_CACHE and (cache.owner >= 0).sum() == hot
+    ids = cache.owner[:hot]
+    np.testing.assert_array_equal(cache.rows[:hot], store.tensor(head.name).raw[ids])
+    np.testing.assert_array_equal(cache.slot[ids], np.arange(hot))
+    approx = np.concatenate([head(final[t:t + 1])[0] for t in range(len(final))])
     agree = float((approx.argmax(1) == ref.argmax(1)).mean())
     assert agree >= 0.99, agree
+    assert cache.hits > 0 and cache.hits + cache.misses == len(final) * head.candidates
 
 
 def _norm(store):

@@ -69,3 +69,41 @@ def test_ggml_views_and_batches_equal_plain_products():
         np.testing.assert_allclose(ys[k], one, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="past its buffer"):
         Weight(t.raw, t.type_id, 65, 512)
+
+
+def test_ggml_kept_graphs_equal_fresh_ones_and_stay_bounded(monkeypatch):
+    """One-row products run a kept graph (edge.ggml._Graph): the same numbers as a graph built for the call
+    (keep=False), weights rewritten in place (the neuron cache) are read anew, outputs are the caller's own
+    arrays, and the kept graphs stay within GRAPH_CACHE, least recently used out."""
+    import edge.ggml as G
+    from edge.ggml import Ggml, Weight
+
+    g = Ggml(2)
+    a, b = tensor_of("Q4_1", rows=64, seed=6), tensor_of("Q8_0", rows=32, seed=7)
+    wa, wb = Weight(a.raw.copy(), a.type_id, 64, 512), Weight(b.raw, b.type_id, 32, 512)
+    x, z = np.random.default_rng(8).standard_normal((2, 1, 512)).astype(np.float32)
+    for _ in range(2):  # built, then kept
+        ya, yb = g.products([(x, wa), (x, wb)])
+        fa, fb = g.products([(x, wa), (x, wb)], keep=False)
+        np.testing.assert_array_equal(ya, fa)
+        np.testing.assert_array_equal(yb, fb)
+    assert len(g._graphs) == 1
+    y2, yz = g.products([(x, wa), (z, wb)])  # two inputs: another graph
+    np.testing.assert_array_equal(y2, ya)
+    np.testing.assert_array_equal(yz, g.matmul(z, [wb], keep=False)[0])
+    ya[:] = 0  # the caller's copy: the next call is not affected
+    np.testing.assert_array_equal(g.matmul(x, [wa])[0], fa)
+    wa.buf[:] = b.raw[:, :wa.buf.shape[1]].repeat(2, axis=0)[:64]  # new weights at the same address
+    np.testing.assert_array_equal(g.matmul(x, [wa])[0], g.matmul(x, [wa], keep=False)[0])
+    # a bound that holds two graphs: a step of three recurring ones keeps two, not a cycle of rebuilds
+    g2 = Ggml(1)
+    ws = [Weight(a.raw, a.type_id, 64, 512, offset=0), Weight(a.raw, a.type_id, 32, 512, offset=32 * a.raw.shape[1]),
+          Weight(b.raw, b.type_id, 16, 512)]
+    monkeypatch.setattr(G, "GRAPH_CACHE", 2 * G._Graph.bytes_for(g2, [512], [(0, ws[0])]) + 1)
+    built = []
+    monkeypatch.setattr(G._Graph, "__init__", lambda self, *args, _init=G._Graph.__init__: (built.append(1), _init(self, *args))[1])
+    for step in range(4):
+        for w in ws:
+            np.testing.assert_array_equal(g2.matmul(x, [w])[0], g2.matmul(x, [w], keep=False)[0])
+    assert g2._graph_bytes <= G.GRAPH_CACHE
+    assert len(built) == len(g2._graphs) == 2

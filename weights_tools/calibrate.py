@@ -18,7 +18,9 @@ hidden activation h = act(gate(x)) * up(x). From those:
 - the head's low-rank copy `sparse/head` (Q4_0 blocks): logits ~ (h @ V) @ L.T with V the top `head_rank`
   principal directions of the final hidden states; the runtime rescores the top candidates with exact rows.
   Measured on SmolLM2 (held-out text, exact top-1 among the candidates): rank 128 Q8_0 95.1% (64 candidates)
-  / 98.2% (128); rank 256 Q4_0 99.3% / 99.7%; a Q4_0 copy of the whole head 100% with 16, at 2.3x the bytes.
+  / 98.2% (128); rank 256 Q4_0 99.3% / 99.7%; a Q4_0 copy of the whole head 100% with 16, at 2.3x the bytes;
+- the head rows most often among those candidates on the calibration text (`sparse/head_hot`, ids in
+  `sparse/head_hot_ids`), one contiguous array the runtime reads into its row cache at start.
 
 Written into `sparse.partial/` inside the store and renamed, then the attributes are updated (the commit
 point): an interrupted calibration leaves the store as it was.
@@ -137,7 +139,12 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
     del e
     _write_array(group, "head", low, max(1, (1 << 20) // low.shape[1]))
     _write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
-    head_check = _head_recall(model, Y[held:], v, low)
+    approx = quants.dequantize(low, quants.Q4_0, v.shape[1])  # (vocab, head_rank)
+    head_check = _head_recall(model, Y[held:], v, approx)
+    hot = _hot_rows(Y[:held], v, approx)
+    _write_array(group, "head_hot_ids", hot.astype("<i4").view(np.uint8).reshape(1, -1), 1)
+    _write_array(group, "head_hot", np.ascontiguousarray(ht.raw[hot]), max(1, (1 << 20) // ht.raw.shape[1]))
+    head_check["hot_rows"] = len(hot)
     summary = {"predictor": PREDICTOR, "rank": rank, "head_rank": head_rank, "tokens": int(len(Y)),
                "layers": layers, "head": {"tensor": head_name, **head_check}}
     if progress:
@@ -175,14 +182,32 @@ def fit_predictor(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-3):
 HEAD_CANDIDATES = 128  # rows rescored exactly per token (edge.sparse.ApproxHead)
 
 
-def _head_recall(model, y, v, low) -> dict:
+def _candidates(y, v, approx, batch: int = 64):
+    """The low-rank head's top candidates for each state of y, (T, HEAD_CANDIDATES), in batches of states (a
+    (T, vocab) block of logits at once would be 4GB for Gemma 3 at 4096 tokens)."""
+    out = []
+    for i in range(0, len(y), batch):
+        z = (y[i:i + batch] @ v) @ approx.T
+        out.append(np.argpartition(-z, HEAD_CANDIDATES, axis=1)[:, :HEAD_CANDIDATES])
+    return np.concatenate(out)
+
+
+def _head_recall(model, y, v, approx) -> dict:
     """How often the exact head's top token is among the low-rank head's top candidates (held-out states)."""
-    exact = model.output(y)[0]
-    approx = (y @ v) @ quants.dequantize(low, quants.Q4_0, v.shape[1]).T
-    top = np.argpartition(-approx, HEAD_CANDIDATES, axis=1)[:, :HEAD_CANDIDATES]
-    best = exact.argmax(axis=1)
-    inside = float(np.mean([b in t for b, t in zip(best, top)]))
+    best = np.concatenate([model.output(y[i:i + 64])[0].argmax(axis=1) for i in range(0, len(y), 64)])
+    inside = float(np.mean([b in t for b, t in zip(best, _candidates(y, v, approx))]))
     return {"candidates": HEAD_CANDIDATES, "top1_in_candidates": inside}
+
+
+def _hot_rows(y, v, approx) -> np.ndarray:
+    """The head rows rescored most often on calibration text, most frequent first, as many as the runtime's
+    row cache holds: stored as one array the runtime reads at start (a cold cache missed 41 of 128 rows per
+    token over SmolLM2's first 64 tokens, 190us a read here; see edge.sparse.RowCache.fill)."""
+    from edge.sparse import ROW_CACHE
+
+    counts = np.bincount(_candidates(y, v, approx).reshape(-1), minlength=len(approx))
+    order = np.argsort(-counts, kind="stable")[:ROW_CACHE]
+    return order[counts[order] > 0]
 
 
 class LayerReplay:
