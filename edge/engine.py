@@ -336,7 +336,15 @@ class Engine:
                 "hit_rate": round(st.hit_rate, 4), "clusters_needed": st.needed, "evicted": st.evicted,
                 "evicted_in_window": st.evicted_in_window, "streamed": st.streamed,
                 "neurons_per_token": st.neurons // n, "cache_bytes": ffn.cache_bytes,
-                "prefetched": st.prefetched, "prefetch_used": st.prefetch_used}
+                "prefetched": st.prefetched, "prefetch_used": st.prefetch_used, **self._head_stats()}
+
+    def _head_stats(self) -> dict:
+        """The streamed head's row cache: head candidates and embedding rows found in RAM, and read."""
+        head = self.model.output
+        rows = getattr(head, "row_cache", None)
+        if rows is None:
+            return {}
+        return {"head_rows_cached": rows.hits, "head_rows_read": rows.misses}
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)

@@ -496,7 +496,7 @@ class ApproxHead:
     approximate, which a perplexity would feel: `nll` (eval) streams the exact head from flash in row blocks
     with a running log-sum-exp, as do logits of several positions at once."""
 
-    def __init__(self, store, ggml, candidates: int = 128, rows: RowCache | None = None):
+    def __init__(self, store, ggml, rows: RowCache | None = None):
         from edge import quants
 
         info = store.sparse
@@ -507,9 +507,10 @@ class ApproxHead:
         r = info["head_rank"]
         self.low = Weight(store.read_array("sparse/head"), quants.Q4_0, self.vocab, r)
         self.basis = store.read_array("sparse/head_basis").reshape(-1).view(np.float32).reshape(self.cols, r).copy()
-        self.candidates = candidates
+        head = info["head"]
+        self.candidates = head["candidates"]
         self.row_cache = rows or RowCache(store, self.name)
-        if info["head"].get("hot_rows"):  # calibrated by this version: start with the most wanted rows
+        if head.get("hot_rows"):  # calibrated by this version: start with the most wanted rows
             ids = store.read_array("sparse/head_hot_ids").reshape(-1).view("<i4")
             self.row_cache.fill(ids, store.read_array("sparse/head_hot"))
 
@@ -523,15 +524,12 @@ class ApproxHead:
             for r0, block in self.blocks(x):
                 z[:, r0:r0 + block.shape[1]] = block
             return (z,)
-        (z,) = self.ggml.matmul(x @ self.basis, [self.low])  # (T, vocab)
-        k = self.candidates
-        for t in range(len(x)):  # rescored by the same kernel as the dense head, so greedy choices agree
-            top = np.sort(np.argpartition(-z[t], k)[:k])
-            rows = self.row_cache.get(top)
-            (exact,) = self.ggml.matmul(x[t:t + 1], [Weight(rows, self.type_id, k, self.cols)], keep=False)
-            z[t, top] = exact[0]
+        (z,) = self.ggml.matmul(x @ self.basis, [self.low])  # (1, vocab)
+        top = np.sort(np.argpartition(-z[0], self.candidates)[:self.candidates])
+        rows = self.row_cache.get(top)  # rescored by the same kernel as the dense head, so greedy choices agree
+        (exact,) = self.ggml.matmul(x, [Weight(rows, self.type_id, len(top), self.cols)], keep=False)
+        z[0, top] = exact[0]
         return (z,)
-
 
     def blocks(self, x: np.ndarray):
         """(first row, x @ E[rows].T) for every block of head rows, each row read from flash once."""

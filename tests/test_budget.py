@@ -100,6 +100,42 @@ def test_low_rank_head_picks_the_full_heads_token(dense):
     assert cache.hits > 0 and cache.hits + cache.misses == len(final) * head.candidates
 
 
+STORY = ("The lighthouse keeper's daughter, Mira, had never seen the mainland. Every morning she climbed the "
+         "ninety-two steps to polish the great lens, and every evening she wrote a letter she never sent. One winter "
+         "a storm threw a small boat onto the rocks below. Inside was a boy with a broken oar and a basket of "
+         "oranges. \"Where did you come from?\" Mira asked. \"From the city,\" he said, shivering, \"where the "
+         "streets glow all night and nobody looks at the stars.\" She gave him her blanket and a bowl of fish soup. "
+         "For three days the sea raged, and they traded stories: she told him about the whales that sang under "
+         "the ice, he told her about trains and libraries and a bakery that sold bread shaped like moons. When "
+         "the weather cleared, his father's ship came to fetch him. Before he left, he pressed an orange into her "
+         "hands. \"Plant the seeds,\" he said. \"Then you'll have something from the mainland too.\"")
+
+
+def test_low_rank_head_holds_on_text_unlike_the_calibration(smol_calibrated):
+    """A story, nothing like the calibration text (Python's documentation): the low-rank basis fitted to the
+    calibration's states alone kept the full head's greedy choice on 95.5% of its tokens; mixed with the
+    head's own directions and turned for Q4_0, 98.0% (Gemma 3: 96.6% -> 100%). The bar is 99%; this guards
+    what is reached."""
+    from edge.ggml import ggml
+    from edge.model import PREFILL_CHUNK
+    from edge.sparse import ApproxHead
+
+    store = Store(smol_calibrated)
+    tok = Tokenizer(store.tokenizer_path, store.config.arch, store.chat_template)
+    ids = np.array(tok.encode(STORY))
+    model = Transformer(store, 512, backend="ggml", threads=2)
+    logits, hidden = [], []
+    for i in range(0, len(ids), PREFILL_CHUNK):
+        logits.append(model.forward(ids[i:i + PREFILL_CHUNK], i, all_logits=True))
+        hidden.append(model.last_hidden)
+    ref = np.concatenate(logits)
+    final = rms_norm(np.concatenate(hidden), _norm(store), store.config.norm_eps)
+    head = ApproxHead(store, ggml(2))
+    approx = np.concatenate([head(final[t:t + 1])[0] for t in range(len(final))])
+    agree = float((approx.argmax(1) == ref.argmax(1)).mean())
+    assert len(ids) > 150 and agree >= 0.97, agree
+
+
 def _norm(store):
     from edge import quants
 
