@@ -101,6 +101,7 @@ class _LayerCache:
         self.cluster_of = np.full(slots, -1, np.int64)
         self.slot_of = np.full(lay.n_clusters, -1, np.int64)
         self.last_use = np.zeros(slots, np.int64)
+        self._weights: tuple | None = None  # (used, gate_up, down) as of the last weights()
 
     @property
     def nbytes(self) -> int:
@@ -148,10 +149,14 @@ class _LayerCache:
         self.used = n
 
     def weights(self) -> tuple[list[Weight], Weight]:
-        lay, n = self.lay, self.used * self.lay.c
-        gate_up = [Weight(self.gate, lay.types[0], n, lay.dim), Weight(self.up, lay.types[1], n, lay.dim)]
-        down = Weight(self.down, lay.types[2], lay.dim, n, row_stride=self.down.shape[1])
-        return gate_up, down
+        """The used prefix as ggml weights (the same objects while the prefix stays: a fully cached layer's
+        products run the same kept graphs every token)."""
+        if self._weights is None or self._weights[0] != self.used:
+            lay, n = self.lay, self.used * self.lay.c
+            gate_up = [Weight(self.gate, lay.types[0], n, lay.dim), Weight(self.up, lay.types[1], n, lay.dim)]
+            down = Weight(self.down, lay.types[2], lay.dim, n, row_stride=self.down.shape[1])
+            self._weights = (self.used, gate_up, down)
+        return self._weights[1], self._weights[2]
 
 
 class SparseFFN:
@@ -241,9 +246,15 @@ class SparseFFN:
         cache = self.caches[i] if self.caches else None
         if i == 0:
             self.step += 1
+        st = self.stats
+        if not self.predicting and cache is not None and cache.used == lay.n_clusters and i not in self._pending:
+            cache.last_use[:cache.used] = self.step  # every cluster needed, every one cached: nothing to read
+            st.needed += lay.n_clusters
+            st.hits += lay.n_clusters
+            self._start_prefetch(i, x)
+            return self._compute(x, lay, cache, [])
         score = self.predict(i, x) if self.predicting else None
         needed = np.flatnonzero(score >= self.tau[i]) if self.predicting else np.arange(lay.n_clusters)
-        st = self.stats
         st.needed += len(needed)
         if cache is None:
             missing, stream = needed[:0], needed
