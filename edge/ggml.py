@@ -25,7 +25,7 @@ from edge.errors import EdgeError
 F32 = 0
 MAX_N_THREADS = 512
 GRAPH_NODES = 512  # mul_mat nodes one computation may hold (a layer's streamed clusters are one node each)
-GRAPH_CACHE = 1 << 20  # bytes of kept one-row graphs (Ggml.products); a decode step of SmolLM2 keeps ~0.5MB
+GRAPH_CACHE = 640 << 10  # bytes of kept graphs (Ggml.products); a decode step of SmolLM2 keeps 527KB (120 graphs)
 GRAPH_ROWS = 16384  # kept graphs' inputs and outputs, each at most this many floats (not a head's logits)
 
 
@@ -157,8 +157,8 @@ class Ggml:
     def products(self, pairs: list[tuple[np.ndarray, Weight]], keep: bool = True) -> list[np.ndarray]:
         """[x @ W.T for x, W in pairs] in one graph computation (inputs shared by identity are given once).
 
-        One token's products (inputs of one row, weights not batched) run a graph built once for these
-        weights and kept (`_Graph`): the input is copied in, the outputs copied out. A decode step makes ~120
+        One token's products (inputs of one position) run a graph built once for these weights and kept
+        (`_Graph`): the inputs are copied in, the outputs copied out. A decode step makes ~120
         such calls; building each graph anew (~15 ctypes calls) cost ~40us of Python apiece (15 instead of 43us
         per call of a tiny product here). keep=False: weights that will not be seen again (rows just read)."""
         slot: dict[int, int] = {}
@@ -167,13 +167,14 @@ class Ggml:
             if id(x) not in slot:
                 slot[id(x)] = len(xs)
                 xs.append(x)
-        if keep and all(x.ndim == 1 or x.ndim == 2 and len(x) == 1 for x in xs) and all(w.batches == 1 for _, w in pairs):
-            key = (tuple(x.shape[-1] for x in xs),
-                   tuple((slot[id(x)], w.address, w.type_id, w.rows, w.cols, w.row_stride) for x, w in pairs))
-            g = self._kept(key, [x.shape[-1] for x in xs], [(slot[id(x)], w) for x, w in pairs])
+        if keep and all(x.ndim == 1 or x.shape[-2] == 1 for x in xs):
+            shapes = [x.shape if x.ndim >= 2 else (1,) + x.shape for x in xs]
+            key = (tuple(shapes), tuple((slot[id(x)], w.address, w.type_id, w.rows, w.cols, w.row_stride, w.batches,
+                                         w.batch_stride) for x, w in pairs))
+            g = self._kept(key, shapes, [(slot[id(x)], w) for x, w in pairs])
             if g is not None:
                 for buf, x in zip(g.inputs, xs):
-                    buf[0] = x.reshape(-1)
+                    buf[...] = x.reshape(buf.shape)
                 self._compute(g.graph, g.plan)
                 return [o.copy() for o in g.outputs]
         inputs = [np.ascontiguousarray(x if x.ndim >= 2 else x[None], dtype=np.float32) for x in xs]
@@ -226,7 +227,7 @@ class Ggml:
         if status != 0:
             raise EdgeError(f"ggml graph computation failed (status {status})")
 
-    def _kept(self, key: tuple, input_cols: list[int], pairs: list[tuple[int, Weight]]) -> "_Graph | None":
+    def _kept(self, key: tuple, shapes: list[tuple], pairs: list[tuple[int, Weight]]) -> "_Graph | None":
         """The kept graph for these products, built if there is room (None if not: built and freed per call).
 
         Room: GRAPH_CACHE bytes, made by dropping graphs unused for twice as many calls as are kept (a decode
@@ -235,9 +236,9 @@ class Ggml:
         self._clock += 1
         g = self._graphs.pop(key, None)
         if g is None:
-            if not _Graph.fits(input_cols, pairs):
+            if not _Graph.fits(shapes, pairs):
                 return None  # a large product (a head): building its graph is a small part of its time
-            nbytes = _Graph.bytes_for(self, input_cols, pairs)
+            nbytes = _Graph.bytes_for(self, shapes, pairs)
             while self._graph_bytes + nbytes > GRAPH_CACHE and self._graphs:
                 oldest = next(iter(self._graphs))
                 if self._graphs[oldest].last >= self._clock - 2 * len(self._graphs):
@@ -245,7 +246,7 @@ class Ggml:
                 self._graph_bytes -= self._graphs.pop(oldest).close()
             if self._graph_bytes + nbytes > GRAPH_CACHE:
                 return None
-            g = _Graph(self, input_cols, pairs)
+            g = _Graph(self, shapes, pairs)
             self._graph_bytes += g.nbytes
         g.last = self._clock
         self._graphs[key] = g  # most recently used last
@@ -253,38 +254,44 @@ class Ggml:
 
 
 class _Graph:
-    """A kept graph of one-row products: its own ggml context (tensor and graph metadata, ~4KB) and compute
-    plan. Inputs and outputs live in the runtime's two GRAPH_ROWS buffers, shared by every kept graph (one
-    computes at a time; its outputs are copied out at once)."""
+    """A kept graph of one position's products: its own ggml context (tensor and graph metadata, ~4KB) and
+    compute plan. Inputs and outputs live in the runtime's two GRAPH_ROWS buffers, shared by every kept graph
+    (one computes at a time; its outputs are copied out at once)."""
 
-    def __init__(self, gg: Ggml, input_cols: list[int], pairs: list[tuple[int, Weight]]):
+    def __init__(self, gg: Ggml, shapes: list[tuple], pairs: list[tuple[int, Weight]]):
         self.gg, self.last = gg, 0
-        self.inputs = self._views(gg._graph_in, input_cols)
-        self.outputs = self._views(gg._graph_out, [w.rows for _, w in pairs])
-        size = self._size(input_cols, pairs)
-        self.meta = np.zeros(self.bytes_for(gg, input_cols, pairs), np.uint8)
+        self.inputs = self._views(gg._graph_in, shapes)
+        self.outputs = self._views(gg._graph_out, self._out_shapes(shapes, pairs))
+        size = self._size(shapes, pairs)
+        self.meta = np.zeros(self.bytes_for(gg, shapes, pairs), np.uint8)
         self.ctx = gg.ggml_init(_InitParams(self.meta.nbytes, self.meta.ctypes.data, True))
         self.graph = gg._build(self.ctx, size, self.inputs, pairs, self.outputs)
         self.plan = gg.ggml_graph_plan(self.graph, gg.threads, gg._pool)
         self.nbytes = self.meta.nbytes
 
     @staticmethod
-    def _views(buf: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    def _out_shapes(shapes: list[tuple], pairs: list) -> list[tuple]:
+        return [shapes[k][:-1] + (w.rows,) for k, w in pairs]
+
+    @staticmethod
+    def _views(buf: np.ndarray, shapes: list[tuple]) -> list[np.ndarray]:
+        sizes = [int(np.prod(s)) for s in shapes]
         at = np.cumsum([0] + sizes)
-        return [buf[a:a + n].reshape(1, n) for a, n in zip(at, sizes)]
-
-    @staticmethod
-    def fits(input_cols: list[int], pairs: list) -> bool:
-        return sum(input_cols) <= GRAPH_ROWS and sum(w.rows for _, w in pairs) <= GRAPH_ROWS
-
-    @staticmethod
-    def _size(input_cols: list[int], pairs: list) -> int:
-        return 2 * len(pairs) + len(input_cols) + 8  # nodes: products and views; leafs: inputs and weights
+        return [buf[a:a + n].reshape(s) for a, n, s in zip(at, sizes, shapes)]
 
     @classmethod
-    def bytes_for(cls, gg: Ggml, input_cols: list[int], pairs: list) -> int:
-        return ((len(input_cols) + 3 * len(pairs)) * gg.ggml_tensor_overhead()
-                + gg.ggml_graph_overhead_custom(cls._size(input_cols, pairs), False) + 256)
+    def fits(cls, shapes: list[tuple], pairs: list) -> bool:
+        return (sum(int(np.prod(s)) for s in shapes) <= GRAPH_ROWS
+                and sum(int(np.prod(s)) for s in cls._out_shapes(shapes, pairs)) <= GRAPH_ROWS)
+
+    @staticmethod
+    def _size(shapes: list[tuple], pairs: list) -> int:
+        return 2 * len(pairs) + len(shapes) + 8  # nodes: products and views; leafs: inputs and weights
+
+    @classmethod
+    def bytes_for(cls, gg: Ggml, shapes: list[tuple], pairs: list) -> int:
+        return ((len(shapes) + 3 * len(pairs)) * gg.ggml_tensor_overhead()
+                + gg.ggml_graph_overhead_custom(cls._size(shapes, pairs), False) + 256)
 
     def close(self) -> int:
         self.gg.ggml_free(self.ctx)

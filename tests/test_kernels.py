@@ -91,6 +91,13 @@ def test_ggml_kept_graphs_equal_fresh_ones_and_stay_bounded(monkeypatch):
     y2, yz = g.products([(x, wa), (z, wb)])  # two inputs: another graph
     np.testing.assert_array_equal(y2, ya)
     np.testing.assert_array_equal(yz, g.matmul(z, [wb], keep=False)[0])
+    stride = 16 * a.raw.shape[1]  # a stack of 4 matrices, each times its own copy of one position (streamed records)
+    xs = np.random.default_rng(9).standard_normal((4, 1, 512)).astype(np.float32)
+    stack = Weight(a.raw, a.type_id, 16, 512, None, 0, 4, stride)
+    for _ in range(2):
+        (ys,) = g.products([(xs, stack)])
+        np.testing.assert_array_equal(ys, g.products([(xs, stack)], keep=False)[0])
+    assert ys.shape == (4, 1, 16) and len(g._graphs) == 3
     ya[:] = 0  # the caller's copy: the next call is not affected
     np.testing.assert_array_equal(g.matmul(x, [wa])[0], fa)
     wa.buf[:] = b.raw[:, :wa.buf.shape[1]].repeat(2, axis=0)[:64]  # new weights at the same address
@@ -99,7 +106,7 @@ def test_ggml_kept_graphs_equal_fresh_ones_and_stay_bounded(monkeypatch):
     g2 = Ggml(1)
     ws = [Weight(a.raw, a.type_id, 64, 512, offset=0), Weight(a.raw, a.type_id, 32, 512, offset=32 * a.raw.shape[1]),
           Weight(b.raw, b.type_id, 16, 512)]
-    monkeypatch.setattr(G, "GRAPH_CACHE", 2 * G._Graph.bytes_for(g2, [512], [(0, ws[0])]) + 1)
+    monkeypatch.setattr(G, "GRAPH_CACHE", 2 * G._Graph.bytes_for(g2, [(1, 512)], [(0, ws[0])]) + 1)
     built = []
     monkeypatch.setattr(G._Graph, "__init__", lambda self, *args, _init=G._Graph.__init__: (built.append(1), _init(self, *args))[1])
     for step in range(4):
