@@ -191,25 +191,23 @@ def fit_predictor(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-3):
     return a.astype(np.float16), proj.astype(np.float16), bias.astype(np.float32)
 
 
-HEAD_CANDIDATES = 128  # rows rescored exactly per token at most (edge.sparse.ApproxHead)
+HEAD_CANDIDATES = 128  # rows rescored exactly per token (edge.sparse.ApproxHead)
 HEAD_MIX = 0.1  # the head's row covariance in the low-rank basis (the rest: the final states'), see above
-def _candidates(y, v, approx, batch: int = 64):
-    """The low-rank head's top candidates for each state of y, (T, HEAD_CANDIDATES), best first, and their
-    low-rank logits, in batches of states (a (T, vocab) block of logits at once would be 4GB for Gemma 3 at
-    4096 tokens)."""
-    ids, logits = [], []
+
+
+def _candidates(y, v, approx, batch: int = 64) -> np.ndarray:
+    """The low-rank head's top candidates for each state of y, (T, HEAD_CANDIDATES), in batches of states (a
+    (T, vocab) block of logits at once would be 4GB for Gemma 3 at 4096 tokens)."""
+    out = []
     for i in range(0, len(y), batch):
         z = (y[i:i + batch] @ v) @ approx.T
-        top = np.argpartition(-z, HEAD_CANDIDATES, axis=1)[:, :HEAD_CANDIDATES]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(z, top, 1), axis=1, kind="stable"), 1)
-        ids.append(top)
-        logits.append(np.take_along_axis(z, top, 1))
-    return np.concatenate(ids), np.concatenate(logits)
+        out.append(np.argpartition(-z, HEAD_CANDIDATES, axis=1)[:, :HEAD_CANDIDATES])
+    return np.concatenate(out)
 
 
 def _head_recall(model, y, v, approx) -> dict:
     """How often the exact head's top token is among the low-rank head's top candidates (held-out states)."""
-    ids, _ = _candidates(y, v, approx)
+    ids = _candidates(y, v, approx)
     best = np.concatenate([model.output(y[i:i + 64])[0].argmax(axis=1) for i in range(0, len(y), 64)])
     return {"candidates": HEAD_CANDIDATES, "top1_in_candidates": float(np.mean((ids == best[:, None]).any(1)))}
 
@@ -220,7 +218,7 @@ def _hot_rows(y, v, approx) -> np.ndarray:
     token over SmolLM2's first 64 tokens, 190us a read here; see edge.sparse.RowCache.fill)."""
     from edge.sparse import ROW_CACHE
 
-    counts = np.bincount(_candidates(y, v, approx)[0].reshape(-1), minlength=len(approx))
+    counts = np.bincount(_candidates(y, v, approx).reshape(-1), minlength=len(approx))
     order = np.argsort(-counts, kind="stable")[:ROW_CACHE]
     return order[counts[order] > 0]
 
