@@ -18,7 +18,8 @@ from edge.errors import EdgeError
 from edge.sizes import format_size
 
 MARGIN = 8 << 20        # read copies, allocator slack, kernels' work buffers (plus the activations, by model)
-IO_BUFFER = 4 << 20     # the I/O engine's preallocated read buffer under a budget
+IO_BUFFER = 4 << 20     # the I/O engine's preallocated read buffer under a budget (streamed FFN: store_io_bytes)
+IO_ROWS = 1 << 20       # under a streamed FFN, at least this much for rows (the head's candidates: ~33 reads a call)
 KERNEL_SHARE = 64       # expert plans leave 1/64 of the cache for what the cap also charges with it: page
                         # tables, huge-page rounding, the libraries' page cache
 
@@ -32,6 +33,7 @@ class Plan:
     resident: int         # attention, norms, predictors, low-rank head
     margin: int
     scratch: int          # read buffers of streamed clusters: the layer computing and the one prefetched
+    min_scratch: int      # those buffers with no cluster cached (every one streams)
     slot_bytes: int       # one cached cluster in every layer
     slots: int            # cached clusters per layer
     n_clusters: int       # clusters per layer
@@ -52,8 +54,8 @@ class Plan:
 
     @property
     def minimum(self) -> int:
-        """Everything but the neuron cache."""
-        return self.baseline + self.kv + self.io + self.resident + self.margin + self.scratch
+        """Everything but the neuron cache, with every cluster streaming: the smallest budget that runs."""
+        return self.baseline + self.kv + self.io + self.resident + self.margin + self.min_scratch
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -132,28 +134,51 @@ def activation_bytes(cfg, n_ctx: int, chunk: int | None = None) -> int:
         + GRAPH_CACHE + 8 * GRAPH_ROWS
 
 
+def store_io_bytes(store) -> int:
+    """The store's I/O buffer under a streamed FFN: its largest single read (a chunk of a resident tensor, of
+    the low-rank head, its basis, the warm head rows or a predictor), with alignment, and at least IO_ROWS.
+    Row lookups batch to what it holds (Store.read_chunks)."""
+    from edge.flash import ALIGN
+
+    optional = [f"sparse/{p}" for p in ("head", "head_basis", "head_hot", "head_hot_ids")]
+    optional += [f"sparse/aux.{i}" for i in range(store.config.n_layers)]  # older calibrations lack some
+    paths = ["t/" + name for name in store.attrs["tensors"]] + [p for p in optional if (store.path / p).is_dir()]
+    largest = max(store.array(p).chunk_bytes for p in paths)
+    return max(IO_ROWS, -(-(largest + 4 * ALIGN) // ALIGN) * ALIGN)
+
+
 def make_plan(store, budget: int, baseline: int, n_ctx: int, strategy: str = "sparse", sparsity: float = 0.0,
               window: int = 5, read_ahead: bool = False) -> Plan:
+    """At sparsity 0 every token reads the clusters not cached, so the read buffers hold only those and
+    shrink as the cache grows: the cache is the largest that fits with the buffers it leaves. With
+    predictors a token may read any cluster: buffers for all."""
     from edge.model import KVCache
-    from edge.sparse import Layout, stream_buffer_bytes
+    from edge.sparse import Layout, stream_scratch_bytes
 
     cfg = store.config
     layouts = [Layout(lay) for lay in store.attrs["ffn"]]
     n_clusters = max(lay.n_clusters for lay in layouts)
-    scratch = 2 * stream_buffer_bytes(layouts)  # the read buffers: the layer computing and the one prefetched
-    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=IO_BUFFER,
-                 resident=resident_bytes(store, strategy == "sparse" and sparsity > 0, read_ahead),
-                 margin=MARGIN + activation_bytes(cfg, n_ctx),
-                 scratch=scratch, slot_bytes=sum(lay.bytes for lay in layouts), n_clusters=n_clusters,
+    predicting = strategy == "sparse" and sparsity > 0
+    min_scratch = stream_scratch_bytes(layouts, 0)
+    fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx), io=store_io_bytes(store),
+                 resident=resident_bytes(store, predicting, read_ahead),
+                 margin=MARGIN + activation_bytes(cfg, n_ctx), min_scratch=min_scratch,
+                 slot_bytes=sum(lay.bytes for lay in layouts), n_clusters=n_clusters,
                  n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),
-                 strategy=strategy, sparsity=sparsity, window=window,
-                 read_ahead=read_ahead and strategy == "sparse" and sparsity > 0)
-    probe = Plan(slots=0, **fixed)
+                 strategy=strategy, sparsity=sparsity, window=window, read_ahead=read_ahead and predicting)
+    probe = Plan(slots=0, scratch=min_scratch, **fixed)
     if budget < probe.minimum:
         raise EdgeError(f"--ram {format_size(budget)} is below the minimum of {format_size(probe.minimum)} for "
                         f"this model with a context of {n_ctx} tokens; raise --ram or lower --ctx")
-    slots = 0 if strategy == "naive" else min(n_clusters, (budget - probe.minimum) // probe.slot_bytes)
-    return Plan(slots=int(slots), **fixed)
+    if strategy == "naive":
+        return probe
+    if predicting:
+        slots = min(n_clusters, (budget - probe.minimum) // probe.slot_bytes)
+        return Plan(slots=int(slots), scratch=min_scratch, **fixed)
+    room = budget - (probe.minimum - min_scratch)
+    slots = next(s for s in range(n_clusters, -1, -1)
+                 if stream_scratch_bytes(layouts, s) + s * probe.slot_bytes <= room)
+    return Plan(slots=slots, scratch=stream_scratch_bytes(layouts, slots), **fixed)
 
 
 def plan_for(store, strategy: str, budget: int, baseline: int, n_ctx: int, sparsity: float = 0.0, window: int = 5,

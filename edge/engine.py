@@ -138,8 +138,8 @@ class Engine:
 
             self.plan = plan_for(self.file, resolve_strategy(self.file, strategy), ram, self.meter.rss(), self.n_ctx,
                                  **self._plan_options)
-            if self.plan.strategy == "bitstack" and self.plan.io > len(io.buffer):  # blocks over half the buffer
-                io.close()
+            if self.plan.strategy in ("bitstack", "sparse", "naive") and self.plan.io != len(io.buffer):
+                io.close()  # BitStack: blocks over half the buffer; a streamed FFN: its largest chunk
                 self.file.engine = IOEngine(threads=read_threads, buffer_bytes=self.plan.io)
             self.pressure = PressureWatch(self.plan)
         self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads, plan=self.plan)
@@ -166,7 +166,8 @@ class Engine:
         rss = self.meter.rss()
         if rss <= p.budget - p.margin // 8:
             return
-        grown = min(rss - (p.budget - p.margin // 4), p.budget - p.minimum)
+        planned = sum(p.parts().values())  # at most the budget (less where the cache is whole)
+        grown = min(rss - (planned - p.margin // 4), p.budget - p.minimum)
         if grown <= 0:
             return
         self.resize(p.budget, baseline=p.baseline + grown)
@@ -267,8 +268,8 @@ class Engine:
 
     def resize(self, budget: int, baseline: int | None = None):
         """Re-plan for a new budget while the model is loaded (between tokens, also mid-answer): the neuron
-        cache grows or shrinks; growing reads nothing now (the next tokens fill the new slots with what they
-        read anyway), shrinking frees the least recently used clusters. Below the minimum: EdgeError, nothing
+        cache grows or shrinks; growing reads the added clusters now at sparsity 0 (with predictors the next
+        tokens fill the new slots with what they read anyway), shrinking frees the least recently used clusters. Below the minimum: EdgeError, nothing
         changes. baseline: a new measure of the process without weights (load slack folded in)."""
         from edge.budget import plan_for
         from edge.model import _release_free_memory
@@ -310,10 +311,12 @@ class Engine:
             return
         if self.model.sparse_ffn is None or not self.model.sparse_ffn.caches:
             return
-        before, held = self.plan, self.model.sparse_ffn.cache_bytes
-        slots = self.model.sparse_ffn.shrink(need)
-        freed = held - self.model.sparse_ffn.cache_bytes
-        self.plan = dataclasses.replace(self.plan, slots=slots, budget=self.plan.budget - freed)
+        ffn = self.model.sparse_ffn
+        before, held = self.plan, ffn.cache_bytes + ffn.buffer_bytes
+        slots = ffn.shrink(need)
+        freed = held - (ffn.cache_bytes + ffn.buffer_bytes)  # the read buffers grow by the clusters now streamed
+        self.plan = dataclasses.replace(self.plan, slots=slots, budget=self.plan.budget - freed,
+                                        scratch=ffn.buffer_bytes)
         self.pressure.plan = self.plan
         self.last.shrinks.append(f"memory pressure: {self.plan.shrunk_from(before)}")
 

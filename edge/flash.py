@@ -213,6 +213,15 @@ class IOEngine:
         with self._lock:
             self.stats.add(got, time.perf_counter() - t0)
 
+    def resize_buffer(self, buffer_bytes: int) -> None:
+        """A new preallocated buffer of this size (no read in flight, no view of the old one used again); the
+        counters stay."""
+        old, self.buffer, self.end = self.buffer, mmap.mmap(-1, _round_up(buffer_bytes, ALIGN)), 0
+        try:
+            old.close()
+        except BufferError:  # a view of it is still alive somewhere: freed with that view
+            pass
+
     def close(self) -> None:
         self._pool.shutdown()
         self.buffer.close()

@@ -202,10 +202,35 @@ class SparseFFN:
 
         from edge.flash import IOEngine
 
-        self._ios = [IOEngine(threads=read_threads, buffer_bytes=stream_buffer_bytes(self.layouts),
-                              max_read=PREFETCH_READ) for _ in range(2)]
+        self._ios = [IOEngine(threads=read_threads, buffer_bytes=self._buffer_bytes(slots), max_read=PREFETCH_READ)
+                     for _ in range(2)]
         self._next_io = 0
         self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="edge-prefetch")
+        self._fill()
+
+    @property
+    def keeps_full(self) -> bool:
+        """At sparsity 0 every token needs every cluster: the cache holds a fixed set, read in at start (and
+        after a resize), and each token reads only the others (the read buffers are sized to them)."""
+        return not self.predicting and bool(self.caches)
+
+    def _buffer_bytes(self, slots: int) -> int:
+        return stream_buffer_bytes(self.layouts, slots if self.keeps_full else 0)
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(len(io.buffer) for io in self._ios)
+
+    def _fill(self) -> None:
+        """Fill every layer's free slots with its first clusters not cached (at sparsity 0 the set the first
+        token would have kept), read through the store's engine a few records at a time."""
+        if not self.keeps_full:
+            return
+        for i, (cache, arr) in enumerate(zip(self.caches, self.arrays)):
+            ids = [int(c) for c in np.flatnonzero(cache.slot_of < 0)][:cache.slots - cache.used]
+            for k in range(0, len(ids), 8):
+                for cid, rec in zip(ids[k:k + 8], self.store.read_chunks(arr, ids[k:k + 8])):
+                    cache.insert(cid, np.frombuffer(rec, np.uint8), self.step)
 
     @property
     def cache_bytes(self) -> int:
@@ -217,24 +242,35 @@ class SparseFFN:
         return list(self._ios)
 
     def shrink(self, nbytes: int) -> int:
-        """Give back at least `nbytes` of cache (whole clusters in every layer); returns the new slots per layer."""
+        """Give back at least `nbytes` of cache and read buffers together (whole clusters in every layer; the
+        buffers grow by what then streams); returns the new slots per layer."""
         if not self.caches:
             return 0
         per_slot = sum(c.nbytes // max(1, c.slots) for c in self.caches)
         if per_slot == 0:
             return 0
-        slots = max(0, max(c.slots for c in self.caches) - -(-nbytes // per_slot))
+        now = max(c.slots for c in self.caches)
+        held = now * per_slot + 2 * self._buffer_bytes(now)
+        slots = next((s for s in range(now, -1, -1) if s * per_slot + 2 * self._buffer_bytes(s) <= held - nbytes), 0)
         self.resize(slots)
         return slots
 
     def resize(self, slots: int) -> None:
         """Hold `slots` clusters per layer: shrinking drops the least recently used (their memory goes back to
-        the OS), growing adds free slots that the next tokens fill with what they read anyway."""
+        the OS), growing adds free slots: at sparsity 0 read in now (only the added clusters), with predictors
+        filled by the next tokens with what they read anyway. The read buffers follow (between tokens: the
+        read ahead for the next token's first layer is waited for and dropped)."""
+        for _, _, fut in self._pending.values():
+            fut.result()
+        self._pending.clear()
         for c, lay in zip(self.caches, self.layouts):
             c.resize(min(slots, lay.n_clusters))
+        for io in self._ios:
+            io.resize_buffer(self._buffer_bytes(slots))
         from edge.model import _release_free_memory
 
         _release_free_memory()
+        self._fill()
 
     def predict(self, i: int, x: np.ndarray) -> np.ndarray:
         """Predicted log importance of every cluster of layer i for the tokens x (T, dim): (n_clusters,), the
@@ -435,13 +471,23 @@ def _runs(views: list, record: int) -> list[tuple]:
     return [(np.frombuffer(obj, np.uint8), off, k, stride) for obj, off, k, stride in runs]
 
 
-def stream_buffer_bytes(layouts: list[Layout]) -> int:
-    """A read buffer that holds one layer's clusters, with room for the alignment of every read: a cluster each
-    at worst (scattered by the predictors), reads split at PREFETCH_READ, a checksum array."""
+def stream_buffer_bytes(layouts: list[Layout], cached: int = 0) -> int:
+    """A read buffer that holds what one layer reads in a token, its clusters beyond the `cached` ones, with
+    room for the alignment of every read: a cluster each at worst (scattered by the predictors), reads split at
+    PREFETCH_READ, a checksum array."""
     from edge.flash import ALIGN
 
-    return max(lay.n_clusters * (lay.bytes + 2 * ALIGN) + (lay.n_clusters * lay.bytes // PREFETCH_READ + 4) * 2 * ALIGN
-               for lay in layouts)
+    most = 0
+    for lay in layouts:
+        k = lay.n_clusters - min(cached, lay.n_clusters)
+        most = max(most, k * (lay.bytes + 2 * ALIGN) + (k * lay.bytes // PREFETCH_READ + 4) * 2 * ALIGN)
+    return most
+
+
+def stream_scratch_bytes(layouts: list[Layout], cached: int = 0) -> int:
+    """Both read buffers (the layer computing and the one read ahead) with `cached` clusters per layer cached
+    and kept full (sparsity 0); cached=0 with predictors, whose tokens may read any cluster."""
+    return 2 * stream_buffer_bytes(layouts, cached)
 
 
 class RowCache:
