@@ -38,31 +38,31 @@ ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
 
 
 class Rope:
-    """Rotary embedding tables for positions [0, n_ctx): cos/sin of shape (n_ctx, rope_dims // 2)."""
+    """Rotary embedding: the angles of positions start..start+T-1 computed per call (float64, as tables would
+    hold them: a table for a long context is megabytes the budget would pay for)."""
 
     def __init__(self, cfg: ModelConfig, base: float, n_ctx: int):
         half = cfg.rope_dims // 2
-        inv = base ** (-np.arange(half, dtype=np.float64) * 2.0 / cfg.rope_dims)
-        angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]
-        self.cos = np.cos(angles).astype(np.float32)
-        self.sin = np.sin(angles).astype(np.float32)
+        self.inv = base ** (-np.arange(half, dtype=np.float64) * 2.0 / cfg.rope_dims)
         self.neox = cfg.rope_neox
         self.dims = cfg.rope_dims
+        self._at: tuple = (-1, 0, None, None)  # the positions of the last call and their cos, sin (every layer's)
 
     def __call__(self, x: np.ndarray, start: int) -> np.ndarray:
         """x: (T, n_heads, head_dim) at positions start..start+T-1; rotated in place and returned."""
         t = x.shape[0]
-        cos = self.cos[start:start + t, None, :]
-        sin = self.sin[start:start + t, None, :]
+        if self._at[:2] != (start, t):
+            angles = np.arange(start, start + t, dtype=np.float64)[:, None] * self.inv[None, :]
+            self._at = (start, t, np.cos(angles).astype(np.float32)[:, None, :],
+                        np.sin(angles).astype(np.float32)[:, None, :])
+        cos, sin = self._at[2], self._at[3]
         d = self.dims
         if self.neox:  # pairs (i, i + d/2)
-            a, b = x[..., : d // 2].copy(), x[..., d // 2: d].copy()
-            x[..., : d // 2] = a * cos - b * sin
-            x[..., d // 2: d] = a * sin + b * cos
+            a, b = x[..., : d // 2], x[..., d // 2: d]
         else:  # adjacent pairs (2i, 2i+1)
-            a, b = x[..., 0:d:2].copy(), x[..., 1:d:2].copy()
-            x[..., 0:d:2] = a * cos - b * sin
-            x[..., 1:d:2] = a * sin + b * cos
+            a, b = x[..., 0:d:2], x[..., 1:d:2]
+        ra, rb = a * cos - b * sin, a * sin + b * cos
+        a[...], b[...] = ra, rb
         return x
 
 
@@ -410,7 +410,7 @@ class Transformer:
         group = cfg.n_heads // cfg.n_kv_heads
         qg = q.reshape(t, cfg.n_kv_heads, group, cfg.head_dim).transpose(1, 2, 0, 3)  # (n_kv, group, T, hd)
         scores = qg @ keys[:, None].transpose(0, 1, 3, 2)  # (n_kv, group, T, S)
-        if t > 1 or local:
+        if t > 1:  # one position sees every key from `first` on (the sliding window starts there)
             qpos = np.arange(start, end)[:, None]
             kpos = np.arange(first, end)[None, :]
             masked = kpos > qpos

@@ -576,13 +576,15 @@ class ApproxHead:
         return self.low.buf.nbytes + self.basis.nbytes + self.row_cache.nbytes
 
     def __call__(self, x: np.ndarray) -> tuple:
+        from edge.sampling import top_ids
+
         if len(x) > 1:  # logits of several positions: the exact head, streamed in row blocks
             z = np.empty((len(x), self.vocab), np.float32)
             for r0, block in self.blocks(x):
                 z[:, r0:r0 + block.shape[1]] = block
             return (z,)
         (z,) = self.ggml.matmul(x @ self.basis, [self.low])  # (1, vocab)
-        top = np.sort(np.argpartition(-z[0], self.candidates)[:self.candidates])
+        top = np.sort(top_ids(z[0], self.candidates))
         rows = self.row_cache.get(top)  # rescored by the same kernel as the dense head, so greedy choices agree
         (exact,) = self.ggml.matmul(x, [Weight(rows, self.type_id, len(top), self.cols)], keep=False)
         z[0, top] = exact[0]
