@@ -182,12 +182,14 @@ class Store:
     def read_chunks(self, arr: _Array, chunks: list[int], check: bool = True, engine: IOEngine | None = None) -> list[bytes]:
         """Inner chunks' bytes (copied out of the engine's buffer, in batches it holds), verified against their
         crc32c. engine: another I/O engine (its own buffer), for reads issued from another thread (prefetch)."""
-        engine = engine or self.engine
+        return [bytes(v) for _, v in self._batched(arr, chunks, check, engine or self.engine)]
+
+    def _batched(self, arr: _Array, chunks: list[int], check: bool, engine: IOEngine):
+        """(chunk, view) for each chunk, read in batches the engine's buffer holds; a view is valid until the
+        next item of the next batch."""
         batch = max(1, (len(engine.buffer) // 2) // max(1, arr.chunk_bytes + 8192))
-        out: list[bytes] = []
         for i in range(0, len(chunks), batch):
-            out += [bytes(v) for v in self.read_views(arr, chunks[i:i + batch], check, engine)]
-        return out
+            yield from zip(chunks[i:i + batch], self.read_views(arr, chunks[i:i + batch], check, engine))
 
     def read_views(self, arr: _Array, chunks: list[int], check: bool = True,
                    engine: IOEngine | None = None, append: bool = False) -> list[memoryview]:
@@ -207,9 +209,14 @@ class Store:
         return views
 
     def read_array(self, path: str) -> np.ndarray:
+        """The whole array, read batch by batch into one preallocated array (a list of chunks joined would hold
+        it twice: a 38MB low-rank head took 75MB while loading)."""
         arr = self.array(path)
-        data = b"".join(self.read_chunks(arr, list(range(arr.n_chunks))))
-        return np.frombuffer(data, np.uint8)[: arr.shape[0] * arr.shape[1]].reshape(arr.shape)
+        out = np.empty(arr.n_chunks * arr.chunk_bytes, np.uint8)
+        size = arr.chunk_bytes
+        for c, view in self._batched(arr, list(range(arr.n_chunks)), True, self.engine):
+            out[c * size:(c + 1) * size] = np.frombuffer(view, np.uint8)
+        return out[: arr.shape[0] * arr.shape[1]].reshape(arr.shape)
 
     def has(self, name: str) -> bool:
         if expert_part(name) is not None:
