@@ -15,7 +15,9 @@ GGML blocks, computed by llama.cpp's kernels (edge.ggml) straight from the cache
    need exceeds the capacity, cached clusters not needed now go, least recently used first, those used by one
    of the last `window` tokens counted apart (windowing); needed clusters that still do not fit are used
    where they were read and not kept (counted as streamed). At sparsity 0 the cache therefore holds a fixed
-   set and the rest streams every token: a fixed set beats any replacement when every token needs all;
+   set and the rest streams every token: a fixed set beats any replacement when every token needs all. That
+   set is read in at load (and after a resize), so a token reads only the clusters not cached and the read
+   buffers are sized to those (`stream_scratch_bytes`: 65kB for SmolLM2 fully cached, 4.2MB with none);
 4. compute: gate and up over the cache's used prefix and over the streamed records in one ggml graph (records
    at one stride in the read buffer are one batched product; one node per 32-row record measured 30% slower),
    act(gate) * up, the down products in a second graph, summed.
