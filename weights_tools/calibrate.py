@@ -22,11 +22,7 @@ hidden activation h = act(gate(x)) * up(x). From those:
   decoding of a story under --ram left the full head's choice on 9 of SmolLM2's first 64 tokens (Gemma 3: 6);
   now 1 (0). Teacher-forced on a story (tests/test_budget.py): 95.5% -> 98.0% of tokens keep the full head's
   greedy choice (Gemma 3: 96.6% -> 100%); on the held-out calibration text 99.9% either way (exact top-1
-  among the 128 candidates). Half of the states' part is now the model's own sampled answers to
-  CHAT_PROMPTS (`generated_states`): the head scores those states in a chat, and the model's greedy answers
-  to six other prompts had left the full head's token outside SmolLM2's 128 candidates on 21 of 576 tokens
-  (96.4%). With them: story 98.0% -> 99.5% (Gemma 3 100% -> 99.5%), greedy decoding of the story prompt 1 ->
-  0 of 64 mismatches, held-out calibration text 99.9% -> 99.7% (Gemma 3 99.6% -> 99.2%). Without the rotation, Q4_0 blocks mixed the head's large directions with the
+  among the 128 candidates). Without the rotation, Q4_0 blocks mixed the head's large directions with the
   states' small ones: 94%. Earlier, on SmolLM2's held-out calibration text: rank 128 Q8_0 95.1% (64
   candidates) / 98.2% (128); rank 256 Q4_0 99.3% / 99.7%; a Q4_0 copy of the whole head 100% with 16, at 2.3x
   the bytes; rank 384 (+3.5MB) left 1 of 64 story tokens too;
@@ -84,42 +80,6 @@ def collect_activations(src, tokenizer_source, tokens: int, threads: int | None,
     model.trace = None
     return model, ({i: np.concatenate(v) for i, v in xs.items()}, {i: np.concatenate(v) for i, v in hs.items()},
                    rms_norm(np.concatenate(finals), model.output_norm, cfg.norm_eps))
-
-
-CHAT_PROMPTS = (  # what a chat asks (the states the head scores while answering are the model's own)
-    "Tell me a short story about a fox who wants to fly.",
-    "What should I pack for a weekend hiking trip?",
-    "Explain why the sky is blue to a ten year old.",
-    "Write a friendly email inviting my neighbours to a garden party.",
-    "What is the difference between a virus and a bacterium?",
-    "Give me three ideas for a vegetarian dinner.",
-    "How do I say thank you in French, Spanish and German?",
-    "Summarize the plot of a mystery novel in a few sentences.",
-)
-
-
-def generated_states(model, tok, tokens_each: int = 96, seed: int = 0) -> np.ndarray:
-    """Final hidden states (normed) while the model answers CHAT_PROMPTS itself, sampled (temperature 0.8,
-    top-k 40, fixed seed): the states its head scores in a chat. The calibration text alone (documentation)
-    left 39% of a story's state norm outside the low-rank head's basis (SmolLM2)."""
-    from edge.model import rms_norm
-    from edge.sampling import Sampler, SamplerConfig
-
-    sampler = Sampler(SamplerConfig(temperature=0.8, top_k=40, top_p=0.95, seed=seed))
-    states = []
-    for prompt in CHAT_PROMPTS:
-        ids = tok.encode_chat([{"role": "user", "content": prompt}])[:model.n_ctx // 2]
-        logits = model.forward(np.asarray(ids), 0)
-        pos = len(ids)
-        for _ in range(min(tokens_each, model.n_ctx - pos)):
-            states.append(model.last_hidden[-1:])
-            token = sampler(logits, ids)
-            if tok.is_end(token):
-                break
-            ids.append(token)
-            logits = model.forward(np.asarray([token]), pos)
-            pos += 1
-    return rms_norm(np.concatenate(states), model.output_norm, model.cfg.norm_eps)
 
 
 def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, tokens: int = 4096,
@@ -180,12 +140,8 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
     head_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
     ht = store.tensor(head_name)
     e = quants.dequantize(ht.raw, ht.type_id, ht.cols)  # (vocab, dim)
-    from edge.tokenizer import Tokenizer
-
-    G = generated_states(model, Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template))
-    states, answers, rows = Y[:held].T @ Y[:held], G.T @ G, e.T @ e
-    _, vecs = np.linalg.eigh((1 - HEAD_MIX) * ((1 - CHAT_MIX) * states / np.trace(states)
-                                               + CHAT_MIX * answers / np.trace(answers)) + HEAD_MIX * rows / np.trace(rows))
+    states, rows = Y[:held].T @ Y[:held], e.T @ e
+    _, vecs = np.linalg.eigh((1 - HEAD_MIX) * states / np.trace(states) + HEAD_MIX * rows / np.trace(rows))
     # turned by a fixed random rotation: the product is the same, and every Q4_0 block of the copy holds
     # coordinates of like size (the head's own directions are far larger than the states' and took the blocks'
     # scales: 94% of calibration tokens' top-1 among the candidates instead of 100%, SmolLM2)
@@ -197,7 +153,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
     _write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
     approx = quants.dequantize(low, quants.Q4_0, v.shape[1])  # (vocab, head_rank)
     head_check = _head_recall(model, Y[held:], v, approx)
-    hot = _hot_rows(np.concatenate([Y[:held], G]), v, approx)
+    hot = _hot_rows(Y[:held], v, approx)
     _write_array(group, "head_hot_ids", hot.astype("<i4").view(np.uint8).reshape(1, -1), 1)
     _write_array(group, "head_hot", np.ascontiguousarray(ht.raw[hot]), max(1, (1 << 20) // ht.raw.shape[1]))
     head_check["hot_rows"] = len(hot)
@@ -237,7 +193,6 @@ def fit_predictor(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-3):
 
 HEAD_CANDIDATES = 128  # rows rescored exactly per token (edge.sparse.ApproxHead)
 HEAD_MIX = 0.1  # the head's row covariance in the low-rank basis (the rest: the final states'), see above
-CHAT_MIX = 0.5  # of the states' part: the model's own answers to chat prompts (the rest: the calibration text)
 
 
 def _candidates(y, v, approx, batch: int = 64) -> np.ndarray:
