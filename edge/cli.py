@@ -372,10 +372,11 @@ def _info_calibration(src) -> None:
         nxt = [f"{float(s):g}: {np.mean([lay['next_recall'][s] for lay in layers[:-1]]):.2f}"
                for s in sorted(layers[0]["next_recall"], key=float) if float(s) > 0]
         print(f"  next layer's clusters predicted from this layer's input (read ahead), recall: {', '.join(nxt)}")
-    print(f"  head: low-rank copy rank {info['head_rank']}, exact top-1 within its {info['head']['candidates']} "
-          f"candidates {100 * info['head']['top1_in_candidates']:.1f}% of held-out tokens"
-          + (f"; its row cache starts with the {info['head']['hot_rows']} most frequent" if info['head'].get('hot_rows')
-             else ""))
+    head = info["head"]
+    chat = f", of its own chat answers' {100 * head['chat_top1_in_candidates']:.1f}%" if "chat_top1_in_candidates" in head else ""
+    print(f"  head: low-rank copy rank {info['head_rank']}, exact top-1 within its {head['candidates']} "
+          f"candidates on {100 * head['top1_in_candidates']:.1f}% of held-out text tokens{chat}"
+          + (f"; its row cache starts with the {head['hot_rows']} most frequent" if head.get("hot_rows") else ""))
 
 
 def _info_stack(src) -> None:

@@ -219,6 +219,10 @@ class SparseFFN:
     def _buffer_bytes(self, slots: int) -> int:
         return stream_buffer_bytes(self.layouts, slots if self.keeps_full else 0)
 
+    def _scratch_bytes(self, slots: int) -> int:
+        """Both read buffers at `slots` cached clusters per layer: the planner's figure."""
+        return stream_scratch_bytes(self.layouts, slots if self.keeps_full else 0)
+
     @property
     def buffer_bytes(self) -> int:
         return sum(len(io.buffer) for io in self._ios)
@@ -252,8 +256,8 @@ class SparseFFN:
         if per_slot == 0:
             return 0
         now = max(c.slots for c in self.caches)
-        held = now * per_slot + 2 * self._buffer_bytes(now)
-        slots = next((s for s in range(now, -1, -1) if s * per_slot + 2 * self._buffer_bytes(s) <= held - nbytes), 0)
+        held = now * per_slot + self._scratch_bytes(now)
+        slots = next((s for s in range(now, -1, -1) if s * per_slot + self._scratch_bytes(s) <= held - nbytes), 0)
         self.resize(slots)
         return slots
 

@@ -15,17 +15,21 @@ hidden activation h = act(gate(x)) * up(x). From those:
   store's FFN bundles;
 - thresholds: for each target sparsity s, the predicted-importance quantile below which a cluster is
   skipped, with recall and precision of that choice on held-out text (the last quarter of the tokens);
-- the head's low-rank copy `sparse/head` (Q4_0 blocks): logits ~ (h @ V) @ L.T with V the top `head_rank`
-  eigenvectors of the final hidden states' second moment plus HEAD_MIX of the head's own (both scaled to
-  trace 1), turned by a fixed random rotation; the runtime rescores the top candidates with exact rows. The
-  states alone (the calibration text is Python's documentation) fit its directions too closely: greedy
-  decoding of a story under --ram left the full head's choice on 9 of SmolLM2's first 64 tokens (Gemma 3: 6);
-  now 1 (0). Teacher-forced on a story (tests/test_budget.py): 95.5% -> 98.0% of tokens keep the full head's
-  greedy choice (Gemma 3: 96.6% -> 100%); on the held-out calibration text 99.9% either way (exact top-1
-  among the 128 candidates). Without the rotation, Q4_0 blocks mixed the head's large directions with the
-  states' small ones: 94%. Earlier, on SmolLM2's held-out calibration text: rank 128 Q8_0 95.1% (64
-  candidates) / 98.2% (128); rank 256 Q4_0 99.3% / 99.7%; a Q4_0 copy of the whole head 100% with 16, at 2.3x
-  the bytes; rank 384 (+3.5MB) left 1 of 64 story tokens too;
+- the head's low-rank copy `sparse/head` (Q4_0 blocks): logits ~ (h @ V) @ L.T with V the top eigenvectors
+  of the final hidden states' second moment plus HEAD_MIX of the head's own (each scaled to trace 1), turned
+  by a fixed random rotation; the runtime rescores the top candidates with exact rows. The states are half
+  the calibration text's and half the model's own sampled answers to chat prompts (`generated_states`): the
+  calibration text (Python's documentation) alone fits its directions too closely. Its rank is the
+  smallest from 256 in steps of 32 at which the held-out text and the held-out chat answers both keep the
+  exact top-1 among the 128 candidates on HEAD_TARGET of their tokens (`--head-rank` sets it). Measured on
+  the model's greedy answers to six other chat prompts (576 tokens): SmolLM2's text-only basis at rank 256
+  left the full head's token outside the candidates on 21 (96.4%), with chat answers mixed in 12; the
+  measured rank is 288: 8 (98.6%); 320: 1, at 0.9MB more, which at --ram 140MB no longer leaves every FFN
+  cluster cached (45 -> 25 tok/s). Gemma 3 keeps rank 256: 5 -> 0 of 576. A story (tests/test_budget.py):
+  SmolLM2 98.0% -> 100%, Gemma 3 100% -> 99.5%.
+  Earlier (text only): without the rotation, Q4_0 blocks mixed the head's large directions with the states'
+  small ones (94%); rank 128 Q8_0 95.1% (64 candidates) / 98.2% (128); a Q4_0 copy of the whole head 100%
+  with 16, at 2.3x the bytes of rank 256;
 - the head rows most often among those candidates on the calibration text (`sparse/head_hot`, ids in
   `sparse/head_hot_ids`), one contiguous array the runtime reads into its row cache at start.
 
@@ -82,16 +86,60 @@ def collect_activations(src, tokenizer_source, tokens: int, threads: int | None,
                    rms_norm(np.concatenate(finals), model.output_norm, cfg.norm_eps))
 
 
-def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, tokens: int = 4096,
+CHAT_PROMPTS = (  # what a chat asks: the states the head scores in a chat are the model's own answers to such
+    "Tell me a short story about a fox who wants to fly.",
+    "What should I pack for a weekend hiking trip?",
+    "Explain why the sky is blue to a ten year old.",
+    "Write a friendly email inviting my neighbours to a garden party.",
+    "What is the difference between a virus and a bacterium?",
+    "Give me three ideas for a vegetarian dinner.",
+    "How do I say thank you in French, Spanish and German?",
+    "Summarize the plot of a mystery novel in a few sentences.",
+    "Why do cats purr?",  # the last CHAT_HELD: held out, to measure the chosen rank on
+    "Write a haiku about the first snow of winter.",
+    "What are the pros and cons of working from home?",
+    "How does a bicycle stay upright when it moves?",
+)
+CHAT_HELD = 4
+CHAT_TOKENS = 96  # of each answer
+
+
+def generated_states(model, tok, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Final hidden states (normed) while the model answers CHAT_PROMPTS itself, sampled (temperature 0.8,
+    top-k 40, fixed seed): (fit, held out) by prompt. The calibration text (documentation) alone left 49% of
+    the state norm of SmolLM2's own chat answers outside the basis, and the full head's token outside its 128
+    candidates on 3.6% of the tokens."""
+    from edge.model import rms_norm
+    from edge.sampling import Sampler, SamplerConfig
+
+    sampler = Sampler(SamplerConfig(temperature=0.8, top_k=40, top_p=0.95, seed=seed))
+    per_prompt = []
+    for prompt in CHAT_PROMPTS:
+        ids = tok.encode_chat([{"role": "user", "content": prompt}])[:model.n_ctx // 2]
+        logits = model.forward(np.asarray(ids), 0)
+        states = []
+        for pos in range(len(ids), min(len(ids) + CHAT_TOKENS, model.n_ctx)):
+            states.append(model.last_hidden[-1:])
+            token = sampler(logits, ids)
+            if tok.is_end(token):
+                break
+            ids.append(token)
+            logits = model.forward(np.asarray([token]), pos)
+        per_prompt.append(rms_norm(np.concatenate(states), model.output_norm, model.cfg.norm_eps))
+    return np.concatenate(per_prompt[:-CHAT_HELD]), np.concatenate(per_prompt[-CHAT_HELD:])
+
+
+def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = None, tokens: int = 4096,
               threads: int | None = None, progress=None) -> dict:
-    """Calibrate a store in place; returns the summary written under attributes["edge"]["sparse"]."""
-    import gguf
+    """Calibrate a store in place; returns the summary written under attributes["edge"]["sparse"]. head_rank:
+    the low-rank head's rank (a multiple of 32); None measures it (head_ranks, HEAD_TARGET)."""
     import zarr
     from zarr.storage import LocalStore
 
     from weights_tools.convert import _write_array, commit_group
 
     from edge.store import Store
+    from edge.tokenizer import Tokenizer
 
     store_path = Path(store_path)
     store = Store(store_path)
@@ -99,8 +147,8 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
     if cfg.n_experts:
         raise EdgeError(f"{store_path}: a mixture of experts: its calibration is weights_tools.moe_traces "
                         "(`edge convert STORE --calibrate` runs it)")
-    if head_rank % 32:
-        raise EdgeError(f"head rank {head_rank}: must be a multiple of 32 (Q4_0 blocks)")
+    if head_rank is not None and (head_rank % 32 or head_rank <= 0):
+        raise EdgeError(f"--head-rank {head_rank}: must be a positive multiple of 32 (Q4_0 blocks of the copy)")
     clusters = [lay["cluster"] for lay in store.attrs["ffn"]]
     down_norms = []
     for i in range(cfg.n_layers):
@@ -136,24 +184,30 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int = 256, toke
         layers.append(entry)
         if progress:
             progress(i + 1, cfg.n_layers + 1)
-    # head: top principal directions of the final hidden states, with a tenth of the head's own row covariance
+    # head: top principal directions of the final hidden states (calibration text and the model's own chat
+    # answers), with a tenth of the head's own row covariance; the rank is measured (choose_head_rank)
     head_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
     ht = store.tensor(head_name)
     e = quants.dequantize(ht.raw, ht.type_id, ht.cols)  # (vocab, dim)
-    states, rows = Y[:held].T @ Y[:held], e.T @ e
-    _, vecs = np.linalg.eigh((1 - HEAD_MIX) * states / np.trace(states) + HEAD_MIX * rows / np.trace(rows))
-    # turned by a fixed random rotation: the product is the same, and every Q4_0 block of the copy holds
-    # coordinates of like size (the head's own directions are far larger than the states' and took the blocks'
-    # scales: 94% of calibration tokens' top-1 among the candidates instead of 100%, SmolLM2)
-    turn = np.linalg.qr(np.random.default_rng(0).standard_normal((head_rank, head_rank)))[0]
-    v = np.ascontiguousarray(vecs[:, ::-1][:, :head_rank] @ turn).astype(np.float32)  # (dim, head_rank)
-    low = gguf.quantize(e @ v, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(len(e), -1)
+    chat_fit, chat_held = generated_states(model, Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template))
+    states, answers, rows = Y[:held].T @ Y[:held], chat_fit.T @ chat_fit, e.T @ e
+    mixed = (1 - CHAT_MIX) * states / np.trace(states) + CHAT_MIX * answers / np.trace(answers)
+    _, vecs = np.linalg.eigh((1 - HEAD_MIX) * mixed + HEAD_MIX * rows / np.trace(rows))
+    checks = {"text": Y[held:], "chat": chat_held}
+    best = {k: _exact_top1(model, y) for k, y in checks.items()}
+    ranks, tried = [head_rank] if head_rank else head_ranks(cfg.dim), {}
+    for i, r in enumerate(ranks):
+        v, low, approx = _low_rank_head(e, vecs, r)
+        tried[r] = {k: _in_candidates(y, v, approx, best[k]) for k, y in checks.items()}
+        if min(tried[r].values()) >= HEAD_TARGET:
+            break
+    head_rank = r
     del e
     _write_array(group, "head", low, max(1, (1 << 20) // low.shape[1]))
     _write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
-    approx = quants.dequantize(low, quants.Q4_0, v.shape[1])  # (vocab, head_rank)
-    head_check = _head_recall(model, Y[held:], v, approx)
-    hot = _hot_rows(Y[:held], v, approx)
+    head_check = {"candidates": HEAD_CANDIDATES, "top1_in_candidates": tried[r]["text"],
+                  "chat_top1_in_candidates": tried[r]["chat"], "ranks_tried": {str(k): t for k, t in tried.items()}}
+    hot = _hot_rows(np.concatenate([Y[:held], chat_fit]), v, approx)
     _write_array(group, "head_hot_ids", hot.astype("<i4").view(np.uint8).reshape(1, -1), 1)
     _write_array(group, "head_hot", np.ascontiguousarray(ht.raw[hot]), max(1, (1 << 20) // ht.raw.shape[1]))
     head_check["hot_rows"] = len(hot)
@@ -193,6 +247,8 @@ def fit_predictor(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-3):
 
 HEAD_CANDIDATES = 128  # rows rescored exactly per token (edge.sparse.ApproxHead)
 HEAD_MIX = 0.1  # the head's row covariance in the low-rank basis (the rest: the final states'), see above
+CHAT_MIX = 0.5  # of the states' part: the model's own answers to chat prompts (the rest: the calibration text)
+HEAD_TARGET = 0.99  # held-out text and chat answers: exact top-1 among the candidates at the chosen rank
 
 
 def _candidates(y, v, approx, batch: int = 64) -> np.ndarray:
@@ -205,11 +261,34 @@ def _candidates(y, v, approx, batch: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _head_recall(model, y, v, approx) -> dict:
-    """How often the exact head's top token is among the low-rank head's top candidates (held-out states)."""
-    ids = _candidates(y, v, approx)
-    best = np.concatenate([model.output(y[i:i + 64])[0].argmax(axis=1) for i in range(0, len(y), 64)])
-    return {"candidates": HEAD_CANDIDATES, "top1_in_candidates": float(np.mean((ids == best[:, None]).any(1)))}
+def _exact_top1(model, y) -> np.ndarray:
+    """The exact head's top token for each state of y (the model's own output kernel)."""
+    return np.concatenate([model.output(y[i:i + 64])[0].argmax(axis=1) for i in range(0, len(y), 64)])
+
+
+def _in_candidates(y, v, approx, best) -> float:
+    """How often the exact head's top token is among the low-rank head's top candidates."""
+    return float(np.mean((_candidates(y, v, approx) == best[:, None]).any(1)))
+
+
+def head_ranks(dim: int) -> list[int]:
+    """The low-rank head's ranks calibration tries, smallest first: from 256 (or the model's width) in steps of
+    32 up to the model's width (a rank equal to the width is the whole head, turned, in Q4_0)."""
+    top = dim // 32 * 32
+    return list(range(min(256, top), top + 1, 32)) or [32]
+
+
+def _low_rank_head(e, vecs, r: int):
+    """The rank-r copy: basis V (dim, r), the first r eigenvectors turned by a fixed random rotation (the
+    product is the same, and every Q4_0 block of the copy holds coordinates of like size: the head's own
+    directions are far larger than the states' and took the blocks' scales, 94% of calibration tokens' top-1
+    among the candidates instead of 100%, SmolLM2), and E @ V in Q4_0 (stored bytes and dequantized)."""
+    import gguf
+
+    turn = np.linalg.qr(np.random.default_rng(0).standard_normal((r, r)))[0]
+    v = np.ascontiguousarray(vecs[:, ::-1][:, :r] @ turn).astype(np.float32)  # (dim, r)
+    low = gguf.quantize(e @ v, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(len(e), -1)
+    return v, low, quants.dequantize(low, quants.Q4_0, r)
 
 
 def _hot_rows(y, v, approx) -> np.ndarray:
