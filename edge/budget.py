@@ -114,6 +114,8 @@ def flash_head_bytes(store) -> int:
     total = 0
     vocab, r = store.attrs["tensors"][info["head"]["tensor"]]["shape"][0], info["head_rank"]
     total += vocab * quants.FORMATS[quants.Q4_0].row_bytes(r) + 4 * cfg.dim * r  # low-rank head, basis
+    if info["head"].get("miss"):
+        total += 2 * 4 * vocab  # the second stage's per-row bound, and its temporary per token
     from edge.sparse import ROW_CACHE
 
     caches = {info["head"]["tensor"], "token_embd.weight"}  # one row cache when the head is tied

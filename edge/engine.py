@@ -342,12 +342,13 @@ class Engine:
                 "prefetched": st.prefetched, "prefetch_used": st.prefetch_used, **self._head_stats()}
 
     def _head_stats(self) -> dict:
-        """The streamed head's row cache: head candidates and embedding rows found in RAM, and read."""
+        """The streamed head's row cache: head candidates and embedding rows found in RAM, and read; rows the
+        head's second stage rescored beyond its candidates."""
         head = self.model.output
         rows = getattr(head, "row_cache", None)
         if rows is None:
             return {}
-        return {"head_rows_cached": rows.hits, "head_rows_read": rows.misses}
+        return {"head_rows_cached": rows.hits, "head_rows_read": rows.misses, "head_rows_second_stage": head.extra}
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)

@@ -26,10 +26,13 @@ hidden activation h = act(gate(x)) * up(x). From those:
   left the full head's token outside the candidates on 21 (96.4%), with chat answers mixed in 12; the
   measured rank is 288: 8 (98.6%); 320: 1, at 0.9MB more, which at --ram 140MB no longer leaves every FFN
   cluster cached (45 -> 25 tok/s). Gemma 3 keeps rank 256: 5 -> 0 of 576. A story (tests/test_budget.py):
-  SmolLM2 98.0% -> 100%, Gemma 3 100% -> 99.5%.
-  Earlier (text only): without the rotation, Q4_0 blocks mixed the head's large directions with the states'
+  SmolLM2 98.0% -> 100%, Gemma 3 100% -> 99.5%. The runtime's second stage (`sparse/head_miss`, see
+  edge.sparse.ApproxHead) then takes SmolLM2's greedy choices on those answers from 569 to 574 of 576
+  (99.65%), rescoring 8 more rows per token (Gemma 3: 576 of 576 either way, 0.7 rows). Earlier (text only): without the rotation, Q4_0 blocks mixed the head's large directions with the states'
   small ones (94%); rank 128 Q8_0 95.1% (64 candidates) / 98.2% (128); a Q4_0 copy of the whole head 100%
   with 16, at 2.3x the bytes of rank 256;
+- what the basis leaves of each head row, |E_i (I - V V^T)| (`sparse/head_miss`, float32), the runtime's
+  second-stage bound;
 - the head rows most often among those candidates on the calibration text (`sparse/head_hot`, ids in
   `sparse/head_hot_ids`), one contiguous array the runtime reads into its row cache at start.
 
@@ -202,10 +205,12 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
         if min(tried[r].values()) >= HEAD_TARGET:
             break
     head_rank = r
+    miss = _head_miss(e, v)
     del e
     _write_array(group, "head", low, max(1, (1 << 20) // low.shape[1]))
     _write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
-    head_check = {"candidates": HEAD_CANDIDATES, "top1_in_candidates": tried[r]["text"],
+    _write_array(group, "head_miss", miss.view(np.uint8).reshape(1, -1), 1)
+    head_check = {"candidates": HEAD_CANDIDATES, "miss": True, "top1_in_candidates": tried[r]["text"],
                   "chat_top1_in_candidates": tried[r]["chat"], "ranks_tried": {str(k): t for k, t in tried.items()}}
     hot = _hot_rows(np.concatenate([Y[:held], chat_fit]), v, approx)
     _write_array(group, "head_hot_ids", hot.astype("<i4").view(np.uint8).reshape(1, -1), 1)
@@ -289,6 +294,16 @@ def _low_rank_head(e, vecs, r: int):
     v = np.ascontiguousarray(vecs[:, ::-1][:, :r] @ turn).astype(np.float32)  # (dim, r)
     low = gguf.quantize(e @ v, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(len(e), -1)
     return v, low, quants.dequantize(low, quants.Q4_0, r)
+
+
+def _head_miss(e, v, batch: int = 16384) -> np.ndarray:
+    """|E_i (I - V V^T)| per row (V orthonormal): what the basis leaves of each head row, the runtime's
+    second-stage bound (edge.sparse.ApproxHead)."""
+    out = np.empty(len(e), np.float32)
+    for i in range(0, len(e), batch):
+        rows = e[i:i + batch]
+        out[i:i + batch] = np.sqrt(np.maximum(0, (rows * rows).sum(1) - ((rows @ v) ** 2).sum(1)))
+    return out
 
 
 def _hot_rows(y, v, approx) -> np.ndarray:
