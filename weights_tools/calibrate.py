@@ -107,7 +107,7 @@ CHAT_HELD = 4
 CHAT_TOKENS = 96  # of each answer
 
 
-def generated_states(model, tok, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def generated_states(model, tok, seed: int = 0, done=None) -> tuple[np.ndarray, np.ndarray]:
     """Final hidden states (normed) while the model answers CHAT_PROMPTS itself, sampled (temperature 0.8,
     top-k 40, fixed seed): (fit, held out) by prompt. The calibration text (documentation) alone left 49% of
     the state norm of SmolLM2's own chat answers outside the basis, and the full head's token outside its 128
@@ -129,6 +129,8 @@ def generated_states(model, tok, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
             ids.append(token)
             logits = model.forward(np.asarray([token]), pos)
         per_prompt.append(rms_norm(np.concatenate(states), model.output_norm, model.cfg.norm_eps))
+        if done:
+            done(len(per_prompt))
     return np.concatenate(per_prompt[:-CHAT_HELD]), np.concatenate(per_prompt[-CHAT_HELD:])
 
 
@@ -153,6 +155,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
     if head_rank is not None and (head_rank % 32 or head_rank <= 0):
         raise EdgeError(f"--head-rank {head_rank}: must be a positive multiple of 32 (Q4_0 blocks of the copy)")
     clusters = [lay["cluster"] for lay in store.attrs["ffn"]]
+    steps = cfg.n_layers + len(CHAT_PROMPTS) + 1  # progress: layers, chat answers, the head
     down_norms = []
     for i in range(cfg.n_layers):
         dt = store.tensor(f"blk.{i}.ffn_down.weight")
@@ -186,13 +189,14 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
                 entry["next_thresholds"][str(s)] = tau
         layers.append(entry)
         if progress:
-            progress(i + 1, cfg.n_layers + 1)
+            progress(i + 1, steps)
     # head: top principal directions of the final hidden states (calibration text and the model's own chat
     # answers), with a tenth of the head's own row covariance; the rank is measured (choose_head_rank)
     head_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
     ht = store.tensor(head_name)
     e = quants.dequantize(ht.raw, ht.type_id, ht.cols)  # (vocab, dim)
-    chat_fit, chat_held = generated_states(model, Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template))
+    chat_fit, chat_held = generated_states(model, Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template),
+                                           done=lambda k: progress and progress(cfg.n_layers + k, steps))
     states, answers, rows = Y[:held].T @ Y[:held], chat_fit.T @ chat_fit, e.T @ e
     mixed = (1 - CHAT_MIX) * states / np.trace(states) + CHAT_MIX * answers / np.trace(answers)
     _, vecs = np.linalg.eigh((1 - HEAD_MIX) * mixed + HEAD_MIX * rows / np.trace(rows))
@@ -219,7 +223,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
     summary = {"predictor": PREDICTOR, "rank": rank, "head_rank": head_rank, "tokens": int(len(Y)),
                "layers": layers, "head": {"tensor": head_name, **head_check}}
     if progress:
-        progress(cfg.n_layers + 1, cfg.n_layers + 1)
+        progress(steps, steps)
     commit_group(store_path, partial, "sparse", summary)
     return summary
 
