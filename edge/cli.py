@@ -373,7 +373,8 @@ def _info_calibration(src) -> None:
                for s in sorted(layers[0]["next_recall"], key=float) if float(s) > 0]
         print(f"  next layer's clusters predicted from this layer's input (read ahead), recall: {', '.join(nxt)}")
     head = info["head"]
-    chat = f", of its own chat answers' {100 * head['chat_top1_in_candidates']:.1f}%" if "chat_top1_in_candidates" in head else ""
+    chat = head.get("chat_top1_in_candidates")
+    chat = f", of its own chat answers' {100 * chat:.1f}%" if chat is not None else ""
     print(f"  head: low-rank copy rank {info['head_rank']}, exact top-1 within its {head['candidates']} "
           f"candidates on {100 * head['top1_in_candidates']:.1f}% of held-out text tokens{chat}"
           + (f"; its row cache starts with the {head['hot_rows']} most frequent" if head.get("hot_rows") else ""))

@@ -584,7 +584,7 @@ class ApproxHead:
         head = info["head"]
         self.candidates = head["candidates"]
         self.miss = store.read_array("sparse/head_miss").reshape(-1).view("<f4").copy() if head.get("miss") else None
-        self.extra = 0  # tokens rescored by the second stage
+        self.extra = 0  # rows rescored by the second stage
         self.row_cache = rows or RowCache(store, self.name)
         if head.get("hot_rows"):  # calibrated by this version: start with the most wanted rows
             ids = store.read_array("sparse/head_hot_ids").reshape(-1).view("<i4")
@@ -592,7 +592,8 @@ class ApproxHead:
 
     @property
     def nbytes(self) -> int:
-        return self.low.buf.nbytes + self.basis.nbytes + self.row_cache.nbytes + (0 if self.miss is None else self.miss.nbytes)
+        miss = 0 if self.miss is None else self.miss.nbytes
+        return self.low.buf.nbytes + self.basis.nbytes + self.row_cache.nbytes + miss
 
     def __call__(self, x: np.ndarray) -> tuple:
         from edge.sampling import top_ids

@@ -28,9 +28,10 @@ hidden activation h = act(gate(x)) * up(x). From those:
   cluster cached (45 -> 25 tok/s). Gemma 3 keeps rank 256: 5 -> 0 of 576. A story (tests/test_budget.py):
   SmolLM2 98.0% -> 100%, Gemma 3 100% -> 99.5%. The runtime's second stage (`sparse/head_miss`, see
   edge.sparse.ApproxHead) then takes SmolLM2's greedy choices on those answers from 569 to 574 of 576
-  (99.65%), rescoring 8 more rows per token (Gemma 3: 576 of 576 either way, 0.7 rows). Earlier (text only): without the rotation, Q4_0 blocks mixed the head's large directions with the states'
-  small ones (94%); rank 128 Q8_0 95.1% (64 candidates) / 98.2% (128); a Q4_0 copy of the whole head 100%
-  with 16, at 2.3x the bytes of rank 256;
+  (99.65%), rescoring 8 more rows per token (Gemma 3: 576 of 576 either way, 0.7 rows). Earlier (text
+  only): without the rotation, Q4_0 blocks mixed the head's large directions with the states' small ones
+  (94%); rank 128 Q8_0 95.1% (64 candidates) / 98.2% (128); a Q4_0 copy of the whole head 100% with 16, at
+  2.3x the bytes of rank 256;
 - what the basis leaves of each head row, |E_i (I - V V^T)| (`sparse/head_miss`, float32), the runtime's
   second-stage bound;
 - the head rows most often among those candidates on the calibration text (`sparse/head_hot`, ids in
