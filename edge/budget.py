@@ -121,7 +121,7 @@ def flash_head_bytes(store) -> int:
     caches = {info["head"]["tensor"], "token_embd.weight"}  # one row cache when the head is tied
     for name in caches:
         t = store.attrs["tensors"][name]
-        total += ROW_CACHE * quants.FORMATS[t["type"]].row_bytes(t["shape"][1]) + 8 * (t["shape"][0] + 2 * ROW_CACHE)
+        total += ROW_CACHE * quants.FORMATS[t["type"]].row_bytes(t["shape"][1]) + 4 * t["shape"][0] + 16 * ROW_CACHE
     return total
 
 

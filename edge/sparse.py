@@ -506,7 +506,7 @@ class RowCache:
         arr = store.array("t/" + name)
         self.store, self.name = store, name
         self.rows = np.zeros((capacity, arr.shape[1]), np.uint8)
-        self.slot = np.full(t["shape"][0], -1, np.int64)
+        self.slot = np.full(t["shape"][0], -1, np.int32)
         self.owner = np.full(capacity, -1, np.int64)
         self.last = np.zeros(capacity, np.int64)
         self.clock = 0
