@@ -192,7 +192,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
         if progress:
             progress(i + 1, steps)
     # head: top principal directions of the final hidden states (calibration text and the model's own chat
-    # answers), with a tenth of the head's own row covariance; the rank is measured (choose_head_rank)
+    # answers), with a tenth of the head's own row covariance; the rank is measured (head_ranks, HEAD_TARGET)
     head_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
     ht = store.tensor(head_name)
     e = quants.dequantize(ht.raw, ht.type_id, ht.cols)  # (vocab, dim)
@@ -204,7 +204,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
     checks = {"text": Y[held:], "chat": chat_held}
     best = {k: _exact_top1(model, y) for k, y in checks.items()}
     ranks, tried = [head_rank] if head_rank else head_ranks(cfg.dim), {}
-    for i, r in enumerate(ranks):
+    for r in ranks:
         v, low, approx = _low_rank_head(e, vecs, r)
         tried[r] = {k: _in_candidates(y, v, approx, best[k]) for k, y in checks.items()}
         if min(tried[r].values()) >= HEAD_TARGET:
@@ -284,8 +284,8 @@ def _in_candidates(y, v, approx, best) -> float:
 def head_ranks(dim: int) -> list[int]:
     """The low-rank head's ranks calibration tries, smallest first: from 256 (or the model's width) in steps of
     32 up to the model's width (a rank equal to the width is the whole head, turned, in Q4_0)."""
-    top = dim // 32 * 32
-    return list(range(min(256, top), top + 1, 32)) or [32]
+    top = max(32, dim // 32 * 32)
+    return list(range(min(256, top), top + 1, 32))
 
 
 def _low_rank_head(e, vecs, r: int):
