@@ -378,6 +378,10 @@ def _info_calibration(src) -> None:
     print(f"  head: low-rank copy rank {info['head_rank']}, exact top-1 within its {head['candidates']} "
           f"candidates on {100 * head['top1_in_candidates']:.1f}% of held-out text tokens{chat}"
           + (f"; its row cache starts with the {head['hot_rows']} most frequent" if head.get("hot_rows") else ""))
+    if "greedy" in head:  # calibrated by this version: the rank is chosen on the runtime head's greedy choices
+        print(f"  head: greedy token the full head's on {100 * head['greedy']:.1f}% of held-out text and "
+              f"{100 * head['chat_greedy']:.1f}% of its own chat answers, with the second stage rescoring "
+              f"{head['second_stage_rows']:.1f} more rows per token")
 
 
 def _info_stack(src) -> None:

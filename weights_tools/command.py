@@ -110,9 +110,9 @@ def _run(args) -> int:
             progress.close()
         rec = [l["recall"]["0.5"] for l in summary["layers"]]
         print(f"calibrated {out} in {time.perf_counter() - t1:.1f}s: predictor recall at 50% sparsity "
-              f"{min(rec):.2f}-{max(rec):.2f}; head rank {summary['head_rank']}, top-1 within candidates on "
-              f"held-out text {summary['head']['top1_in_candidates']:.3f}, chat answers "
-              f"{summary['head']['chat_top1_in_candidates']:.3f}", file=sys.stderr)
+              f"{min(rec):.2f}-{max(rec):.2f}; head rank {summary['head_rank']}, its greedy token the full "
+              f"head's on held-out text {summary['head']['greedy']:.3f}, chat answers "
+              f"{summary['head']['chat_greedy']:.3f}", file=sys.stderr)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({format_size(size)}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
