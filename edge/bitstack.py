@@ -11,7 +11,16 @@ Store layout (inside the model's store, written by `edge stack`):
 - stack/<GGUF name>: (iters, block_bytes) uint8, one inner chunk per block: [signs | u fp16 | v fp16];
 - stack/scale.<i>.<group>: the group's 1/s (float32) for groups attn_in, attn_out, ffn_in, ffn_h;
 - attributes["edge"]["stack"]: iters, ranks and block sizes per linear, and the universal order: every
-  linear's first block always, then (name, block) entries, best first; any prefix of the order is a model.
+  linear's first block always, then (name, block) entries, best first; any prefix of the order is a model;
+  `ffn_clusters`: the neurons per record of `stack/ffn.<i>` per layer (see below).
+
+With `--strategy bitstack-stream` the FFN is not loaded whole: `edge stack` also writes its blocks regrouped
+by the store's clusters of neurons (`stack/ffn.<i>`, one record per (block, cluster): the cluster's gate and
+up sign rows, its 32-column blocks of the down signs, its rows of u and columns of v; `stack/ffn_shared.<i>`:
+per block what every cluster shares, v of gate and up, u of down), and StackedFFN keeps part of every layer's
+clusters in RAM and reads the others' records each token (LLM in a flash's streaming over BitStack's blocks).
+The planner (edge.budget.make_stack_plan) then loads the deepest prefix that keeps STREAM_CACHED of the FFN
+cached: more bits per weight in the same budget, for reads per token.
 
 Sign bits are in ggml's Q4_0 nibble order, not row-major: each byte is the signs of elements (4t, 4t+16,
 4t+1, 4t+17, 4t+2, 4t+18, 4t+3, 4t+19) of a 32-element block (t = 0..3), MSB first. So one byte of signs
@@ -184,33 +193,55 @@ class StackedGroup:
         self.linears, self.inv_scale, self.ggml = linears, inv_scale, ggml
 
     def __call__(self, x: np.ndarray) -> tuple:
-        from edge.ggml import Weight
-
         xs = np.ascontiguousarray(x, np.float32) * self.inv_scale
         t = xs.shape[0]
         if t >= REBUILD_TOKENS:
             return tuple(_rebuilt_product(lin, xs) for lin in self.linears)
         outs = [np.zeros((t, lin.rows), np.float32) for lin in self.linears]
-        jobs = [(j, b) for j, lin in enumerate(self.linears) for b in range(lin.depth)]
-        while jobs:
-            batch, used = [], 0
-            while jobs and (not batch or used + _scratch_bytes(self.linears[jobs[0][0]]) <= SCRATCH_BYTES):
-                batch.append(jobs.pop(0))
-                used += _scratch_bytes(self.linears[batch[-1][0]])
-            scratch = _scratch(used)
-            pairs, offset = [], 0
-            for j, b in batch:
-                lin = self.linears[j]
-                n = _scratch_bytes(lin)
-                buf = scratch[offset:offset + n]
-                _fill_q4(buf, lin.signs[b], lin.rows, lin.cols)
-                z = (xs[:, None, :] * lin.v[b].astype(np.float32)[None]).reshape(t * lin.rank, lin.cols)
-                pairs.append((z, Weight(buf, Q4_0, lin.rows, lin.cols)))
-                offset += n
-            for (j, b), y in zip(batch, self.ggml.products(pairs)):
-                lin = self.linears[j]
-                outs[j] += np.einsum("tkm,mk->tm", y.reshape(t, lin.rank, lin.rows), lin.u[b].astype(np.float32))
+        blocks = [(j, b) for j, lin in enumerate(self.linears) for b in range(lin.depth)]
+        jobs = [(self.linears[j].signs[b], _factor_input(xs, self.linears[j].v[b])) for j, b in blocks]
+        for (j, b), y in zip(blocks, sign_products(self.ggml, jobs)):
+            outs[j] += _factor_output(y, t, self.linears[j].u[b])
         return tuple(outs)
+
+
+def _factor_input(xs: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(t, cols) inputs times each of the k rows of v (k, cols): (t * k, cols), what the sign matrix multiplies."""
+    t, cols = xs.shape
+    return (xs[:, None, :] * v.astype(np.float32)[None]).reshape(t * len(v), cols)
+
+
+def _factor_output(y: np.ndarray, t: int, u: np.ndarray) -> np.ndarray:
+    """(t * k, rows) sign products combined by u (rows, k): (t, rows)."""
+    return np.einsum("tkm,mk->tm", y.reshape(t, u.shape[1], u.shape[0]), u.astype(np.float32))
+
+
+def sign_products(ggml, jobs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """z @ S.T for each (packed signs S (rows, cols / 8), z (m, cols)): each S expanded into a Q4_0 +-1 matrix in
+    the shared scratch (as many as SCRATCH_BYTES holds per ggml graph) and multiplied by llama.cpp's kernel."""
+    from edge.ggml import Weight
+
+    out, i = [], 0
+    while i < len(jobs):
+        batch, used = [], 0
+        while i < len(jobs) and (not batch or used + _q4_bytes(jobs[i][0]) <= SCRATCH_BYTES):
+            batch.append(jobs[i])
+            used += _q4_bytes(jobs[i][0])
+            i += 1
+        scratch = _scratch(used)
+        pairs, offset = [], 0
+        for signs, z in batch:
+            rows, cols = signs.shape[0], 8 * signs.shape[1]
+            n = _q4_bytes(signs)
+            _fill_q4(scratch[offset:offset + n], signs, rows, cols)
+            pairs.append((z, Weight(scratch[offset:offset + n], Q4_0, rows, cols)))
+            offset += n
+        out += ggml.products(pairs)
+    return out
+
+
+def _q4_bytes(signs: np.ndarray) -> int:
+    return signs.shape[0] * signs.shape[1] * 8 // 32 * Q4_0_BYTES
 
 
 def _rebuilt_product(lin: StackedLinear, xs: np.ndarray) -> np.ndarray:
@@ -235,10 +266,6 @@ def _rebuilt_product(lin: StackedLinear, xs: np.ndarray) -> np.ndarray:
             w += mag
         np.matmul(xp, w.T, out=out[:, r0:r1])
     return out
-
-
-def _scratch_bytes(lin: StackedLinear) -> int:
-    return lin.rows * lin.cols // 32 * Q4_0_BYTES
 
 
 _SCRATCH = np.zeros(0, np.uint8)
@@ -270,13 +297,20 @@ class StackInfo:
     iters: int
     linears: dict      # name -> {"rows", "cols", "rank", "block_bytes"}
     order: list        # [name, block] entries after every linear's first block, best first
+    clusters: tuple = ()  # per layer, the neurons of a cluster in `stack/ffn.<i>` (0: none); empty: an older stack
 
     @classmethod
     def of(cls, store) -> "StackInfo":
         attrs = store.attrs.get("stack")
         if attrs is None:
             raise EdgeError(f"{store.path}: no BitStack blocks; run `edge stack {store.path}` first")
-        return cls(attrs["iters"], attrs["linears"], [tuple(e) for e in attrs["order"]])
+        return cls(attrs["iters"], attrs["linears"], [tuple(e) for e in attrs["order"]],
+                   tuple(attrs.get("ffn_clusters", ())))
+
+    @property
+    def streams_ffn(self) -> bool:
+        """The FFN's blocks are also stored by clusters of neurons (StackedFFN can stream them)."""
+        return bool(self.clusters) and all(self.clusters)
 
     @property
     def base_bytes(self) -> int:
@@ -302,10 +336,11 @@ class Stack:
     order gives, and the groups' scales. `set_prefix(m)` grows (reads only the added blocks) or shrinks (drops
     the last blocks) in place."""
 
-    def __init__(self, store, ggml, prefix: int):
+    def __init__(self, store, ggml, prefix: int, ffn: bool = True):
+        """ffn=False: the FFN's linears are left out (StackedFFN streams them)."""
         self.store, self.info, self.ggml = store, StackInfo.of(store), ggml
         self.linears = {name: StackedLinear(name, lin["rows"], lin["cols"], lin["rank"])
-                        for name, lin in self.info.linears.items()}
+                        for name, lin in self.info.linears.items() if ffn or name.split(".")[2] not in FFN}
         self.prefix = 0
         self.read_bytes = 0
         self.set_prefix(prefix)
@@ -334,3 +369,182 @@ class Stack:
         self.prefix = prefix
         self.read_bytes += read
         return read
+
+
+FFN = ("ffn_gate", "ffn_up", "ffn_down")
+
+
+def ffn_record_parts(sg, su, sd, ug, uu, vd, n0: int, n1: int) -> tuple:
+    """Neurons n0..n1 (multiples of 32) of one block of a layer's gate, up and down (split_block's signs, u, v):
+    gate and up sign rows, down sign columns (whole 32-column sign blocks of every row), gate and up u rows,
+    down v columns: a record of `stack/ffn.<i>`, in this order."""
+    return sg[n0:n1], su[n0:n1], sd[:, n0 // 8:n1 // 8], ug[n0:n1], uu[n0:n1], vd[:, n0:n1]
+
+
+class FfnRecord:
+    """The bytes of one (block, cluster) record for c neurons of width dim, ranks (gate, up, down)."""
+
+    def __init__(self, c: int, dim: int, ranks: tuple[int, int, int]):
+        self.c, self.dim, self.ranks = c, dim, ranks
+        s = c * dim // 8
+        self.offsets = np.cumsum([0, s, s, s, 2 * c * ranks[0], 2 * c * ranks[1], 2 * c * ranks[2]])
+        self.nbytes = int(self.offsets[-1])
+
+    def empty(self, k: int) -> tuple:
+        """The six parts for k clusters side by side (what a block of k records joins into)."""
+        c, dim, (kg, ku, kd) = self.c, self.dim, self.ranks
+        u8, f16 = np.uint8, np.float16
+        return (np.empty((k * c, dim // 8), u8), np.empty((k * c, dim // 8), u8), np.empty((dim, k * c // 8), u8),
+                np.empty((k * c, kg), f16), np.empty((k * c, ku), f16), np.empty((kd, k * c), f16))
+
+    def place(self, parts: tuple, j: int, rec: np.ndarray) -> None:
+        """Copy one record into the j-th cluster's place of `parts` (from empty)."""
+        c = self.c
+        for axis, dst, src in zip((0, 0, 1, 0, 0, 1), parts, self.split(rec)):
+            if axis == 0:
+                dst[j * c:(j + 1) * c] = src
+            else:
+                w = src.shape[1]
+                dst[:, j * w:(j + 1) * w] = src
+
+    def split(self, rec: np.ndarray) -> tuple:
+        o, c, dim = self.offsets, self.c, self.dim
+        part = [rec[o[j]:o[j + 1]] for j in range(6)]
+        return (part[0].reshape(c, dim // 8), part[1].reshape(c, dim // 8), part[2].reshape(dim, c // 8),
+                part[3].view(np.float16).reshape(c, -1), part[4].view(np.float16).reshape(c, -1),
+                part[5].view(np.float16).reshape(-1, c))
+
+
+class _FfnLayer:
+    """One layer of StackedFFN: record layout, depths of gate, up and down, what every cluster shares (v of
+    gate and up, u of down, per block), the groups' input scales, and the cached clusters' joined parts."""
+
+    def __init__(self, store, info: StackInfo, i: int, depths: dict, old: "_FfnLayer | None" = None):
+        """old: this layer at another depth, whose shared factors and scales are kept (not read again)."""
+        cfg = store.config
+        names = [f"blk.{i}.{n}.weight" for n in FFN]
+        ranks = tuple(info.linears[n]["rank"] for n in names)
+        self.i, self.rec = i, FfnRecord(info.clusters[i], cfg.dim, ranks)
+        self.n = cfg.hidden_dim // self.rec.c
+        self.depth = tuple(depths[n] for n in names)
+        d, dim = max(self.depth), cfg.dim
+        self.shared = old.shared[:d] if old else []
+        kg, ku, kd = ranks
+        arr = store.array(f"stack/ffn_shared.{i}")
+        self.shared_read = (d - len(self.shared)) * arr.chunk_bytes if d > len(self.shared) else 0
+        for raw in store.read_chunks(arr, list(range(len(self.shared), d))):
+            f = np.frombuffer(raw, np.float16)
+            self.shared.append((f[:kg * dim].reshape(kg, dim), f[kg * dim:(kg + ku) * dim].reshape(ku, dim),
+                                f[(kg + ku) * dim:(kg + ku + kd) * dim].reshape(dim, kd)))
+        if old:
+            self.inv_in, self.inv_h = old.inv_in, old.inv_h
+        else:
+            self.inv_in, self.inv_h = (np.frombuffer(store.read_array(f"stack/scale.{i}.{g}").tobytes(), np.float32).copy()
+                                       for g in ("ffn_in", "ffn_h"))
+        self.cached: list = []  # per block: the joined parts of clusters 0..slots-1
+
+    def read(self, store, clusters: range, blocks: range | None = None) -> tuple[list, int]:
+        """The joined parts of these clusters for each block (default: all of the layer's depth), read from
+        flash; and the bytes read."""
+        blocks, rec = blocks if blocks is not None else range(max(self.depth)), self.rec
+        parts = [rec.empty(len(clusters)) for _ in blocks]
+        ids = [b * self.n + c for b in blocks for c in clusters]
+        for chunk, view in store.each_chunk(store.array(f"stack/ffn.{self.i}"), ids):
+            b, c = divmod(chunk, self.n)
+            rec.place(parts[b - blocks.start], c - clusters.start, np.frombuffer(view, np.uint8)[:rec.nbytes])
+        return parts, len(ids) * rec.nbytes
+
+
+_AXES = (0, 0, 1, 0, 0, 1)  # the cluster axis of each part of a record
+
+
+def _clusters(rec: FfnRecord, parts: tuple, k: int) -> tuple:
+    """The first k clusters of joined parts (a copy when fewer: the rest is freed)."""
+    held = parts[0].shape[0] // rec.c
+    if held == k:
+        return parts
+    return tuple((p[:k * (p.shape[0] // held)] if axis == 0 else p[:, :k * (p.shape[1] // held)]).copy()
+                 for axis, p in zip(_AXES, parts))
+
+
+def _joined(a: tuple, b: tuple) -> tuple:
+    return tuple(np.concatenate([x, y], axis=ax) for ax, x, y in zip(_AXES, a, b))
+
+
+class StackedFFN:
+    """A stacked model's FFN streamed by clusters of neurons (LLM in a flash's neuron cache over BitStack's
+    blocks; `--strategy bitstack-stream`): per layer the first `slots` clusters stay in RAM at the layer's
+    depth (their records of `stack/ffn.<i>`), the others are read from flash every token (every cluster is
+    needed: the FFN is dense). Each block computes as StackedGroup does, the sign rows of the neurons at hand
+    through llama.cpp's Q4_0 kernel: gate and up give those neurons, the down signs' columns for them give
+    their part of the output. The same blocks as the resident stack: the same function."""
+
+    def __init__(self, store, ggml, act, depths: dict, slots: int):
+        self.store, self.ggml, self.act = store, ggml, act
+        self.info = StackInfo.of(store)
+        self.layers: list[_FfnLayer] = []
+        self.slots = 0
+        self.reads = self.read_bytes = 0  # streamed records, while computing
+        self.load_bytes = 0  # records and shared factors read by configure (load, resize)
+        self.configure(depths, slots)
+
+    def configure(self, depths: dict, slots: int) -> None:
+        """The layers at these depths with the first `slots` clusters of each in RAM. What was cached and is
+        still wanted stays; only the records of added blocks and added clusters are read."""
+        old, self.layers = self.layers, []
+        for i in range(self.store.config.n_layers):
+            lay = _FfnLayer(self.store, self.info, i, depths, old[i] if old else None)
+            n = min(slots, lay.n)
+            kept = old[i].cached if old else []
+            have = min(self.slots, n)
+            d = max(lay.depth)
+            parts = [_clusters(lay.rec, p, have) for p in kept[:d]]
+            self.load_bytes += lay.shared_read
+            if have < n and parts:  # more clusters at the blocks kept
+                more, nbytes = lay.read(self.store, range(have, n), range(len(parts)))
+                parts = [_joined(p, q) for p, q in zip(parts, more)]
+                self.load_bytes += nbytes
+            if len(parts) < d and n:  # deeper: the added blocks of every cached cluster
+                more, nbytes = lay.read(self.store, range(n), range(len(parts), d))
+                parts += more
+                self.load_bytes += nbytes
+            lay.cached = parts if n else []
+            self.layers.append(lay)
+            if old:
+                old[i] = None  # its records go as this layer's are placed
+        self.slots = min(slots, min(lay.n for lay in self.layers))
+
+    @property
+    def nbytes(self) -> int:
+        """Cached records and the shared factors, as stored."""
+        total = 0
+        for lay in self.layers:
+            total += sum(a.nbytes for part in lay.cached for a in part)
+            total += sum(a.nbytes for part in lay.shared for a in part)
+        return total
+
+    def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
+        lay = self.layers[i]
+        xs = np.ascontiguousarray(x, np.float32) * lay.inv_in
+        c = lay.rec.c
+        out = self._neurons(lay, lay.cached, xs, 0) if self.slots else np.zeros((len(xs), lay.rec.dim), np.float32)
+        if self.slots < lay.n:
+            parts, nbytes = lay.read(self.store, range(self.slots, lay.n))
+            self.reads += len(parts) * (lay.n - self.slots)
+            self.read_bytes += nbytes
+            out += self._neurons(lay, parts, xs, self.slots * c)
+        return out
+
+    def _neurons(self, lay: _FfnLayer, parts: list, xs: np.ndarray, n0: int) -> np.ndarray:
+        """The FFN output of the neurons n0.. that `parts` (joined records per block) hold."""
+        t = len(xs)
+        dg, du, dd = lay.depth
+        m = parts[0][0].shape[0]
+        jobs = [(parts[b][0], _factor_input(xs, lay.shared[b][0])) for b in range(dg)]
+        jobs += [(parts[b][1], _factor_input(xs, lay.shared[b][1])) for b in range(du)]
+        ys = sign_products(self.ggml, jobs)
+        gate = sum(_factor_output(ys[b], t, parts[b][3]) for b in range(dg))
+        up = sum(_factor_output(ys[dg + b], t, parts[b][4]) for b in range(du))
+        h = (self.act(gate) * up * lay.inv_h[n0:n0 + m]).astype(np.float32)
+        jobs = [(parts[b][2], _factor_input(h, parts[b][5])) for b in range(dd)]
+        return sum(_factor_output(y, t, lay.shared[b][2]) for b, y in enumerate(sign_products(self.ggml, jobs)))

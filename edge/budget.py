@@ -11,6 +11,8 @@ below it the run is refused with that figure.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 from edge import quants
@@ -187,8 +189,8 @@ def plan_for(store, strategy: str, budget: int, baseline: int, n_ctx: int, spars
              prefetch: int = 0, evict: str = "score", predict: str = "pregate"):
     """The plan of a resolved strategy (edge.engine.resolve_strategy): BitStack's, the expert cache's, or the
     streamed FFN's (which needs a calibrated store)."""
-    if strategy == "bitstack":
-        return make_stack_plan(store, budget, baseline, n_ctx)
+    if strategy in ("bitstack", "bitstack-stream"):
+        return make_stack_plan(store, budget, baseline, n_ctx, stream=strategy == "bitstack-stream")
     if strategy == "experts":
         return make_expert_plan(store, budget, baseline, n_ctx, prefetch, evict, predict)
     from edge.sparse import check_calibrated
@@ -261,6 +263,9 @@ class StackPlan:
     params: int           # weights in the stacked linears
     strategy: str = "bitstack"
     chunk: int = STACK_PREFILL_CHUNK  # prompt positions per forward step: each step rebuilds the weights once
+    depth_bytes: int = 0  # every block of the loaded depth, in RAM or streamed (0: stack_bytes, all in RAM)
+    ffn_slots: int = -1   # bitstack-stream: FFN clusters per layer kept in RAM (the rest read every token)
+    n_clusters: int = 0   # bitstack-stream: FFN clusters per layer
 
     @property
     def minimum(self) -> int:
@@ -268,7 +273,11 @@ class StackPlan:
 
     @property
     def bits(self) -> float:
-        return 8 * self.stack_bytes / self.params
+        return 8 * (self.depth_bytes or self.stack_bytes) / self.params
+
+    @property
+    def streams(self) -> bool:
+        return self.ffn_slots >= 0
 
     @property
     def cache(self) -> int:
@@ -285,7 +294,8 @@ class StackPlan:
                 "buffers": self.io + self.scratch + self.margin, "BitStack": self.stack_bytes}
 
     def summary(self) -> str:
-        return f"BitStack {self.bits:.2f} bits/weight,\n{self.prefix}/{self.entries} blocks past the base"
+        ffn = f",\nFFN {self.ffn_slots}/{self.n_clusters} clusters cached" if self.streams else ""
+        return f"BitStack {self.bits:.2f} bits/weight,\n{self.prefix}/{self.entries} blocks past the base{ffn}"
 
     def shrunk_from(self, before: "StackPlan") -> str:
         return (f"BitStack down to {self.bits:.2f} bits per weight "
@@ -293,10 +303,15 @@ class StackPlan:
 
     def lines(self) -> list[str]:
         f = format_size
-        return [_fixed_line(self, "embedding/head/norms", "sign scratch"),
-                f"BitStack {f(self.stack_bytes)} loaded ({self.bits:.2f} bits per weight): one block of every "
-                f"linear ({f(self.base)}) and {self.prefix}/{self.entries} of the order; full depth "
-                f"{f(self.full_bytes)}"]
+        fixed = _fixed_line(self, "embedding/head/norms", "sign scratch")
+        if self.streams:
+            return [fixed, f"BitStack {self.bits:.2f} bits per weight ({self.prefix}/{self.entries} of the order past "
+                           f"one block of every linear: {f(self.depth_bytes)}, full depth {f(self.full_bytes)}); "
+                           f"{f(self.stack_bytes)} in RAM: the FFN streamed by clusters of neurons, "
+                           f"{self.ffn_slots}/{self.n_clusters} per layer cached, the rest read from flash every token"]
+        return [fixed, f"BitStack {f(self.stack_bytes)} loaded ({self.bits:.2f} bits per weight): one block of every "
+                       f"linear ({f(self.base)}) and {self.prefix}/{self.entries} of the order; full depth "
+                       f"{f(self.full_bytes)}"]
 
 
 def stack_resident_bytes(store) -> int:
@@ -313,7 +328,45 @@ def stack_resident_bytes(store) -> int:
     return total + 4 * cfg.n_layers * (2 * cfg.dim + cfg.q_dim + cfg.hidden_dim)
 
 
-def make_stack_plan(store, budget: int, baseline: int, n_ctx: int) -> StackPlan:
+def _last_fitting(n: int, fits) -> int:
+    """The largest k in 0..n-1 with fits(k), fits monotone (true, then false); 0 when none."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+STREAM_CACHED = 0.5  # bitstack-stream: the deepest stack that keeps at least this share of its FFN in RAM
+
+
+def _stream_bytes(info, m: int, slots: int) -> tuple[int, int]:
+    """bitstack-stream at prefix m with `slots` FFN clusters per layer cached: (bytes in RAM: the other linears'
+    blocks, the FFN's shared factors and cached records, the largest layer's streamed records; every block of
+    the depth)."""
+    from edge.bitstack import FFN, FfnRecord
+
+    depths = info.depths(m)
+    ram = depth = 0
+    stream = 0
+    for name, lin in info.linears.items():
+        depth += depths[name] * lin["block_bytes"]
+        if name.split(".")[2] not in FFN:
+            ram += depths[name] * lin["block_bytes"]
+    for i, c in enumerate(info.clusters):
+        names = [f"blk.{i}.{n}.weight" for n in FFN]
+        lins = [info.linears[n] for n in names]
+        rec = FfnRecord(c, lins[0]["cols"], tuple(lin["rank"] for lin in lins))
+        d, n = max(depths[n] for n in names), lins[0]["rows"] // c
+        ram += d * (2 * rec.dim * sum(rec.ranks) + min(slots, n) * rec.nbytes)
+        stream = max(stream, d * max(0, n - slots) * rec.nbytes)
+    return ram + stream, depth
+
+
+def make_stack_plan(store, budget: int, baseline: int, n_ctx: int, stream: bool = False) -> StackPlan:
     import numpy as np
 
     from edge.bitstack import SCRATCH_BYTES, StackInfo
@@ -321,6 +374,9 @@ def make_stack_plan(store, budget: int, baseline: int, n_ctx: int) -> StackPlan:
 
     cfg = store.config
     info = StackInfo.of(store)
+    if stream and not info.streams_ffn:
+        raise EdgeError(f"{store.path}: its stack has no FFN records by clusters (an older `edge stack`, or clusters "
+                        f"not a multiple of 32); run `edge stack {store.path}` again for --strategy bitstack-stream")
     sizes = info.prefix_bytes()
     largest = max(lin["block_bytes"] for lin in info.linears.values())
     fixed = dict(budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
@@ -330,13 +386,22 @@ def make_stack_plan(store, budget: int, baseline: int, n_ctx: int) -> StackPlan:
                  scratch=max(SCRATCH_BYTES, max(lin["rows"] * lin["cols"] // 32 * 18 for lin in info.linears.values())),
                  base=info.base_bytes, full_bytes=int(sizes[-1]), entries=len(info.order),
                  params=info.params())
-    probe = StackPlan(prefix=0, stack_bytes=info.base_bytes, **fixed)
+    if stream:
+        n_clusters = cfg.hidden_dim // info.clusters[0]
+        fixed.update(base=_stream_bytes(info, 0, 0)[0], strategy="bitstack-stream", n_clusters=n_clusters)
+    probe = StackPlan(prefix=0, stack_bytes=fixed["base"], **fixed)
     if budget < probe.minimum:
         raise EdgeError(f"--ram {format_size(budget)} is below the minimum of {format_size(probe.minimum)} for "
                         f"this stacked model with a context of {n_ctx} tokens; raise --ram or lower --ctx")
-    room = budget - (probe.minimum - info.base_bytes)
-    prefix = int(np.searchsorted(sizes, room, side="right")) - 1
-    return StackPlan(prefix=prefix, stack_bytes=int(sizes[prefix]), **fixed)
+    room = budget - (probe.minimum - fixed["base"])
+    if not stream:
+        prefix = int(np.searchsorted(sizes, room, side="right")) - 1
+        return StackPlan(prefix=prefix, stack_bytes=int(sizes[prefix]), **fixed)
+    half = math.ceil(n_clusters * STREAM_CACHED)
+    prefix = _last_fitting(len(sizes), lambda m: _stream_bytes(info, m, half)[0] <= room)
+    slots = _last_fitting(n_clusters + 1, lambda s: _stream_bytes(info, prefix, s)[0] <= room)
+    ram, depth = _stream_bytes(info, prefix, slots)
+    return StackPlan(prefix=prefix, stack_bytes=ram, depth_bytes=depth, ffn_slots=slots, **fixed)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ EXAMPLES_BENCH = """examples:
 """
 
 
-STRATEGIES = ("auto", "sparse", "naive", "bitstack", "experts")
+STRATEGIES = ("auto", "sparse", "naive", "bitstack", "bitstack-stream", "experts")
 
 
 def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
@@ -54,7 +54,9 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
                    help="budget for the whole process, like 2GB, 512MiB or 140MB: what does not fit streams from flash")
     b.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="sparse: neuron cache + predicted clusters; naive: every FFN weight read per token; bitstack: "
-                        "as many BitStack blocks as fit (`edge stack`); experts: a mixture of experts paged into an "
+                        "as many BitStack blocks as fit (`edge stack`); bitstack-stream: a deeper stack, its FFN by "
+                        "clusters of neurons, half of them or more in RAM, the rest read per token; experts: a mixture "
+                        "of experts paged into an "
                         "expert cache; auto (default): experts on a mixture of experts, bitstack on a stacked "
                         "store, else sparse")
     b.add_argument("--sparsity", type=float, default=0.0,

@@ -154,10 +154,14 @@ class Transformer:
         self.act = ACTIVATIONS[cfg.activation]
         self.backend = kernels.make_backend("ggml" if plan else backend, threads)
         self.stack = None  # BitStack: the linears as loaded blocks (edge.bitstack), the rest resident as stored
-        if plan is not None and plan.strategy == "bitstack":
-            from edge.bitstack import Stack
+        self.stack_ffn = None  # bitstack-stream: the stacked FFN by clusters of neurons, partly from flash
+        if plan is not None and plan.strategy in ("bitstack", "bitstack-stream"):
+            from edge.bitstack import Stack, StackedFFN
 
-            self.stack = Stack(src, self.backend.ggml, plan.prefix)
+            self.stack = Stack(src, self.backend.ggml, plan.prefix, ffn=not plan.streams)
+            if plan.streams:
+                self.stack_ffn = StackedFFN(src, self.backend.ggml, self.act, self.stack.info.depths(plan.prefix),
+                                            plan.ffn_slots)
         self.experts = None  # under a budget, a mixture of experts pages its experts (edge.experts)
         if paged:
             from edge.experts import ExpertPager
@@ -203,6 +207,7 @@ class Transformer:
         dim, hidden, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
         stack = self.stack
         dense = not self.plan and not cfg.n_experts
+        stacked_ffn = stack is not None and self.stack_ffn is None
         layer = Layer(
             attn_norm=_norm(src, p + "attn_norm.weight", dim),
             qkv=stack.group(i, "attn_in") if stack else lin([
@@ -211,10 +216,10 @@ class Transformer:
             attn_output=stack.group(i, "attn_out") if stack else lin([src.tensor(p + "attn_output.weight",
                                                                                  (dim, cfg.q_dim))]),
             ffn_norm=_norm(src, p + "ffn_norm.weight", dim),
-            gate_up=stack.group(i, "ffn_in") if stack else lin([
+            gate_up=stack.group(i, "ffn_in") if stacked_ffn else lin([
                 src.tensor(p + "ffn_gate.weight", (hidden, dim)),
                 src.tensor(p + "ffn_up.weight", (hidden, dim))]) if dense else None,
-            down=stack.group(i, "ffn_h") if stack else lin([src.tensor(p + "ffn_down.weight", (dim, hidden))])
+            down=stack.group(i, "ffn_h") if stacked_ffn else lin([src.tensor(p + "ffn_down.weight", (dim, hidden))])
             if dense else None,
         )
         if cfg.n_experts:
@@ -336,6 +341,8 @@ class Transformer:
         """x: the normed FFN input; resid: the residual stream it was normed from (expert prediction reads it)."""
         if self.sparse_ffn is not None:
             return self.sparse_ffn(i, x)
+        if self.stack_ffn is not None:
+            return self.stack_ffn(i, x)
         if layer.router is not None:
             return self._moe(i, layer, x, resid)
         gate, up = layer.gate_up(x)

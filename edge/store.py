@@ -184,6 +184,11 @@ class Store:
         crc32c. engine: another I/O engine (its own buffer), for reads issued from another thread (prefetch)."""
         return [bytes(v) for _, v in self._batched(arr, chunks, check, engine or self.engine)]
 
+    def each_chunk(self, arr: _Array, chunks: list[int]):
+        """(chunk, view) for each chunk, verified, read in batches the engine's buffer holds; a view is valid
+        until the next item of the next batch (copy what is kept)."""
+        return self._batched(arr, chunks, True, self.engine)
+
     def _batched(self, arr: _Array, chunks: list[int], check: bool, engine: IOEngine):
         """(chunk, view) for each chunk, read in batches the engine's buffer holds; a view is valid until the
         next item of the next batch."""

@@ -263,3 +263,71 @@ def test_stack_of_the_real_model_improves_with_depth(smol_store, tmp_path):
     assert stack_.prefix == 0
     base = perplexity(eng.model.nll, wins).ppl
     assert full < base / 10, (full, base)
+
+
+def test_streamed_ffn_computes_what_the_resident_stack_does(tiny_stacked):
+    """--strategy bitstack-stream: the FFN's blocks regrouped by clusters of neurons, the first clusters of
+    every layer in RAM, the others read from flash every token: the same function as the resident stack at
+    the same depth, reading exactly the uncached clusters' records."""
+    from edge.engine import Engine
+
+    resident = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, strategy="bitstack")
+    streamed = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, strategy="bitstack-stream")
+    info = streamed.model.stack.info
+    assert streamed.plan.streams and info.streams_ffn
+    assert not any(".ffn_" in name for name in streamed.model.stack.linears)  # not loaded whole
+    ffn = streamed.model.stack_ffn
+    prefix = 9
+    resident.model.stack.set_prefix(prefix)
+    streamed.model.stack.set_prefix(prefix)
+    ffn.configure(info.depths(prefix), 1)
+    n = ffn.layers[0].n
+    assert ffn.slots == 1 < n
+    tokens = np.arange(1, 13) * 7 % resident.config.vocab_size  # fewer than REBUILD_TOKENS: both by their signs
+    a = resident.model.forward(tokens, 0, all_logits=True)
+    b = streamed.model.forward(tokens, 0, all_logits=True)
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    assert ffn.read_bytes == sum(max(lay.depth) * (n - 1) * lay.rec.nbytes for lay in ffn.layers)
+
+
+def test_streamed_ffn_plans_a_deeper_stack_at_the_same_budget(tiny_stacked):
+    """At a budget that holds only part of the stack, bitstack-stream loads deeper (at least half of each
+    layer's FFN clusters cached, the rest streamed); info and --json say how."""
+    from edge.budget import make_stack_plan
+    from edge.store import Store
+
+    store = Store(tiny_stacked)
+    whole = make_stack_plan(store, 400 << 20, 40 << 20, 64)
+    sizes = whole.full_bytes
+    budget = whole.minimum + (sizes - whole.base) // 3
+    resident = make_stack_plan(store, budget, 40 << 20, 64)
+    streamed = make_stack_plan(store, budget, 40 << 20, 64, stream=True)
+    assert 0 < resident.prefix < whole.prefix
+    assert streamed.prefix > resident.prefix and streamed.bits > resident.bits
+    assert streamed.n_clusters // 2 <= streamed.ffn_slots < streamed.n_clusters
+    assert streamed.minimum + streamed.stack_bytes - streamed.base <= budget
+    assert "the FFN streamed by clusters" in "\n".join(streamed.lines())
+
+
+def test_streamed_ffn_resize_reads_only_what_it_adds(tiny_stacked):
+    """Growing the depth or the cached clusters reads only the added records; shrinking reads nothing; the
+    result is what a fresh load at that depth and those clusters computes."""
+    from edge.bitstack import StackedFFN
+    from edge.engine import Engine
+
+    eng = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, strategy="bitstack-stream")
+    ffn, info, store = eng.model.stack_ffn, eng.model.stack.info, eng.file
+    x = np.random.default_rng(0).standard_normal((3, eng.config.dim)).astype(np.float32)
+    rec = ffn.layers[0].rec.nbytes
+    shared = store.array("stack/ffn_shared.0").chunk_bytes
+    for prefix, slots in ((3, 1), (30, 1), (30, 2), (5, 2), (5, 1), (42, 2)):
+        old = [(max(lay.depth), ffn.slots) for lay in ffn.layers]
+        before = ffn.load_bytes
+        ffn.configure(info.depths(prefix), slots)
+        read = ffn.load_bytes - before
+        added = sum((max(lay.depth) * ffn.slots - min(d, max(lay.depth)) * min(s, ffn.slots)) * rec
+                    + max(0, max(lay.depth) - d) * shared for lay, (d, s) in zip(ffn.layers, old))
+        assert read == added, (prefix, slots, read, added)
+        fresh = StackedFFN(store, eng.model.backend.ggml, eng.model.act, info.depths(prefix), slots)
+        for i in range(len(ffn.layers)):
+            np.testing.assert_array_equal(ffn(i, x), fresh(i, x))

@@ -8,7 +8,9 @@
 2. Decomposition (edge.bitstack.decompose): `iters` blocks per linear, sign times rank-k magnitude of the
    residual; rank by default scaled to the matrix (16 on 4096 x 4096, 1-3 on SmolLM2's 576-wide matrices,
    so the factors cost ~1/8 bit per weight as in the paper).
-3. Universal order (the paper's "average" sorting): every linear keeps its first block. For each level
+3. The FFN's blocks regrouped by the store's clusters of neurons (`stack/ffn.<i>`, edge.bitstack.StackedFFN
+   streams them under `--strategy bitstack-stream`); the same bytes, a second copy on flash.
+4. Universal order (the paper's "average" sorting): every linear keeps its first block. For each level
    l = 1..iters-1, every linear at l blocks; each linear alone gets block l+1 and the perplexity over one
    window of `order_tokens` held-out calibration tokens is measured; the linears of the level are sorted by it, best
    first. The order is level 1's list, then level 2's, ... Each evaluation reruns only the layers from the
@@ -151,16 +153,54 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
         (partial / "done" / name).touch()
         tell(done + 1, total, f"decompose {name}")
 
-    # 3. universal order
+    # 3. the FFN's blocks again, by clusters of neurons (edge.bitstack.StackedFFN streams them)
+    clusters = _write_ffn_bundles(store, group, partial, linears, iters)
+
+    # 4. universal order
     order, level_ppl = _universal_order(store, partial, group, names, linears, scales, iters, order_ids, threads,
                                         lambda d, label: tell(len(names) + d, total, label))
     attrs = {"iters": iters, "calib_tokens": calib, "order_tokens": order_tokens, "linears": linears,
-             "order": order, "level_ppl": level_ppl}
+             "order": order, "level_ppl": level_ppl, "ffn_clusters": clusters}
     for f in ("params.json", "scales.npz", "order.json"):
         (partial / f).unlink(missing_ok=True)
     shutil.rmtree(partial / "done")
     commit_group(store_path, partial, "stack", attrs)
     return attrs
+
+
+def _write_ffn_bundles(store, group, partial: Path, linears: dict, iters: int) -> list[int]:
+    """Per layer, `ffn.<i>`: one record per (block b, cluster c) of the store's FFN clusters (chunk b * n + c):
+    the cluster's gate and up sign rows, its columns of the down signs (whole 32-column sign blocks), its rows
+    of u for gate and up and its columns of v for down; `ffn_shared.<i>`, one chunk per block: v of gate and
+    up, u of down (what every cluster shares). The same bytes as the blocks, regrouped so that a cluster's
+    part of a block is one read. Returns the cluster size per layer (0: not a multiple of 32, no records)."""
+    from edge.bitstack import ffn_record_parts
+    from weights_tools.convert import _write_array
+
+    cfg = store.config
+    sizes = []
+    for i in range(cfg.n_layers):
+        c = store.attrs["ffn"][i]["cluster"] if "ffn" in store.attrs else 0
+        if not c or c % 32:
+            sizes.append(0)
+            continue
+        sizes.append(c)
+        if (partial / "done" / f"ffn.{i}").exists():
+            continue
+        names = [f"blk.{i}.ffn_{n}.weight" for n in ("gate", "up", "down")]
+        records, shared = [], []
+        for b in range(iters):
+            blocks = [split_block(np.asarray(group[n][b]), linears[n]["rows"], linears[n]["cols"], linears[n]["rank"])
+                      for n in names]
+            (sg, ug, vg), (su, uu, vu), (sd, ud, vd) = blocks
+            shared.append(np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(-1) for a in (vg, vu, ud)]))
+            for k in range(cfg.hidden_dim // c):
+                parts = ffn_record_parts(sg, su, sd, ug, uu, vd, k * c, (k + 1) * c)
+                records.append(np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(-1) for a in parts]))
+        _write_array(group, f"ffn.{i}", np.stack(records), 1)
+        _write_array(group, f"ffn_shared.{i}", np.stack(shared), 1)
+        (partial / "done" / f"ffn.{i}").touch()
+    return sizes
 
 
 def _shape(cfg, linear: str) -> tuple[int, int]:
