@@ -402,6 +402,8 @@ def _info_stack(src) -> None:
           f"({bpw * sizes[-1]:.2f}) in {len(info.order)} steps")
     print("  calibration perplexity with every linear at n blocks: "
           + ", ".join(f"{n}: {p:.2f}" for n, p in enumerate(a["level_ppl"], 1)))
+    print(f"  FFN also by clusters of {info.clusters[0]} neurons: `--strategy bitstack-stream` streams it"
+          if info.streams_ffn else "  FFN not stored by clusters (`edge stack` again for --strategy bitstack-stream)")
 
 
 def _info_plan(args, src, path):

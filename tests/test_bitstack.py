@@ -312,7 +312,7 @@ def test_streamed_ffn_plans_a_deeper_stack_at_the_same_budget(tiny_stacked):
 def test_streamed_ffn_resize_reads_only_what_it_adds(tiny_stacked):
     """Growing the depth or the cached clusters reads only the added records; shrinking reads nothing; the
     result is what a fresh load at that depth and those clusters computes."""
-    from edge.bitstack import StackedFFN
+    from edge.bitstack import FFN, StackedFFN
     from edge.engine import Engine
 
     eng = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, strategy="bitstack-stream")
@@ -331,3 +331,8 @@ def test_streamed_ffn_resize_reads_only_what_it_adds(tiny_stacked):
         fresh = StackedFFN(store, eng.model.backend.ggml, eng.model.act, info.depths(prefix), slots)
         for i in range(len(ffn.layers)):
             np.testing.assert_array_equal(ffn(i, x), fresh(i, x))
+    plan = eng.resize(eng.plan.minimum + (eng.plan.full_bytes - eng.plan.base) // 4)  # as Ctrl+B does
+    depths = info.depths(plan.prefix)
+    assert eng.model.stack.prefix == plan.prefix and ffn.slots == plan.ffn_slots
+    assert all(lay.depth == tuple(depths[f"blk.{lay.i}.{n}.weight"] for n in FFN) for lay in ffn.layers)
+    assert len(list(eng.generate(eng.tokenizer.encode("Hello"), 3))) >= 1
