@@ -439,8 +439,8 @@ class _FfnLayer:
         if old:
             self.inv_in, self.inv_h = old.inv_in, old.inv_h
         else:
-            self.inv_in, self.inv_h = (np.frombuffer(store.read_array(f"stack/scale.{i}.{g}").tobytes(), np.float32).copy()
-                                       for g in ("ffn_in", "ffn_h"))
+            self.inv_in, self.inv_h = (np.frombuffer(store.read_array(f"stack/scale.{i}.{g}").tobytes(),
+                                                     np.float32).copy() for g in ("ffn_in", "ffn_h"))
         self.cached: list = []  # per block: the joined parts of clusters 0..slots-1
 
     def read(self, store, clusters: range, blocks: range | None = None) -> tuple[list, int]:

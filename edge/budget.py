@@ -12,7 +12,6 @@ below it the run is refused with that figure.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 
 from edge import quants

@@ -138,7 +138,8 @@ class Engine:
 
             self.plan = plan_for(self.file, resolve_strategy(self.file, strategy), ram, self.meter.rss(), self.n_ctx,
                                  **self._plan_options)
-            if self.plan.strategy in ("bitstack", "bitstack-stream", "sparse", "naive") and self.plan.io != len(io.buffer):
+            streamed = ("bitstack", "bitstack-stream", "sparse", "naive")
+            if self.plan.strategy in streamed and self.plan.io != len(io.buffer):
                 io.close()  # BitStack: blocks over half the buffer; a streamed FFN: its largest chunk
                 self.file.engine = IOEngine(threads=read_threads, buffer_bytes=self.plan.io)
             self.pressure = PressureWatch(self.plan)
@@ -285,7 +286,7 @@ class Engine:
                 part.resize(plan.slots)  # keeps the most recently used clusters / experts
             if self.model.stack is not None:
                 self.model.stack.set_prefix(plan.prefix)  # reads only the added blocks, drops the last ones
-            if self.model.stack_ffn is not None:  # its records at the new depth (read again)
+            if self.model.stack_ffn is not None:  # reads only the added records, drops the others
                 self.model.stack_ffn.configure(self.model.stack.info.depths(plan.prefix), plan.ffn_slots)
             if self.model.experts is not None or self.model.stack is not None:
                 _release_free_memory()
