@@ -104,9 +104,13 @@ def split_block(raw: np.ndarray, rows: int, cols: int, rank: int) -> tuple[np.nd
     return signs, u, v
 
 
+def _as_bytes(parts) -> np.ndarray:
+    """Arrays -> their bytes, one after another (a stored block, an FFN record)."""
+    return np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(-1) for a in parts])
+
+
 def join_block(signs: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return np.concatenate([signs.reshape(-1), np.ascontiguousarray(u, np.float16).view(np.uint8).reshape(-1),
-                           np.ascontiguousarray(v, np.float16).view(np.uint8).reshape(-1)])
+    return _as_bytes((signs, np.asarray(u, np.float16), np.asarray(v, np.float16)))
 
 
 def top_abs_factors(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -374,11 +378,16 @@ class Stack:
 FFN = ("ffn_gate", "ffn_up", "ffn_down")
 
 
-def ffn_record_parts(sg, su, sd, ug, uu, vd, n0: int, n1: int) -> tuple:
-    """Neurons n0..n1 (multiples of 32) of one block of a layer's gate, up and down (split_block's signs, u, v):
-    gate and up sign rows, down sign columns (whole 32-column sign blocks of every row), gate and up u rows,
-    down v columns: a record of `stack/ffn.<i>`, in this order."""
-    return sg[n0:n1], su[n0:n1], sd[:, n0 // 8:n1 // 8], ug[n0:n1], uu[n0:n1], vd[:, n0:n1]
+def ffn_record(sg, su, sd, ug, uu, vd, n0: int, n1: int) -> np.ndarray:
+    """Neurons n0..n1 (multiples of 32) of one block of a layer's gate, up and down (split_block's signs, u, v)
+    as a record of `stack/ffn.<i>` (FfnRecord.split reads it): gate and up sign rows, down sign columns (whole
+    32-column sign blocks of every row), gate and up u rows, down v columns."""
+    return _as_bytes((sg[n0:n1], su[n0:n1], sd[:, n0 // 8:n1 // 8], ug[n0:n1], uu[n0:n1], vd[:, n0:n1]))
+
+
+def ffn_shared(vg, vu, ud) -> np.ndarray:
+    """What every cluster of one block shares, a chunk of `stack/ffn_shared.<i>` (FfnRecord.split_shared)."""
+    return _as_bytes((vg, vu, ud))
 
 
 class FfnRecord:
@@ -389,6 +398,14 @@ class FfnRecord:
         s = c * dim // 8
         self.offsets = np.cumsum([0, s, s, s, 2 * c * ranks[0], 2 * c * ranks[1], 2 * c * ranks[2]])
         self.nbytes = int(self.offsets[-1])
+        self.shared_nbytes = 2 * dim * sum(ranks)  # per block: v of gate and up, u of down (fp16)
+
+    def split_shared(self, raw) -> tuple:
+        """A chunk of ffn_shared -> (v of gate (kg, dim), v of up (ku, dim), u of down (dim, kd))."""
+        (kg, ku, kd), dim = self.ranks, self.dim
+        f = np.frombuffer(raw, np.float16)
+        return (f[:kg * dim].reshape(kg, dim), f[kg * dim:(kg + ku) * dim].reshape(ku, dim),
+                f[(kg + ku) * dim:(kg + ku + kd) * dim].reshape(dim, kd))
 
     def empty(self, k: int) -> tuple:
         """The six parts for k clusters side by side (what a block of k records joins into)."""
@@ -427,15 +444,11 @@ class _FfnLayer:
         self.i, self.rec = i, FfnRecord(info.clusters[i], cfg.dim, ranks)
         self.n = cfg.hidden_dim // self.rec.c
         self.depth = tuple(depths[n] for n in names)
-        d, dim = max(self.depth), cfg.dim
+        d = max(self.depth)
         self.shared = old.shared[:d] if old else []
-        kg, ku, kd = ranks
-        arr = store.array(f"stack/ffn_shared.{i}")
-        self.shared_read = (d - len(self.shared)) * arr.chunk_bytes if d > len(self.shared) else 0
-        for raw in store.read_chunks(arr, list(range(len(self.shared), d))):
-            f = np.frombuffer(raw, np.float16)
-            self.shared.append((f[:kg * dim].reshape(kg, dim), f[kg * dim:(kg + ku) * dim].reshape(ku, dim),
-                                f[(kg + ku) * dim:(kg + ku + kd) * dim].reshape(dim, kd)))
+        self.shared_read = max(0, d - len(self.shared)) * self.rec.shared_nbytes
+        for raw in store.read_chunks(store.array(f"stack/ffn_shared.{i}"), list(range(len(self.shared), d))):
+            self.shared.append(self.rec.split_shared(raw))
         if old:
             self.inv_in, self.inv_h = old.inv_in, old.inv_h
         else:
@@ -484,7 +497,7 @@ class StackedFFN:
         self.info = StackInfo.of(store)
         self.layers: list[_FfnLayer] = []
         self.slots = 0
-        self.reads = self.read_bytes = 0  # streamed records, while computing
+        self.read_bytes = 0  # streamed records, while computing
         self.load_bytes = 0  # records and shared factors read by configure (load, resize)
         self.configure(depths, slots)
 
@@ -514,15 +527,6 @@ class StackedFFN:
                 old[i] = None  # its records go as this layer's are placed
         self.slots = min(slots, min(lay.n for lay in self.layers))
 
-    @property
-    def nbytes(self) -> int:
-        """Cached records and the shared factors, as stored."""
-        total = 0
-        for lay in self.layers:
-            total += sum(a.nbytes for part in lay.cached for a in part)
-            total += sum(a.nbytes for part in lay.shared for a in part)
-        return total
-
     def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
         lay = self.layers[i]
         xs = np.ascontiguousarray(x, np.float32) * lay.inv_in
@@ -530,7 +534,6 @@ class StackedFFN:
         out = self._neurons(lay, lay.cached, xs, 0) if self.slots else np.zeros((len(xs), lay.rec.dim), np.float32)
         if self.slots < lay.n:
             parts, nbytes = lay.read(self.store, range(self.slots, lay.n))
-            self.reads += len(parts) * (lay.n - self.slots)
             self.read_bytes += nbytes
             out += self._neurons(lay, parts, xs, self.slots * c)
         return out

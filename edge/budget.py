@@ -360,7 +360,7 @@ def _stream_bytes(info, m: int, slots: int) -> tuple[int, int]:
         lins = [info.linears[n] for n in names]
         rec = FfnRecord(c, lins[0]["cols"], tuple(lin["rank"] for lin in lins))
         d, n = max(depths[n] for n in names), lins[0]["rows"] // c
-        ram += d * (2 * rec.dim * sum(rec.ranks) + min(slots, n) * rec.nbytes)
+        ram += d * (rec.shared_nbytes + min(slots, n) * rec.nbytes)
         stream = max(stream, d * max(0, n - slots) * rec.nbytes)
     return ram + stream, depth
 

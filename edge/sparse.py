@@ -558,6 +558,21 @@ HEAD_SLACK = 0.25  # of the Cauchy-Schwarz bound on what the basis leaves out
 HEAD_EXTRA = 64    # rows the second stage rescores at most per token
 
 
+def second_stage(z: np.ndarray, top: np.ndarray, miss: np.ndarray, h: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The rows ApproxHead rescores after its candidates `top` (z: one state's logits, the candidates' exact):
+    those whose approximate logit + HEAD_SLACK * m_i * |h (I - V V^T)| reaches the best exact one, at most
+    HEAD_EXTRA, highest bound first; sorted. p = h @ V (V orthonormal: |h (I - V V^T)|^2 = |h|^2 - |p|^2)."""
+    left = float(np.sqrt(max(0.0, float(h @ h) - float(p @ p))))
+    bound = miss * np.float32(HEAD_SLACK * left)
+    bound += z
+    bound[top] = -np.inf
+    more = np.flatnonzero(bound >= z[top].max())
+    if len(more) > HEAD_EXTRA:
+        more = more[np.argpartition(-bound[more], HEAD_EXTRA)[:HEAD_EXTRA]]
+    more.sort()
+    return more
+
+
 class ApproxHead:
     """Logits from a low-rank Q4_0 copy of the head, the top candidates rescored with exact rows from flash.
 
@@ -608,15 +623,8 @@ class ApproxHead:
         top = np.sort(top_ids(z[0], self.candidates))
         z[0, top] = self._exact(x, top)
         if self.miss is not None:
-            left = float(np.sqrt(max(0.0, float(x[0] @ x[0]) - float(p[0] @ p[0]))))  # |h (I - V V^T)|, V orthonormal
-            bound = self.miss * np.float32(HEAD_SLACK * left)
-            bound += z[0]
-            bound[top] = -np.inf
-            more = np.flatnonzero(bound >= z[0, top].max())
-            if len(more) > HEAD_EXTRA:
-                more = more[np.argpartition(-bound[more], HEAD_EXTRA)[:HEAD_EXTRA]]
+            more = second_stage(z[0], top, self.miss, x[0], p[0])
             if len(more):
-                more.sort()
                 z[0, more] = self._exact(x, more)
                 self.extra += len(more)
         return (z,)

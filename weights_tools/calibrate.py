@@ -55,7 +55,7 @@ import numpy as np
 
 from edge import quants
 from edge.errors import EdgeError
-from edge.sparse import HEAD_EXTRA, HEAD_SLACK, PREDICTOR, pack_predictors, predict
+from edge.sparse import PREDICTOR, pack_predictors, predict, second_stage
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
 
@@ -301,13 +301,8 @@ def _greedy(y, v, low, miss, head, gg, batch: int = 64) -> tuple[float, float, f
         inside += int((top == want[:, None]).any(1).sum())
         at = np.arange(len(h))[:, None]
         z[at, top] = exact[at, top]
-        left = np.sqrt(np.maximum(0, (h * h).sum(1) - (p * p).sum(1)))
-        bound = z + (HEAD_SLACK * left)[:, None] * miss[None, :]
-        bound[at, top] = -np.inf
         for t in range(len(h)):
-            more = np.flatnonzero(bound[t] >= z[t, top[t]].max())
-            if len(more) > HEAD_EXTRA:
-                more = more[np.argpartition(-bound[t, more], HEAD_EXTRA)[:HEAD_EXTRA]]
+            more = second_stage(z[t], top[t], miss, h[t], p[t])
             z[t, more] = exact[t, more]
             extra += len(more)
         agree += int((z.argmax(1) == want).sum())

@@ -174,7 +174,7 @@ def _write_ffn_bundles(store, group, partial: Path, linears: dict, iters: int) -
     of u for gate and up and its columns of v for down; `ffn_shared.<i>`, one chunk per block: v of gate and
     up, u of down (what every cluster shares). The same bytes as the blocks, regrouped so that a cluster's
     part of a block is one read. Returns the cluster size per layer (0: not a multiple of 32, no records)."""
-    from edge.bitstack import ffn_record_parts
+    from edge.bitstack import ffn_record, ffn_shared
     from weights_tools.convert import _write_array
 
     cfg = store.config
@@ -193,10 +193,8 @@ def _write_ffn_bundles(store, group, partial: Path, linears: dict, iters: int) -
             blocks = [split_block(np.asarray(group[n][b]), linears[n]["rows"], linears[n]["cols"], linears[n]["rank"])
                       for n in names]
             (sg, ug, vg), (su, uu, vu), (sd, ud, vd) = blocks
-            shared.append(np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(-1) for a in (vg, vu, ud)]))
-            for k in range(cfg.hidden_dim // c):
-                parts = ffn_record_parts(sg, su, sd, ug, uu, vd, k * c, (k + 1) * c)
-                records.append(np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(-1) for a in parts]))
+            shared.append(ffn_shared(vg, vu, ud))
+            records += [ffn_record(sg, su, sd, ug, uu, vd, k * c, (k + 1) * c) for k in range(cfg.hidden_dim // c)]
         _write_array(group, f"ffn.{i}", np.stack(records), 1)
         _write_array(group, f"ffn_shared.{i}", np.stack(shared), 1)
         (partial / "done" / f"ffn.{i}").touch()
