@@ -18,6 +18,7 @@ chat: $(STAMP)
 	$(BIN)/edge chat
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 install: $(STAMP)

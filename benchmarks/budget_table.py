@@ -13,14 +13,13 @@ the dense model's (llama.cpp's kernels, all in RAM).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edge.bench import PROMPT, _run_capped
+from edge.bench import PROMPT, run_json
 from edge.sizes import format_size, parse_size
 
 
@@ -63,9 +62,9 @@ def main() -> None:
             for strategy, sparsity in configs:
                 common = ["--ram", str(budget), "--ctx", "256", "--threads", "2", "--strategy", strategy,
                           "--sparsity", str(sparsity)]
-                run = _run_capped([sys.executable, "-m", "edge", "run", str(store), "-p", PROMPT, "-n", str(args.n),
+                run = run_json([sys.executable, "-m", "edge", "run", str(store), "-p", PROMPT, "-n", str(args.n),
                                    "--json", "--temp", "0", "--ignore-eos", *common], budget, [], "edge-table")
-                ev = _run_capped([sys.executable, "-m", "edge", "eval", str(store), "--windows", "2", "--json",
+                ev = run_json([sys.executable, "-m", "edge", "eval", str(store), "--windows", "2", "--json",
                                   *common], budget, [], "edge-table")
                 if "error" in run or "error" in ev:
                     print(f"| {store.stem} | {format_size(budget)} | {strategy} | {sparsity:g} | "

@@ -1,9 +1,11 @@
-"""`edge bench`: ours and llama.cpp on the same prompt and threads, each under a kernel memory cap of --ram.
+"""`edge bench`: ours and native llama.cpp on the same prompt and threads, each under a kernel memory cap of --ram.
 
-Each side runs in its own process inside a fresh memory cgroup (edge.cgroup) with the page cache dropped
-first; ours with `--ram` set to the same figure. Reported: decode tok/s, flash bytes read per token
-(/proc/<pid>/io), the cgroup's peak, whether the kernel killed it, and the ratios. `--sweep` repeats over a
-list of budgets and writes a CSV and an SVG plot (tok/s vs budget, both systems).
+Each side runs alone in its own process inside a fresh memory cgroup (edge.cgroup) with the page cache dropped
+first; ours with `--ram` set to the same figure, the peer is llama.cpp's own `llama-bench` (edge.native) with
+each of its load options (`--repack 1`, `--repack 0`), the better one reported. Reported: decode tok/s, bytes
+read from storage per decoded token (/proc/PID/io over the decode window), the cgroup's peak, whether the
+kernel killed it, and the ratio. Without --ram both run uncapped (all resident). `--sweep` repeats over a list
+of budgets and writes a CSV and an SVG plot (tok/s vs budget, both systems).
 """
 
 from __future__ import annotations
@@ -19,77 +21,125 @@ from edge.sizes import format_size, parse_size
 PROMPT = "Once upon a time, in a small village by the sea,"
 
 
-def _peer_main(argv: list[str]) -> int:
-    """Child side of the peer: llama.cpp greedy on a GGUF (mmap, as its users run it), one JSON line."""
-    import argparse
+def run_capped(cmd: list[str], limit: int | None, files: list[Path], name: str) -> dict:
+    """Run cmd alone in a fresh memory cgroup of `limit` bytes (None: no cap) after dropping the page cache;
+    its /proc/PID/io read_bytes is sampled every 20 ms (`io`: (seconds since start, bytes) pairs)."""
+    import subprocess
+    import tempfile
 
-    import psutil
-
-    from edge.peer import LlamaCpp
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("gguf")
-    ap.add_argument("--ctx", type=int)
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("-n", type=int)
-    ap.add_argument("-p")
-    a = ap.parse_args(argv)
-    proc = psutil.Process()
-    io0 = proc.io_counters().read_bytes
-    peer = LlamaCpp(a.gguf, n_ctx=a.ctx, threads=a.threads, logits_all=False)
-    prompt = peer.llama.tokenize(a.p.encode())
-    tokens, _, decode_s = peer.greedy(prompt, a.n)
-    print(json.dumps({"tok_s": (a.n - 1) / decode_s if a.n > 1 else 0.0, "tokens": tokens,
-                      "flash_read_bytes": proc.io_counters().read_bytes - io0,
-                      "peak_rss_bytes": proc.memory_info().rss}))
-    return 0
-
-
-def _run_capped(cmd: list[str], limit: int, files: list[Path], name: str) -> dict:
     from edge.cgroup import MemoryCap, drop_page_cache
 
     dropped = drop_page_cache(files)
-    cap, why = MemoryCap.make(limit, name)
-    t0 = time.perf_counter()
-    try:
-        if cap is None:
-            import subprocess
+    cap, why = MemoryCap.make(limit, name) if limit else (None, "no --ram")
+    samples: list[tuple[float, int]] = []
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        try:
+            proc = cap.popen(cmd, stdout=out, stderr=err) if cap else subprocess.Popen(cmd, stdout=out, stderr=err)
+            io = Path(f"/proc/{proc.pid}/io")
+            while proc.poll() is None:
+                try:
+                    line = next(ln for ln in io.read_text().splitlines() if ln.startswith("read_bytes:"))
+                    samples.append((time.perf_counter() - t0, int(line.split()[1])))
+                except (OSError, StopIteration, ValueError):
+                    pass
+                time.sleep(0.02)
+            rc = proc.returncode
+            side = {"capped": cap is not None, "why_uncapped": why, "cache_dropped": dropped,
+                    "wall_s": time.perf_counter() - t0, "rc": rc, "io": samples,
+                    "cgroup_peak_bytes": cap.peak if cap else None, "killed": bool(cap and cap.oom_killed)}
+        finally:
+            if cap is not None:
+                cap.close()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    side["stdout"] = stdout
+    if rc != 0:
+        side["error"] = "killed by the cap" if side["killed"] else (
+            stderr.strip().splitlines() or ["killed" if rc < 0 else "failed"])[-1]
+    return side
 
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+
+def run_json(cmd: list[str], limit: int | None, files: list[Path], name: str) -> dict:
+    """`run_capped` of a command that ends with one JSON line (edge's --json): that object merged in."""
+    side = run_capped(cmd, limit, files, name)
+    stdout = side.pop("stdout")
+    line = next((ln for ln in reversed(stdout.splitlines()) if ln.startswith("{")), None)
+    if "error" not in side:
+        if line:
+            side.update(json.loads(line))
         else:
-            proc = cap.run(cmd)
-        out = {"capped": cap is not None, "why_uncapped": why, "cache_dropped": dropped,
-               "wall_s": time.perf_counter() - t0, "rc": proc.returncode,
-               "cgroup_peak_bytes": cap.peak if cap else None, "killed": bool(cap and cap.oom_killed)}
-    finally:
-        if cap is not None:
-            cap.close()
-    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-    if proc.returncode == 0 and line:
-        out.update(json.loads(line))
-    else:
-        out["error"] = (proc.stderr.strip().splitlines() or ["killed" if proc.returncode < 0 else "failed"])[-1]
-    return out
+            side["error"] = "printed no result"
+    return side
 
 
-def bench_one(store: Path, gguf: Path | None, ram: int, n: int, ctx: int, threads: int, strategy: str,
-              sparsity: float, prompt: str, device: str | None = None, emulate: bool = False) -> dict:
-    ours_cmd = [sys.executable, "-m", "edge", "run", str(store), "--ram", str(ram), "--ctx", str(ctx), "--threads",
-                str(threads), "-n", str(n), "-p", prompt, "--json", "--temp", "0", "--ignore-eos", "--strategy",
-                strategy, "--sparsity", str(sparsity)]
-    ours_cmd += ["--device", device] + (["--emulate"] if emulate else []) if device else []
-    store_files = [f for f in store.rglob("*") if f.is_file()]
-    row = {"ram": ram, "ours": _run_capped(ours_cmd, ram, store_files, "edge-bench")}
-    if gguf is not None:
-        peer_cmd = [sys.executable, "-m", "edge.bench", "peer", str(gguf), "--ctx", str(ctx), "--threads",
-                    str(threads), "-n", str(n), "-p", prompt]
-        row["peer"] = _run_capped(peer_cmd, ram, [gguf], "edge-bench-peer")
+def _read_in_last(samples: list[tuple[float, int]], seconds: float) -> int | None:
+    """Bytes read over the last `seconds` of the samples (the decode window, which ends a llama-bench run)."""
+    if len(samples) < 2:
+        return None
+    end_t, end_b = samples[-1]
+    before = [b for t, b in samples if t <= end_t - seconds]
+    return end_b - (before[-1] if before else samples[0][1])
+
+
+def run_ours(store: Path, ram: int | None, n: int, ctx: int, threads: int, strategy: str, sparsity: float,
+             prompt: str, device: str | None = None, emulate: bool = False) -> dict:
+    """`edge run --json` greedy in the cap: tok/s over its decode window, MB read in that window."""
+    cmd = [sys.executable, "-m", "edge", "run", str(store), "--ctx", str(ctx), "--threads", str(threads), "-n",
+           str(n), "-p", prompt, "--json", "--temp", "0", "--ignore-eos", "--strategy", strategy, "--sparsity",
+           str(sparsity)] + (["--ram", str(ram)] if ram else [])
+    cmd += ["--device", device] + (["--emulate"] if emulate else []) if device else []
+    side = run_json(cmd, ram, [f for f in store.rglob("*") if f.is_file()], "edge-bench")
+    if "error" not in side:
+        side["read_per_token"] = side["decode_read_bytes"] / max(1, len(side["tokens"]) - 1)
+    return side
+
+
+def run_native(bins: Path, gguf: Path, ram: int | None, n: int, threads: int, repack: int) -> dict:
+    """llama.cpp's own `llama-bench -p 0 -n N -r 1` in the cap with one load option: tok/s is its average
+    (decode calls only; llama-bench samples nothing); MB read per token is the process's read_bytes over the
+    last tok_s-derived decode seconds of the run, divided by N."""
+    cmd = [str(bins / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n), "-t", str(threads), "-r", "1",
+           "--repack", str(repack), "-o", "json"]
+    side = run_capped(cmd, ram, [gguf], "edge-bench-peer")
+    side["repack"] = repack
+    if "error" not in side:
+        try:
+            result = json.loads(side.pop("stdout"))[0]
+        except (ValueError, IndexError, KeyError):
+            side["error"] = "llama-bench printed no result"
+            return side
+        side["tok_s"] = float(result["avg_ts"])
+        read = _read_in_last(side["io"], n / side["tok_s"])
+        side["read_per_token"] = read / n if read is not None else None
+    return side
+
+
+def run_completion(bins: Path, gguf: Path, ram: int | None, n: int, ctx: int, threads: int, repack: int,
+                   prompt: str) -> dict:
+    """llama.cpp's own `llama-completion`, greedy, in the cap: its text, to set beside ours."""
+    cmd = [str(bins / "llama-completion"), "-m", str(gguf), "-p", prompt, "-n", str(n), "-c", str(ctx), "-t",
+           str(threads), "--temp", "0", "--ignore-eos", "-no-cnv", "--no-display-prompt", "--simple-io",
+           "--no-warmup"] + ([] if repack else ["--no-repack"])
+    side = run_capped(cmd, ram, [gguf], "edge-bench-peer")
+    side["text"] = side.pop("stdout")
+    return side
+
+
+def bench_one(store: Path, gguf: Path | None, ram: int | None, n: int, ctx: int, threads: int, strategy: str,
+              sparsity: float, prompt: str, device: str | None = None, emulate: bool = False,
+              bins: Path | None = None, text: bool = True) -> dict:
+    """One budget: ours, then (with bins) native llama.cpp with each load option, the better one as `peer`."""
+    row = {"ram": ram, "ours": run_ours(store, ram, n, ctx, threads, strategy, sparsity, prompt, device, emulate)}
+    if bins is not None and gguf is not None:
+        options = [run_native(bins, gguf, ram, n, threads, repack) for repack in (1, 0)]
+        row["peer_options"] = options
+        row["peer"] = max(options, key=lambda s: s.get("tok_s", -1.0))
+        if text and "tok_s" in row["peer"]:
+            row["peer_text"] = run_completion(bins, gguf, ram, n, ctx, threads, row["peer"]["repack"],
+                                              prompt).get("text", "")
     return row
-
-
-def _per_token(side: dict) -> float | None:
-    toks = len(side.get("tokens", []))
-    return side["flash_read_bytes"] / toks if toks and "flash_read_bytes" in side else None
 
 
 def projection(side: dict, profile, gemv_here: float):
@@ -113,19 +163,26 @@ def print_projection(p, emulated: bool) -> None:
 def print_row(row: dict) -> None:
     def show(name: str, s: dict) -> str:
         if "error" in s:
-            return f"  {name:10} {'killed by the cap' if s.get('killed') else s['error']}"
-        per = _per_token(s)
+            return f"  {name:22} {s['error']}"
+        per = s.get("read_per_token")
         peak = s.get("cgroup_peak_bytes") or s.get("peak_rss_bytes") or 0
-        return (f"  {name:10} {s['tok_s']:7.2f} tok/s  {format_size(per or 0):>8}/token read  "
+        return (f"  {name:22} {s['tok_s']:7.2f} tok/s  {format_size(per or 0):>8}/token read  "
                 f"peak {format_size(peak)}{'' if s['capped'] else ' (no cap: ' + s['why_uncapped'] + ')'}")
 
-    print(f"--ram {format_size(row['ram'])}")
+    print(f"--ram {format_size(row['ram'])}" if row["ram"] else "no --ram, no cap (all resident)")
     print(show("edge", row["ours"]))
+    for opt in row.get("peer_options", []):
+        print(show(f"llama.cpp --repack {opt['repack']}", opt))
     if "peer" in row:
-        print(show("llama.cpp", row["peer"]))
         o, p = row["ours"].get("tok_s"), row["peer"].get("tok_s")
         if o and p:
-            print(f"  ratio      {o / p:.2f}x tok/s")
+            print(f"  ratio                  {o / p:.2f}x tok/s against llama.cpp's better option (--repack "
+                  f"{row['peer']['repack']})")
+    if "peer_text" in row and "text" in row["ours"]:
+        ours, theirs = row["ours"]["text"], row["peer_text"]
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        print(f"  text                   the same for {same} characters (edge {len(ours)}, llama-completion "
+              f"{len(theirs)}): {ours[:60]!r}")
 
 
 def write_sweep(rows: list[dict], out: Path) -> None:
@@ -133,10 +190,10 @@ def write_sweep(rows: list[dict], out: Path) -> None:
     lines = ["ram_bytes,edge_tok_s,edge_read_bytes_per_token,edge_peak_bytes,llama_cpp_tok_s,"
              "llama_cpp_read_bytes_per_token,llama_cpp_peak_bytes"]
     for r in rows:
-        cells = [str(r["ram"])]
+        cells = [str(r["ram"] or "")]
         for side in ("ours", "peer"):
             s = r.get(side, {})
-            per = _per_token(s)
+            per = s.get("read_per_token")
             cells += [f"{s['tok_s']:.3f}" if "tok_s" in s else "", f"{per:.0f}" if per else "",
                       str(s.get("cgroup_peak_bytes") or "")]
         lines.append(",".join(cells))
@@ -159,15 +216,24 @@ def plot_sweep(csv_path: Path) -> None:
 
 
 def cmd_bench(args) -> int:
-    store = Path(args.model)
+    from edge.models import CATALOGUE, resolve_model
+
+    store = resolve_model(args.model, store=True)
     if not (store / "zarr.json").is_file():
         raise EdgeError(f"{store}: bench runs from a calibrated store; run `edge convert MODEL.gguf --calibrate`")
-    gguf = None
+    gguf = bins = None
     if args.vs == "llama.cpp":
-        gguf = Path(args.gguf) if args.gguf else store.parent / json.loads(
-            (store / "zarr.json").read_text())["attributes"]["edge"]["source"]["file"]
+        if args.gguf:
+            gguf = Path(args.gguf)
+        elif args.model in CATALOGUE:
+            gguf = resolve_model(args.model)
+        else:
+            gguf = store.parent / json.loads((store / "zarr.json").read_text())["attributes"]["edge"]["source"]["file"]
         if not gguf.is_file():
             raise EdgeError(f"{gguf}: the GGUF for llama.cpp is not there; give it with --gguf")
+        from edge.native import ensure
+
+        bins = ensure(args.llama_bin, quiet=False)
     profile = None
     if args.emulate and not args.device:
         raise EdgeError("--emulate needs --device NAME: the device whose flash to emulate")
@@ -175,12 +241,17 @@ def cmd_bench(args) -> int:
         from edge.profile import load
 
         profile = load(args.device)
-    ram_text = args.ram or (None if profile is None or profile.ram is None else str(profile.ram)) or "2GB"
-    sizes = [parse_size(s, flag="--sweep") for s in args.sweep.split(",")] if args.sweep else [
-        parse_size(ram_text, flag="--ram")]
+    ram_text = args.ram or (None if profile is None or profile.ram is None else str(profile.ram))
+    if args.sweep:
+        sizes = [None if s.strip() in ("none", "0") else parse_size(s, flag="--sweep") for s in args.sweep.split(",")]
+    else:
+        sizes = [parse_size(ram_text, flag="--ram") if ram_text else None]
     threads = args.threads or 2
     print(f"edge bench {store.name}: prompt {args.prompt!r}, {args.n} tokens, ctx {args.ctx}, {threads} threads, "
           f"strategy {args.strategy}, sparsity {args.sparsity} ({time.strftime('%Y-%m-%d %H:%M')})")
+    if bins is not None:
+        print(f"peer: llama.cpp's own llama-bench -p 0 -n {args.n} -r 1 (its context holds its {args.n} tokens) with "
+              f"--repack 1 and 0, and llama-completion for the text, from {bins}")
     gemv_here = None
     if profile is not None:
         from edge.profile import measure_gemv
@@ -192,7 +263,7 @@ def cmd_bench(args) -> int:
     rows = []
     for ram in sizes:
         row = bench_one(store, gguf, ram, args.n, args.ctx, threads, args.strategy, args.sparsity, args.prompt,
-                        args.device, args.emulate)
+                        args.device, args.emulate, bins)
         print_row(row)
         if profile is not None and (proj := projection(row["ours"], profile, gemv_here)) is not None:
             print_projection(proj, args.emulate)
@@ -205,10 +276,8 @@ def cmd_bench(args) -> int:
         write_sweep(rows, out)
         print(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.svg')} and {out.with_suffix('.png')}")
     if args.json:
+        for row in rows:
+            for side in [row["ours"], *row.get("peer_options", [])]:
+                side.pop("io", None)
         print(json.dumps(rows))
     return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["peer"]:
-        sys.exit(_peer_main(sys.argv[2:]))

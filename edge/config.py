@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from edge.errors import EdgeError
 
-SUPPORTED_ARCHS = ("llama", "gemma3", "qwen3moe", "qwen2moe", "olmoe")
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3", "qwen3moe", "qwen2moe", "olmoe")
 MOE_ARCHS = ("qwen3moe", "qwen2moe", "olmoe")  # always mixtures of experts (llama may be: Mixtral)
 
 
@@ -39,7 +39,7 @@ class ModelConfig:
     expert_hidden: int = 0    # FFN width of one expert
     expert_weights_norm: bool = True  # the top-k weights renormalized to sum to 1
     shared_expert_hidden: int = 0     # qwen2moe: a shared expert every token goes through, sigmoid-gated
-    attn_bias: bool = False           # qwen2moe: biases on q, k and v
+    attn_bias: bool = False           # qwen2, qwen2moe: biases on q, k and v
     qk_norm_full: bool = False        # olmoe: one RMS norm over all of q (and of k), not per head
 
     @property
@@ -88,11 +88,12 @@ def config_from_metadata(meta: dict, path: str, vocab_size: int) -> ModelConfig:
                      rope_base_local=base, sliding_window=0, local_layers=(False,) * n_layers,
                      expert_weights_norm=arch == "qwen3moe", attn_bias=arch == "qwen2moe",
                      qk_norm_full=arch == "olmoe")
-    else:
-        base = float(g("rope.freq_base", 10_000.0))
-        extra = dict(rope_neox=False, activation="silu", attn_scale=1.0 / math.sqrt(head_dim),
+    else:  # llama; qwen2 is llama's layout with q/k/v biases and NEOX rope (its q/k are not permuted)
+        qwen = arch == "qwen2"
+        base = float(g("rope.freq_base", 1_000_000.0 if qwen else 10_000.0))
+        extra = dict(rope_neox=qwen, activation="silu", attn_scale=1.0 / math.sqrt(head_dim),
                      embed_scale=1.0, qk_norm=False, post_norms=False, rope_base=base,
-                     rope_base_local=base, sliding_window=0, local_layers=(False,) * n_layers)
+                     rope_base_local=base, sliding_window=0, local_layers=(False,) * n_layers, attn_bias=qwen)
     n_experts = int(g("expert_count", 0) or 0)  # llama: Mixtral; llama and gemma3: a moefied dense model
     if n_experts:
         used = _positive(g("expert_used_count"), "expert_used_count", path)

@@ -36,7 +36,8 @@ class RunStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     tokens: list[int] = field(default_factory=list)
-    flash_read_bytes: int = 0
+    flash_read_bytes: int = 0  # prefill and decode
+    decode_read_bytes: int = 0  # over the decode window (see Engine._decode)
     peak_rss_bytes: int = 0
     stopped: str = ""        # "eog", "length", "context" or "cancelled"
     shrinks: list[str] = field(default_factory=list)  # cache given back under memory pressure
@@ -92,11 +93,11 @@ class Engine:
         from edge.profile import load
         from edge.gguf_file import GGUFFile
         from edge.model import Transformer
-        from edge.models import default_store_path, resolve_model
+        from edge.models import resolve_model
         from edge.store import Store
         from edge.tokenizer import Tokenizer
 
-        self.path = default_store_path() if ram is not None and model is None else resolve_model(model)
+        self.path = resolve_model(model, store=ram is not None)
         self.meter = _Meter()
         self.plan = None
         # what every re-plan (resize) keeps
@@ -221,12 +222,20 @@ class Engine:
             stats.peak_rss_bytes = self.meter.peak_rss
 
     def _decode(self, logits, history, max_tokens, sampler, stop_at_end, stream) -> Iterator[TokenEvent]:
+        """decode_seconds and decode_read_bytes run from the first token sampled (its logits came from the
+        prefill) to the last: forward steps and sampling, as a native peer's decode window counts."""
         stats = self.last
         step_start, io_start = time.perf_counter(), self.meter.read_bytes()
+        first = None
         for _ in range(max_tokens):
             token = sampler(logits, history)
             history.append(token)
             stats.tokens.append(token)
+            if first is None:
+                first = time.perf_counter(), self.meter.read_bytes()
+            else:
+                stats.decode_seconds = time.perf_counter() - first[0]
+                stats.decode_read_bytes = self.meter.read_bytes() - first[1]
             if stop_at_end and self.tokenizer.is_end(token):
                 stats.stopped = "eog"
                 break
@@ -242,11 +251,9 @@ class Engine:
             if self.plan is not None and len(stats.tokens) % PRESSURE_EVERY == 0:
                 self._relieve_pressure()
             step_start, io_start = time.perf_counter(), io_now
-            t = time.perf_counter()
             with self._lock:
                 logits = self.model.forward(np.asarray([token]), len(self.cached))
             self.cached.append(token)
-            stats.decode_seconds += time.perf_counter() - t
         tail = stream.flush()
         if tail:
             yield TokenEvent(-1, tail, 0.0, 0, self.meter.rss(), len(self.cached))

@@ -99,7 +99,7 @@ class Layer:
     router: np.ndarray | None = None     # mixture of experts: (n_experts, dim), float32
     experts: list | None = None          # per expert: (gate_up, down) linear groups
     shared: tuple | None = None          # qwen2moe: (gate vector (dim,), gate_up, down) of the shared expert
-    qkv_bias: np.ndarray | None = None   # qwen2moe: q, k and v biases, concatenated
+    qkv_bias: np.ndarray | None = None   # qwen2, qwen2moe: q, k and v biases, concatenated
 
 
 def _norm(src, name: str, size: int) -> np.ndarray:

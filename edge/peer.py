@@ -1,4 +1,7 @@
-"""The peer: llama.cpp (through llama-cpp-python) on the same GGUF, for parity tests and benchmarks."""
+"""llama.cpp inside Python (llama-cpp-python) on the same GGUF: for logit parity tests only.
+
+Its interpreter and bindings weigh 40-60MB that llama.cpp's own programs do not, so speed and memory are
+compared with those (edge.native, `edge bench`), never with this."""
 
 from __future__ import annotations
 
@@ -27,6 +30,14 @@ class LlamaCpp:
         self.llama.eval(tokens)
         return np.array(self.llama.scores[: len(tokens)], dtype=np.float32)
 
+    def last_logits(self) -> np.ndarray:
+        """The last evaluated position's logits, read from llama.cpp's context: with logits_all=False
+        llama-cpp-python never writes its `scores` buffer."""
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llama.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llama.n_vocab(),)).copy()
+
     def greedy(self, prompt: list[int], n: int) -> tuple[list[int], float, float]:
         """Greedy continuation: (ids, prefill seconds, decode seconds), argmax on the raw logits."""
         self.llama.reset()
@@ -35,7 +46,7 @@ class LlamaCpp:
         t1 = time.perf_counter()
         out = []
         for _ in range(n):
-            tok = int(np.argmax(self.llama.scores[self.llama.n_tokens - 1]))
+            tok = int(np.argmax(self.last_logits()))
             out.append(tok)
             self.llama.eval([tok])
         return out, t1 - t0, time.perf_counter() - t1

@@ -97,7 +97,6 @@ def test_stack_writes_a_universal_order_of_every_block(tiny_stacked):
 def test_runtime_equals_the_reconstructed_weights(tiny_stacked):
     """A model loaded at a prefix computes what a float32 model with the reconstructed weights computes: same
     greedy tokens, logits within Q8 activation rounding."""
-    from edge.bitstack import GROUPS
     from edge.engine import Engine
     from edge.model import Transformer
 

@@ -1,7 +1,6 @@
 """The `edge` command as a user runs it: run/eval output, and one clear line for every bad input."""
 
 import json
-import shutil
 
 import gguf
 import numpy as np

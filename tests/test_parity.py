@@ -91,6 +91,19 @@ def test_mixture_of_experts_agrees_with_llama_cpp(tmp_path, arch):
     assert p.same_greedy == [32, 32, 32]
 
 
+def test_random_qwen2_with_biases_agrees_with_llama_cpp(tmp_path, smollm2):
+    """A random dense qwen2 (llama's layout with q/k/v biases, NEOX rope, rope base 1e6, untied head) in
+    float32: the same logits as llama.cpp over 3 prompts x 64 generated tokens, and the same greedy tokens."""
+    from weights_tools.make_model import write_random_model
+
+    path = write_random_model(tmp_path / "qwen2.gguf", arch="qwen2", layers=2, dim=128, hidden=320, heads=4,
+                              kv_heads=2, quant="F32", rope_base=1e6, untied_output=True, tokenizer_from=smollm2)
+    p = measure(path, "numpy", n_gen=64, n_greedy=32, peer_kwargs={"f32_kv": True})
+    print(p)
+    assert min(p.top1) >= 0.99 and p.mean_abs < 0.005
+    assert p.same_greedy == [32, 32, 32]
+
+
 def ppl(path) -> float:
     """Perplexity of one 256-token window of `edge eval`'s text."""
     from edge.engine import Engine

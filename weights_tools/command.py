@@ -20,7 +20,8 @@ def register(sub) -> None:
     p = sub.add_parser("convert", help="write a GGUF as a flash store (row-column bundled FFN)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", nargs="?", default=None,
-                   help="a GGUF model file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json); "
+                   help="a GGUF model file, a model name from `edge models` (its store goes beside it in the cache "
+                        "dir), or a Hugging Face directory (config.json, *.safetensors, tokenizer.json); "
                         "omitted: the default model, into the cache dir (what --ram without MODEL runs)")
     p.add_argument("-o", "--out", default=None, help="the store directory to write (default: SRC with .edge)")
     p.add_argument("--cluster", type=int, default=None,
@@ -50,9 +51,8 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     import time
-    from pathlib import Path
 
-    from edge.models import default_model_path
+    from edge.models import resolve_model
     from edge.sizes import format_size
     from edge.store import is_store
     from weights_tools.convert import Progress, convert
@@ -76,9 +76,8 @@ def _run(args) -> int:
             progress.close()
         print(f"prepared {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         return 0
-    if args.src is None:
-        args.src = str(default_model_path())
-    src = Path(args.src)
+    src = resolve_model(args.src)  # None: the default model; a name: its pulled GGUF
+    args.src = str(src)
     if args.calibrate and is_store(src) and src.is_dir():
         out = src
     else:
@@ -108,7 +107,7 @@ def _run(args) -> int:
                                 threads=None, progress=lambda done, total: progress.advance_to(done, total, "calibrate"))
         finally:
             progress.close()
-        rec = [l["recall"]["0.5"] for l in summary["layers"]]
+        rec = [layer["recall"]["0.5"] for layer in summary["layers"]]
         print(f"calibrated {out} in {time.perf_counter() - t1:.1f}s: predictor recall at 50% sparsity "
               f"{min(rec):.2f}-{max(rec):.2f}; head rank {summary['head_rank']}, its greedy token the full "
               f"head's on held-out text {summary['head']['greedy']:.3f}, chat answers "

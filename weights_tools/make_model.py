@@ -35,8 +35,8 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
                        untied_output: bool = False, extra_tensors: dict | None = None, std: float | None = None,
                        experts: int = 0, top_k: int = 2, expert_hidden: int | None = None,
                        progress=None) -> Path:
-    """A random-weight model: llama (with `experts`, Mixtral-style), or qwen3moe (per-head q/k norms, experts
-    required). tokenizer_from: a GGUF whose vocabulary and template to copy
+    """A random-weight model: llama (with `experts`, Mixtral-style), qwen2 (llama with q/k/v biases), or the
+    mixtures qwen3moe (per-head q/k norms), qwen2moe, olmoe (experts required). tokenizer_from: a GGUF whose vocabulary and template to copy
     (then `vocab` is its size). std: of the matrices' weights (default 0.64/sqrt(dim)). extra_tensors: name -> (raw array, ggml type), replacing a tensor or added.
     progress(done, total): after each tensor."""
     import gguf
@@ -95,10 +95,11 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
         if arch == "olmoe":  # one norm over all of q, one over all of k
             plan += [(p + "attn_q_norm.weight", (heads * head_dim,), "norm"),
                      (p + "attn_k_norm.weight", (kv_heads * head_dim,), "norm")]
-        if arch == "qwen2moe":
+        if arch in ("qwen2", "qwen2moe"):
             plan += [(p + "attn_q.bias", (heads * head_dim,), "bias"), (p + "attn_k.bias", (kv_heads * head_dim,), "bias"),
-                     (p + "attn_v.bias", (kv_heads * head_dim,), "bias"),
-                     (p + "ffn_gate_inp_shexp.weight", (dim,), "bias"),
+                     (p + "attn_v.bias", (kv_heads * head_dim,), "bias")]
+        if arch == "qwen2moe":
+            plan += [(p + "ffn_gate_inp_shexp.weight", (dim,), "bias"),
                      (p + "ffn_gate_shexp.weight", (hidden, dim), "matrix"),
                      (p + "ffn_up_shexp.weight", (hidden, dim), "matrix"),
                      (p + "ffn_down_shexp.weight", (dim, hidden), "matrix")]
@@ -166,9 +167,9 @@ EXAMPLES = """examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("make-model", help="write a random-weight GGUF of any size (llama, Mixtral-style llama, qwen3moe, qwen2moe, olmoe)",
+    p = sub.add_parser("make-model", help="write a random-weight GGUF of any size (llama, Mixtral-style llama, qwen2, qwen3moe, qwen2moe, olmoe)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="llama", choices=("llama", "qwen3moe", "qwen2moe", "olmoe"),
+    p.add_argument("--arch", default="llama", choices=("llama", "qwen2", "qwen3moe", "qwen2moe", "olmoe"),
                    help="architecture (default llama; with --experts, Mixtral-style)")
     p.add_argument("--experts", type=int, default=0, help="experts per layer (0: a dense FFN)")
     p.add_argument("--top-k", type=int, default=2, help="experts each token goes to (default 2)")
