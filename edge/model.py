@@ -152,7 +152,8 @@ class Transformer:
             raise EdgeError(f"{src.path}: a mixture-of-experts model runs under --ram with --strategy experts "
                             f"(not {plan.strategy})")
         self.act = ACTIVATIONS[cfg.activation]
-        self.backend = kernels.make_backend("ggml" if plan else backend, threads)
+        first = [src.tensor(f"blk.0.attn_{n}.weight").type_id for n in ("q", "k", "v", "output")]
+        self.backend = kernels.make_backend("ggml" if plan else backend, threads, first)
         self.stack = None  # BitStack: the linears as loaded blocks (edge.bitstack), the rest resident as stored
         self.stack_ffn = None  # bitstack-stream: the stacked FFN by clusters of neurons, partly from flash
         if plan is not None and plan.strategy in ("bitstack", "bitstack-stream"):

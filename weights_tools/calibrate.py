@@ -61,15 +61,17 @@ SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 
 def collect_activations(src, tokenizer_source, tokens: int, threads: int | None, reduce=None):
-    """Run the dense model over calibration text: per layer the FFN input x and activation h (or reduce(layer,
-    h) in its place: h is the largest), and the final hidden states (normed). src: an opened GGUFFile or Store;
-    tokenizer_source: a GGUF with its vocabulary."""
+    """Run the dense model over calibration text: per layer the FFN input x (float16: Qwen2.5-1.5B's 28 layers
+    x 4096 tokens are 352MB so) and activation h (or reduce(layer, h) in its place: h is the largest), and the
+    final hidden states (normed). src: an opened GGUFFile or Store; tokenizer_source: a GGUF with its
+    vocabulary. The model runs on the `auto` backend (ggml for K-quants: onnxruntime would hold 3.1GB of
+    Qwen2.5-1.5B's 1.1GB)."""
     from edge.evaluate import calibration_text
     from edge.model import Transformer, rms_norm
     from edge.tokenizer import Tokenizer
 
     cfg = src.config
-    model = Transformer(src, min(256, cfg.context_length), backend="ort", threads=threads)
+    model = Transformer(src, min(256, cfg.context_length), threads=threads)
     tok = Tokenizer(tokenizer_source, cfg.arch, src.chat_template)
     ids = tok.encode(calibration_text())
     if len(ids) < tokens:
@@ -80,7 +82,7 @@ def collect_activations(src, tokenizer_source, tokens: int, threads: int | None,
 
     def trace(i, point, x):
         if point == "ffn_in":
-            xs[i].append(x.astype(np.float32))
+            xs[i].append(x.astype(np.float16))
         elif point == "ffn_h":
             hs[i].append(reduce(i, x) if reduce else x.astype(np.float32))
 
@@ -180,7 +182,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
     group = zarr.create_group(LocalStore(partial))
     layers = []
     for i in range(cfg.n_layers):
-        x, true = X[i], imp[i]
+        x, true = X.pop(i).astype(np.float32), imp[i]
         this = fit_predictor(x[:held], true[:held], rank)
         nxt = fit_predictor(x[:held], imp[i + 1][:held], rank) if i + 1 < cfg.n_layers else None
         _write_array(group, f"aux.{i}", pack_predictors(this, nxt).reshape(1, -1), 1)
@@ -200,12 +202,14 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
             progress(i + 1, steps)
     # head: top principal directions of the final hidden states (calibration text and the model's own chat
     # answers), with a tenth of the head's own row covariance; the rank is measured (head_ranks, HEAD_TARGET)
-    head_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
-    ht = store.tensor(head_name)
-    e = quants.dequantize(ht.raw, ht.type_id, ht.cols)  # (vocab, dim)
+    del X, imp
     chat_fit, chat_held = generated_states(model, Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template),
                                            done=lambda k: progress and progress(cfg.n_layers + k, steps))
-    states, answers, rows = Y[:held].T @ Y[:held], chat_fit.T @ chat_fit, e.T @ e
+    del model  # the head's work below needs only the head (a whole model and the head in float32 peaked at 3GB+)
+    head_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
+    ht = store.tensor(head_name)
+    rows = sum(e.T @ e for _, e in _head_rows(ht))
+    states, answers = Y[:held].T @ Y[:held], chat_fit.T @ chat_fit
     mixed = (1 - CHAT_MIX) * states / np.trace(states) + CHAT_MIX * answers / np.trace(answers)
     _, vecs = np.linalg.eigh((1 - HEAD_MIX) * mixed + HEAD_MIX * rows / np.trace(rows))
     checks = {"text": Y[held:], "chat": chat_held}
@@ -213,14 +217,13 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
     exact = Weight(ht.raw, ht.type_id, ht.rows, ht.cols)
     ranks, tried = [head_rank] if head_rank else head_ranks(cfg.dim), {}
     for r in ranks:
-        v, low, approx = _low_rank_head(e, vecs, r)
-        miss = _head_miss(e, v)
+        v, low, approx = _low_rank_head(ht, vecs, r)
+        miss = _head_miss(ht, v)
         copy = Weight(low, quants.Q4_0, len(low), r)
         tried[r] = {k: _greedy(y, v, copy, miss, exact, gg) for k, y in checks.items()}
         if min(g for g, _, _ in tried[r].values()) >= HEAD_TARGET:
             break
     head_rank = r
-    del e
     _write_array(group, "head", low, max(1, (1 << 20) // low.shape[1]))
     _write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
     _write_array(group, "head_miss", miss.view(np.uint8).reshape(1, -1), 1)
@@ -316,7 +319,14 @@ def head_ranks(dim: int) -> list[int]:
     return list(range(min(256, top), top + 1, 32))
 
 
-def _low_rank_head(e, vecs, r: int):
+def _head_rows(ht, batch: int = 16384):
+    """(first row, rows of E dequantized to float32) in batches: the whole head in float32 is 933MB for
+    Qwen2.5-1.5B's 151936 x 1536."""
+    for i in range(0, ht.rows, batch):
+        yield i, quants.dequantize(ht.raw[i:i + batch], ht.type_id, ht.cols)
+
+
+def _low_rank_head(ht, vecs, r: int):
     """The rank-r copy: basis V (dim, r), the first r eigenvectors turned by a fixed random rotation (the
     product is the same, and every Q4_0 block of the copy holds coordinates of like size: the head's own
     directions are far larger than the states' and took the blocks' scales, 94% of calibration tokens' top-1
@@ -325,17 +335,17 @@ def _low_rank_head(e, vecs, r: int):
 
     turn = np.linalg.qr(np.random.default_rng(0).standard_normal((r, r)))[0]
     v = np.ascontiguousarray(vecs[:, ::-1][:, :r] @ turn).astype(np.float32)  # (dim, r)
-    low = gguf.quantize(e @ v, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(len(e), -1)
+    low = np.concatenate([gguf.quantize(e @ v, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(len(e), -1)
+                          for _, e in _head_rows(ht)])
     return v, low, quants.dequantize(low, quants.Q4_0, r)
 
 
-def _head_miss(e, v, batch: int = 16384) -> np.ndarray:
+def _head_miss(ht, v) -> np.ndarray:
     """|E_i (I - V V^T)| per row (V orthonormal): what the basis leaves of each head row, the runtime's
     second-stage bound (edge.sparse.ApproxHead)."""
-    out = np.empty(len(e), np.float32)
-    for i in range(0, len(e), batch):
-        rows = e[i:i + batch]
-        out[i:i + batch] = np.sqrt(np.maximum(0, (rows * rows).sum(1) - ((rows @ v) ** 2).sum(1)))
+    out = np.empty(ht.rows, np.float32)
+    for i, rows in _head_rows(ht):
+        out[i:i + len(rows)] = np.sqrt(np.maximum(0, (rows * rows).sum(1) - ((rows @ v) ** 2).sum(1)))
     return out
 
 

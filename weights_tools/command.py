@@ -52,17 +52,23 @@ def register(sub) -> None:
 def _run(args) -> int:
     import time
 
-    from edge.models import resolve_model
+    from pathlib import Path
+
+    from edge.models import CATALOGUE, resolve_model
     from edge.sizes import format_size
     from edge.store import is_store
     from weights_tools.convert import Progress, convert
 
     t0 = time.perf_counter()
-    if args.src is None and args.out is None:
+    named = args.src is None or (args.src in CATALOGUE and not Path(args.src).exists())
+    if named and args.out is None:
         if not args.calibrate:
             from edge.errors import EdgeError
 
-            raise EdgeError("without SRC, convert prepares the default model for --ram: add --calibrate")
+            if args.src is None:
+                raise EdgeError("without SRC, convert prepares the default model for --ram: add --calibrate")
+            raise EdgeError(f"{args.src}: a model name is prepared for --ram into the cache dir: add --calibrate "
+                            "(or give -o OUT for a plain store elsewhere)")
         progress = Progress(1, 1, args.quiet or args.progress_lines)
 
         def tell(f: float, label: str) -> None:
@@ -71,7 +77,7 @@ def _run(args) -> int:
                 print(f"{f:.3f} {label}", file=sys.stderr, flush=True)
 
         try:
-            out = prepare_default_store(tell, force=True)
+            out = prepare_store(args.src, tell, force=True)
         finally:
             progress.close()
         print(f"prepared {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -123,28 +129,33 @@ def _is_moe(store_path) -> bool:
     return bool(Store(store_path).config.n_experts)
 
 
-def prepare_default_store(on_progress=None, force: bool = False):
-    """The default model (SmolLM2-135M-Instruct) as a calibrated store in the cache dir, what `--ram` without a
-    MODEL runs: converted and calibrated once (about a minute), then reused. on_progress(fraction, label)."""
+def prepare_store(name: str | None = None, on_progress=None, force: bool = False):
+    """A named model (None: the default, SmolLM2-135M-Instruct) as a calibrated store in the cache dir, what
+    `--ram` with that name (or without a MODEL) runs: pulled if needed, converted and calibrated once, then
+    reused. A complete store left by an interrupted run is calibrated, not converted again; force calibrates
+    a calibrated one again. on_progress(fraction, label)."""
     import shutil
 
     from edge.errors import EdgeError
-    from edge.models import default_model_path, default_store_path
+    from edge.models import pull, store_path
+    from edge.store import is_complete
     from weights_tools.calibrate import calibrate
     from weights_tools.convert import convert
 
-    target = default_store_path(check=False)
+    target = store_path(name, check=False)
     if not force:
         try:
-            return default_store_path()
+            return store_path(name)
         except EdgeError:
             pass
-    if target.exists():  # uncalibrated, interrupted or old: start over
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tell = on_progress or (lambda f, label: None)
-    convert(default_model_path(), target, quiet=True, on_progress=lambda f, label: tell(0.5 * f, "converting"))
-    calibrate(target, progress=lambda d, t: tell(0.5 + 0.5 * d / t, "calibrating"))
+    if not is_complete(target):
+        if target.exists():  # not a store edge wrote whole: start over
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        gguf = pull(name or "smollm2-135m", quiet=True, on_progress=lambda f: tell(0.1 * f, "pulling"))
+        convert(gguf, target, quiet=True, on_progress=lambda f, label: tell(0.1 + 0.1 * f, "converting"))
+    calibrate(target, progress=lambda d, t: tell(0.2 + 0.8 * d / t, "calibrating"))
     return target
 
 

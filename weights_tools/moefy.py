@@ -101,7 +101,7 @@ def moefy(src_path: str | Path, dst: str | Path, experts: int = 8, top_k: int = 
                          raw_dtype=gguf.GGMLQuantizationType(t.type_id))
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        x, a = X[i], np.abs(H[i])
+        x, a = X[i].astype(np.float32), np.abs(H[i])
         assign = _balanced_kmeans(a[:held].T, experts, seed=i)
         perm = np.concatenate([np.flatnonzero(assign == e) for e in range(experts)])  # expert e's neurons, in turn
         mass = np.log(a.reshape(len(a), -1)[:, perm].reshape(len(a), experts, width).sum(-1) + 1e-6)  # (T, E)
