@@ -29,7 +29,10 @@ EXAMPLES_PROBE = """examples:
 
 
 EXAMPLES_BENCH = """examples:
-  edge bench model.edge --ram 160MB                   # ours and llama.cpp, each capped at 160MB
+  edge bench model.edge --ram 160MB                   # ours and native llama.cpp, each alone capped at 160MB
+  edge bench qwen2.5-coder-1.5b --ram 600MB           # a named model (its store: edge convert NAME --calibrate)
+  edge bench model.edge                               # both uncapped, all resident
+  edge bench model.edge --ram 1GB --llama-bin ~/llama.cpp/build/bin   # llama.cpp programs you built
   edge bench model.edge --ram 300MB --strategy naive   # the paper's naive baseline
   edge bench model.edge --sweep 150MB,200MB,300MB --out benchmarks/smollm2_sweep
   edge bench model.edge --ram 100MB --device rpi5-microsd --emulate --vs none   # measured here, projected there
@@ -166,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("model", help="a calibrated store (edge convert MODEL.gguf --calibrate), or a model name whose "
                        "store is prepared")
     bench.add_argument("--ram", default=None, help="budget and memory cap for both sides (default: the --device's, "
-                       "else 2GB)")
+                       "else none: both uncapped, all resident)")
     bench.add_argument("--vs", choices=("llama.cpp", "none"), default="llama.cpp", help="the peer (default llama.cpp)")
     bench.add_argument("--gguf", default=None, help="the GGUF llama.cpp runs (default: the store's source beside it)")
     bench.add_argument("--llama-bin", default=None, metavar="DIR",
@@ -178,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--strategy", choices=STRATEGIES, default="auto")
     bench.add_argument("--sparsity", type=float, default=0.0)
     bench.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")
-    bench.add_argument("--sweep", default=None, metavar="SIZES", help="comma-separated budgets, e.g. 150MB,200MB,300MB")
+    bench.add_argument("--sweep", default=None, metavar="SIZES",
+                       help="comma-separated budgets, e.g. 150MB,200MB,300MB,none (none: uncapped)")
     bench.add_argument("--out", default="benchmarks/sweep", help="sweep output stem: STEM.csv, STEM.svg and STEM.png")
     bench.add_argument("--json", action="store_true", help="also print the rows as JSON")
     bench.add_argument("--device", default=None, metavar="NAME",

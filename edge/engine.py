@@ -133,9 +133,9 @@ class Engine:
         if ram is not None:
             self.tokenizer = tokenizer()  # part of the baseline the planner measures
             from edge.budget import PressureWatch, plan_for
-            from edge.model import _release_free_memory
+            from edge.model import release_free_memory
 
-            _release_free_memory()  # reading the vocabulary's temporaries are not baseline
+            release_free_memory()  # reading the vocabulary's temporaries are not baseline
 
             self.plan = plan_for(self.file, resolve_strategy(self.file, strategy), ram, self.meter.rss(), self.n_ctx,
                                  **self._plan_options)
@@ -280,7 +280,7 @@ class Engine:
         tokens fill the new slots with what they read anyway), shrinking frees the least recently used
         clusters. Below the minimum: EdgeError, nothing changes. baseline: a new measure of the process without weights (load slack folded in)."""
         from edge.budget import plan_for
-        from edge.model import _release_free_memory
+        from edge.model import release_free_memory
 
         if self.plan is None:
             raise EdgeError("this model runs without a budget (everything resident); start it with --ram to "
@@ -296,7 +296,7 @@ class Engine:
             if self.model.stack_ffn is not None:  # reads only the added records, drops the others
                 self.model.stack_ffn.configure(self.model.stack.info.depths(plan.prefix), plan.ffn_slots)
             if self.model.experts is not None or self.model.stack is not None:
-                _release_free_memory()
+                release_free_memory()
             self.plan = plan
             self.pressure.plan = self.plan
         return self.plan

@@ -125,7 +125,7 @@ def expert_tensors(src, layer: int) -> list[tuple[Tensor, Tensor, Tensor]]:
     return [tuple(one(t, e) for t in stacks) for e in range(n)]
 
 
-def _release_free_memory() -> None:
+def release_free_memory() -> None:
     """Give the temporaries of loading back to the OS (glibc keeps freed heap pages otherwise)."""
     import ctypes
     import ctypes.util
@@ -199,7 +199,7 @@ class Transformer:
         # "attn_out" (the attention output projection), "ffn_in" (gate, up), "ffn_h" (down); and the experts a
         # mixture routes each token to, "experts" ((T, k) ids)
         self.trace = None
-        _release_free_memory()
+        release_free_memory()
 
     def _load_layer(self, src, i: int) -> Layer:
         cfg = self.cfg

@@ -273,9 +273,9 @@ class SparseFFN:
             c.resize(min(slots, lay.n_clusters))
         for io in self._ios:
             io.resize_buffer(self._buffer_bytes(slots))
-        from edge.model import _release_free_memory
+        from edge.model import release_free_memory
 
-        _release_free_memory()
+        release_free_memory()
         self._fill()
 
     def predict(self, i: int, x: np.ndarray) -> np.ndarray:

@@ -60,19 +60,17 @@ from edge.sparse import PREDICTOR, pack_predictors, predict, second_stage
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 
-def collect_activations(src, tokenizer_source, tokens: int, threads: int | None, reduce=None):
+def collect_activations(src, tok, tokens: int, threads: int | None, reduce=None):
     """Run the dense model over calibration text: per layer the FFN input x (float16: Qwen2.5-1.5B's 28 layers
     x 4096 tokens are 352MB so) and activation h (or reduce(layer, h) in its place: h is the largest), and the
-    final hidden states (normed). src: an opened GGUFFile or Store; tokenizer_source: a GGUF with its
-    vocabulary. The model runs on the `auto` backend (ggml for K-quants: onnxruntime would hold 3.1GB of
-    Qwen2.5-1.5B's 1.1GB)."""
+    final hidden states (normed). src: an opened GGUFFile or Store; tok: its edge.tokenizer.Tokenizer (opened
+    before the model: a vocabulary read through llama.cpp peaks at ~700MB while it loads). The model runs on
+    the `auto` backend (ggml for K-quants: onnxruntime would hold 3.1GB of Qwen2.5-1.5B's 1.1GB)."""
     from edge.evaluate import calibration_text
     from edge.model import Transformer, rms_norm
-    from edge.tokenizer import Tokenizer
 
     cfg = src.config
     model = Transformer(src, min(256, cfg.context_length), threads=threads)
-    tok = Tokenizer(tokenizer_source, cfg.arch, src.chat_template)
     ids = tok.encode(calibration_text())
     if len(ids) < tokens:
         raise EdgeError(f"calibration text has {len(ids)} tokens, {tokens} asked; lower --calib-tokens")
@@ -90,7 +88,7 @@ def collect_activations(src, tokenizer_source, tokens: int, threads: int | None,
     win = model.n_ctx
     for start in range(0, tokens, win):
         chunk = np.asarray(ids[start:start + win])
-        model.forward(chunk, 0, all_logits=True)
+        model.forward(chunk, 0)  # the last position's logits only: the states are what is kept
         finals.append(model.last_hidden)
     model.trace = None
     return model, ({i: np.concatenate(v) for i, v in xs.items()}, {i: np.concatenate(v) for i, v in hs.items()},
@@ -153,6 +151,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
 
     from edge.ggml import Weight, ggml
     from edge.kernels import default_threads
+    from edge.model import release_free_memory
     from edge.store import Store
     from edge.tokenizer import Tokenizer
 
@@ -165,7 +164,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
     if head_rank is not None and (head_rank % 32 or head_rank <= 0):
         raise EdgeError(f"--head-rank {head_rank}: must be a positive multiple of 32 (Q4_0 blocks of the copy)")
     clusters = [lay["cluster"] for lay in store.attrs["ffn"]]
-    steps = cfg.n_layers + len(CHAT_PROMPTS) + 1  # progress: layers, chat answers, the head
+    steps = cfg.n_layers + len(CHAT_PROMPTS) + 1  # progress: chat answers, layers, the head
     down_norms = []
     for i in range(cfg.n_layers):
         dt = store.tensor(f"blk.{i}.ffn_down.weight")
@@ -175,7 +174,11 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
         c = (np.abs(h.astype(np.float32)) * down_norms[i]).reshape(len(h), -1, clusters[i]).sum(-1)
         return np.log(c + 1e-6).astype(np.float32)
 
-    model, (X, imp, Y) = collect_activations(store, store.tokenizer_path, tokens, threads, importance)
+    tok = Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template)
+    model, (X, imp, Y) = collect_activations(store, tok, tokens, threads, importance)
+    chat_fit, chat_held = generated_states(model, tok, done=lambda k: progress and progress(k, steps))
+    del model  # the rest needs no model (with it, Qwen2.5-1.5B's calibration peaked at 5.6GB)
+    release_free_memory()  # glibc keeps the freed model's heap pages otherwise (Qwen2.5-1.5B: 750MB of 1.1GB)
     held = len(Y) * 3 // 4  # fit on the first three quarters, report on the rest
     partial = store_path / "sparse.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -199,13 +202,10 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
                 entry["next_thresholds"][str(s)] = tau
         layers.append(entry)
         if progress:
-            progress(i + 1, steps)
+            progress(len(CHAT_PROMPTS) + i + 1, steps)
+    del X, imp
     # head: top principal directions of the final hidden states (calibration text and the model's own chat
     # answers), with a tenth of the head's own row covariance; the rank is measured (head_ranks, HEAD_TARGET)
-    del X, imp
-    chat_fit, chat_held = generated_states(model, Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template),
-                                           done=lambda k: progress and progress(cfg.n_layers + k, steps))
-    del model  # the head's work below needs only the head (a whole model and the head in float32 peaked at 3GB+)
     head_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
     ht = store.tensor(head_name)
     rows = sum(e.T @ e for _, e in _head_rows(ht))
@@ -282,7 +282,9 @@ def _candidates(y, v, approx, batch: int = 64) -> np.ndarray:
     out = []
     for i in range(0, len(y), batch):
         z = (y[i:i + batch] @ v) @ approx.T
-        out.append(np.argpartition(-z, HEAD_CANDIDATES, axis=1)[:, :HEAD_CANDIDATES])
+        # a copy: the slice is a view whose base, every row's (T, vocab) int64 indices, would be kept (Qwen2.5's
+        # 60 batches held 4.7GB so)
+        out.append(np.argpartition(-z, HEAD_CANDIDATES, axis=1)[:, :HEAD_CANDIDATES].copy())
     return np.concatenate(out)
 
 
