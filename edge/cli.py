@@ -34,7 +34,7 @@ EXAMPLES_BENCH = """examples:
   edge bench model.edge                               # both uncapped, all resident
   edge bench model.edge --ram 1GB --llama-bin ~/llama.cpp/build/bin   # llama.cpp programs you built
   edge bench model.edge --ram 300MB --strategy naive   # the paper's naive baseline
-  edge bench model.edge --sweep 150MB,200MB,300MB --out benchmarks/smollm2_sweep
+  edge bench model.edge --sweep 150MB,200MB,300MB,none --out sweep   # sweep.csv, .svg, .png
   edge bench model.edge --ram 100MB --device rpi5-microsd --emulate --vs none   # measured here, projected there
 """
 
