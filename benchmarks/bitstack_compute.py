@@ -75,8 +75,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         eng.resize(base + target)
         took = time.perf_counter() - t0
-        print(f"  resize {name} by 10% ({format_size(abs(stack.nbytes - before))} of blocks): {1e3 * took:.0f} ms, "
-              f"read {format_size(stack.read_bytes - read0)} (blocks added: {format_size(max(0, stack.nbytes - before))})")
+        print(
+            f"  resize {name} by 10% ({format_size(abs(stack.nbytes - before))} of blocks): {1e3 * took:.0f} ms, "
+            f"read {format_size(stack.read_bytes - read0)} (blocks added: {format_size(max(0, stack.nbytes - before))})"
+        )
     return 0
 
 

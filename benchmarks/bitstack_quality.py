@@ -124,9 +124,11 @@ def write(rows: list[dict], out: Path, title: str) -> None:
     md += [f"| {r['system']} | {r['bits']:.2f} | {format_size(r['linear_bytes'])} | {r['ppl']:.2f} | {r['detail']} |"
            for r in rows]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    series = {"BitStack": [(r["bits"], r["ppl"]) for r in rows if r["system"] == "BitStack"],
-              "llama.cpp quantizer": sorted((r["bits"], r["ppl"]) for r in rows if r["system"].startswith("llama.cpp ")),
-              "source": [(r["bits"], r["ppl"]) for r in rows if r["system"] == "source (ours)"]}
+    series = {
+        "BitStack": [(r["bits"], r["ppl"]) for r in rows if r["system"] == "BitStack"],
+        "llama.cpp quantizer": sorted((r["bits"], r["ppl"]) for r in rows if r["system"].startswith("llama.cpp ")),
+        "source": [(r["bits"], r["ppl"]) for r in rows if r["system"] == "source (ours)"],
+    }
     write_plot(out, series, "bits per weight (layer linears)", "perplexity (log)", log_y=True,
                points_only=("source",))
 

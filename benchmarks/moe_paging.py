@@ -91,11 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     agree = min(_common_prefix(r["tokens"], rows[0]["tokens"]) for r in rows)
     base = rows[0]["tok_s"] or 1.0
     head = ["config", "tok_s", "speedup", "hit_rate", "misses", "late", "precision", "recall", "mb_per_token", "wait_s"]
-    lines = [f"`python benchmarks/moe_paging.py {a.store.name} --cache {a.cache} -n {a.n} --threads {a.threads}"
-             + (f" --prefetch {a.prefetch}" if a.prefetch is not None else "")
-             + (f" --device {a.device}" if a.device else "") + (" --emulate" if a.emulate else "") + "`",
-             f"cache {rows[-1]['slots']}/{rows[-1]['experts']} experts (baseline: {rows[0]['slots']}); tokens identical across runs for the first "
-             f"{agree} of {a.n}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"`python benchmarks/moe_paging.py {a.store.name} --cache {a.cache} -n {a.n} --threads {a.threads}"
+        + (f" --prefetch {a.prefetch}" if a.prefetch is not None else "")
+        + (f" --device {a.device}" if a.device else "")
+        + (" --emulate" if a.emulate else "")
+        + "`",
+        f"cache {rows[-1]['slots']}/{rows[-1]['experts']} experts (baseline: {rows[0]['slots']}); tokens identical "
+        "across runs for the first "
+        f"{agree} of {a.n}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         r["speedup"] = round(r["tok_s"] / base, 2)
         lines.append("| " + " | ".join(str(r[h]) for h in head) + " |")

@@ -92,7 +92,7 @@ def _q4_table() -> np.ndarray:
 
 
 Q4_TABLE = _q4_table()
-SIGN_F32 = (np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1)  # byte -> 8 signs
+SIGN_F32 = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1  # byte -> 8 signs
 
 
 def split_block(raw: np.ndarray, rows: int, cols: int, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -261,7 +261,11 @@ def _rebuilt_product(lin: StackedLinear, xs: np.ndarray) -> np.ndarray:
     for r0 in range(0, lin.rows, band):
         r1 = min(lin.rows, r0 + band)
         k = (r1 - r0) * n
-        w, mag, sign = buf[:k].reshape(-1, n), buf[band * n:band * n + k].reshape(-1, n), buf[2 * band * n:2 * band * n + k]
+        w, mag, sign = (
+            buf[:k].reshape(-1, n),
+            buf[band * n : band * n + k].reshape(-1, n),
+            buf[2 * band * n : 2 * band * n + k],
+        )
         w[:] = 0
         for b in range(lin.depth):
             np.matmul(lin.u[b][r0:r1].astype(np.float32), vps[b], out=mag)

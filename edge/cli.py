@@ -1,4 +1,5 @@
-"""`edge` command line: run, eval, and the commands other packages register (chat). Each command imports what it needs when it runs (start-up stays lean).
+"""`edge` command line: run, eval, and the commands other packages register (chat). Each command imports what it
+needs when it runs (start-up stays lean).
 
 User errors print one line (`edge: error: ...`) and exit 2; Ctrl+C stops generation and prints what was done.
 """
@@ -112,7 +113,9 @@ def make_engine(args):
 
 def _add_sampling_args(p: argparse.ArgumentParser, temp_default: float) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
-    p.add_argument("--temp", type=float, default=temp_default, help=f"temperature; 0 is greedy (default {temp_default})")
+    p.add_argument(
+        "--temp", type=float, default=temp_default, help=f"temperature; 0 is greedy (default {temp_default})"
+    )
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens (default 1.0: off)")
@@ -140,9 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--windows", type=int, default=4, help="windows of --ctx tokens to score (default 4; 0: all)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
-    info = sub.add_parser("info", help="what a model holds: bytes per part, quant formats, bundles",
-                          epilog="examples:\n  edge info\n  edge info model.edge\n  edge info model.edge --ram 150MB --ctx 256\n",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    info = sub.add_parser(
+        "info",
+        help="what a model holds: bytes per part, quant formats, bundles",
+        epilog="examples:\n  edge info\n  edge info model.edge\n  edge info model.edge --ram 150MB --ctx 256\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     info.add_argument("model", nargs="?", default=None, help="a GGUF file or .edge store (default model if omitted)")
     info.add_argument("--ram", default=None, metavar="SIZE", help="show what this budget keeps resident and streams")
     info.add_argument("--ctx", type=int, default=2048, help="context for the --ram plan (default 2048)")
@@ -157,11 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("path", nargs="?", default=None, help="a directory on the storage to measure (default: cache dir)")
     pf.add_argument("--size", default="512MiB", help="scratch file size (default 512MiB; larger than caches)")
     pf.add_argument("--seconds", type=float, default=0.5, help="seconds per (chunk, threads) cell (default 0.5)")
-    pf.add_argument("--out", default=None, help="profile TOML to write (default: <config dir>/devices/this-machine.toml)")
+    pf.add_argument(
+        "--out", default=None, help="profile TOML to write (default: <config dir>/devices/this-machine.toml)"
+    )
 
-    dev = sub.add_parser("devices", help="device profiles: list them, or show one's figures and sources",
-                         epilog="examples:\n  edge devices\n  edge devices rpi5-microsd\n  edge run --device rpi5-microsd "
-                                "--emulate -p Hello\n", formatter_class=argparse.RawDescriptionHelpFormatter)
+    dev = sub.add_parser(
+        "devices",
+        help="device profiles: list them, or show one's figures and sources",
+        epilog="examples:\n  edge devices\n  edge devices rpi5-microsd\n  edge run --device rpi5-microsd "
+        "--emulate -p Hello\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     dev.add_argument("name", nargs="?", default=None, help="a profile to show")
 
     bench = sub.add_parser("bench", help="ours vs llama.cpp under the same kernel memory cap",
@@ -345,19 +357,28 @@ def cmd_info(args) -> int:
     print("quant formats: " + ", ".join(f"{k} {format_size(v)}" for k, v in formats.most_common()))
     if isinstance(src, Store) and cfg.n_experts:
         lay = src.attrs["experts"][0]
-        print(f"experts: one record each, layer 0 expert {format_size(lay['gate_bytes'] + lay['up_bytes'] + lay['down_bytes'])}; "
-              f"source {src.attrs['source']['file']} sha256 {src.attrs['source']['sha256'][:12]}")
+        print(
+            f"experts: one record each, layer 0 expert "
+            f"{format_size(lay['gate_bytes'] + lay['up_bytes'] + lay['down_bytes'])}; "
+            f"source {src.attrs['source']['file']} sha256 {src.attrs['source']['sha256'][:12]}"
+        )
         bits = src.attrs.get("bits")
         if bits:
             kinds = Counter(k for row in bits["choice"] for k in row)
-            print(f"expert bitwidths (edge expert-bits --bits {bits['target_bits']:g}): {bits['bits_per_weight']:.2f} bits "
-                  "per weight, " + ", ".join(f"{n} {k if k != 'keep' else 'in the source type'}" for k, n in kinds.most_common()))
+            print(
+                f"expert bitwidths (edge expert-bits --bits {bits['target_bits']:g}): "
+                f"{bits['bits_per_weight']:.2f} bits "
+                "per weight, "
+                + ", ".join(f"{n} {k if k != 'keep' else 'in the source type'}" for k, n in kinds.most_common())
+            )
     elif isinstance(src, Store):
         clusters = Counter(lay["cluster"] for lay in src.attrs["ffn"])
         lay = src.attrs["ffn"][0]
         bundle = lay["gate_bytes"] + lay["up_bytes"] + lay["down_bytes"]
-        print(f"ffn bundles: clusters of {', '.join(map(str, clusters))} neurons, layer 0 bundle "
-              f"{format_size(bundle)}; source {src.attrs['source']['file']} sha256 {src.attrs['source']['sha256'][:12]}")
+        print(
+            f"ffn bundles: clusters of {', '.join(map(str, clusters))} neurons, layer 0 bundle "
+            f"{format_size(bundle)}; source {src.attrs['source']['file']} sha256 {src.attrs['source']['sha256'][:12]}"
+        )
         _info_calibration(src)
         _info_stack(src)
     if plan is not None:
@@ -476,9 +497,11 @@ def cmd_devices(args) -> int:
         print(f"{'name':18} {'RAM':>7} {'cores':>5} {'flash':>10} {'GEMV':>9} {'--ram':>7}  title")
         for n in profile.names():
             p = profile.load(n)
-            print(f"{n:18} {format_size(p.ram_bytes):>7} {p.cores:>5} {p.flash.mb_s(1 << 20, p.read_threads):>5.0f}MB/s "
-                  f"{(f'{p.gemv_gb_s:.1f}GB/s' if p.gemv_gb_s else '-'):>9} {format_size(p.ram) if p.ram else '-':>7}  "
-                  f"{p.title}")
+            print(
+                f"{n:18} {format_size(p.ram_bytes):>7} {p.cores:>5} {p.flash.mb_s(1 << 20, p.read_threads):>5.0f}MB/s "
+                f"{(f'{p.gemv_gb_s:.1f}GB/s' if p.gemv_gb_s else '-'):>9} {format_size(p.ram) if p.ram else '-':>7}  "
+                f"{p.title}"
+            )
         return 0
     p = profile.load(args.name)
     print(f"{p.name}: {p.title}  [{p.path}]")

@@ -110,7 +110,9 @@ def config_from_metadata(meta: dict, path: str, vocab_size: int) -> ModelConfig:
         raise EdgeError(f"{path}: a {arch} model without {arch}.expert_count; the file is incomplete")
     rope_dims = _positive(g("rope.dimension_count", head_dim), "rope.dimension_count", path)
     if rope_dims > head_dim or rope_dims % 2:
-        raise EdgeError(f"{path}: rope.dimension_count {rope_dims} does not fit heads of {head_dim}; the file is corrupt")
+        raise EdgeError(
+            f"{path}: rope.dimension_count {rope_dims} does not fit heads of {head_dim}; the file is corrupt"
+        )
     return ModelConfig(
         arch=arch, n_layers=n_layers, dim=dim,
         hidden_dim=_positive(g("feed_forward_length", extra.get("expert_hidden")), "feed_forward_length", path),

@@ -278,7 +278,8 @@ class Engine:
         """Re-plan for a new budget while the model is loaded (between tokens, also mid-answer): the neuron
         cache grows or shrinks; growing reads the added clusters now at sparsity 0 (with predictors the next
         tokens fill the new slots with what they read anyway), shrinking frees the least recently used
-        clusters. Below the minimum: EdgeError, nothing changes. baseline: a new measure of the process without weights (load slack folded in)."""
+        clusters. Below the minimum: EdgeError, nothing changes. baseline: a new measure of the process without
+        weights (load slack folded in)."""
         from edge.budget import plan_for
         from edge.model import release_free_memory
 

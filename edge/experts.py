@@ -149,8 +149,8 @@ class ExpertPager:
 
     def __init__(self, store, ggml, act, slots: int, policy: str = "score", prefetch: int = 0,
                  predictor: str = "pregate", read_threads: int = 4):
-        """prefetch: experts predicted and read ahead per layer (0: on-demand loading, no prediction). predictor: pregate, or trace (the routing tables of `edge convert
-        --calibrate`)."""
+        """prefetch: experts predicted and read ahead per layer (0: on-demand loading, no prediction).
+        predictor: pregate, or trace (the routing tables of `edge convert --calibrate`)."""
         from edge.flash import IOEngine
 
         cfg = store.config

@@ -86,7 +86,9 @@ class Weight:
             raise ValueError("row stride is not a whole number of blocks")
         else:
             self.full_cols = self.row_stride // fmt.block_bytes * fmt.block_size
-        self.block_elements = -(-((batches - 1) * batch_stride + rows * self.row_stride) // fmt.block_bytes) * fmt.block_size
+        self.block_elements = (
+            -(-((batches - 1) * batch_stride + rows * self.row_stride) // fmt.block_bytes) * fmt.block_size
+        )
 
 
 class Ggml:

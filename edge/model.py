@@ -190,7 +190,9 @@ class Transformer:
             self.embd_rows = self.output.row_cache if tied else RowCache(src, "token_embd.weight")
         else:
             self.token_embd = src.tensor("token_embd.weight", (cfg.vocab_size, cfg.dim))
-            head = src.tensor("output.weight", (cfg.vocab_size, cfg.dim)) if src.has("output.weight") else self.token_embd
+            head = (
+                src.tensor("output.weight", (cfg.vocab_size, cfg.dim)) if src.has("output.weight") else self.token_embd
+            )
             self.output = self.backend.linear_group([head])
         self.kv = KVCache(cfg, n_ctx)
         self.rope_global = Rope(cfg, cfg.rope_base, n_ctx)
@@ -232,8 +234,13 @@ class Transformer:
             layer.q_norm = _norm(src, p + "attn_q_norm.weight", cfg.q_dim if full else cfg.head_dim)
             layer.k_norm = _norm(src, p + "attn_k_norm.weight", cfg.kv_dim if full else cfg.head_dim)
         if cfg.attn_bias:
-            layer.qkv_bias = np.concatenate([_norm(src, p + "attn_q.bias", cfg.q_dim), _norm(src, p + "attn_k.bias", kv),
-                                             _norm(src, p + "attn_v.bias", kv)])
+            layer.qkv_bias = np.concatenate(
+                [
+                    _norm(src, p + "attn_q.bias", cfg.q_dim),
+                    _norm(src, p + "attn_k.bias", kv),
+                    _norm(src, p + "attn_v.bias", kv),
+                ]
+            )
         if cfg.post_norms:
             layer.attn_post_norm = _norm(src, p + "post_attention_norm.weight", dim)
             layer.ffn_post_norm = _norm(src, p + "post_ffw_norm.weight", dim)
@@ -253,9 +260,16 @@ class Transformer:
     def _load_shared_expert(self, src, p: str) -> tuple:
         cfg = self.cfg
         dim, hidden, lin = cfg.dim, cfg.shared_expert_hidden, self.backend.linear_group
-        return (_norm(src, p + "ffn_gate_inp_shexp.weight", dim),
-                lin([src.tensor(p + "ffn_gate_shexp.weight", (hidden, dim)), src.tensor(p + "ffn_up_shexp.weight", (hidden, dim))]),
-                lin([src.tensor(p + "ffn_down_shexp.weight", (dim, hidden))]))
+        return (
+            _norm(src, p + "ffn_gate_inp_shexp.weight", dim),
+            lin(
+                [
+                    src.tensor(p + "ffn_gate_shexp.weight", (hidden, dim)),
+                    src.tensor(p + "ffn_up_shexp.weight", (hidden, dim)),
+                ]
+            ),
+            lin([src.tensor(p + "ffn_down_shexp.weight", (dim, hidden))]),
+        )
 
     @property
     def paged(self) -> list:

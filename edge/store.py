@@ -94,7 +94,9 @@ class _Array:
             meta = json.loads(meta_path.read_text())
             self.shape = tuple(meta["shape"])
             shard = meta["codecs"][0]
-            if shard["name"] != "sharding_indexed" or [c["name"] for c in shard["configuration"]["codecs"]] != ["bytes"]:
+            if shard["name"] != "sharding_indexed" or [c["name"] for c in shard["configuration"]["codecs"]] != [
+                "bytes"
+            ]:
                 raise EdgeError(f"{meta_path}: array is not raw sharded bytes; the store was not written by edge")
             self.chunk_shape = tuple(shard["configuration"]["chunk_shape"])
             self.shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -179,7 +181,9 @@ class Store:
             self._crc_cache[arr.path] = np.frombuffer(bytes(raw), "<u4")
         return self._crc_cache[arr.path]
 
-    def read_chunks(self, arr: _Array, chunks: list[int], check: bool = True, engine: IOEngine | None = None) -> list[bytes]:
+    def read_chunks(
+        self, arr: _Array, chunks: list[int], check: bool = True, engine: IOEngine | None = None
+    ) -> list[bytes]:
         """Inner chunks' bytes (copied out of the engine's buffer, in batches it holds), verified against their
         crc32c. engine: another I/O engine (its own buffer), for reads issued from another thread (prefetch)."""
         return [bytes(v) for _, v in self._batched(arr, chunks, check, engine or self.engine)]
@@ -289,8 +293,13 @@ class Store:
             (rec,) = self.read_chunks(arr, [e])
             rec = np.frombuffer(rec, np.uint8)
             parts, at, p = [], 0, f"blk.{layer}.ffn_"
-            for k, (key, rows, cols) in enumerate((("gate", lay["hidden"], lay["dim"]), ("up", lay["hidden"], lay["dim"]),
-                                                   ("down", lay["dim"], lay["hidden"]))):
+            for k, (key, rows, cols) in enumerate(
+                (
+                    ("gate", lay["hidden"], lay["dim"]),
+                    ("up", lay["hidden"], lay["dim"]),
+                    ("down", lay["dim"], lay["hidden"]),
+                )
+            ):
                 size = lay[key + "_bytes"]
                 parts.append(Tensor(f"{p}{key}_exps.weight[{e}]", lay["types"][k], (rows, cols),
                                     rec[at:at + size].reshape(rows, -1)))

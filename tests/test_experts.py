@@ -220,10 +220,10 @@ def test_memory_pressure_gives_experts_back_once(moe_store):
 
 def test_expert_bitwidths_follow_measured_sensitivity(moe_store, tmp_path):
     """`edge expert-bits`: at 5.2 bits per expert weight the experts are split between q4_0 (4.5) and the
-    source's Q8_0 (8.5), least sensitive first, within the target; each profile score is what a whole run with that expert alone
-    lowered measures; the store then runs its mixed bitwidths paged exactly as resident; a new target reuses
-    the variants and profile; an interrupted profile leaves the store as it was and a rerun writes no variant
-    again; a target under the smallest variant names it."""
+    source's Q8_0 (8.5), least sensitive first, within the target; each profile score is what a whole run with
+    that expert alone lowered measures; the store then runs its mixed bitwidths paged exactly as resident; a new
+    target reuses the variants and profile; an interrupted profile leaves the store as it was and a rerun writes
+    no variant again; a target under the smallest variant names it."""
     import shutil
 
     from edge.engine import Engine

@@ -108,7 +108,9 @@ def test_ggml_kept_graphs_equal_fresh_ones_and_stay_bounded(monkeypatch):
           Weight(b.raw, b.type_id, 16, 512)]
     monkeypatch.setattr(G, "GRAPH_CACHE", 2 * G._Graph.bytes_for(g2, [(1, 512)], [(0, ws[0])]) + 1)
     built = []
-    monkeypatch.setattr(G._Graph, "__init__", lambda self, *args, _init=G._Graph.__init__: (built.append(1), _init(self, *args))[1])
+    monkeypatch.setattr(
+        G._Graph, "__init__", lambda self, *args, _init=G._Graph.__init__: (built.append(1), _init(self, *args))[1]
+    )
     for step in range(4):
         for w in ws:
             np.testing.assert_array_equal(g2.matmul(x, [w])[0], g2.matmul(x, [w], keep=False)[0])

@@ -42,7 +42,9 @@ def test_temperature_spreads_choices():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 300), st.integers(1, 70000), st.integers(0, 2**32 - 1), st.sampled_from(["normal", "peaked", "flat"]))
+@given(
+    st.integers(1, 300), st.integers(1, 70000), st.integers(0, 2**32 - 1), st.sampled_from(["normal", "peaked", "flat"])
+)
 def test_top_ids_are_the_k_largest(k, n, seed, shape):
     """The thresholded partition (a few hundred of a vocabulary partitioned) keeps the same k values as a
     partition of all of them: peaked logits (one token far ahead), flat ones (many near-ties), small arrays."""

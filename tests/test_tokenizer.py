@@ -15,13 +15,25 @@ from edge.tokenizer import Tokenizer, _LlamaVocab, _Vocab
 _PAIRS: dict[Path, tuple] = {}
 
 TEXTS = [
-    "Once upon a time, in a small village by the sea,", "  leading  and trailing  ", "\t\ttabs\n\nnew lines\r\n",
-    "digits 12345 and 3.14159, \u00bd and \u2153 \u216b", "\u00dcn\u00efc\u00f6d\u00e9 fa\u00e7ade \u2014 \u201cquotes\u201d "
-    "\u65e5\u672c\u8a9e \u4e2d\u6587 \ud55c\uad6d\uc5b4", "emoji \U0001f600\U0001f44d\U0001f3fd \U0001f468\u200d\U0001f469",
-    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<start_of_turn>user\nhi<end_of_turn>\n<bos><eos>",
-    "don't won't I'm you're they've he'll she'd IT'S", "\u00a0nbsp\u2003em\u3000ideographic", "x\x1cy\x1fz\x00w",
-    "a" * 300, "    def f(x):\n        return x ** 2  # comment\n", "<0x41> <unk> <mask> </s> [multimodal]", "", " ",
-    "\n", "\u2581\u2581 already escaped",
+    "Once upon a time, in a small village by the sea,",
+    "  leading  and trailing  ",
+    "\t\ttabs\n\nnew lines\r\n",
+    "digits 12345 and 3.14159, \u00bd and \u2153 \u216b",
+    "\u00dcn\u00efc\u00f6d\u00e9 fa\u00e7ade \u2014 \u201cquotes\u201d "
+    "\u65e5\u672c\u8a9e \u4e2d\u6587 \ud55c\uad6d\uc5b4",
+    "emoji \U0001f600\U0001f44d\U0001f3fd \U0001f468\u200d\U0001f469",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<start_of_turn>user\nhi<end_of_turn>\n<bos><eos>",
+    "don't won't I'm you're they've he'll she'd IT'S",
+    "\u00a0nbsp\u2003em\u3000ideographic",
+    "x\x1cy\x1fz\x00w",
+    "a" * 300,
+    "    def f(x):\n        return x ** 2  # comment\n",
+    "<0x41> <unk> <mask> </s> [multimodal]",
+    "",
+    " ",
+    "\n",
+    "\u2581\u2581 already escaped",
 ]
 
 

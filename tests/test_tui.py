@@ -129,7 +129,9 @@ def test_bitstack_depth_changes_live(tiny_stacked):
             stack = app.engine.model.stack
             full = len(stack.info.order)
             assert stack.prefix == full and f"{full}/{full} blocks past the base" in panel(app)
-            await _set_budget(pilot, app.engine.plan.minimum + int(stack.info.prefix_bytes()[2]) - stack.info.base_bytes)
+            await _set_budget(
+                pilot, app.engine.plan.minimum + int(stack.info.prefix_bytes()[2]) - stack.info.base_bytes
+            )
             await _wait(pilot, lambda: stack.prefix != full)
             await pilot.pause(0.2)
             assert stack.prefix == 2 and f"2/{full} blocks past the base" in panel(app) and "BitStack" in panel(app)

@@ -174,6 +174,8 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
         c = (np.abs(h.astype(np.float32)) * down_norms[i]).reshape(len(h), -1, clusters[i]).sum(-1)
         return np.log(c + 1e-6).astype(np.float32)
 
+    if progress:
+        progress(0, steps)  # said at once: collecting activations takes minutes on a 1.5B model
     tok = Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template)
     model, (X, imp, Y) = collect_activations(store, tok, tokens, threads, importance)
     chat_fit, chat_held = generated_states(model, tok, done=lambda k: progress and progress(k, steps))

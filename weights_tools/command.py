@@ -109,8 +109,14 @@ def _run(args) -> int:
         t1 = time.perf_counter()
         progress = Progress(1, 1, args.quiet)
         try:
-            summary = calibrate(out, rank=args.rank, head_rank=args.head_rank, tokens=args.calib_tokens or 4096,
-                                threads=None, progress=lambda done, total: progress.advance_to(done, total, "calibrate"))
+            summary = calibrate(
+                out,
+                rank=args.rank,
+                head_rank=args.head_rank,
+                tokens=args.calib_tokens or 4096,
+                threads=None,
+                progress=lambda done, total: progress.advance_to(done, total, "calibrate"),
+            )
         finally:
             progress.close()
         rec = [layer["recall"]["0.5"] for layer in summary["layers"]]
@@ -178,7 +184,9 @@ def register_stack(sub) -> None:
     p.add_argument("--iters", type=int, default=16, help="residual blocks per linear (default 16)")
     p.add_argument("--rank", type=int, default=None,
                    help="rank of each block's magnitude factors (default: scaled to the matrix, 16 on 4096 x 4096)")
-    p.add_argument("--calib", type=int, default=1024, help="calibration tokens for the activation scales (default 1024)")
+    p.add_argument(
+        "--calib", type=int, default=1024, help="calibration tokens for the activation scales (default 1024)"
+    )
     p.add_argument("--order-tokens", type=int, default=128,
                    help="held-out tokens each perplexity of the universal order is measured on (default 128)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
@@ -280,7 +288,8 @@ def _run_expert_bits(args) -> int:
 
     counts = Counter(k for row in attrs["choice"] for k in row)
     mix = ", ".join(f"{n} at {name(k)}" for k, n in counts.most_common())
-    line = f"experts of {path}: {attrs['bits_per_weight']:.2f} bits per weight ({format_size(attrs['expert_bytes'])}): {mix}"
+    line = (f"experts of {path}: {attrs['bits_per_weight']:.2f} bits per weight "
+            f"({format_size(attrs['expert_bytes'])}): {mix}")
     if attrs["bounds"]:
         low, high = attrs["bounds"]
         prof = attrs["profiles"][f"{low}/{high}"]

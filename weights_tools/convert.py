@@ -20,7 +20,16 @@ import numpy as np
 from edge import quants
 from edge.errors import EdgeError
 from edge.gguf_file import GGUFFile, Tensor
-from edge.store import EXPERT_NAMES, FFN_NAMES, FORMAT_VERSION, bundle_layout, crc32c, expert_layout, expert_part, ffn_part
+from edge.store import (
+    EXPERT_NAMES,
+    FFN_NAMES,
+    FORMAT_VERSION,
+    bundle_layout,
+    crc32c,
+    expert_layout,
+    expert_part,
+    ffn_part,
+)
 from weights_tools.gguf_meta import copy_fields, finish
 
 CHUNK_TARGET = 64 << 10  # inner chunk size of resident tensors; the embedding uses ~8 KiB for row lookups
@@ -259,11 +268,21 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
             for t in (gate, up, down):
                 progress.step(t.nbytes, t.name)
         _write_tokenizer(src, partial / "tokenizer.gguf")
-        attrs = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "tensors": tensors,
-                 "ffn": layouts, **({"experts": experts} if experts else {}), "name": src.metadata.get("general.name") or src_path.stem,
-                 "chat_template": src.chat_template, "quant": quant,
-                 "source": {"file": src_path.name, "sha256": _sha256(source_files),
-                            "bytes": sum(f.stat().st_size for f in source_files)}}
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            "config": dataclasses.asdict(cfg),
+            "tensors": tensors,
+            "ffn": layouts,
+            **({"experts": experts} if experts else {}),
+            "name": src.metadata.get("general.name") or src_path.stem,
+            "chat_template": src.chat_template,
+            "quant": quant,
+            "source": {
+                "file": src_path.name,
+                "sha256": _sha256(source_files),
+                "bytes": sum(f.stat().st_size for f in source_files),
+            },
+        }
         progress.check()
         group.attrs["edge"] = attrs  # written last: a store without it does not open
         partial.rename(out)

@@ -36,8 +36,9 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
                        experts: int = 0, top_k: int = 2, expert_hidden: int | None = None,
                        progress=None) -> Path:
     """A random-weight model: llama (with `experts`, Mixtral-style), qwen2 (llama with q/k/v biases), or the
-    mixtures qwen3moe (per-head q/k norms), qwen2moe, olmoe (experts required). tokenizer_from: a GGUF whose vocabulary and template to copy
-    (then `vocab` is its size). std: of the matrices' weights (default 0.64/sqrt(dim)). extra_tensors: name -> (raw array, ggml type), replacing a tensor or added.
+    mixtures qwen3moe (per-head q/k norms), qwen2moe, olmoe (experts required). tokenizer_from: a GGUF whose
+    vocabulary and template to copy (then `vocab` is its size). std: of the matrices' weights (default
+    0.64/sqrt(dim)). extra_tensors: name -> (raw array, ggml type), replacing a tensor or added.
     progress(done, total): after each tensor."""
     import gguf
 
@@ -96,8 +97,11 @@ def write_random_model(path: str | Path, arch: str = "llama", layers: int = 2, d
             plan += [(p + "attn_q_norm.weight", (heads * head_dim,), "norm"),
                      (p + "attn_k_norm.weight", (kv_heads * head_dim,), "norm")]
         if arch in ("qwen2", "qwen2moe"):
-            plan += [(p + "attn_q.bias", (heads * head_dim,), "bias"), (p + "attn_k.bias", (kv_heads * head_dim,), "bias"),
-                     (p + "attn_v.bias", (kv_heads * head_dim,), "bias")]
+            plan += [
+                (p + "attn_q.bias", (heads * head_dim,), "bias"),
+                (p + "attn_k.bias", (kv_heads * head_dim,), "bias"),
+                (p + "attn_v.bias", (kv_heads * head_dim,), "bias"),
+            ]
         if arch == "qwen2moe":
             plan += [(p + "ffn_gate_inp_shexp.weight", (dim,), "bias"),
                      (p + "ffn_gate_shexp.weight", (hidden, dim), "matrix"),
@@ -167,8 +171,12 @@ EXAMPLES = """examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("make-model", help="write a random-weight GGUF of any size (llama, Mixtral-style llama, qwen2, qwen3moe, qwen2moe, olmoe)",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "make-model",
+        help="write a random-weight GGUF of any size (llama, Mixtral-style llama, qwen2, qwen3moe, qwen2moe, olmoe)",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--arch", default="llama", choices=("llama", "qwen2", "qwen3moe", "qwen2moe", "olmoe"),
                    help="architecture (default llama; with --experts, Mixtral-style)")
     p.add_argument("--experts", type=int, default=0, help="experts per layer (0: a dense FFN)")
