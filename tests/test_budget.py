@@ -339,6 +339,7 @@ def test_interrupted_calibration_leaves_the_store_as_it_was(tmp_path, smollm2, m
     with pytest.raises(KeyboardInterrupt):
         calibrate(store, tokens=256, threads=2)
     assert Store(store).sparse is None
+    assert not {"sparse", "sparse.partial", "calibrate.spill"} & {p.name for p in store.iterdir()}
     with pytest.raises(Exception, match="--calibrate"):
         Engine(store, n_ctx=64, ram=parse_size("4GB"))
 

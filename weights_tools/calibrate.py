@@ -60,12 +60,13 @@ from edge.sparse import PREDICTOR, pack_predictors, predict, second_stage
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 
-def collect_activations(src, tok, tokens: int, threads: int | None, reduce=None):
+def collect_activations(src, tok, tokens: int, threads: int | None, reduce=None, x_sink=None):
     """Run the dense model over calibration text: per layer the FFN input x (float16: Qwen2.5-1.5B's 28 layers
     x 4096 tokens are 352MB so) and activation h (or reduce(layer, h) in its place: h is the largest), and the
     final hidden states (normed). src: an opened GGUFFile or Store; tok: its edge.tokenizer.Tokenizer (opened
     before the model: a vocabulary read through llama.cpp peaks at ~700MB while it loads). The model runs on
-    the `auto` backend (ggml for K-quants: onnxruntime would hold 3.1GB of Qwen2.5-1.5B's 1.1GB)."""
+    the `auto` backend (ggml for K-quants: onnxruntime would hold 3.1GB of Qwen2.5-1.5B's 1.1GB). x_sink(layer,
+    x): given each chunk's FFN inputs instead of keeping them (then the returned dict of them is empty)."""
     from edge.evaluate import calibration_text
     from edge.model import Transformer, rms_norm
 
@@ -80,7 +81,10 @@ def collect_activations(src, tok, tokens: int, threads: int | None, reduce=None)
 
     def trace(i, point, x):
         if point == "ffn_in":
-            xs[i].append(x.astype(np.float16))
+            if x_sink is not None:
+                x_sink(i, x)
+            else:
+                xs[i].append(x.astype(np.float16))
         elif point == "ffn_h":
             hs[i].append(reduce(i, x) if reduce else x.astype(np.float32))
 
@@ -91,7 +95,7 @@ def collect_activations(src, tok, tokens: int, threads: int | None, reduce=None)
         model.forward(chunk, 0)  # the last position's logits only: the states are what is kept
         finals.append(model.last_hidden)
     model.trace = None
-    return model, ({i: np.concatenate(v) for i, v in xs.items()}, {i: np.concatenate(v) for i, v in hs.items()},
+    return model, ({i: np.concatenate(v) for i, v in xs.items() if v}, {i: np.concatenate(v) for i, v in hs.items()},
                    rms_norm(np.concatenate(finals), model.output_norm, cfg.norm_eps))
 
 
@@ -177,72 +181,86 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
     if progress:
         progress(0, steps)  # said at once: collecting activations takes minutes on a 1.5B model
     tok = Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template)
-    model, (X, imp, Y) = collect_activations(store, tok, tokens, threads, importance)
-    chat_fit, chat_held = generated_states(model, tok, done=lambda k: progress and progress(k, steps))
-    del model  # the rest needs no model (with it, Qwen2.5-1.5B's calibration peaked at 5.6GB)
-    release_free_memory()  # glibc keeps the freed model's heap pages otherwise (Qwen2.5-1.5B: 750MB of 1.1GB)
-    held = len(Y) * 3 // 4  # fit on the first three quarters, report on the rest
-    partial = store_path / "sparse.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    group = zarr.create_group(LocalStore(partial))
-    layers = []
-    for i in range(cfg.n_layers):
-        x, true = X.pop(i).astype(np.float32), imp[i]
-        this = fit_predictor(x[:held], true[:held], rank)
-        nxt = fit_predictor(x[:held], imp[i + 1][:held], rank) if i + 1 < cfg.n_layers else None
-        _write_array(group, f"aux.{i}", pack_predictors(this, nxt).reshape(1, -1), 1)
-        pred = predict(this, x)
-        nxt_pred = predict(nxt, x) if nxt is not None else None
-        entry = {"cluster": clusters[i], "thresholds": {}, "recall": {}, "precision": {}}
-        if nxt is not None:
-            entry.update(next_thresholds={}, next_recall={})
-        for s in SPARSITIES:
-            tau, entry["recall"][str(s)], entry["precision"][str(s)] = _choice(pred, true, held, s)
-            entry["thresholds"][str(s)] = tau
-            if nxt is not None:  # the next layer's clusters chosen from this layer's input
-                tau, entry["next_recall"][str(s)], _ = _choice(nxt_pred, imp[i + 1], held, s)
-                entry["next_thresholds"][str(s)] = tau
-        layers.append(entry)
+    # the FFN inputs go to files in the store until their layer's predictors are fitted: in RAM they sat beside
+    # the whole model through collection and the chat answers (Qwen2.5-1.5B: 352MB in float16)
+    spill, partial = store_path / "calibrate.spill", store_path / "sparse.partial"
+    shutil.rmtree(spill, ignore_errors=True)  # an interrupted calibration's
+    spill.mkdir()
+
+    def x_sink(i, x):
+        with open(spill / f"x.{i}", "ab") as f:
+            f.write(x.astype(np.float16).tobytes())
+
+    try:
+        model, (_, imp, Y) = collect_activations(store, tok, tokens, threads, importance, x_sink)
+        chat_fit, chat_held = generated_states(model, tok, done=lambda k: progress and progress(k, steps))
+        del model  # the rest needs no model (with it, Qwen2.5-1.5B's calibration peaked at 5.6GB)
+        release_free_memory()  # glibc keeps the freed model's heap pages otherwise (Qwen2.5-1.5B: 750MB of 1.1GB)
+        held = len(Y) * 3 // 4  # fit on the first three quarters, report on the rest
+        shutil.rmtree(partial, ignore_errors=True)
+        group = zarr.create_group(LocalStore(partial))
+        layers = []
+        for i in range(cfg.n_layers):
+            x, true = np.fromfile(spill / f"x.{i}", np.float16).reshape(-1, cfg.dim).astype(np.float32), imp[i]
+            (spill / f"x.{i}").unlink()
+            this = fit_predictor(x[:held], true[:held], rank)
+            nxt = fit_predictor(x[:held], imp[i + 1][:held], rank) if i + 1 < cfg.n_layers else None
+            _write_array(group, f"aux.{i}", pack_predictors(this, nxt).reshape(1, -1), 1)
+            pred = predict(this, x)
+            nxt_pred = predict(nxt, x) if nxt is not None else None
+            entry = {"cluster": clusters[i], "thresholds": {}, "recall": {}, "precision": {}}
+            if nxt is not None:
+                entry.update(next_thresholds={}, next_recall={})
+            for s in SPARSITIES:
+                tau, entry["recall"][str(s)], entry["precision"][str(s)] = _choice(pred, true, held, s)
+                entry["thresholds"][str(s)] = tau
+                if nxt is not None:  # the next layer's clusters chosen from this layer's input
+                    tau, entry["next_recall"][str(s)], _ = _choice(nxt_pred, imp[i + 1], held, s)
+                    entry["next_thresholds"][str(s)] = tau
+            layers.append(entry)
+            if progress:
+                progress(len(CHAT_PROMPTS) + i + 1, steps)
+        del imp
+        # head: top principal directions of the final hidden states (calibration text and the model's own chat
+        # answers), with a tenth of the head's own row covariance; the rank is measured (head_ranks, HEAD_TARGET)
+        head_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
+        ht = store.tensor(head_name)
+        rows = sum(e.T @ e for _, e in _head_rows(ht))
+        states, answers = Y[:held].T @ Y[:held], chat_fit.T @ chat_fit
+        mixed = (1 - CHAT_MIX) * states / np.trace(states) + CHAT_MIX * answers / np.trace(answers)
+        _, vecs = np.linalg.eigh((1 - HEAD_MIX) * mixed + HEAD_MIX * rows / np.trace(rows))
+        checks = {"text": Y[held:], "chat": chat_held}
+        gg = ggml(threads or default_threads())
+        exact = Weight(ht.raw, ht.type_id, ht.rows, ht.cols)
+        ranks, tried = [head_rank] if head_rank else head_ranks(cfg.dim), {}
+        for r in ranks:
+            v, low, approx = _low_rank_head(ht, vecs, r)
+            miss = _head_miss(ht, v)
+            copy = Weight(low, quants.Q4_0, len(low), r)
+            tried[r] = {k: _greedy(y, v, copy, miss, exact, gg) for k, y in checks.items()}
+            if min(g for g, _, _ in tried[r].values()) >= HEAD_TARGET:
+                break
+        head_rank = r
+        _write_array(group, "head", low, max(1, (1 << 20) // low.shape[1]))
+        _write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
+        _write_array(group, "head_miss", miss.view(np.uint8).reshape(1, -1), 1)
+        (text, text_in, text_rows), (chat, chat_in, chat_rows) = tried[r]["text"], tried[r]["chat"]
+        head_check = {"candidates": HEAD_CANDIDATES, "miss": True, "greedy": text, "chat_greedy": chat,
+                      "top1_in_candidates": text_in, "chat_top1_in_candidates": chat_in,
+                      "second_stage_rows": (text_rows + chat_rows) / 2,
+                      "ranks_tried": {str(k): {c: g for c, (g, _, _) in t.items()} for k, t in tried.items()}}
+        hot = _hot_rows(np.concatenate([Y[:held], chat_fit]), v, approx)
+        _write_array(group, "head_hot_ids", hot.astype("<i4").view(np.uint8).reshape(1, -1), 1)
+        _write_array(group, "head_hot", np.ascontiguousarray(ht.raw[hot]), max(1, (1 << 20) // ht.raw.shape[1]))
+        head_check["hot_rows"] = len(hot)
+        summary = {"predictor": PREDICTOR, "rank": rank, "head_rank": head_rank, "tokens": int(len(Y)),
+                   "layers": layers, "head": {"tensor": head_name, **head_check}}
         if progress:
-            progress(len(CHAT_PROMPTS) + i + 1, steps)
-    del X, imp
-    # head: top principal directions of the final hidden states (calibration text and the model's own chat
-    # answers), with a tenth of the head's own row covariance; the rank is measured (head_ranks, HEAD_TARGET)
-    head_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
-    ht = store.tensor(head_name)
-    rows = sum(e.T @ e for _, e in _head_rows(ht))
-    states, answers = Y[:held].T @ Y[:held], chat_fit.T @ chat_fit
-    mixed = (1 - CHAT_MIX) * states / np.trace(states) + CHAT_MIX * answers / np.trace(answers)
-    _, vecs = np.linalg.eigh((1 - HEAD_MIX) * mixed + HEAD_MIX * rows / np.trace(rows))
-    checks = {"text": Y[held:], "chat": chat_held}
-    gg = ggml(threads or default_threads())
-    exact = Weight(ht.raw, ht.type_id, ht.rows, ht.cols)
-    ranks, tried = [head_rank] if head_rank else head_ranks(cfg.dim), {}
-    for r in ranks:
-        v, low, approx = _low_rank_head(ht, vecs, r)
-        miss = _head_miss(ht, v)
-        copy = Weight(low, quants.Q4_0, len(low), r)
-        tried[r] = {k: _greedy(y, v, copy, miss, exact, gg) for k, y in checks.items()}
-        if min(g for g, _, _ in tried[r].values()) >= HEAD_TARGET:
-            break
-    head_rank = r
-    _write_array(group, "head", low, max(1, (1 << 20) // low.shape[1]))
-    _write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
-    _write_array(group, "head_miss", miss.view(np.uint8).reshape(1, -1), 1)
-    (text, text_in, text_rows), (chat, chat_in, chat_rows) = tried[r]["text"], tried[r]["chat"]
-    head_check = {"candidates": HEAD_CANDIDATES, "miss": True, "greedy": text, "chat_greedy": chat,
-                  "top1_in_candidates": text_in, "chat_top1_in_candidates": chat_in,
-                  "second_stage_rows": (text_rows + chat_rows) / 2,
-                  "ranks_tried": {str(k): {c: g for c, (g, _, _) in t.items()} for k, t in tried.items()}}
-    hot = _hot_rows(np.concatenate([Y[:held], chat_fit]), v, approx)
-    _write_array(group, "head_hot_ids", hot.astype("<i4").view(np.uint8).reshape(1, -1), 1)
-    _write_array(group, "head_hot", np.ascontiguousarray(ht.raw[hot]), max(1, (1 << 20) // ht.raw.shape[1]))
-    head_check["hot_rows"] = len(hot)
-    summary = {"predictor": PREDICTOR, "rank": rank, "head_rank": head_rank, "tokens": int(len(Y)),
-               "layers": layers, "head": {"tensor": head_name, **head_check}}
-    if progress:
-        progress(steps, steps)
-    commit_group(store_path, partial, "sparse", summary)
+            progress(steps, steps)
+        commit_group(store_path, partial, "sparse", summary)
+    finally:  # after the commit, partial is gone (renamed to sparse)
+        shutil.rmtree(spill, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
     return summary
 
 
