@@ -34,9 +34,10 @@ def main(argv=None) -> int:
 
     from edge import bitstack
     from edge.engine import Engine
+    from edge.strategies import Options
 
-    eng = Engine(args.store, n_ctx=256, threads=args.threads, ram=1 << 40, strategy="bitstack")
-    model, stack = eng.model, eng.model.stack
+    eng = Engine(args.store, n_ctx=256, threads=args.threads, ram=1 << 40, options=Options(strategy="bitstack"))
+    model, stack = eng.model, eng.model.parts.linears
     bits = 8 * stack.info.prefix_bytes() / stack.info.params()
     batch = bitstack.REBUILD_TOKENS
 

@@ -66,15 +66,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from edge.engine import Engine
+    from edge.strategies import Options
     from edge.evaluate import eval_text, perplexity, windows
     from edge.sizes import format_size
     from weights_tools.dequant_gguf import quantize_with_llama_cpp, write_dequantized
     from edge.gguf_file import GGUFFile
 
-    eng = Engine(args.store, n_ctx=args.ctx, threads=args.threads, ram=1 << 40, strategy="bitstack")
+    eng = Engine(args.store, n_ctx=args.ctx, threads=args.threads, ram=1 << 40,
+                 options=Options(strategy="bitstack"))
     tok = eng.tokenizer
     wins = windows(tok.encode(eval_text(), add_bos=False), args.ctx, args.windows, tok.bos_id if tok.add_bos else None)
-    stack = eng.model.stack
+    stack = eng.model.parts.linears
     sizes, params = stack.info.prefix_bytes(), stack.info.params()
     bits = 8 * sizes / params
     rows = []

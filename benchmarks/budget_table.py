@@ -24,7 +24,7 @@ from edge.sizes import format_size, parse_size
 
 
 def agreement(store_path: Path, budget: int, sparsity: float, strategy: str, n: int = 256) -> float:
-    from edge.budget import make_plan
+    from edge import strategies
     from edge.evaluate import eval_text
     from edge.model import PREFILL_CHUNK, Transformer
     from edge.store import Store
@@ -37,8 +37,9 @@ def agreement(store_path: Path, budget: int, sparsity: float, strategy: str, n: 
     ref = np.concatenate([dense.forward(toks[i:i + PREFILL_CHUNK], i, all_logits=True)
                           for i in range(0, n, PREFILL_CHUNK)])
     del dense
-    plan = make_plan(store, budget, 70 << 20, n, strategy, sparsity)  # the baseline of a fresh process
-    model = Transformer(store, n, threads=2, plan=plan)
+    options = strategies.Options(strategy=strategy, sparsity=sparsity)
+    plan = strategies.get(strategy).plan(store, budget, 70 << 20, n, options)  # a fresh process's baseline
+    model = strategies.load(store, n, plan, threads=2)
     ours = np.concatenate([model.forward(toks[i:i + 1], i) [None] for i in range(n)])  # token by token
     return float((ours.argmax(1) == ref.argmax(1)).mean())
 
@@ -71,7 +72,7 @@ def main() -> None:
                           f"{run.get('error') or ev.get('error')} |")
                     continue
                 agree = agreement(store, budget, sparsity, strategy)
-                per = run["sparse"]["read_bytes_per_token"] / 1e6
+                per = run["cache"]["read_bytes_per_token"] / 1e6
                 print(f"| {store.stem} | {format_size(budget)} | {strategy} | {sparsity:g} | {run['tok_s']:.1f} | "
                       f"{per:.1f} | {100 * run['plan']['cached_fraction']:.0f} | {ev['ppl']:.3f} | "
                       f"{100 * agree:.1f}% |", flush=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from edge import profile
 from edge.bench import bench_one, projection
 from edge.sizes import format_size, parse_size
+from edge.strategies import Options
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 
@@ -41,7 +42,8 @@ def main() -> int:
         for name in args.devices.split(","):
             dev = profile.load(name)
             for emulate in ([False, True] if name == args.emulate else [False]):
-                row = bench_one(Path(store), None, ram, args.n, 256, args.threads, "sparse", 0.0, PROMPT, name, emulate)
+                row = bench_one(Path(store), None, ram, args.n, 256, args.threads, Options(), PROMPT, name,
+                                emulate)
                 ours = row["ours"]
                 if "error" in ours:
                     print(f"{Path(store).name} {name}: {ours['error']}")

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         adapt(path, format_bits(Store(path), low), threads=args.threads, pair=(low, high))
     store = Store(path)
     cfg = store.config
-    layouts = store.attrs["bits"]["types"]
+    layouts = store.bits["types"]
     kinds = ["keep", *variant_types(store)]
     tok = Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template)
     wins = windows(tok.encode(eval_text(), add_bos=False), 256, args.windows, tok.bos_id if tok.add_bos else None)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         measure(f"uniform {kind}", "uniform", every(kind))
     rng = np.random.default_rng(0)
     for low, high in pairs:
-        prof = store.attrs["bits"]["profiles"][f"{low}/{high}"]
+        prof = store.bits["profiles"][f"{low}/{high}"]
         scores = np.array(prof["scores"])
         lo_b, hi_b = kind_bits(store, low, layouts), kind_bits(store, high, layouts)
         for kind in kinds:

@@ -32,24 +32,26 @@ PROMPT = "Explain in a few sentences why the sky is blue, then give three tips f
 def run(store: Path, cache: float, n: int, threads: int, device: str | None, emulate: bool,
         depth: int | None = None) -> list[dict]:
     from edge.engine import Engine
+    from edge.store import Store
+    from edge.strategies import Options
     from edge.sampling import Sampler, SamplerConfig
 
-    import json
-
-    traced = "moe" in json.loads((store / "zarr.json").read_text())["attributes"]["edge"]
+    traced = Store(store).moe is not None
     rows = []
     for evict, prefetch, predict, cached, label in CONFIGS + (TRACED if traced else ()):
-        engine = Engine(store, n_ctx=512, threads=threads, ram=1 << 40, evict=evict,
-                        prefetch=(depth or _k(store)) if prefetch is None else prefetch,
-                        predict=predict, device=device, emulate=emulate)
+        options = Options(evict=evict, prefetch=(depth or _k(store)) if prefetch is None else prefetch,
+                          predict=predict)
+        engine = Engine(store, n_ctx=512, threads=threads, ram=1 << 40, options=options, device=device,
+                        emulate=emulate)
         plan = engine.plan
-        slots = max(plan.min_slots, round(cache * plan.n_experts)) if cached else plan.min_slots
-        engine.resize(plan.budget_for(slots))
+        d = plan.detail
+        slots = max(d.min_slots, round(cache * d.n_experts)) if cached else d.min_slots
+        engine.resize(plan.minimum + plan.detail.extra_for(slots))
         prompt = engine.chat_tokens([{"role": "user", "content": PROMPT}])
         events = list(engine.generate(prompt, n, Sampler(SamplerConfig(temperature=0.0)), stop_at_end=False))
-        st, last = engine.expert_stats(), engine.last
-        rows.append({"config": label, "evict": evict, "prefetch": engine.plan.prefetch, "slots": slots,
-                     "experts": plan.n_experts, "tok_s": round(last.tok_s, 3),
+        st, last = engine.stats().cache, engine.last
+        rows.append({"config": label, "evict": evict, "prefetch": engine.plan.detail.prefetch, "slots": slots,
+                     "experts": d.n_experts, "tok_s": round(last.tok_s, 3),
                      "hit_rate": st["hit_rate"], "misses": st["misses"], "late": st["late"],
                      "precision": st["precision"], "recall": st["recall"],
                      "mb_per_token": round(st["read_bytes_per_token"] / 1e6, 3),
@@ -57,7 +59,7 @@ def run(store: Path, cache: float, n: int, threads: int, device: str | None, emu
                      "tokens": [e.token for e in events if e.token >= 0]})
         print(f"{label:<40} {rows[-1]['tok_s']:7.2f} tok/s  hit {st['hit_rate']:.3f}  recall {st['recall']:.3f}  "
               f"{rows[-1]['mb_per_token']:.2f} MB/token", file=sys.stderr)
-        engine.model.experts.close()
+        engine.model.parts.ffn.experts.close()
         del engine
         gc.collect()
     return rows

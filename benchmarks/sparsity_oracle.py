@@ -42,7 +42,7 @@ def main() -> None:
 
     store = Store(args.store)
     cfg, info = store.config, store.sparse
-    cluster = store.attrs["ffn"][0]["cluster"]
+    cluster = store.ffn_layouts[0]["cluster"]
     norms = []
     for i in range(cfg.n_layers):
         t = store.tensor(f"blk.{i}.ffn_down.weight")
@@ -52,7 +52,7 @@ def main() -> None:
                                               lambda i, h: (np.abs(h) * norms[i]).mean(0, keepdims=True))
     hot = [np.argsort(-mean_imp[i].mean(0)) for i in range(cfg.n_layers)]
     store_order = [np.arange(cfg.hidden_dim)] * cfg.n_layers
-    n = [lay["hidden"] // lay["cluster"] for lay in store.attrs["ffn"]]
+    n = [lay["hidden"] // lay["cluster"] for lay in store.ffn_layouts]
     preds = [unpack_predictors(store.read_array(f"sparse/aux.{i}").reshape(-1), cfg.dim, info["rank"], n[i], None)[0]
              for i in range(cfg.n_layers)]
 

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 
 from edge.errors import EdgeError
+from edge.flags import strategy_flags, strategy_options
 from edge.sizes import format_size, parse_size
+from edge.store import Store, is_complete
+from edge.strategies import Options
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 
@@ -83,12 +86,12 @@ def _read_in_last(samples: list[tuple[float, int]], seconds: float) -> int | Non
     return end_b - (before[-1] if before else samples[0][1])
 
 
-def run_ours(store: Path, ram: int | None, n: int, ctx: int, threads: int, strategy: str, sparsity: float,
-             prompt: str, device: str | None = None, emulate: bool = False) -> dict:
+def run_ours(store: Path, ram: int | None, n: int, ctx: int, threads: int, options: Options, prompt: str,
+             device: str | None = None, emulate: bool = False) -> dict:
     """`edge run --json` greedy in the cap: tok/s over its decode window, MB read in that window."""
     cmd = [sys.executable, "-m", "edge", "run", str(store), "--ctx", str(ctx), "--threads", str(threads), "-n",
-           str(n), "-p", prompt, "--json", "--temp", "0", "--ignore-eos", "--strategy", strategy, "--sparsity",
-           str(sparsity)] + (["--ram", str(ram)] if ram else [])
+           str(n), "-p", prompt, "--json", "--temp", "0", "--ignore-eos", *strategy_flags(options)] \
+        + (["--ram", str(ram)] if ram else [])
     cmd += ["--device", device] + (["--emulate"] if emulate else []) if device else []
     side = run_json(cmd, ram, [f for f in store.rglob("*") if f.is_file()], "edge-bench")
     if "error" not in side:
@@ -127,11 +130,11 @@ def run_completion(bins: Path, gguf: Path, ram: int | None, n: int, ctx: int, th
     return side
 
 
-def bench_one(store: Path, gguf: Path | None, ram: int | None, n: int, ctx: int, threads: int, strategy: str,
-              sparsity: float, prompt: str, device: str | None = None, emulate: bool = False,
+def bench_one(store: Path, gguf: Path | None, ram: int | None, n: int, ctx: int, threads: int, options: Options,
+              prompt: str, device: str | None = None, emulate: bool = False,
               bins: Path | None = None, text: bool = True) -> dict:
     """One budget: ours, then (with bins) native llama.cpp with each load option, the better one as `peer`."""
-    row = {"ram": ram, "ours": run_ours(store, ram, n, ctx, threads, strategy, sparsity, prompt, device, emulate)}
+    row = {"ram": ram, "ours": run_ours(store, ram, n, ctx, threads, options, prompt, device, emulate)}
     if bins is not None and gguf is not None:
         options = [run_native(bins, gguf, ram, n, threads, repack) for repack in (1, 0)]
         row["peer_options"] = options
@@ -219,7 +222,7 @@ def cmd_bench(args) -> int:
     from edge.models import CATALOGUE, resolve_model
 
     store = resolve_model(args.model, store=True)
-    if not (store / "zarr.json").is_file():
+    if not is_complete(store):
         raise EdgeError(f"{store}: bench runs from a calibrated store; run `edge convert MODEL.gguf --calibrate`")
     gguf = bins = None
     if args.vs == "llama.cpp":
@@ -228,7 +231,7 @@ def cmd_bench(args) -> int:
         elif args.model in CATALOGUE:
             gguf = resolve_model(args.model)
         else:
-            gguf = store.parent / json.loads((store / "zarr.json").read_text())["attributes"]["edge"]["source"]["file"]
+            gguf = store.parent / Store(store).source["file"]
         if not gguf.is_file():
             raise EdgeError(f"{gguf}: the GGUF for llama.cpp is not there; give it with --gguf")
         from edge.native import ensure
@@ -247,8 +250,9 @@ def cmd_bench(args) -> int:
     else:
         sizes = [parse_size(ram_text, flag="--ram") if ram_text else None]
     threads = args.threads or 2
+    options = strategy_options(args)
     print(f"edge bench {store.name}: prompt {args.prompt!r}, {args.n} tokens, ctx {args.ctx}, {threads} threads, "
-          f"strategy {args.strategy}, sparsity {args.sparsity} ({time.strftime('%Y-%m-%d %H:%M')})")
+          f"{options} ({time.strftime('%Y-%m-%d %H:%M')})")
     if bins is not None:
         print(f"peer: llama.cpp's own llama-bench -p 0 -n {args.n} -r 1 (its context holds its {args.n} tokens) with "
               f"--repack 1 and 0, and llama-completion for the text, from {bins}")
@@ -262,7 +266,7 @@ def cmd_bench(args) -> int:
               + ("; llama.cpp reads through mmap at this machine's speed (not emulated)" if gguf else ""))
     rows = []
     for ram in sizes:
-        row = bench_one(store, gguf, ram, args.n, args.ctx, threads, args.strategy, args.sparsity, args.prompt,
+        row = bench_one(store, gguf, ram, args.n, args.ctx, threads, options, args.prompt,
                         args.device, args.emulate, bins)
         print_row(row)
         if profile is not None and (proj := projection(row["ours"], profile, gemv_here)) is not None:

@@ -19,7 +19,7 @@ by the store's clusters of neurons (`stack/ffn.<i>`, one record per (block, clus
 up sign rows, its 32-column blocks of the down signs, its rows of u and columns of v; `stack/ffn_shared.<i>`:
 per block what every cluster shares, v of gate and up, u of down), and StackedFFN keeps part of every layer's
 clusters in RAM and reads the others' records each token (LLM in a flash's streaming over BitStack's blocks).
-The planner (edge.budget.make_stack_plan) then loads the deepest prefix that keeps STREAM_CACHED of the FFN
+The planner (edge.strategies.bitstack) then loads the deepest prefix that keeps STREAM_CACHED of the FFN
 cached: more bits per weight in the same budget, for reads per token.
 
 Sign bits are in ggml's Q4_0 nibble order, not row-major: each byte is the signs of elements (4t, 4t+16,
@@ -37,6 +37,7 @@ from functools import lru_cache
 import numpy as np
 
 from edge.errors import EdgeError
+from edge.ggml import Weight
 
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 GROUPS = {"attn_in": ("attn_q", "attn_k", "attn_v"), "attn_out": ("attn_output",),
@@ -223,8 +224,6 @@ def _factor_output(y: np.ndarray, t: int, u: np.ndarray) -> np.ndarray:
 def sign_products(ggml, jobs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
     """z @ S.T for each (packed signs S (rows, cols / 8), z (m, cols)): each S expanded into a Q4_0 +-1 matrix in
     the shared scratch (as many as SCRATCH_BYTES holds per ggml graph) and multiplied by llama.cpp's kernel."""
-    from edge.ggml import Weight
-
     out, i = [], 0
     while i < len(jobs):
         batch, used = [], 0
@@ -237,7 +236,7 @@ def sign_products(ggml, jobs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.nd
         for signs, z in batch:
             rows, cols = signs.shape[0], 8 * signs.shape[1]
             n = _q4_bytes(signs)
-            _fill_q4(scratch[offset:offset + n], signs, rows, cols)
+            fill_q4(scratch[offset:offset + n], signs, rows, cols)
             pairs.append((z, Weight(scratch[offset:offset + n], Q4_0, rows, cols)))
             offset += n
         out += ggml.products(pairs)
@@ -291,7 +290,7 @@ def _scratch(n: int) -> np.ndarray:
 Q4_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "<u4", (4,))])  # 18 bytes, unaligned: scale, 32 4-bit codes
 
 
-def _fill_q4(buf: np.ndarray, signs: np.ndarray, rows: int, cols: int) -> None:
+def fill_q4(buf: np.ndarray, signs: np.ndarray, rows: int, cols: int) -> None:
     """The signs as Q4_0 blocks of +-1 (scale 1.0): one table lookup per sign byte, written in place."""
     blocks = buf.view(Q4_0_BLOCK).reshape(rows, cols // 32)
     blocks["d"] = 1.0
@@ -309,7 +308,7 @@ class StackInfo:
 
     @classmethod
     def of(cls, store) -> "StackInfo":
-        attrs = store.attrs.get("stack")
+        attrs = store.stack
         if attrs is None:
             raise EdgeError(f"{store.path}: no BitStack blocks; run `edge stack {store.path}` first")
         return cls(attrs["iters"], attrs["linears"], [tuple(e) for e in attrs["order"]],
@@ -360,6 +359,10 @@ class Stack:
     @property
     def nbytes(self) -> int:
         return sum(lin.nbytes for lin in self.linears.values())
+
+    def resize(self, plan) -> None:
+        """Follow a new plan (edge.strategies.bitstack): its prefix of the order."""
+        self.set_prefix(plan.detail.prefix)
 
     def set_prefix(self, prefix: int) -> int:
         """Load the blocks of the first `prefix` order entries (on top of one per linear); returns bytes read."""
@@ -531,7 +534,24 @@ class StackedFFN:
                 old[i] = None  # its records go as this layer's are placed
         self.slots = min(slots, min(lay.n for lay in self.layers))
 
-    def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
+    # the FFN contract (edge.parts.FFN): its reads go through the store's engine, counted there
+    kind = "FFN clusters"
+    per_position = False
+    trace = None
+    engines: list = []
+    wait_seconds = 0.0
+
+    def resize(self, plan) -> None:
+        """Follow a new plan (edge.strategies.bitstack): the depth of its prefix, its cached clusters."""
+        self.configure(self.info.depths(plan.detail.prefix), plan.detail.ffn_slots)
+
+    def stats(self, tokens: int) -> dict | None:
+        return None
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, i: int, x: np.ndarray, resid: np.ndarray | None = None) -> np.ndarray:
         lay = self.layers[i]
         xs = np.ascontiguousarray(x, np.float32) * lay.inv_in
         c = lay.rec.c

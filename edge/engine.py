@@ -1,11 +1,14 @@
 """The one token generator: prompt in, tokens out, each with its stats. Feeds the CLI, the TUI and `bench`.
 
-Layered as step -> stream -> whole: `Engine.generate` yields `TokenEvent`s; `Engine.chat` keeps a
-conversation and reuses the KV cache for the part of the chat already seen.
+`Engine.generate` yields `TokenEvent`s and keeps the KV cache of what it has seen (a chat's next prompt reuses
+the common prefix); `Engine.stats()` is what the chat and the CLI show. Under a budget the engine plans with
+its strategy (edge.strategies), builds the model's parts from the plan, re-plans on `resize` and under memory
+pressure, and the parts follow.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +16,20 @@ from typing import Iterator
 
 import numpy as np
 
-from edge import flash
+from edge import flash, strategies
 from edge.errors import EdgeError
 from edge.flash import IOEngine
+from edge.gguf_file import GGUFFile
+from edge.memory import Meter, PressureWatch, release_free_memory
+from edge.model import Transformer
+from edge.models import resolve_model
+from edge.profile import load as load_profile
 from edge.sampling import Sampler, SamplerConfig
+from edge.store import Store
+from edge.strategies import Options
+from edge.strategies.plan import Plan
+from edge.strategies.plan import IO_BUFFER
+from edge.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -59,23 +72,24 @@ class RunStats:
 PRESSURE_EVERY = 8  # tokens between memory-pressure checks under a budget
 
 
-class _Meter:
-    """Storage bytes read and RSS of this process (psutil), sampled per step."""
+@dataclass(frozen=True)
+class EngineStats:
+    """What the chat and the CLI show of a loaded model and its last run: typed, never the model's insides."""
 
-    def __init__(self):
-        import psutil
+    backend: str                 # compute kernels (kernels.BACKENDS)
+    threads: int | None
+    weights_bytes: int           # resident weights the backend holds
+    kv_bytes: int
+    plan: Plan | None            # the budget's plan (None: everything resident)
+    run: RunStats                # the last run
+    cache_kind: str              # what the budget's cache holds: "FFN clusters", "experts", "" (none)
+    cache: dict | None           # its counters over the last run (None: nothing paged)
+    head: dict                   # the flash head's row cache (empty when the head is resident)
 
-        self._proc = psutil.Process()
-        self._has_io = hasattr(self._proc, "io_counters")
-        self.peak_rss = 0
-
-    def read_bytes(self) -> int:
-        return self._proc.io_counters().read_bytes if self._has_io else 0
-
-    def rss(self) -> int:
-        r = self._proc.memory_info().rss
-        self.peak_rss = max(self.peak_rss, r)
-        return r
+    def as_dict(self) -> dict:
+        return {"backend": self.backend, "threads": self.threads,
+                "plan": self.plan.as_dict() if self.plan else None, "cache_kind": self.cache_kind,
+                "cache": self.cache, "head": self.head}
 
 
 class Engine:
@@ -83,27 +97,15 @@ class Engine:
 
     def __init__(self, model: str | Path | None = None, n_ctx: int = 2048, backend: str = "auto",
                  threads: int | None = None, verify: str = "first", ram: int | None = None,
-                 strategy: str = "auto", sparsity: float = 0.0, window: int = 5, device: str | None = None,
-                 emulate: bool = False, prefetch: int = 0, evict: str = "score", predict: str = "pregate"):
-        """ram: a budget in bytes for the whole process (a calibrated store; see edge.budget).
-        device: a device profile's name (edge.profile): its compute and read threads; with emulate, reads
-        take the time its flash curve gives (compute runs at this machine's speed)."""
-        import threading
-
-        from edge.profile import load
-        from edge.gguf_file import GGUFFile
-        from edge.model import Transformer
-        from edge.models import resolve_model
-        from edge.store import Store
-        from edge.tokenizer import Tokenizer
-
+                 options: Options = Options(), device: str | None = None, emulate: bool = False):
+        """ram: a budget in bytes for the whole process (a store; see edge.strategies), run by the strategy
+        `options` names. device: a device profile's name (edge.profile): its compute and read threads; with
+        emulate, reads take the time its flash curve gives (compute runs at this machine's speed)."""
         self.path = resolve_model(model, store=ram is not None)
-        self.meter = _Meter()
-        self.plan = None
-        # what every re-plan (resize) keeps
-        self._plan_options = dict(sparsity=sparsity, window=window, prefetch=prefetch, evict=evict,
-                                   predict=predict)
-        self.device = load(device) if device else None
+        self.meter = Meter()
+        self.plan: Plan | None = None
+        self.options = options  # what every re-plan (resize) keeps
+        self.device = load_profile(device) if device else None
         if emulate and self.device is None:
             raise EdgeError("--emulate needs --device NAME: the device whose flash to emulate")
         if self.device is not None:
@@ -116,45 +118,40 @@ class Engine:
         if ram is not None and not self.path.is_dir():
             raise EdgeError(f"{self.path}: --ram runs from a store; run `edge convert {self.path} --calibrate` (a "
                             "mixture of experts needs no --calibrate) and give the .edge directory")
-        io = None
-        if ram is not None:
-            from edge.budget import IO_BUFFER
-
-            io = IOEngine(threads=read_threads, buffer_bytes=IO_BUFFER)
+        io = IOEngine(threads=read_threads, buffer_bytes=IO_BUFFER) if ram is not None else None
         self.file = Store(self.path, engine=io, verify=verify) if self.path.is_dir() else GGUFFile(self.path)
         self.config = self.file.config
         if n_ctx < 16:
             raise EdgeError(f"--ctx {n_ctx}: the context must hold at least 16 tokens")
         self.n_ctx = min(n_ctx, self.config.context_length)
+
         def tokenizer() -> Tokenizer:
-            return Tokenizer(getattr(self.file, "tokenizer_path", self.path), self.config.arch,
-                             self.file.chat_template)
+            return Tokenizer(self.file.tokenizer_path, self.config.arch, self.file.chat_template)
 
-        if ram is not None:
-            self.tokenizer = tokenizer()  # part of the baseline the planner measures
-            from edge.budget import PressureWatch, plan_for
-            from edge.model import release_free_memory
-
-            release_free_memory()  # reading the vocabulary's temporaries are not baseline
-
-            self.plan = plan_for(self.file, resolve_strategy(self.file, strategy), ram, self.meter.rss(), self.n_ctx,
-                                 **self._plan_options)
-            streamed = ("bitstack", "bitstack-stream", "sparse", "naive")
-            if self.plan.strategy in streamed and self.plan.io != len(io.buffer):
-                io.close()  # BitStack: blocks over half the buffer; a streamed FFN: its largest chunk
-                self.file.engine = IOEngine(threads=read_threads, buffer_bytes=self.plan.io)
-            self.pressure = PressureWatch(self.plan)
-        self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads, plan=self.plan)
-        if self.plan is not None and self.plan.strategy == "experts":
-            self._fold_load_slack()
+        self.pressure = PressureWatch()
         if ram is None:
+            self.strategy = None
+            self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads)
             self.tokenizer = tokenizer()  # after the model: its checks name a bad tensor, llama.cpp's do not
+        else:
+            self.tokenizer = tokenizer()  # part of the baseline the planner measures
+            release_free_memory()  # reading the vocabulary's temporaries are not baseline
+            self.strategy = strategies.resolve(self.file, options.strategy)
+            self.plan = self.strategy.plan(self.file, ram, self.meter.rss(), self.n_ctx, options)
+            size = self.strategy.io_buffer(self.plan)
+            if size != len(io.buffer):  # BitStack: blocks over half the buffer; a streamed FFN: its largest chunk
+                io.close()
+                self.file.engine = IOEngine(threads=read_threads, buffer_bytes=size)
+            self.model = strategies.load(self.file, self.n_ctx, self.plan, threads)
+            if self.strategy.empty_at_load:
+                self._fold_load_slack()
         self.cached: list[int] = []   # tokens whose keys and values are in the KV cache, in order
         self.last = RunStats()
 
     def _fold_load_slack(self) -> None:
         """What loading left beyond the resident weights (allocator slack, libraries mapped on first use) is
-        measured now and counted as baseline: the expert cache, still empty, shrinks by it."""
+        measured now and counted as baseline while the cache is still empty (the expert cache shrinks by it;
+        caches read in at load leave theirs to the growth check between tokens)."""
         slack = self.meter.rss() - (self.plan.baseline + self.plan.resident)
         if slack > 0:
             self.resize(self.plan.budget, baseline=self.plan.baseline + slack)
@@ -203,8 +200,7 @@ class Engine:
                             "shorten it or raise --ctx")
         sampler = sampler or Sampler(SamplerConfig())
         stats = self.last = RunStats(prompt_tokens=len(prompt))
-        for part in self.model.paged:
-            part.stats.reset()
+        self.model.parts.ffn.reset()
         stream = self.tokenizer.streamer()
         io0 = self.meter.read_bytes()
         t0 = time.perf_counter()
@@ -249,7 +245,7 @@ class Engine:
                 stats.stopped = "context"
                 break
             if self.plan is not None and len(stats.tokens) % PRESSURE_EVERY == 0:
-                self._relieve_pressure()
+                self.relieve_pressure()
             step_start, io_start = time.perf_counter(), io_now
             with self._lock:
                 logits = self.model.forward(np.asarray([token]), len(self.cached))
@@ -260,122 +256,58 @@ class Engine:
 
     def read_totals(self) -> tuple[int, int]:
         """(reads, bytes) from flash so far, over every I/O engine of this model (the chat's MB/s, reads/s)."""
-        engines = [self.file.engine] if hasattr(self.file, "engine") else []
-        for part in self.model.paged:
-            engines += part.engines
+        engines = self.model.parts.ffn.engines + ([self.file.engine] if self.plan is not None else [])
         return sum(e.stats.reads for e in engines), sum(e.stats.bytes for e in engines)
 
     def io_seconds(self) -> tuple[float, float]:
         """(seconds the compute thread has waited for reads, modelled seconds of every read on the device's
         curve) since start; the first is 0 without a budget (nothing is read while decoding). The store's
         engine does the row reads (embedding, head candidates) on the compute thread."""
-        parts = self.model.paged
-        wait = self.file.engine.stats.wall + sum(p.stats.wait_seconds for p in parts) if parts else 0.0
+        wait = self.file.engine.stats.wall + self.model.parts.ffn.wait_seconds if self.plan is not None else 0.0
         emu = flash.emulation()
         return wait, emu.seconds if emu else 0.0
 
-    def resize(self, budget: int, baseline: int | None = None):
-        """Re-plan for a new budget while the model is loaded (between tokens, also mid-answer): the neuron
-        cache grows or shrinks; growing reads the added clusters now at sparsity 0 (with predictors the next
-        tokens fill the new slots with what they read anyway), shrinking frees the least recently used
-        clusters. Below the minimum: EdgeError, nothing changes. baseline: a new measure of the process without
-        weights (load slack folded in)."""
-        from edge.budget import plan_for
-        from edge.model import release_free_memory
-
+    def resize(self, budget: int, baseline: int | None = None) -> Plan:
+        """Re-plan for a new budget while the model is loaded (between tokens, also mid-answer), and let the
+        parts follow: a neuron cache grows (at sparsity 0 the added clusters are read now; with predictors the
+        next tokens fill the new slots) or shrinks (the least recently used go), a stack reads or drops blocks,
+        an expert cache adds or frees slots. Below the minimum: EdgeError, nothing changes. baseline: a new
+        measure of the process without weights (load slack folded in)."""
         if self.plan is None:
             raise EdgeError("this model runs without a budget (everything resident); start it with --ram to "
                             "change the budget live")
         p = self.plan
-        plan = plan_for(self.file, p.strategy, budget, p.baseline if baseline is None else baseline, self.n_ctx,
-                        **self._plan_options)
+        plan = self.strategy.plan(self.file, budget, p.baseline if baseline is None else baseline, self.n_ctx,
+                                  self.options)
         with self._lock:
-            for part in self.model.paged:
-                part.resize(plan.slots)  # keeps the most recently used clusters / experts
-            if self.model.stack is not None:
-                self.model.stack.set_prefix(plan.prefix)  # reads only the added blocks, drops the last ones
-            if self.model.stack_ffn is not None:  # reads only the added records, drops the others
-                self.model.stack_ffn.configure(self.model.stack.info.depths(plan.prefix), plan.ffn_slots)
-            if self.model.experts is not None or self.model.stack is not None:
-                release_free_memory()
+            self.model.parts.resize(plan)
+            release_free_memory()
             self.plan = plan
-            self.pressure.plan = self.plan
         return self.plan
 
-    def _relieve_pressure(self) -> None:
-        """Shrink the cache when memory is short from outside, or the process has grown past its plan, and
-        keep going."""
-        import dataclasses
-
-        need = self.pressure.check()
-        if need <= 0:
+    def relieve_pressure(self) -> None:
+        """Shrink the cache when memory is short from outside (re-plan at the lowered limit, or at what the plan
+        holds less what the system lacks; at least at the minimum), or when the process has grown past its
+        plan, and keep going."""
+        p = self.plan
+        target = self.pressure.target(p.budget, min(p.budget, sum(p.parts().values())))
+        if target is None:
             self._fold_growth()
             return
-        if self.model.stack is not None or self.model.experts is not None:  # a shallower stack, fewer experts
-            before = self.plan
-            try:
-                self.resize(self.plan.budget - need)
-            except EdgeError:
-                self.resize(self.plan.minimum)
-            if self.plan.budget < before.budget:  # at the minimum already: nothing more to give
-                self.last.shrinks.append(f"memory pressure: {self.plan.shrunk_from(before)}")
-            return
-        if self.model.sparse_ffn is None or not self.model.sparse_ffn.caches:
-            return
-        ffn = self.model.sparse_ffn
-        before, held = self.plan, ffn.cache_bytes + ffn.buffer_bytes
-        slots = ffn.shrink(need)
-        freed = held - (ffn.cache_bytes + ffn.buffer_bytes)  # the read buffers grow by the clusters now streamed
-        self.plan = dataclasses.replace(self.plan, slots=slots, budget=self.plan.budget - freed,
-                                        scratch=ffn.buffer_bytes)
-        self.pressure.plan = self.plan
-        self.last.shrinks.append(f"memory pressure: {self.plan.shrunk_from(before)}")
+        try:
+            self.resize(min(target, p.budget))
+        except EdgeError:
+            self.resize(p.minimum)
+        if self.plan.budget < p.budget:  # at the minimum already: nothing more to give
+            self.last.shrinks.append(f"memory pressure: {self.plan.shrunk_from(p)}")
 
-    def expert_stats(self) -> dict | None:
-        """Expert cache counters of the last run (None unless experts page under a budget)."""
-        pager = self.model.experts
-        if pager is None:
-            return None
-        return dict(pager.stats.as_dict(len(self.last.tokens)), cached=pager.cached, slots=pager.slots,
-                    cache_bytes=pager.cache_bytes)
-
-    def sparse_stats(self) -> dict | None:
-        """Neuron cache counters of the last run (None without a budget)."""
-        ffn = self.model.sparse_ffn
-        if ffn is None:
-            return None
-        st = ffn.stats
-        n = max(1, len(self.last.tokens))
-        return {"reads": st.reads, "read_bytes": st.read_bytes, "read_bytes_per_token": st.read_bytes // n,
-                "hit_rate": round(st.hit_rate, 4), "clusters_needed": st.needed, "evicted": st.evicted,
-                "evicted_in_window": st.evicted_in_window, "streamed": st.streamed,
-                "neurons_per_token": st.neurons // n, "cache_bytes": ffn.cache_bytes,
-                "prefetched": st.prefetched, "prefetch_used": st.prefetch_used, **self._head_stats()}
-
-    def _head_stats(self) -> dict:
-        """The streamed head's row cache: head candidates and embedding rows found in RAM, and read; rows the
-        head's second stage rescored beyond its candidates."""
-        head = self.model.output
-        rows = getattr(head, "row_cache", None)
-        if rows is None:
-            return {}
-        return {"head_rows_cached": rows.hits, "head_rows_read": rows.misses, "head_rows_second_stage": head.extra}
+    def stats(self) -> EngineStats:
+        """The model and its last run, as the chat and the CLI show them."""
+        ffn = self.model.parts.ffn
+        return EngineStats(backend=self.model.backend.name, threads=getattr(self.model.backend, "threads", None),
+                           weights_bytes=self.model.backend.resident_bytes, kv_bytes=self.model.kv.nbytes,
+                           plan=self.plan, run=self.last, cache_kind=ffn.kind,
+                           cache=ffn.stats(len(self.last.tokens)), head=self.model.parts.head.stats())
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)
-
-
-def resolve_strategy(store, strategy: str) -> str:
-    """--strategy auto: experts on a mixture-of-experts store, bitstack when the store has a stack (`edge
-    stack`), else sparse."""
-    from edge.cli import STRATEGIES
-
-    if strategy not in STRATEGIES:
-        raise EdgeError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
-    moe = "experts" in store.attrs
-    if strategy == "auto":
-        return "experts" if moe else "bitstack" if "stack" in store.attrs else "sparse"
-    if moe != (strategy == "experts"):
-        raise EdgeError(f"--strategy {strategy}: {store.path} is {'' if moe else 'not '}a mixture of experts; "
-                        f"use {'--strategy experts' if moe else 'another strategy'} (or auto)")
-    return strategy

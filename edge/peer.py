@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.tokenizer import _quiet_stderr
+from edge.tokenizer import quiet_stderr
 
 
 class LlamaCpp:
@@ -20,7 +20,7 @@ class LlamaCpp:
         from llama_cpp import Llama
 
         extra = dict(type_k=0, type_v=0, flash_attn=False) if f32_kv else {}
-        with _quiet_stderr():
+        with quiet_stderr():
             self.llama = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                logits_all=logits_all, verbose=False, **extra)
 

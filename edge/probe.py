@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from edge.errors import EdgeError
 from edge.flash import ALIGN, FlashFile, IOEngine
@@ -84,8 +85,6 @@ def probe(directory: Path, size: int, seconds: float, chunks=CHUNKS, threads=THR
 
 
 def to_toml(cells: list[Cell], directory: Path, direct: bool, gemv_gb_s: float | None = None) -> str:
-    import psutil
-
     lines = ["# Written by `edge probe-flash`: random aligned reads, uncoalesced (threads = queue depth).",
              "[device]", 'name = "this-machine"', 'title = "this machine (measured)"',
              f"ram_bytes = {psutil.virtual_memory().total}", f"cores = {os.cpu_count()}", ""]

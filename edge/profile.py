@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from edge import quants
+from edge.dirs import config_dir
 from edge.errors import EdgeError
+from edge.ggml import Weight, ggml
+from edge.sizes import parse_size
 
 CHUNKS = (4 << 10, 16 << 10, 64 << 10, 128 << 10, 256 << 10, 1 << 20)
 DEPTHS = (1, 2, 4, 8, 16, 32)
@@ -106,8 +113,6 @@ class Profile:
 
 
 def _parse(text: str, path: Path) -> Profile:
-    from edge.sizes import parse_size
-
     try:
         d = tomllib.loads(text)
         dev, fl = d["device"], d["flash"]
@@ -131,8 +136,6 @@ def _parse(text: str, path: Path) -> Profile:
 
 
 def _user_dir() -> Path:
-    from edge.dirs import config_dir
-
     return config_dir() / "devices"
 
 
@@ -169,13 +172,6 @@ def bundle_target(device: str | None = None) -> int | None:
 def measure_gemv(threads: int | None = None, rows: int = 8192, cols: int = 8192, repeats: int = 20) -> float:
     """This machine's decode throughput in weight GB/s: a Q4_0 matrix-vector product (llama.cpp's kernel)
     over a matrix larger than the caches, best of `repeats`."""
-    import time
-
-    import numpy as np
-
-    from edge import quants
-    from edge.ggml import Weight, ggml
-
     row_bytes = quants.FORMATS[quants.Q4_0].row_bytes(cols)
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, 256, (rows, row_bytes), np.uint8)

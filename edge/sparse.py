@@ -1,4 +1,4 @@
-"""The budgeted FFN and head: FFN bundles streamed from flash into a neuron cache, a low-rank head rescored exactly.
+"""The budgeted FFN of `--strategy sparse` and `naive`: FFN bundles streamed from flash into a neuron cache.
 
 LLM in a flash (Alizadeh et al. 2023), adapted to SwiGLU/GeGLU models. The unit is the store's FFN bundle: a
 cluster of neurons whose gate rows, up rows and down columns are one contiguous record in the source's own
@@ -35,18 +35,21 @@ the same prefetch.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
 
+from edge import quants
 from edge.errors import EdgeError
+from edge.flash import ALIGN, IOEngine
 from edge.ggml import Weight
+from edge.memory import release_free_memory
 
 PREDICTOR = "ridge-log-importance"  # the predictors' kind in attributes["edge"]["sparse"] (weights_tools.calibrate)
 
 PREFETCH_READ = 1 << 20
 REPEAT_BYTES = 2 << 20  # batched products of streamed records: their repeated input, their outputs, at most
-ROW_CACHE = 4096  # head/embedding rows kept in RAM (edge.sparse.RowCache)
 
 
 @dataclass
@@ -78,8 +81,6 @@ class Layout:
     """One layer's bundle: `cluster` neurons, gate rows | up rows | down blocks, in the source's types."""
 
     def __init__(self, lay: dict):
-        from edge import quants
-
         self.c, self.dim, self.hidden = lay["cluster"], lay["dim"], lay["hidden"]
         self.types = tuple(lay["types"])
         self.g, self.u, self.d = lay["gate_bytes"], lay["up_bytes"], lay["down_bytes"]
@@ -162,19 +163,23 @@ class _LayerCache:
 
 
 class SparseFFN:
-    """The FFN of every layer, from the store's bundles, under a cache of `slots` clusters per layer."""
+    """The FFN of every layer, from the store's bundles, under a cache of `slots` clusters per layer (no cache:
+    `naive`). Keeps the FFN contract (edge.parts.FFN)."""
 
-    def __init__(self, store, ggml, act, slots: int, sparsity: float = 0.0, window: int = 5,
-                 strategy: str = "sparse", read_threads: int = 4, read_ahead: bool = False):
+    kind = "FFN clusters"
+
+    def __init__(self, store, ggml, act, slots: int, sparsity: float = 0.0, window: int = 5, cache: bool = True,
+                 read_threads: int = 4, read_ahead: bool = False):
         info = store.sparse
         cfg = store.config
         self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
-        self.layouts = [Layout(lay) for lay in store.attrs["ffn"]]
-        self.window, self.strategy = window, strategy
+        self.layouts = [Layout(lay) for lay in store.ffn_layouts]
+        self.window = window
         key = min(info["layers"][0]["thresholds"], key=lambda k: abs(float(k) - sparsity))
         self.sparsity = float(key)
-        self.predicting = strategy == "sparse" and self.sparsity > 0
+        self.predicting = cache and self.sparsity > 0
         self.read_ahead = self.predicting and read_ahead
+        self.trace = None  # the contract's calibration hook: calibration runs the resident FFN
         self.this, self.next = [], []  # per layer: predictors (A, B, bias) of its clusters and of the next layer's
         if self.predicting:  # predictors only where they choose something
             if info.get("predictor") != PREDICTOR:
@@ -190,9 +195,8 @@ class SparseFFN:
                 self.this.append(preds[0])
                 self.next.append(preds[1] if ahead else None)
         self.arrays = [store.array(f"ffn/blk.{i}") for i in range(cfg.n_layers)]
-        self.caches = [] if strategy == "naive" else [
-            _LayerCache(min(slots, lay.n_clusters), lay) for lay in self.layouts]
-        self.stats = SparseStats()
+        self.caches = [_LayerCache(min(slots, lay.n_clusters), lay) for lay in self.layouts] if cache else []
+        self.counters = SparseStats()
         self.step = 0
         # prefetch: while layer i computes from one read buffer, layer i+1's reads land in the other, issued
         # from their own thread; streamed clusters are computed in place from the buffer they were read into.
@@ -200,10 +204,6 @@ class SparseFFN:
         # read_ahead, those its next-layer predictor names from layer i's input (layer 0 of the next token is
         # read when needed)
         self._pending: dict[int, tuple[list[int], object, object]] = {}  # layer -> ids, engine, future
-        from concurrent.futures import ThreadPoolExecutor
-
-        from edge.flash import IOEngine
-
         self._ios = [IOEngine(threads=read_threads, buffer_bytes=self._buffer_bytes(slots), max_read=PREFETCH_READ)
                      for _ in range(2)]
         self._next_io = 0
@@ -218,10 +218,6 @@ class SparseFFN:
 
     def _buffer_bytes(self, slots: int) -> int:
         return stream_buffer_bytes(self.layouts, slots if self.keeps_full else 0)
-
-    def _scratch_bytes(self, slots: int) -> int:
-        """Both read buffers at `slots` cached clusters per layer: the planner's figure."""
-        return stream_scratch_bytes(self.layouts, slots if self.keeps_full else 0)
 
     @property
     def buffer_bytes(self) -> int:
@@ -247,21 +243,31 @@ class SparseFFN:
         """The I/O engines of the FFN reads (the store's own engine reads rows and resident tensors)."""
         return list(self._ios)
 
-    def shrink(self, nbytes: int) -> int:
-        """Give back at least `nbytes` of cache and read buffers together (whole clusters in every layer; the
-        buffers grow by what then streams); returns the new slots per layer."""
-        if not self.caches:
-            return 0
-        per_slot = sum(c.nbytes // max(1, c.slots) for c in self.caches)
-        if per_slot == 0:
-            return 0
-        now = max(c.slots for c in self.caches)
-        held = now * per_slot + self._scratch_bytes(now)
-        slots = next((s for s in range(now, -1, -1) if s * per_slot + self._scratch_bytes(s) <= held - nbytes), 0)
-        self.resize(slots)
-        return slots
+    @property
+    def per_position(self) -> bool:
+        return self.predicting
 
-    def resize(self, slots: int) -> None:
+    @property
+    def wait_seconds(self) -> float:
+        return self.counters.wait_seconds
+
+    def reset(self) -> None:
+        self.counters.reset()
+
+    def stats(self, tokens: int) -> dict:
+        """The neuron cache's counters since `reset()`, per token where it says so."""
+        st, n = self.counters, max(1, tokens)
+        return {"reads": st.reads, "read_bytes": st.read_bytes, "read_bytes_per_token": st.read_bytes // n,
+                "hit_rate": round(st.hit_rate, 4), "clusters_needed": st.needed, "evicted": st.evicted,
+                "evicted_in_window": st.evicted_in_window, "streamed": st.streamed,
+                "neurons_per_token": st.neurons // n, "cache_bytes": self.cache_bytes,
+                "prefetched": st.prefetched, "prefetch_used": st.prefetch_used}
+
+    def resize(self, plan) -> None:
+        """Follow a new plan of its strategy (edge.strategies.sparse): its clusters per layer."""
+        self.set_slots(plan.detail.slots)
+
+    def set_slots(self, slots: int) -> None:
         """Hold `slots` clusters per layer: shrinking drops the least recently used (their memory goes back to
         the OS), growing adds free slots: at sparsity 0 read in now (only the added clusters), with predictors
         filled by the next tokens with what they read anyway. The read buffers follow (between tokens: the
@@ -273,8 +279,6 @@ class SparseFFN:
             c.resize(min(slots, lay.n_clusters))
         for io in self._ios:
             io.resize_buffer(self._buffer_bytes(slots))
-        from edge.model import release_free_memory
-
         release_free_memory()
         self._fill()
 
@@ -283,12 +287,12 @@ class SparseFFN:
         largest over the tokens."""
         return predict(self.this[i], x).max(axis=0)
 
-    def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
+    def __call__(self, i: int, x: np.ndarray, resid: np.ndarray | None = None) -> np.ndarray:
         lay = self.layouts[i]
         cache = self.caches[i] if self.caches else None
         if i == 0:
             self.step += 1
-        st = self.stats
+        st = self.counters
         if not self.predicting and cache is not None and cache.used == lay.n_clusters and i not in self._pending:
             cache.last_use[:cache.used] = self.step  # every cluster needed, every one cached: nothing to read
             st.needed += lay.n_clusters
@@ -380,7 +384,7 @@ class SparseFFN:
         ids, io, fut = pending
         t = time.perf_counter()
         views = fut.result()
-        st = self.stats
+        st = self.counters
         st.wait_seconds += time.perf_counter() - t
         used = len(set(ids) & set(needed))
         st.prefetched += len(ids)
@@ -416,7 +420,7 @@ class SparseFFN:
             return np.zeros((len(x), self.cfg.dim), np.float32)
         out = self.ggml.products(first)
         hs = [self.act(out[k]) * out[k + 1] for k in range(0, len(out), 2)]
-        self.stats.neurons += sum(h.size // len(x) for h in hs)
+        self.counters.neurons += sum(h.size // len(x) for h in hs)
         # the down products of a batch give one (T, dim) output per record, summed here: computed in groups
         # whose outputs stay under REPEAT_BYTES, so a long prefill does not hold every record's output at once
         y = np.zeros((len(x), self.cfg.dim), np.float32)
@@ -481,8 +485,6 @@ def stream_buffer_bytes(layouts: list[Layout], cached: int = 0) -> int:
     """A read buffer that holds what one layer reads in a token, its clusters beyond the `cached` ones, with
     room for the alignment of every read: a cluster each at worst (scattered by the predictors), reads split at
     PREFETCH_READ, a checksum array."""
-    from edge.flash import ALIGN
-
     most = 0
     for lay in layouts:
         k = lay.n_clusters - min(cached, lay.n_clusters)
@@ -494,176 +496,6 @@ def stream_scratch_bytes(layouts: list[Layout], cached: int = 0) -> int:
     """Both read buffers (the layer computing and the one read ahead) with `cached` clusters per layer cached
     and kept full (sparsity 0); cached=0 with predictors, whose tokens may read any cluster."""
     return 2 * stream_buffer_bytes(layouts, cached)
-
-
-class RowCache:
-    """Recently used rows of one stored tensor (the head's candidates, the embedding's lookups; one cache when
-    they are the same tensor), least recently used out. Common tokens come back every few steps, so most
-    lookups need no read."""
-
-    def __init__(self, store, name: str, capacity: int = ROW_CACHE):
-        t = store.attrs["tensors"][name]
-        arr = store.array("t/" + name)
-        self.store, self.name = store, name
-        self.rows = np.zeros((capacity, arr.shape[1]), np.uint8)
-        self.slot = np.full(t["shape"][0], -1, np.int32)
-        self.owner = np.full(capacity, -1, np.int64)
-        self.last = np.zeros(capacity, np.int64)
-        self.clock = 0
-        self.hits = self.misses = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.rows.nbytes + self.slot.nbytes + self.owner.nbytes + self.last.nbytes
-
-    def fill(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Start with these rows (most wanted first; those past the capacity are left out), as least recently
-        used: the calibration's most frequent head candidates, read at start in one sequential read instead
-        of one random read per row on the first tokens."""
-        n = min(len(ids), len(self.rows))
-        ids = np.asarray(ids[:n], np.int64)
-        self.slot[self.owner[self.owner >= 0]] = -1
-        self.owner[:] = -1
-        self.rows[:n] = rows[:n]
-        self.owner[:n] = ids
-        self.slot[ids] = np.arange(n)
-        self.last[:] = 0
-
-    def get(self, ids: np.ndarray) -> np.ndarray:
-        """The rows of ids (distinct), (len(ids), row_bytes)."""
-        self.clock += 1
-        slots = self.slot[ids]
-        miss = np.flatnonzero(slots < 0)
-        self.hits += len(ids) - len(miss)
-        self.misses += len(miss)
-        if len(miss):
-            fetched = self.store.rows(self.name, ids[miss])
-            keep = self.last.copy()
-            keep[slots[slots >= 0]] = self.clock  # never evict a row this call returns
-            victims = np.argsort(keep, kind="stable")[:len(miss)]
-            gone = self.owner[victims]
-            self.slot[gone[gone >= 0]] = -1
-            self.owner[victims] = ids[miss]
-            self.slot[ids[miss]] = victims
-            self.rows[victims] = fetched
-            slots = self.slot[ids]
-        self.last[slots] = self.clock
-        return self.rows[slots]
-
-
-# The second stage of ApproxHead, measured on SmolLM2's greedy answers to six chat prompts (576 tokens, rank
-# 288; full head's token outside the candidates on 8): slack 0.2 / at most 32 rows: 5 left, 1.1 rows rescored
-# per token; 0.25 / 64: 1 left, 8.1 rows; 0.3 / 128: 0 left, 32 rows. Gemma 3 (0 left either way): 0.7 rows.
-HEAD_SLACK = 0.25  # of the Cauchy-Schwarz bound on what the basis leaves out
-HEAD_EXTRA = 64    # rows the second stage rescores at most per token
-
-
-def second_stage(z: np.ndarray, top: np.ndarray, miss: np.ndarray, h: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """The rows ApproxHead rescores after its candidates `top` (z: one state's logits, the candidates' exact):
-    those whose approximate logit + HEAD_SLACK * m_i * |h (I - V V^T)| reaches the best exact one, at most
-    HEAD_EXTRA, highest bound first; sorted. p = h @ V (V orthonormal: |h (I - V V^T)|^2 = |h|^2 - |p|^2)."""
-    left = float(np.sqrt(max(0.0, float(h @ h) - float(p @ p))))
-    bound = miss * np.float32(HEAD_SLACK * left)
-    bound += z
-    bound[top] = -np.inf
-    more = np.flatnonzero(bound >= z[top].max())
-    if len(more) > HEAD_EXTRA:
-        more = more[np.argpartition(-bound[more], HEAD_EXTRA)[:HEAD_EXTRA]]
-    more.sort()
-    return more
-
-
-class ApproxHead:
-    """Logits from a low-rank Q4_0 copy of the head, the top candidates rescored with exact rows from flash.
-
-    logits ~ (h @ V) @ L.T for every token; the `candidates` best are replaced by h @ E[row] with the exact
-    rows of the head read from the store, by the same kernel as the dense head. Then a second stage (stores
-    calibrated with `sparse/head_miss`, m_i = |E_i (I - V V^T)|, what the basis leaves of each row): a token
-    whose approximate logit plus HEAD_SLACK * m_i * |h (I - V V^T)| (Cauchy-Schwarz at HEAD_SLACK = 1; the
-    measured slack is far smaller) reaches the best exact logit is rescored too, at most HEAD_EXTRA of them,
-    highest bound first. The other logits stay approximate, which a perplexity would feel: `nll` (eval)
-    streams the exact head from flash in row blocks with a running log-sum-exp, as do logits of several
-    positions at once."""
-
-    def __init__(self, store, ggml, rows: RowCache | None = None):
-        from edge import quants
-
-        info = store.sparse
-        self.store, self.ggml, self.quants = store, ggml, quants
-        self.name = info["head"]["tensor"]
-        t = store.attrs["tensors"][self.name]
-        self.type_id, self.vocab, self.cols = t["type"], t["shape"][0], t["shape"][1]
-        r = info["head_rank"]
-        self.low = Weight(store.read_array("sparse/head"), quants.Q4_0, self.vocab, r)
-        self.basis = store.read_array("sparse/head_basis").reshape(-1).view(np.float32).reshape(self.cols, r).copy()
-        head = info["head"]
-        self.candidates = head["candidates"]
-        self.miss = store.read_array("sparse/head_miss").reshape(-1).view("<f4").copy() if head.get("miss") else None
-        self.extra = 0  # rows rescored by the second stage
-        self.row_cache = rows or RowCache(store, self.name)
-        if head.get("hot_rows"):  # calibrated by this version: start with the most wanted rows
-            ids = store.read_array("sparse/head_hot_ids").reshape(-1).view("<i4")
-            self.row_cache.fill(ids, store.read_array("sparse/head_hot"))
-
-    @property
-    def nbytes(self) -> int:
-        miss = 0 if self.miss is None else self.miss.nbytes
-        return self.low.buf.nbytes + self.basis.nbytes + self.row_cache.nbytes + miss
-
-    def __call__(self, x: np.ndarray) -> tuple:
-        from edge.sampling import top_ids
-
-        if len(x) > 1:  # logits of several positions: the exact head, streamed in row blocks
-            z = np.empty((len(x), self.vocab), np.float32)
-            for r0, block in self.blocks(x):
-                z[:, r0:r0 + block.shape[1]] = block
-            return (z,)
-        p = x @ self.basis
-        (z,) = self.ggml.matmul(p, [self.low])  # (1, vocab)
-        top = np.sort(top_ids(z[0], self.candidates))
-        z[0, top] = self._exact(x, top)
-        if self.miss is not None:
-            more = second_stage(z[0], top, self.miss, x[0], p[0])
-            if len(more):
-                z[0, more] = self._exact(x, more)
-                self.extra += len(more)
-        return (z,)
-
-    def _exact(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """x @ E[ids].T with the exact rows (row cache, else flash), by the same kernel as the dense head, so
-        greedy choices agree."""
-        rows = self.row_cache.get(ids)
-        (exact,) = self.ggml.matmul(x, [Weight(rows, self.type_id, len(ids), self.cols)], keep=False)
-        return exact[0]
-
-    def blocks(self, x: np.ndarray):
-        """(first row, x @ E[rows].T) for every block of head rows, each row read from flash once."""
-        arr = self.store.array("t/" + self.name)
-        per = arr.chunk_shape[0]
-        batch = max(1, (len(self.store.engine.buffer) // 2) // (arr.chunk_bytes + 8192))
-        for first in range(0, arr.n_chunks, batch):
-            ids = list(range(first, min(arr.n_chunks, first + batch)))
-            views = self.store.read_views(arr, ids)
-            rows = np.concatenate([np.frombuffer(v, np.uint8) for v in views]).reshape(-1, arr.shape[1])
-            r0 = first * per
-            n = min(len(rows), self.vocab - r0)
-            (z,) = self.ggml.matmul(x, [Weight(rows, self.type_id, n, self.cols)])
-            yield r0, z
-
-    def nll(self, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """-log softmax(x @ E.T)[target] per row, exact, with a running log-sum-exp over the head's row blocks."""
-        peak = np.full(len(x), -np.inf)
-        total = np.zeros(len(x))
-        target = np.zeros(len(x))
-        for r0, z in self.blocks(x):
-            inside = (targets >= r0) & (targets < r0 + z.shape[1])
-            target[inside] = z[inside, targets[inside] - r0]
-            new = np.maximum(peak, z.max(axis=1))
-            z -= new[:, None].astype(np.float32)
-            np.exp(z, out=z)
-            total = total * np.exp(peak - new) + z.sum(axis=1, dtype=np.float64)
-            peak = new
-        return peak + np.log(total) - target
 
 
 def check_calibrated(store, what: str) -> None:

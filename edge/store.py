@@ -130,7 +130,10 @@ class _Array:
 
 
 class Store:
-    """An opened store: `config`, `metadata`, `has`, `tensor(name)` like GGUFFile, plus FFN bundles."""
+    """An opened store: a weight source (edge.source.WeightSource) like GGUFFile, plus FFN bundles, reads by
+    chunk through its I/O engine, and its metadata through typed accessors (nothing else reads its attributes)."""
+
+    kind = "edge store"
 
     def __init__(self, path: str | os.PathLike, engine: IOEngine | None = None, verify: str = "first"):
         self.path = Path(path)
@@ -146,7 +149,7 @@ class Store:
         if version != FORMAT_VERSION:
             raise EdgeError(f"{self.path}: store format version {version}, this edge reads version "
                             f"{FORMAT_VERSION}; convert the model again with this version")
-        self.attrs = attrs
+        self._attrs = attrs
         known = {f.name for f in fields(ModelConfig)}
         cfg = {k: v for k, v in attrs["config"].items() if k in known}
         cfg["local_layers"] = tuple(cfg["local_layers"])
@@ -229,21 +232,21 @@ class Store:
 
     def has(self, name: str) -> bool:
         if expert_part(name) is not None:
-            return "experts" in self.attrs
-        return name in self.attrs["tensors"] or ffn_part(name) is not None
+            return "experts" in self._attrs
+        return name in self._attrs["tensors"] or ffn_part(name) is not None
 
     def tensor_names(self) -> list[str]:
-        return list(self.attrs["tensors"])
+        return list(self._attrs["tensors"])
 
     def tensor(self, name: str, expected: tuple[int, ...] | None = None) -> Tensor:
         part = ffn_part(name)
         if part is not None:
             t = self._ffn_tensors(part[0])[part[1]]
-        elif expert_part(name) is not None and "experts" in self.attrs:
+        elif expert_part(name) is not None and "experts" in self._attrs:
             layer, key = expert_part(name)
             t = self._expert_tensors(layer)[key]
         else:
-            info = self.attrs["tensors"].get(name)
+            info = self._attrs["tensors"].get(name)
             if info is None:
                 raise EdgeError(f"{self.path}: tensor '{name}' is missing; the store is incomplete, convert again")
             t = Tensor(name, info["type"], tuple(info["shape"]), self.read_array("t/" + name))
@@ -258,7 +261,7 @@ class Store:
         return self._ffn_cache[layer]
 
     def _assemble_ffn(self, layer: int) -> dict[str, Tensor]:
-        lay = self.attrs["ffn"][layer]
+        lay = self._attrs["ffn"][layer]
         bundles = self.read_array(f"ffn/blk.{layer}")  # (n_clusters, bundle_bytes)
         n, g, u = bundles.shape[0], lay["gate_bytes"], lay["up_bytes"]
         c, dim, hidden = lay["cluster"], lay["dim"], lay["hidden"]
@@ -275,17 +278,19 @@ class Store:
 
     def expert_kind(self, layer: int, e: int) -> str:
         """The variant expert e of `layer` runs in: "keep" (the source's record) or a type of `bits/`."""
-        choice = self.attrs.get("bits", {}).get("choice")
+        choice = self._attrs.get("bits", {}).get("choice")
         return choice[layer][e] if choice else "keep"
 
     def expert_source(self, layer: int, kind: str) -> tuple[_Array, dict]:
         """The array holding the layer's experts in `kind`, and their record layout."""
         if kind == "keep":
-            return self.array(f"experts/blk.{layer}"), self.attrs["experts"][layer]
-        return self.array(f"bits/{kind}/blk.{layer}"), self.attrs["bits"]["types"][kind][layer]
+            return self.array(f"experts/blk.{layer}"), self._attrs["experts"][layer]
+        return self.array(f"bits/{kind}/blk.{layer}"), self._attrs["bits"]["types"][kind][layer]
 
     def expert_tensors(self, layer: int, kind: str | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Gate, up and down of each of the layer's experts, each in its chosen variant (or all in `kind`)."""
+        if not self.is_moe:
+            raise EdgeError(f"{self.path}: not a mixture of experts; it has no experts")
         kinds = [kind or self.expert_kind(layer, e) for e in range(self.config.n_experts)]
         out = []
         for e, kind in enumerate(kinds):
@@ -322,10 +327,59 @@ class Store:
             self._ffn_cache = {("experts", layer): out}  # one layer at a time
         return self._ffn_cache[("experts", layer)]
 
+    # -- metadata: the store's attributes, read here only -------------------------------------------------
+
     @property
     def sparse(self) -> dict | None:
         """The calibration summary (`edge convert --calibrate`), or None."""
-        return self.attrs.get("sparse")
+        return self._attrs.get("sparse")
+
+    def tensor_info(self, name: str) -> dict:
+        """A resident tensor's {"type", "shape"} as stored (the FFN's are in `ffn_layouts`)."""
+        info = self._attrs["tensors"].get(name)
+        if info is None:
+            raise EdgeError(f"{self.path}: tensor '{name}' is missing; the store is incomplete, convert again")
+        return info
+
+    @property
+    def tensor_infos(self) -> dict[str, dict]:
+        """Every resident tensor's {"type", "shape"}, by GGUF name."""
+        return dict(self._attrs["tensors"])
+
+    @property
+    def ffn_layouts(self) -> list[dict]:
+        """Per layer, the FFN bundle's layout (cluster, dim, hidden, types, gate/up/down bytes); [] for a
+        mixture of experts."""
+        return list(self._attrs.get("ffn", []))
+
+    @property
+    def expert_layouts(self) -> list[dict]:
+        """Per layer, the expert record's layout in the source's types; [] unless a mixture of experts."""
+        return list(self._attrs.get("experts", []))
+
+    @property
+    def is_moe(self) -> bool:
+        return "experts" in self._attrs
+
+    @property
+    def source(self) -> dict:
+        """The GGUF it was converted from: file name and sha256."""
+        return self._attrs["source"]
+
+    @property
+    def stack(self) -> dict | None:
+        """The BitStack (`edge stack`): iters, linears, order, level_ppl, ffn_clusters; or None."""
+        return self._attrs.get("stack")
+
+    @property
+    def bits(self) -> dict | None:
+        """Per-expert bitwidths (`edge expert-bits`): types, profiles, choice, bounds; or None."""
+        return self._attrs.get("bits")
+
+    @property
+    def moe(self) -> dict | None:
+        """The routing traces' summary (`edge convert --calibrate` on a mixture of experts), or None."""
+        return self._attrs.get("moe")
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows of a resident tensor's array read from flash (the chunks that hold them), (len(ids), row_bytes)."""
@@ -347,6 +401,14 @@ class Store:
 
 def is_store(path: Path) -> bool:
     return path.is_dir() and (path / "zarr.json").exists() or path.suffix == ".edge"
+
+
+def is_calibrated(path: Path) -> bool:
+    """A complete store with a calibration (`edge convert --calibrate`), read without opening its arrays."""
+    try:
+        return '"sparse"' in (Path(path) / "zarr.json").read_text() and is_complete(path)
+    except OSError:
+        return False
 
 
 def is_complete(path: Path) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import EdgeError
-from edge.gguf_file import Strings
+from edge.gguf_file import Strings, read_tokenizer
 
 GEMMA_TEMPLATE = (  # Gemma 3's: a system message is folded into the first user turn
     "{{ bos_token }}{% set ns = namespace(prefix='') %}{% for message in messages %}"
@@ -39,7 +39,7 @@ CHATML_TEMPLATE = (
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """llama.cpp logs its loader on fd 2, and llama-cpp-python's log callback on sys.stderr: silence both."""
     import io
     import sys
@@ -184,7 +184,7 @@ class _Lookup:
         return found
 
 
-class _Vocab:
+class Vocab:
     """llama.cpp's SPM and BPE tokenizers over a GGUF's packed vocabulary (llama-vocab.cpp: the special-token
     partition, the SentencePiece bigram merges by score with byte fallback, the byte-level BPE merges by rank
     after the pre-tokenizer's split, token pieces)."""
@@ -423,8 +423,8 @@ class _Vocab:
         return bytes(out)
 
 
-class _LlamaVocab:
-    """llama.cpp's own tokenizer (vocabulary only), for the vocabularies `_Vocab` does not do."""
+class LlamaVocab:
+    """llama.cpp's own tokenizer (vocabulary only), for the vocabularies `Vocab` does not do."""
 
     def __init__(self, path: Path):
         import ctypes
@@ -433,7 +433,7 @@ class _LlamaVocab:
         from llama_cpp import Llama
 
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self._llama = Llama(str(path), vocab_only=True, verbose=False)
         except ValueError as exc:
             raise EdgeError(f"{path}: llama.cpp cannot read its tokenizer ({exc}); download or convert the model "
@@ -466,8 +466,6 @@ class _LlamaVocab:
 
 
 def _open_vocab(path: Path):
-    from edge.gguf_file import read_tokenizer
-
     meta = read_tokenizer(path)
     if not isinstance(meta.get("tokenizer.ggml.tokens"), Strings):
         raise EdgeError(f"{path}: no tokenizer vocabulary (tokenizer.ggml.tokens) in the file; it is not a complete "
@@ -479,9 +477,9 @@ def _open_vocab(path: Path):
         split = "llama.cpp"
     if split == "llama.cpp":
         del meta
-        return _LlamaVocab(path)
+        return LlamaVocab(path)
     try:
-        return _Vocab(meta, split)
+        return Vocab(meta, split)
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
         raise EdgeError(f"{path}: the tokenizer vocabulary is damaged ({type(exc).__name__}: {exc}); download or "
                         "convert the model again") from None

@@ -99,3 +99,16 @@ def tiny_stacked(tmp_path_factory, smollm2) -> Path:
 @pytest.fixture
 def tiny_gguf(tmp_path) -> Path:
     return write_tiny_gguf(tmp_path / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def moe_store(tmp_path_factory):
+    """A random qwen2moe (shared expert, 8 experts, top 2, 4 layers) in Q8_0, and its store."""
+    from weights_tools.__main__ import main
+    from weights_tools.convert import convert
+
+    d = tmp_path_factory.mktemp("moe")
+    gguf = d / "qwen2moe.gguf"
+    assert main(["make-model", "--arch", "qwen2moe", "--experts", "8", "--top-k", "2", "--layers", "4", "--dim",
+                 "128", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--quant", "Q8_0", "--out", str(gguf)]) == 0
+    return gguf, convert(gguf, d / "qwen2moe.edge", quiet=True)

@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from edge.strategies import Options
+
 from edge import bitstack
 from edge.errors import EdgeError
 
@@ -24,7 +26,7 @@ def test_sign_packing_round_trips_and_becomes_q4_0_plus_minus_one():
     signs = bitstack.unpack_signs(packed, 96)
     assert np.array_equal(signs, np.where(pos, 1.0, -1.0))
     buf = np.zeros(5 * 96 // 32 * 18, np.uint8)
-    bitstack._fill_q4(buf, packed, 5, 96)
+    bitstack.fill_q4(buf, packed, 5, 96)
     ref = gguf.dequantize(buf.reshape(5, -1), gguf.GGMLQuantizationType.Q4_0)  # gguf's reference dequantizer
     assert np.array_equal(ref, signs)
 
@@ -90,7 +92,7 @@ def test_stack_writes_a_universal_order_of_every_block(tiny_stacked):
     assert [b for _, b in info.order] == sorted(b for _, b in info.order)
     sizes = info.prefix_bytes()
     assert sizes[0] == info.base_bytes and np.all(np.diff(sizes) > 0)
-    assert len(store.attrs["stack"]["level_ppl"]) == 4
+    assert len(store.stack["level_ppl"]) == 4
     assert not (tiny_stacked / "stack.partial").exists()
 
 
@@ -98,19 +100,31 @@ def test_runtime_equals_the_reconstructed_weights(tiny_stacked):
     """A model loaded at a prefix computes what a float32 model with the reconstructed weights computes: same
     greedy tokens, logits within Q8 activation rounding."""
     from edge.engine import Engine
-    from edge.model import Transformer
+    from edge.head import DenseEmbedding, DenseHead
+    from edge.model import Transformer, make_backend
+    from edge.parts import ACTIVATIONS, DenseFFN, Parts
 
-    eng = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, strategy="bitstack")
-    stack = eng.model.stack
+    eng = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, options=Options(strategy="bitstack"))
+    stack = eng.model.parts.linears
     assert stack.prefix == len(stack.info.order)  # the whole stack fits
     eng.resize(eng.plan.minimum + stack.info.prefix_bytes()[5] - stack.info.base_bytes)
     assert stack.prefix == 5
-    ref = Transformer(eng.file, 64, backend="numpy")
-    for i, layer in enumerate(ref.layers):
-        for g, attr in (("attn_in", "qkv"), ("attn_out", "attn_output"), ("ffn_in", "gate_up"), ("ffn_h", "down")):
-            ours = getattr(eng.model.layers[i], attr)
+
+    class Reconstructed:
+        """The stack's linears at its prefix as float32 matrices."""
+
+        def group(self, i, g):
+            ours = stack.group(i, g)
             ws = [lin.dense() for lin in ours.linears]
-            setattr(layer, attr, lambda x, ws=ws, inv=ours.inv_scale: tuple((x * inv) @ w.T for w in ws))
+            return lambda x, ws=ws, inv=ours.inv_scale: tuple((x * inv) @ w.T for w in ws)
+
+        def resize(self, plan):
+            pass
+
+    backend, cfg = make_backend(eng.file, "numpy"), eng.config
+    parts = Parts(Reconstructed(), DenseFFN(Reconstructed(), cfg.n_layers, ACTIVATIONS[cfg.activation]),
+                  DenseEmbedding(eng.file), DenseHead(eng.file, backend))
+    ref = Transformer(eng.file, 64, backend=backend, parts=parts)
     tokens = np.arange(1, 40) * 7 % eng.config.vocab_size
     a = eng.model.forward(tokens, 0, all_logits=True)
     b = ref.forward(tokens, 0, all_logits=True)
@@ -123,8 +137,8 @@ def test_runtime_equals_the_reconstructed_weights(tiny_stacked):
 def test_resize_reads_only_the_added_blocks(tiny_stacked):
     from edge.engine import Engine
 
-    eng = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, strategy="bitstack")
-    stack = eng.model.stack
+    eng = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, options=Options(strategy="bitstack"))
+    stack = eng.model.parts.linears
     sizes = stack.info.prefix_bytes()
     base = eng.plan.minimum - stack.info.base_bytes
     eng.resize(base + sizes[3])
@@ -144,7 +158,7 @@ def test_resize_reads_only_the_added_blocks(tiny_stacked):
     eng.resize(base + sizes[10])
     plan = eng.plan
     eng.meter.rss = lambda: plan.budget  # a reading: the process has grown to its budget since the plan
-    eng._relieve_pressure()
+    eng.relieve_pressure()
     assert eng.plan.budget == plan.budget and stack.prefix < 10  # (all the tiny stack: the margin is larger)
     assert eng.last.shrinks == [f"memory grew past the plan: {eng.plan.shrunk_from(plan)}"]
 
@@ -168,7 +182,7 @@ def test_interrupted_stack_resumes_and_never_loads_half(tmp_path, smollm2):
     assert (store / "stack.partial").exists()
     assert "stack" not in json.loads((store / "zarr.json").read_text())["attributes"]["edge"]
     with pytest.raises(EdgeError, match="edge stack"):
-        Engine(store, n_ctx=64, ram=400 << 20, strategy="bitstack")
+        Engine(store, n_ctx=64, ram=400 << 20, options=Options(strategy="bitstack"))
     labels = []
     stack(store, iters=2, calib=256, order_tokens=32, progress=lambda d, t, label: labels.append(label))
     assert sum(lab.startswith("decompose") for lab in labels) == 14 - 3  # the finished three are kept
@@ -199,13 +213,14 @@ def test_calibrated_stacked_store_reads_embedding_and_head_from_flash(tiny_stack
     import shutil
 
     from edge.engine import Engine
+    from edge.head import DenseEmbedding, FlashEmbedding
     from weights_tools.calibrate import calibrate
 
     store = shutil.copytree(tiny_stacked, tmp_path / "calibrated.edge")
     calibrate(store, rank=16, head_rank=32, tokens=512)
     plain = Engine(tiny_stacked, n_ctx=64, ram=400 << 20)
     flash = Engine(store, n_ctx=64, ram=400 << 20)
-    assert plain.model.token_embd is not None and flash.model.token_embd is None
+    assert isinstance(plain.model.parts.embed, DenseEmbedding) and isinstance(flash.model.parts.embed, FlashEmbedding)
     assert flash.plan.strategy == "bitstack" and flash.plan.resident < plain.plan.resident
     window = [int(t) for t in np.arange(1, 50) * 11 % plain.config.vocab_size]
     a, b = plain.model.nll(window), flash.model.nll(window)
@@ -256,7 +271,7 @@ def test_stack_of_the_real_model_improves_with_depth(smol_store, tmp_path):
     assert attrs["level_ppl"][1] < attrs["level_ppl"][0]
     eng = Engine(store, n_ctx=128, ram=1 << 30)
     wins = windows(eng.tokenizer.encode(eval_text()), 128, 1, None)
-    stack_ = eng.model.stack
+    stack_ = eng.model.parts.linears
     full = perplexity(eng.model.nll, wins).ppl
     eng.resize(eng.plan.minimum)
     assert stack_.prefix == 0
@@ -270,15 +285,15 @@ def test_streamed_ffn_computes_what_the_resident_stack_does(tiny_stacked):
     the same depth, reading exactly the uncached clusters' records."""
     from edge.engine import Engine
 
-    resident = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, strategy="bitstack")
-    streamed = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, strategy="bitstack-stream")
-    info = streamed.model.stack.info
-    assert streamed.plan.streams and info.streams_ffn
-    assert not any(".ffn_" in name for name in streamed.model.stack.linears)  # not loaded whole
-    ffn = streamed.model.stack_ffn
+    resident = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, options=Options(strategy="bitstack"))
+    streamed = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, options=Options(strategy="bitstack-stream"))
+    info = streamed.model.parts.linears.info
+    assert streamed.plan.detail.streams and info.streams_ffn
+    assert not any(".ffn_" in name for name in streamed.model.parts.linears.linears)  # not loaded whole
+    ffn = streamed.model.parts.ffn
     prefix = 9
-    resident.model.stack.set_prefix(prefix)
-    streamed.model.stack.set_prefix(prefix)
+    resident.model.parts.linears.set_prefix(prefix)
+    streamed.model.parts.linears.set_prefix(prefix)
     ffn.configure(info.depths(prefix), 1)
     n = ffn.layers[0].n
     assert ffn.slots == 1 < n
@@ -292,19 +307,23 @@ def test_streamed_ffn_computes_what_the_resident_stack_does(tiny_stacked):
 def test_streamed_ffn_plans_a_deeper_stack_at_the_same_budget(tiny_stacked):
     """At a budget that holds only part of the stack, bitstack-stream loads deeper (at least half of each
     layer's FFN clusters cached, the rest streamed); info and --json say how."""
-    from edge.budget import make_stack_plan
+    from edge.strategies import get
     from edge.store import Store
 
     store = Store(tiny_stacked)
-    whole = make_stack_plan(store, 400 << 20, 40 << 20, 64)
-    sizes = whole.full_bytes
-    budget = whole.minimum + (sizes - whole.base) // 3
-    resident = make_stack_plan(store, budget, 40 << 20, 64)
-    streamed = make_stack_plan(store, budget, 40 << 20, 64, stream=True)
-    assert 0 < resident.prefix < whole.prefix
-    assert streamed.prefix > resident.prefix and streamed.bits > resident.bits
-    assert streamed.n_clusters // 2 <= streamed.ffn_slots < streamed.n_clusters
-    assert streamed.minimum + streamed.stack_bytes - streamed.base <= budget
+
+    def plan(budget: int, strategy: str = "bitstack"):
+        return get(strategy).plan(store, budget, 40 << 20, 64, Options(strategy=strategy))
+
+    whole = plan(400 << 20)
+    sizes = whole.detail.full_bytes
+    budget = whole.minimum + (sizes - whole.detail.base) // 3
+    resident = plan(budget)
+    streamed = plan(budget, "bitstack-stream")
+    assert 0 < resident.detail.prefix < whole.detail.prefix
+    assert streamed.detail.prefix > resident.detail.prefix and streamed.detail.bits > resident.detail.bits
+    assert streamed.detail.n_clusters // 2 <= streamed.detail.ffn_slots < streamed.detail.n_clusters
+    assert streamed.minimum + streamed.detail.stack_bytes - streamed.detail.base <= budget
     assert "the FFN streamed by clusters" in "\n".join(streamed.lines())
 
 
@@ -314,8 +333,8 @@ def test_streamed_ffn_resize_reads_only_what_it_adds(tiny_stacked):
     from edge.bitstack import FFN, StackedFFN
     from edge.engine import Engine
 
-    eng = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, strategy="bitstack-stream")
-    ffn, info, store = eng.model.stack_ffn, eng.model.stack.info, eng.file
+    eng = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, options=Options(strategy="bitstack-stream"))
+    ffn, info, store = eng.model.parts.ffn, eng.model.parts.linears.info, eng.file
     x = np.random.default_rng(0).standard_normal((3, eng.config.dim)).astype(np.float32)
     rec = ffn.layers[0].rec.nbytes
     shared = store.array("stack/ffn_shared.0").chunk_bytes
@@ -330,8 +349,8 @@ def test_streamed_ffn_resize_reads_only_what_it_adds(tiny_stacked):
         fresh = StackedFFN(store, eng.model.backend.ggml, eng.model.act, info.depths(prefix), slots)
         for i in range(len(ffn.layers)):
             np.testing.assert_array_equal(ffn(i, x), fresh(i, x))
-    plan = eng.resize(eng.plan.minimum + (eng.plan.full_bytes - eng.plan.base) // 4)  # as Ctrl+B does
-    depths = info.depths(plan.prefix)
-    assert eng.model.stack.prefix == plan.prefix and ffn.slots == plan.ffn_slots
+    plan = eng.resize(eng.plan.minimum + (eng.plan.detail.full_bytes - eng.plan.detail.base) // 4)  # as Ctrl+B does
+    depths = info.depths(plan.detail.prefix)
+    assert eng.model.parts.linears.prefix == plan.detail.prefix and ffn.slots == plan.detail.ffn_slots
     assert all(lay.depth == tuple(depths[f"blk.{lay.i}.{n}.weight"] for n in FFN) for lay in ffn.layers)
     assert len(list(eng.generate(eng.tokenizer.encode("Hello"), 3))) >= 1

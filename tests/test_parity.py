@@ -184,8 +184,8 @@ def test_moefied_gemma3_runs_and_pages_its_experts(tmp_path, gemma3):
 
     want = greedy(Engine(store, n_ctx=64, backend="ggml", threads=2))
     engine = Engine(store, n_ctx=64, threads=2, ram=1 << 40)
-    engine.resize(engine.plan.budget_for(18 * 8 // 2))
-    assert engine.model.experts.slots == 72
+    engine.resize(engine.plan.minimum + engine.plan.detail.extra_for(18 * 8 // 2))
+    assert engine.model.parts.ffn.experts.slots == 72
     assert greedy(engine) == want
-    st = engine.expert_stats()
+    st = engine.stats().cache
     assert st["misses"] > 0 and st["needed"] == st["hits"] + st["late"] + st["misses"]

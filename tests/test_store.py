@@ -37,7 +37,7 @@ def test_bundles_hold_the_source_bytes(smol_store, smollm2):
     src, st = GGUFFile(smollm2), Store(smol_store)
     for name in ("blk.3.ffn_gate.weight", "blk.3.ffn_up.weight", "blk.3.ffn_down.weight", "token_embd.weight"):
         assert np.array_equal(st.tensor(name).raw, src.tensor(name).raw), name
-    assert all(lay["cluster"] % 32 == 0 for lay in st.attrs["ffn"])
+    assert all(lay["cluster"] % 32 == 0 for lay in st.ffn_layouts)
 
 
 def damaged_copy(store, tmp_path):
@@ -82,7 +82,7 @@ def test_other_format_version(smol_store, tmp_path):
 
 def test_interrupted_convert_leaves_nothing_and_reruns(smollm2, tmp_path, monkeypatch):
     out = tmp_path / "m.edge"
-    real = convert_mod._write_array
+    real = convert_mod.write_array
     calls = {"n": 0}
 
     def interrupt(*a, **k):
@@ -91,12 +91,12 @@ def test_interrupted_convert_leaves_nothing_and_reruns(smollm2, tmp_path, monkey
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(convert_mod, "_write_array", interrupt)
+    monkeypatch.setattr(convert_mod, "write_array", interrupt)
     with pytest.raises(KeyboardInterrupt):
         convert(smollm2, out, quiet=True)
     assert not out.exists() and not (tmp_path / "m.edge.partial").exists()
     (tmp_path / "m.edge.partial").mkdir()  # a partial dir left by a killed process is cleared on re-run
-    monkeypatch.setattr(convert_mod, "_write_array", real)
+    monkeypatch.setattr(convert_mod, "write_array", real)
     assert Store(convert(smollm2, out, quiet=True)).config.n_layers == 30
 
 
@@ -104,7 +104,7 @@ def test_disk_full(smollm2, tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(convert_mod, "_write_array", full)
+    monkeypatch.setattr(convert_mod, "write_array", full)
     with pytest.raises(EdgeError, match="disk full"):
         convert(smollm2, tmp_path / "full.edge", quiet=True)
     assert list(tmp_path.iterdir()) == []
@@ -136,7 +136,7 @@ def test_requantized_store_keeps_quality(smollm2, tmp_path, capsys):
     from edge.cli import main
 
     out = convert(smollm2, tmp_path / "q8.edge", quiet=True, quant="q8_0")
-    assert {v["type"] for v in Store(out).attrs["tensors"].values() if len(v["shape"]) == 2} == {8}
+    assert {v["type"] for v in Store(out).tensor_infos.values() if len(v["shape"]) == 2} == {8}
     assert main(["eval", str(out), "--windows", "2", "--ctx", "128", "--json"]) == 0
     ppl_store = json.loads(capsys.readouterr().out)["ppl"]
     assert main(["eval", str(smollm2), "--windows", "2", "--ctx", "128", "--json", "--verify-reads", "always"]) == 0

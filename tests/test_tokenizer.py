@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge.errors import EdgeError
-from edge.tokenizer import Tokenizer, _LlamaVocab, _Vocab
+from edge.tokenizer import Tokenizer, LlamaVocab, Vocab
 
 _PAIRS: dict[Path, tuple] = {}
 
@@ -43,16 +43,16 @@ def _free_llama_cpp_vocabularies():
     _PAIRS.clear()  # while llama_cpp can still free them (at interpreter exit it cannot)
 
 
-def pair(path: Path) -> tuple[Tokenizer, _LlamaVocab]:
+def pair(path: Path) -> tuple[Tokenizer, LlamaVocab]:
     if path not in _PAIRS:
-        _PAIRS[path] = Tokenizer(path, "llama", None), _LlamaVocab(path)
+        _PAIRS[path] = Tokenizer(path, "llama", None), LlamaVocab(path)
     return _PAIRS[path]
 
 
 def test_every_token_reads_as_llama_cpp_reads_it(real_model):
     ours, ref = pair(real_model)
     v = ours._vocab
-    assert isinstance(v, _Vocab)  # both models' vocabularies are ours, not llama.cpp's
+    assert isinstance(v, Vocab)  # both models' vocabularies are ours, not llama.cpp's
     assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.add_bos) == (ref.n_tokens, ref.bos, ref.eos, ref.add_bos)
     assert [t for t in range(v.n_tokens) if v.piece(t) != ref.piece(t)] == []
     assert [t for t in range(v.n_tokens) if ours.is_end(t) != ref.is_eog(t)] == []

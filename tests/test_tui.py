@@ -99,10 +99,10 @@ def test_budget_changes_live_from_the_keyboard(smol_calibrated):
             await _wait(pilot, lambda: app.engine is not None)
             plan = app.engine.plan
             assert f"budget {format_size(plan.budget)}" in panel(app) and "neuron cache" in panel(app)
-            await _set_budget(pilot, plan.minimum + 4 * plan.slot_bytes)
+            await _set_budget(pilot, plan.minimum + 4 * plan.detail.slot_bytes)
             await _wait(pilot, lambda: app.engine.plan.budget != plan.budget)
             await pilot.pause(0.2)
-            assert app.engine.plan.slots == 4 and f"4/{plan.n_clusters} FFN clusters" in panel(app)
+            assert app.engine.plan.detail.slots == 4 and f"4/{plan.detail.n_clusters} FFN clusters" in panel(app)
             assert app.messages == []  # the dialog's Enter is not a chat message
 
             await pilot.click("#prompt")
@@ -126,7 +126,7 @@ def test_bitstack_depth_changes_live(tiny_stacked):
                       threads=2, engine_options={"ram": 1 << 30}, save=False)
         async with app.run_test(size=(130, 40)) as pilot:
             await _wait(pilot, lambda: app.engine is not None)
-            stack = app.engine.model.stack
+            stack = app.engine.model.parts.linears
             full = len(stack.info.order)
             assert stack.prefix == full and f"{full}/{full} blocks past the base" in panel(app)
             await _set_budget(

@@ -213,7 +213,7 @@ class ChatApp(App):
         except Exception:  # an architecture without that tensor name: the panel just leaves it out
             quant = "?"
         self.stats.update(status="ready", model=engine.name, arch=engine.config.arch, quant=quant,
-                          backend=engine.model.backend.name, ctx=engine.n_ctx,
+                          backend=engine.stats().backend, ctx=engine.n_ctx,
                           device=engine.device.name + (" (flash emulated)" if engine.emulating else "")
                           if engine.device else "this machine")
         self._plan_stats()
@@ -231,7 +231,8 @@ class ChatApp(App):
         if p is not None:
             self.stats.update(budget=p.budget, minimum=p.minimum, parts=p.parts(), cache=p.summary())
         else:
-            weights, kv = e.model.backend.resident_bytes, e.model.kv.nbytes
+            st = e.stats()
+            weights, kv = st.weights_bytes, st.kv_bytes
             rss = e.meter.rss()
             self.stats.update(budget=None, parts={"baseline": max(0, rss - weights - kv), "weights": weights,
                                                   "KV cache": kv})
@@ -311,7 +312,7 @@ class ChatApp(App):
         self.stats.update(status="stopped" if s.stopped == "cancelled" else "ready", tok_s=s.tok_s,
                           prefill_tok_s=s.prefill_tok_s, tokens=len(s.tokens), rss=s.peak_rss_bytes,
                           position=len(e.cached), tok_s_now=0.0)
-        sp = e.sparse_stats() or e.expert_stats()
+        sp = e.stats().cache
         if sp is not None:
             self.stats.update(hit_rate=sp["hit_rate"], read_per_token=sp["read_bytes_per_token"])
         if s.shrinks:  # the cache gave memory back during the answer: say so, show the plan it runs under now
@@ -330,8 +331,9 @@ class ChatApp(App):
         if now - t0 >= 0.2:
             self.stats.update(flash_mb_s=(nbytes - bytes0) / (now - t0) / 1e6, reads_s=(reads - reads0) / (now - t0))
             self._io_mark = (now, reads, nbytes)
-        for part in self.engine.model.paged:
-            self.stats["hit_rate"] = part.stats.hit_rate
+        cache = self.engine.stats().cache
+        if cache is not None:
+            self.stats["hit_rate"] = cache["hit_rate"]
 
     def _refresh_stats(self) -> None:
         import psutil
@@ -359,7 +361,7 @@ class ChatApp(App):
         if "read_per_token" in s:
             live.append(f"        {format_size(s['read_per_token'])} read per token\n")
         if "hit_rate" in s:
-            what = "experts" if self.engine is not None and self.engine.model.experts is not None else "FFN clusters"
+            what = self.engine.stats().cache_kind if self.engine is not None else "FFN clusters"
             live.append(f"cache   {100 * s['hit_rate']:.1f}% of {what} hit\n")
         if "rss" in s:
             live.append(f"RSS     {format_size(s['rss'])}\n")
@@ -453,7 +455,7 @@ class ChatApp(App):
 
 
 def run_chat(args) -> int:
-    from edge.cli import budget_options, sampler_config
+    from edge.flags import budget_options, sampler_config
     from tui import history
 
     if args.list:

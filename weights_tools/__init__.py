@@ -1,1 +1,2 @@
-"""Offline tools: everything that reads or writes model files (GGUF rewrites now; convert and stack later)."""
+"""Offline tools: everything that writes model files. `edge convert` (a GGUF or Hugging Face directory to a
+store, `--calibrate`), `edge stack` (BitStack), `edge expert-bits`, moefy, random-weight models, float32 copies."""

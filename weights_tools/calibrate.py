@@ -29,7 +29,7 @@ hidden activation h = act(gate(x)) * up(x). From those:
   measured rank is 288: 8 (98.6%); 320: 1, at 0.9MB more, which at --ram 140MB no longer leaves every FFN
   cluster cached (45 -> 25 tok/s). Gemma 3 keeps rank 256: 5 -> 0 of 576. A story (tests/test_budget.py):
   SmolLM2 98.0% -> 100%, Gemma 3 100% -> 99.5%. The runtime's second stage (`sparse/head_miss`, see
-  edge.sparse.ApproxHead) then takes SmolLM2's greedy choices on those answers from 569 to 574 of 576
+  edge.head.ApproxHead) then takes SmolLM2's greedy choices on those answers from 569 to 574 of 576
   (99.65%), rescoring 8 more rows per token (Gemma 3: 576 of 576 either way, 0.7 rows). Measured with the
   second stage on, and with llama.cpp's kernel for the exact logits as the runtime has them (onnxruntime's
   had turned near-ties), the rank is 256 for both: SmolLM2 575 of 576 on six such prompts (9.6 rows per
@@ -55,7 +55,8 @@ import numpy as np
 
 from edge import quants
 from edge.errors import EdgeError
-from edge.sparse import PREDICTOR, pack_predictors, predict, second_stage
+from edge.head import second_stage
+from edge.sparse import PREDICTOR, pack_predictors, predict
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
 
@@ -151,11 +152,11 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
     import zarr
     from zarr.storage import LocalStore
 
-    from weights_tools.convert import _write_array, commit_group
+    from weights_tools.convert import write_array, commit_group
 
     from edge.ggml import Weight, ggml
     from edge.kernels import default_threads
-    from edge.model import release_free_memory
+    from edge.memory import release_free_memory
     from edge.store import Store
     from edge.tokenizer import Tokenizer
 
@@ -167,7 +168,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
                         "(`edge convert STORE --calibrate` runs it)")
     if head_rank is not None and (head_rank % 32 or head_rank <= 0):
         raise EdgeError(f"--head-rank {head_rank}: must be a positive multiple of 32 (Q4_0 blocks of the copy)")
-    clusters = [lay["cluster"] for lay in store.attrs["ffn"]]
+    clusters = [lay["cluster"] for lay in store.ffn_layouts]
     steps = cfg.n_layers + len(CHAT_PROMPTS) + 1  # progress: chat answers, layers, the head
     down_norms = []
     for i in range(cfg.n_layers):
@@ -205,7 +206,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
             (spill / f"x.{i}").unlink()
             this = fit_predictor(x[:held], true[:held], rank)
             nxt = fit_predictor(x[:held], imp[i + 1][:held], rank) if i + 1 < cfg.n_layers else None
-            _write_array(group, f"aux.{i}", pack_predictors(this, nxt).reshape(1, -1), 1)
+            write_array(group, f"aux.{i}", pack_predictors(this, nxt).reshape(1, -1), 1)
             pred = predict(this, x)
             nxt_pred = predict(nxt, x) if nxt is not None else None
             entry = {"cluster": clusters[i], "thresholds": {}, "recall": {}, "precision": {}}
@@ -237,21 +238,21 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
             v, low, approx = _low_rank_head(ht, vecs, r)
             miss = _head_miss(ht, v)
             copy = Weight(low, quants.Q4_0, len(low), r)
-            tried[r] = {k: _greedy(y, v, copy, miss, exact, gg) for k, y in checks.items()}
+            tried[r] = {k: runtime_head_agreement(y, v, copy, miss, exact, gg) for k, y in checks.items()}
             if min(g for g, _, _ in tried[r].values()) >= HEAD_TARGET:
                 break
         head_rank = r
-        _write_array(group, "head", low, max(1, (1 << 20) // low.shape[1]))
-        _write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
-        _write_array(group, "head_miss", miss.view(np.uint8).reshape(1, -1), 1)
+        write_array(group, "head", low, max(1, (1 << 20) // low.shape[1]))
+        write_array(group, "head_basis", v.view(np.uint8).reshape(1, -1), 1)
+        write_array(group, "head_miss", miss.view(np.uint8).reshape(1, -1), 1)
         (text, text_in, text_rows), (chat, chat_in, chat_rows) = tried[r]["text"], tried[r]["chat"]
         head_check = {"candidates": HEAD_CANDIDATES, "miss": True, "greedy": text, "chat_greedy": chat,
                       "top1_in_candidates": text_in, "chat_top1_in_candidates": chat_in,
                       "second_stage_rows": (text_rows + chat_rows) / 2,
                       "ranks_tried": {str(k): {c: g for c, (g, _, _) in t.items()} for k, t in tried.items()}}
         hot = _hot_rows(np.concatenate([Y[:held], chat_fit]), v, approx)
-        _write_array(group, "head_hot_ids", hot.astype("<i4").view(np.uint8).reshape(1, -1), 1)
-        _write_array(group, "head_hot", np.ascontiguousarray(ht.raw[hot]), max(1, (1 << 20) // ht.raw.shape[1]))
+        write_array(group, "head_hot_ids", hot.astype("<i4").view(np.uint8).reshape(1, -1), 1)
+        write_array(group, "head_hot", np.ascontiguousarray(ht.raw[hot]), max(1, (1 << 20) // ht.raw.shape[1]))
         head_check["hot_rows"] = len(hot)
         summary = {"predictor": PREDICTOR, "rank": rank, "head_rank": head_rank, "tokens": int(len(Y)),
                    "layers": layers, "head": {"tensor": head_name, **head_check}}
@@ -290,7 +291,7 @@ def fit_predictor(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-3):
     return a.astype(np.float16), proj.astype(np.float16), bias.astype(np.float32)
 
 
-HEAD_CANDIDATES = 128  # rows rescored exactly per token (edge.sparse.ApproxHead)
+HEAD_CANDIDATES = 128  # rows rescored exactly per token (edge.head.ApproxHead)
 HEAD_MIX = 0.1  # the head's row covariance in the low-rank basis (the rest: the final states'), see above
 CHAT_MIX = 0.5  # of the states' part: the model's own answers to chat prompts (the rest: the calibration text)
 HEAD_TARGET = 0.99  # held-out text and chat answers: the runtime head's greedy choice is the exact head's
@@ -308,8 +309,8 @@ def _candidates(y, v, approx, batch: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _greedy(y, v, low, miss, head, gg, batch: int = 64) -> tuple[float, float, float]:
-    """The runtime's head (edge.sparse.ApproxHead: the candidates, then the second stage) on each state of y:
+def runtime_head_agreement(y, v, low, miss, head, gg, batch: int = 64) -> tuple[float, float, float]:
+    """The runtime's head (edge.head.ApproxHead: the candidates, then the second stage) on each state of y:
     how often its greedy choice is the exact head's, how often that token is among the candidates, and the
     rows the second stage rescores per state. Logits by llama.cpp's kernels as the runtime has them: the
     low-rank copy's (`low`) and the exact head's stored bytes (`head`), both edge.ggml.Weight (float rows, or
@@ -364,7 +365,7 @@ def _low_rank_head(ht, vecs, r: int):
 
 def _head_miss(ht, v) -> np.ndarray:
     """|E_i (I - V V^T)| per row (V orthonormal): what the basis leaves of each head row, the runtime's
-    second-stage bound (edge.sparse.ApproxHead)."""
+    second-stage bound (edge.head.ApproxHead)."""
     out = np.empty(ht.rows, np.float32)
     for i, rows in _head_rows(ht):
         out[i:i + len(rows)] = np.sqrt(np.maximum(0, (rows * rows).sum(1) - ((rows @ v) ** 2).sum(1)))
@@ -374,8 +375,8 @@ def _head_miss(ht, v) -> np.ndarray:
 def _hot_rows(y, v, approx) -> np.ndarray:
     """The head rows rescored most often on calibration text, most frequent first, as many as the runtime's
     row cache holds: stored as one array the runtime reads at start (a cold cache missed 41 of 128 rows per
-    token over SmolLM2's first 64 tokens, 190us a read here; see edge.sparse.RowCache.fill)."""
-    from edge.sparse import ROW_CACHE
+    token over SmolLM2's first 64 tokens, 190us a read here; see edge.head.RowCache.fill)."""
+    from edge.head import ROW_CACHE
 
     counts = np.bincount(_candidates(y, v, approx).reshape(-1), minlength=len(approx))
     order = np.argsort(-counts, kind="stable")[:ROW_CACHE]
@@ -396,9 +397,9 @@ class LayerReplay:
         """Run every layer; keep each one's input (and the last one's output, at index n_layers)."""
         m = self.model
         xs, x = [], m.embed(self.tokens)
-        for j, layer in enumerate(m.layers):
+        for j in range(m.cfg.n_layers):
             xs.append(x)
-            x = m._block(j, layer, x, 0)
+            x = m.block(j, x, 0)
         self.xs = xs + [x]
         return self.xs
 
@@ -409,7 +410,7 @@ class LayerReplay:
         m = self.model
         x = self.xs[layer]
         for j in range(layer, m.cfg.n_layers):
-            x = m._block(j, m.layers[j], x, 0)
-        (logits,) = m.output(rms_norm(x, m.output_norm, m.cfg.norm_eps))
+            x = m.block(j, x, 0)
+        (logits,) = m.parts.head(rms_norm(x, m.output_norm, m.cfg.norm_eps))
         with np.errstate(all="ignore"):
             return float(np.exp(token_nll(logits, self.tokens).mean()))

@@ -56,7 +56,7 @@ def _run(args) -> int:
 
     from edge.models import CATALOGUE, resolve_model
     from edge.sizes import format_size
-    from edge.store import is_store
+    from edge.store import Store, is_store
     from weights_tools.convert import Progress, convert
 
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def _run(args) -> int:
     else:
         out = convert(args.src, args.out, cluster=args.cluster, quiet=args.quiet, quant=args.quant,
                       tokenizer_pre=args.tokenizer_pre, device=args.device)
-    if args.calibrate and _is_moe(out):
+    if args.calibrate and Store(out).is_moe:
         from weights_tools.moe_traces import calibrate_experts
 
         t1 = time.perf_counter()
@@ -127,12 +127,6 @@ def _run(args) -> int:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({format_size(size)}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
-
-
-def _is_moe(store_path) -> bool:
-    from edge.store import Store
-
-    return bool(Store(store_path).config.n_experts)
 
 
 def prepare_store(name: str | None = None, on_progress=None, force: bool = False):

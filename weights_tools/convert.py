@@ -100,7 +100,7 @@ def _sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _write_array(group, path: str, data: np.ndarray, rows_per_chunk: int) -> None:
+def write_array(group, path: str, data: np.ndarray, rows_per_chunk: int) -> None:
     """One sharded raw-bytes array plus the crc32c of each inner chunk."""
     rows, width = data.shape
     n = -(-rows // rows_per_chunk)
@@ -242,7 +242,7 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
             t = requantize(src.tensor(name), target)
             row_bytes = t.raw.shape[1]
             chunk = 8 << 10 if name == "token_embd.weight" else CHUNK_TARGET
-            _write_array(group, "t/" + name, t.raw, max(1, min(t.rows, chunk // max(1, row_bytes))))
+            write_array(group, "t/" + name, t.raw, max(1, min(t.rows, chunk // max(1, row_bytes))))
             tensors[name] = {"type": t.type_id, "shape": list(t.shape)}
             progress.step(t.nbytes, name)
         layouts, experts = [], []
@@ -250,7 +250,7 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
             parts = [_requantize_experts(src.tensor(f"blk.{i}.{n}.weight"), target) for n in EXPERT_NAMES]
             experts.append(expert_layout(*parts, cfg.n_experts))
             records = np.concatenate([t.raw.reshape(cfg.n_experts, -1) for t in parts], axis=1)
-            _write_array(group, f"experts/blk.{i}", records, 1)
+            write_array(group, f"experts/blk.{i}", records, 1)
             for t in parts:
                 progress.step(t.nbytes, t.name)
         for i in range(0 if cfg.n_experts else cfg.n_layers):
@@ -264,7 +264,7 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
             n = gate.rows // c
             down_blocks = down.raw.reshape(down.rows, n, -1).transpose(1, 0, 2).reshape(n, -1)
             bundles = np.concatenate([gate.raw.reshape(n, -1), up.raw.reshape(n, -1), down_blocks], axis=1)
-            _write_array(group, f"ffn/blk.{i}", bundles, 1)
+            write_array(group, f"ffn/blk.{i}", bundles, 1)
             for t in (gate, up, down):
                 progress.step(t.nbytes, t.name)
         _write_tokenizer(src, partial / "tokenizer.gguf")

@@ -57,9 +57,9 @@ def quantize_with_llama_cpp(src: str | Path, dst: str | Path, ftype: str, token_
     if token_embedding_type is not None:
         params.token_embedding_type = token_embedding_type
     tmp = dst.with_name(dst.name + ".partial")
-    from edge.tokenizer import _quiet_stderr
+    from edge.tokenizer import quiet_stderr
 
-    with _quiet_stderr():
+    with quiet_stderr():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
         tmp.unlink(missing_ok=True)

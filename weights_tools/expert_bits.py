@@ -58,7 +58,7 @@ def kind_bytes(store, kind: str, layouts: dict | None = None) -> np.ndarray:
     """Bytes of one expert record of each layer in `kind` ("keep": the source's)."""
     from edge.experts import ExpertLayout
 
-    lays = store.attrs["experts"] if kind == "keep" else (layouts or store.attrs["bits"]["types"])[kind]
+    lays = store.expert_layouts if kind == "keep" else (layouts or store.bits["types"])[kind]
     return np.array([ExpertLayout(lay).bytes for lay in lays], np.int64)
 
 
@@ -126,11 +126,12 @@ class Variants:
                               for i in range(store.config.n_layers)] for kind in kinds}
 
     def apply(self, choice: list[list[str]]) -> None:
-        for i, layer in enumerate(self.model.layers):
-            layer.experts = [self.groups[kind][i][e] for e, kind in enumerate(choice[i])]
+        experts = self.model.parts.ffn.experts.experts  # edge.parts.ResidentExperts: per layer, per expert
+        for i in range(len(experts)):
+            experts[i] = [self.groups[kind][i][e] for e, kind in enumerate(choice[i])]
 
     def set(self, i: int, e: int, kind: str) -> None:
-        self.model.layers[i].experts[e] = self.groups[kind][i][e]
+        self.model.parts.ffn.experts.experts[i][e] = self.groups[kind][i][e]
 
     def perplexity(self, choice: list[list[str]], wins: list[list[int]]) -> float:
         from edge.evaluate import perplexity
@@ -139,7 +140,7 @@ class Variants:
         return perplexity(self.model.nll, wins).ppl
 
 
-def _held_out(store, tokens: int) -> list[int]:
+def held_out(store, tokens: int) -> list[int]:
     """`tokens` of calibration text after the first 1024 (what --calibrate measures on), BOS first if wanted."""
     from edge.evaluate import calibration_text
     from edge.tokenizer import Tokenizer
@@ -166,7 +167,7 @@ def _write_variants(store, partial: Path, kinds: list[str], state: dict, tell) -
     from zarr.storage import LocalStore
 
     from edge.store import expert_layout
-    from weights_tools.convert import _write_array
+    from weights_tools.convert import write_array
 
     cfg = store.config
     group = zarr.open_group(LocalStore(partial), mode="a")
@@ -178,7 +179,7 @@ def _write_variants(store, partial: Path, kinds: list[str], state: dict, tell) -
                 continue
             experts = requantized(store, i, kind)
             recs = [np.concatenate([p.raw.reshape(-1) for p in parts]) for parts in experts]
-            _write_array(group, f"{kind}/blk.{i}", np.stack(recs), 1)
+            write_array(group, f"{kind}/blk.{i}", np.stack(recs), 1)
             lays[i] = {**expert_layout(*experts[0], 1), "n": cfg.n_experts}  # every expert's record alike
             _save_state(partial, state)
 
@@ -234,8 +235,8 @@ def adapt(store_path: str | Path, bits: float, tokens: int = 128, threads: int |
     if not kinds:
         raise EdgeError(f"{store_path}: the experts ({kind_bits(store, 'keep'):.2f} bits per weight) have no smaller "
                         f"variant among {', '.join(VARIANT_TYPES)} whose blocks fit their rows")
-    source = store.attrs["source"]["sha256"]
-    committed = store.attrs.get("bits")
+    source = store.source["sha256"]
+    committed = store.bits
     partial = store_path / "bits.partial"
     state = None
     if partial.exists():
@@ -288,7 +289,7 @@ def adapt(store_path: str | Path, bits: float, tokens: int = 128, threads: int |
     layouts = state["types"]
     pair = fixed or bounds(store, bits, layouts)
     if not _profiled(state, pair):
-        ids = _held_out(store, tokens)
+        ids = held_out(store, tokens)
         var = Variants(store, sorted({*pair}), len(ids), threads, lambda i, kind: requantized(store, i, kind))
         _profile(var, LayerReplay(var.model, ids), *pair, partial, state, tell)
         _save_state(partial, state)

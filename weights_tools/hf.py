@@ -60,7 +60,7 @@ def _read_safetensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], np.nd
 
 
 class HFSource:
-    """config, tensor(name), tensor_names(), metadata, chat_template, write_tokenizer(dst)."""
+    """A Hugging Face llama directory as a weight source (edge.source.WeightSource), plus write_tokenizer(dst)."""
 
     def __init__(self, path: str | Path, tokenizer_pre: str = "default"):
         self.path = Path(path)
@@ -104,13 +104,27 @@ class HFSource:
         p = self.path / name
         return json.loads(p.read_text()) if p.exists() else {}
 
+    kind = "Hugging Face"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
+
+    def expert_tensors(self, layer: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        raise EdgeError(f"{self.path}: not a mixture of experts; it has no experts")
 
     def tensor(self, name: str, expected: tuple[int, ...] | None = None) -> Tensor:
         if name not in self._tensors:
             raise EdgeError(f"{self.path}: tensor '{name}' is missing from the safetensors files")
         dtype, shape, raw = self._tensors[name]
+        if expected is not None and tuple(d for d in shape if d != 1) != tuple(d for d in expected if d != 1):
+            raise EdgeError(f"{self.path}: tensor '{name}' has shape {tuple(shape)}, expected {expected}")
         if dtype not in DTYPES:
             raise EdgeError(f"{self.path}: tensor '{name}' has dtype {dtype}; F32, F16 and BF16 are supported")
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1

@@ -31,10 +31,9 @@ def route_traces(store, tokens: int, threads: int | None = None, progress=None) 
     """The experts every calibration token is routed to: (tokens, n_layers, k) int16."""
     import psutil
 
-    from edge.budget import make_expert_plan
-    from edge.engine import _Meter
+    from edge import strategies
     from edge.evaluate import calibration_text, windows
-    from edge.model import Transformer
+    from edge.memory import Meter
     from edge.tokenizer import Tokenizer
 
     cfg = store.config
@@ -44,9 +43,9 @@ def route_traces(store, tokens: int, threads: int | None = None, progress=None) 
     wins = windows(ids, n_ctx, None, tok.bos_id)
     if sum(len(w) for w in wins) < tokens:
         raise EdgeError(f"calibration text has {len(ids)} tokens, {tokens} asked; lower --calib-tokens")
-    plan = make_expert_plan(store, max(psutil.virtual_memory().available // 2, 1 << 30), _Meter().rss(), n_ctx,
-                            prefetch=0)
-    model = Transformer(store, n_ctx, threads=threads, plan=plan)
+    plan = strategies.get("experts").plan(store, max(psutil.virtual_memory().available // 2, 1 << 30),
+                                               Meter().rss(), n_ctx, strategies.Options(strategy="experts"))
+    model = strategies.load(store, n_ctx, plan, threads)
     per_layer: list[list[np.ndarray]] = [[] for _ in range(cfg.n_layers)]
 
     def trace(i, point, x):
@@ -62,7 +61,7 @@ def route_traces(store, tokens: int, threads: int | None = None, progress=None) 
         done += len(w[:tokens - done])
         if progress:
             progress(done, tokens)
-    model.experts.close()
+    model.parts.ffn.experts.close()
     return np.stack([np.concatenate(parts) for parts in per_layer], axis=1)  # (T, L, k)
 
 
@@ -103,7 +102,7 @@ def calibrate_experts(store_path: str | Path, tokens: int = 1024, threads: int |
     from zarr.storage import LocalStore
 
     from edge.store import Store
-    from weights_tools.convert import _write_array, commit_group
+    from weights_tools.convert import write_array, commit_group
 
     store_path = Path(store_path)
     store = Store(store_path)
@@ -116,7 +115,7 @@ def calibrate_experts(store_path: str | Path, tokens: int = 1024, threads: int |
     partial = store_path / "moe.partial"
     shutil.rmtree(partial, ignore_errors=True)
     group = zarr.create_group(LocalStore(partial))
-    _write_array(group, "counts", tables.view(np.uint8).reshape(1, -1), 1)
+    write_array(group, "counts", tables.view(np.uint8).reshape(1, -1), 1)
     summary = {"tokens": int(len(tops)), "held_out": int(len(tops) - held),
                "table_recall": [round(r, 4) for r in recall]}
     commit_group(store_path, partial, "moe", summary)

@@ -90,7 +90,7 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
     from zarr.storage import LocalStore
 
     from edge.store import Store
-    from weights_tools.convert import _write_array, commit_group
+    from weights_tools.convert import write_array, commit_group
 
     store_path = Path(store_path)
     store = Store(store_path)
@@ -101,7 +101,7 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
         raise EdgeError("--iters and --rank must be at least 1")
     names = _linear_names(cfg)
     scale_wins, order_ids = _windows(store, calib, order_tokens)  # bad settings fail before anything is written
-    params = {"iters": iters, "rank": rank, "calib": calib, "source": store.attrs["source"]["sha256"], "version": 2}
+    params = {"iters": iters, "rank": rank, "calib": calib, "source": store.source["sha256"], "version": 2}
     partial = store_path / "stack.partial"
     if partial.exists():
         try:
@@ -134,7 +134,7 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
         for g in GROUPS:
             key = f"scale.{i}.{g}"
             if not (partial / "done" / key).exists():
-                _write_array(group, key, (1.0 / scales[(i, g)]).astype(np.float32).view(np.uint8).reshape(1, -1), 1)
+                write_array(group, key, (1.0 / scales[(i, g)]).astype(np.float32).view(np.uint8).reshape(1, -1), 1)
                 (partial / "done" / key).touch()
 
     # 2. decomposition
@@ -149,7 +149,7 @@ def stack(store_path: str | Path, iters: int = 16, rank: int | None = None, cali
         t = store.tensor(name, (rows, cols))
         w = quants.dequantize(t.raw, t.type_id, t.cols).reshape(rows, cols) * scales[(i, GROUP_OF[lin])][None, :]
         blocks = np.stack(list(decompose(w, iters, k)))
-        _write_array(group, name, blocks, 1)
+        write_array(group, name, blocks, 1)
         (partial / "done" / name).touch()
         tell(done + 1, total, f"decompose {name}")
 
@@ -175,12 +175,12 @@ def _write_ffn_bundles(store, group, partial: Path, linears: dict, iters: int) -
     up, u of down (what every cluster shares). The same bytes as the blocks, regrouped so that a cluster's
     part of a block is one read. Returns the cluster size per layer (0: not a multiple of 32, no records)."""
     from edge.bitstack import ffn_record, ffn_shared
-    from weights_tools.convert import _write_array
+    from weights_tools.convert import write_array
 
     cfg = store.config
     sizes = []
     for i in range(cfg.n_layers):
-        c = store.attrs["ffn"][i]["cluster"] if "ffn" in store.attrs else 0
+        c = store.ffn_layouts[i]["cluster"] if store.ffn_layouts else 0
         if not c or c % 32:
             sizes.append(0)
             continue
@@ -195,8 +195,8 @@ def _write_ffn_bundles(store, group, partial: Path, linears: dict, iters: int) -
             (sg, ug, vg), (su, uu, vu), (sd, ud, vd) = blocks
             shared.append(ffn_shared(vg, vu, ud))
             records += [ffn_record(sg, su, sd, ug, uu, vd, k * c, (k + 1) * c) for k in range(cfg.hidden_dim // c)]
-        _write_array(group, f"ffn.{i}", np.stack(records), 1)
-        _write_array(group, f"ffn_shared.{i}", np.stack(shared), 1)
+        write_array(group, f"ffn.{i}", np.stack(records), 1)
+        write_array(group, f"ffn_shared.{i}", np.stack(shared), 1)
         (partial / "done" / f"ffn.{i}").touch()
     return sizes
 
@@ -226,8 +226,23 @@ class _OrderGroup:
         return tuple(out)
 
 
+class _OrderLinears:
+    """Every linear group as the order search has it now (its _OrderGroup), for a Transformer's parts."""
+
+    def __init__(self, state: dict, scales: dict):
+        self.state, self.scales = state, scales
+
+    def group(self, i: int, name: str) -> "_OrderGroup":
+        return _OrderGroup([f"blk.{i}.{n}.weight" for n in GROUPS[name]], self.state, 1.0 / self.scales[(i, name)])
+
+    def resize(self, plan) -> None:
+        pass
+
+
 def _universal_order(store, partial: Path, group, names, linears, scales, iters, ids, threads, tell):
-    from edge.model import Transformer
+    from edge.head import DenseEmbedding, DenseHead
+    from edge.model import Transformer, make_backend
+    from edge.parts import ACTIVATIONS, DenseFFN, Parts
     from weights_tools.calibrate import LayerReplay
 
     cfg = store.config
@@ -241,14 +256,12 @@ def _universal_order(store, partial: Path, group, names, linears, scales, iters,
         signs, u, v = split_block(raw, lin["rows"], lin["cols"], lin["rank"])
         return unpack_signs(signs, lin["cols"]) * (u.astype(np.float32) @ v.astype(np.float32))
 
-    model = Transformer(store, len(ids), backend="numpy", threads=threads)
     state = {"w": {}, "next": {}, "tested": None}
-    for i, layer in enumerate(model.layers):
-        inv = {g: 1.0 / scales[(i, g)] for g in GROUPS}
-        layer.qkv = _OrderGroup([f"blk.{i}.{n}.weight" for n in GROUPS["attn_in"]], state, inv["attn_in"])
-        layer.attn_output = _OrderGroup([f"blk.{i}.attn_output.weight"], state, inv["attn_out"])
-        layer.gate_up = _OrderGroup([f"blk.{i}.{n}.weight" for n in GROUPS["ffn_in"]], state, inv["ffn_in"])
-        layer.down = _OrderGroup([f"blk.{i}.ffn_down.weight"], state, inv["ffn_h"])
+    backend = make_backend(store, "numpy", threads)
+    searched = _OrderLinears(state, scales)
+    act = ACTIVATIONS[cfg.activation]
+    parts = Parts(searched, DenseFFN(searched, cfg.n_layers, act), DenseEmbedding(store), DenseHead(store, backend))
+    model = Transformer(store, len(ids), backend=backend, parts=parts)
     replay = LayerReplay(model, ids)
 
     order, level_ppl, done = [], [], 0

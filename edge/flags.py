@@ -1,0 +1,107 @@
+"""The flags commands share, defined once: the model and its budget (`add_model_args`), the strategy
+(`add_strategy_args`, parsed into one edge.strategies.Options), sampling; and the Engine they describe."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="a GGUF model, a .edge store, or a name from `edge models` (qwen2.5-coder-1.5b, ...); "
+                        "omitted: the embedded default, SmolLM2-135M-Instruct")
+    p.add_argument("--ctx", type=int, default=ctx_default, help=f"context length in tokens (default {ctx_default})")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all available cores)")
+    p.add_argument("--backend", choices=("auto", "ort", "ggml", "numpy"), default="auto",
+                   help="compute backend: ort (onnxruntime on the quantized weights), ggml (llama.cpp's kernels, the "
+                        "least RAM; what --ram uses), numpy (float32 reference); auto (default): ggml for K-quant "
+                        "files (Q4_K_M: ort would hold 2-3x their size), else ort")
+    p.add_argument("--verify-reads", choices=("first", "always", "never"), default="first",
+                   help="check store chunks against their crc32c: the first time each is read (default), always, never")
+    b = p.add_argument_group("RAM budget (a store calibrated with `edge convert --calibrate`)")
+    b.add_argument("--ram", default=None, metavar="SIZE",
+                   help="budget for the whole process, like 2GB, 512MiB or 140MB: what does not fit streams from flash")
+    add_strategy_args(b)
+    d = p.add_argument_group("target device (profiles: `edge devices`)")
+    d.add_argument("--device", default=None, metavar="NAME",
+                   help="a device profile: its compute and read threads, and its default --ram")
+    d.add_argument("--emulate", action="store_true",
+                   help="reads take the time the --device's flash curve gives them (compute is not emulated)")
+
+
+def add_strategy_args(g) -> None:
+    """The strategy flags, one definition for every command that plans a budget (run, eval, chat, info, bench)."""
+    from edge.strategies import NAMES, help_text
+
+    g.add_argument("--strategy", choices=NAMES, default="auto", help=help_text())
+    g.add_argument("--sparsity", type=float, default=0.0,
+                   help="fraction of FFN clusters the predictors may skip per token (0, 0.25, 0.5, 0.75, 0.9; "
+                        "default 0: exact)")
+    g.add_argument("--window", type=int, default=5,
+                   help="tokens whose clusters are the last to leave the cache (default 5)")
+    g.add_argument("--prefetch", type=int, default=0, metavar="N",
+                   help="mixture of experts: experts predicted and read ahead per layer (default 0: load on demand, "
+                        "measured faster on 2 cores; try the k a token uses with spare cores); with --sparsity > 0, "
+                        "any N > 0 reads ahead the clusters the next layer's predictor names")
+    g.add_argument("--evict", choices=("score", "lru"), default="score",
+                   help="mixture of experts: which cached expert leaves first: score (EdgeMoE: rare and far from "
+                        "its next use; default) or lru")
+    g.add_argument("--predict", choices=("pregate", "trace"), default="pregate",
+                   help="mixture of experts: how the next layer's experts are guessed: pregate (its router on "
+                        "this layer's state; default) or trace (routing tables from `edge convert --calibrate`)")
+
+
+def strategy_options(args):
+    """The strategy flags as one edge.strategies.Options."""
+    from edge.strategies import Options
+
+    return Options(strategy=args.strategy, sparsity=args.sparsity, window=args.window, prefetch=args.prefetch,
+                   evict=args.evict, predict=args.predict)
+
+
+def strategy_flags(options) -> list[str]:
+    """The flags that give `options` back (a child `edge run`)."""
+    return ["--strategy", options.strategy, "--sparsity", str(options.sparsity), "--window", str(options.window),
+            "--prefetch", str(options.prefetch), "--evict", options.evict, "--predict", options.predict]
+
+
+def budget_options(args) -> dict:
+    """Engine keywords of the shared read and budget flags (a budget above physical RAM is warned about)."""
+    from edge.memory import warn_above_physical
+    from edge.sizes import parse_size
+
+    ram = parse_size(args.ram, flag="--ram") if args.ram else None
+    if ram is None and args.device:
+        from edge.profile import load
+
+        ram = load(args.device).ram  # the device's default budget
+    if ram is not None and (msg := warn_above_physical(ram)):
+        print(f"warning: {msg}", file=sys.stderr)
+    return dict(verify=args.verify_reads, ram=ram, options=strategy_options(args), device=args.device,
+                emulate=args.emulate)
+
+
+def make_engine(args):
+    """The Engine the shared model flags describe."""
+    from edge.engine import Engine
+
+    return Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads, **budget_options(args))
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temp_default: float) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument(
+        "--temp", type=float, default=temp_default, help=f"temperature; 0 is greedy (default {temp_default})"
+    )
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def sampler_config(args):
+    from edge.sampling import SamplerConfig
+
+    return SamplerConfig(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                         repeat_penalty=args.repeat_penalty, seed=args.seed)

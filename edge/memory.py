@@ -1,0 +1,76 @@
+"""This process's memory: what it holds (`Meter`), giving freed heap back (`release_free_memory`), and pressure
+from outside while it runs (`PressureWatch`: the system short of memory, or the cgroup limit lowered).
+
+The budgeted runtime (edge.engine) measures its baseline with the meter, and between tokens asks the watch
+how much to give back; every strategy then re-plans for less (edge.strategies).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+import psutil
+
+from edge.cgroup import own_limit
+from edge.sizes import format_size
+
+PRESSURE_FLOOR = 64 << 20  # system memory available below this: give cache back
+LIMIT_ROUNDING = 64 << 10  # a cgroup limit this close under the budget is the budget (the kernel rounds it)
+
+
+def release_free_memory() -> None:
+    """Give the temporaries of loading back to the OS (glibc keeps freed heap pages otherwise)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+class Meter:
+    """Storage bytes read and RSS of this process, sampled per step; the peak RSS seen."""
+
+    def __init__(self):
+        self._proc = psutil.Process()
+        self._has_io = hasattr(self._proc, "io_counters")
+        self.peak_rss = 0
+
+    def read_bytes(self) -> int:
+        return self._proc.io_counters().read_bytes if self._has_io else 0
+
+    def rss(self) -> int:
+        r = self._proc.memory_info().rss
+        self.peak_rss = max(self.peak_rss, r)
+        return r
+
+
+def probe_memory() -> tuple[int, int | None]:
+    """(the system's available memory, this process's cgroup limit or None)."""
+    return psutil.virtual_memory().available, own_limit()
+
+
+class PressureWatch:
+    """Memory pressure from outside, checked between tokens: this process's cgroup limit lowered under the
+    budget, or the system's available memory below PRESSURE_FLOOR. `target(budget, planned)` returns the budget
+    to re-plan at (None: no pressure): at most the lowered limit, and, when the system is short, what the plan
+    holds (`planned`, at most the budget) less what is short. `probe` returns (available bytes, cgroup limit or
+    None); tests replace it."""
+
+    def __init__(self, probe=None):
+        self.probe = probe or probe_memory
+
+    def target(self, budget: int, planned: int) -> int | None:
+        available, limit = self.probe()
+        targets = []
+        if available < PRESSURE_FLOOR:
+            targets.append(planned - (PRESSURE_FLOOR - available))
+        if limit is not None and limit < budget - LIMIT_ROUNDING:  # a cap set to the budget reads back rounded
+            targets.append(limit)                                    # down to pages
+        return min(targets) if targets else None
+
+
+def warn_above_physical(budget: int) -> str | None:
+    total = psutil.virtual_memory().total
+    if budget > total:
+        return f"--ram {format_size(budget)} is more than this machine's {format_size(total)} of RAM"
+    return None

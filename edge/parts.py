@@ -1,0 +1,251 @@
+"""The parts a model is built from, and the one contract each kind keeps.
+
+A `Transformer` (edge.model) runs attention itself and calls its `Parts` for the rest:
+
+- `linears.group(layer, name)`: the attention's linear groups ("attn_in": q, k, v; "attn_out"), and the FFN's
+  where a part needs them ("ffn_in": gate, up; "ffn_h": down): `StoredLinears` (as stored, in RAM) or a
+  BitStack (edge.bitstack.Stack);
+- `ffn(layer, x, resid) -> y`: every FFN keeps the `FFN` protocol below, resident (`DenseFFN`, `MoEFFN` over
+  `ResidentExperts`) or budgeted (edge.sparse.SparseFFN, edge.bitstack.StackedFFN, `MoEFFN` over
+  edge.experts.ExpertPager);
+- `embed(tokens)` and `head(x)`: edge.head.
+
+Resident parts come from `resident_parts`; budgeted ones from a strategy (edge.strategies), which builds them
+from its plan and resizes them to a new plan with `Parts.resize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from edge import quants
+from edge.head import DenseEmbedding, DenseHead
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+Trace = Callable[[int, str, np.ndarray], None]  # calibration: (layer, point, input of a linear group)
+
+
+class FFN(Protocol):
+    """One contract for every FFN, resident or budgeted.
+
+    `ffn(i, x, resid)`: layer i's output for the normed input x (T, dim); resid is the residual stream x was
+    normed from (expert prediction reads it). `resize(plan)`: follow a new plan of its strategy (a resident
+    FFN ignores it). `stats(tokens)`: its counters since `reset()` as a dict, None when nothing is paged.
+    `engines`: its I/O engines (reads and bytes). `wait_seconds`: time the compute thread waited for its reads.
+    `per_position`: positions must run one at a time to be scored as generation sees them (predicted
+    sparsity: a batch would use the union of its predictions). `trace`: calibration's hook, or None.
+    """
+
+    kind: str  # what its cache holds, as the chat names it: "FFN clusters", "experts", "" (no cache)
+    per_position: bool
+    trace: Trace | None
+
+    def __call__(self, i: int, x: np.ndarray, resid: np.ndarray) -> np.ndarray: ...
+
+    def resize(self, plan) -> None: ...
+
+    def stats(self, tokens: int) -> dict | None: ...
+
+    def reset(self) -> None: ...
+
+    @property
+    def engines(self) -> list: ...
+
+    @property
+    def wait_seconds(self) -> float: ...
+
+
+class Resident:
+    """What an FFN with nothing paged answers to the budget's calls (mixed in)."""
+
+    kind = ""
+    per_position = False
+    trace: Trace | None = None
+
+    def resize(self, plan) -> None:
+        pass
+
+    def stats(self, tokens: int) -> dict | None:
+        return None
+
+    def reset(self) -> None:
+        pass
+
+    @property
+    def engines(self) -> list:
+        return []
+
+    @property
+    def wait_seconds(self) -> float:
+        return 0.0
+
+
+def load_vector(src, name: str, size: int) -> np.ndarray:
+    """A 1-D tensor (norm weights, biases) as float32."""
+    t = src.tensor(name, (size,))
+    return quants.dequantize(t.raw, t.type_id).reshape(-1).astype(np.float32)
+
+
+def load_router(src, layer: int) -> np.ndarray:
+    """A mixture's router for one layer, (n_experts, dim) float32."""
+    n, dim = src.config.n_experts, src.config.dim
+    r = src.tensor(f"blk.{layer}.ffn_gate_inp.weight", (n, dim))
+    return quants.dequantize(r.raw, r.type_id, r.cols).reshape(n, dim).astype(np.float32)
+
+
+class StoredLinears:
+    """Linear groups of the tensors as stored, in RAM (the backend keeps them quantized)."""
+
+    def __init__(self, src, backend):
+        self.src, self.backend = src, backend
+
+    def group(self, i: int, name: str):
+        cfg, src, p = self.src.config, self.src, f"blk.{i}."
+        dim, hidden, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
+        shapes = {"attn_in": [("attn_q", (cfg.q_dim, dim)), ("attn_k", (kv, dim)), ("attn_v", (kv, dim))],
+                  "attn_out": [("attn_output", (dim, cfg.q_dim))],
+                  "ffn_in": [("ffn_gate", (hidden, dim)), ("ffn_up", (hidden, dim))],
+                  "ffn_h": [("ffn_down", (dim, hidden))]}[name]
+        return self.backend.linear_group([src.tensor(f"{p}{n}.weight", shape) for n, shape in shapes])
+
+    def resize(self, plan) -> None:
+        pass
+
+
+class DenseFFN(Resident):
+    """The gated FFN of every layer from linear groups: act(gate) * up, then down."""
+
+    def __init__(self, linears, n_layers: int, act):
+        self.act = act
+        self.groups = [(linears.group(i, "ffn_in"), linears.group(i, "ffn_h")) for i in range(n_layers)]
+
+    def __call__(self, i: int, x: np.ndarray, resid: np.ndarray) -> np.ndarray:
+        gate_up, down = self.groups[i]
+        gate, up = gate_up(x)
+        act = self.act(gate) * up
+        if self.trace is not None:
+            self.trace(i, "ffn_in", x)
+            self.trace(i, "ffn_h", act)
+        (h,) = down(act)
+        return h
+
+
+class ResidentExperts(Resident):
+    """Every expert of every layer in RAM: (layer, x, top, weights, resid) -> the weighted sum of the routed
+    experts' FFNs."""
+
+    def __init__(self, src, backend, act):
+        lin = backend.linear_group
+        self.act, self.dim = act, src.config.dim
+        self.experts = [[(lin([g, u]), lin([d])) for g, u, d in src.expert_tensors(i)]
+                        for i in range(src.config.n_layers)]
+
+    def __call__(self, i: int, x: np.ndarray, top: np.ndarray, weights: np.ndarray, resid=None) -> np.ndarray:
+        out = np.zeros((len(x), self.dim), np.float32)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)  # the tokens routed to expert e
+            gate_up, down = self.experts[i][e]
+            gate, up = gate_up(x[rows])
+            (h,) = down(self.act(gate) * up)
+            out[rows] += weights[rows, slot][:, None] * h
+        return out
+
+
+class MoEFFN:
+    """Mixture of experts as llama.cpp computes it: softmax over the router's logits, the top k experts per
+    token, their weights renormalized (Mixtral, Qwen3-MoE; not Qwen2-MoE, OLMoE), the weighted sum of their
+    FFNs, plus Qwen2-MoE's sigmoid-gated shared expert. `experts`: ResidentExperts, or an
+    edge.experts.ExpertPager under a budget (its cache is this FFN's)."""
+
+    def __init__(self, src, backend, act, experts, routers: list[np.ndarray] | None = None):
+        """routers: every layer's (load_router), where the caller holds them already."""
+        cfg = src.config
+        self.cfg, self.act, self.experts = cfg, act, experts
+        self.routers = routers or [load_router(src, i) for i in range(cfg.n_layers)]
+        self.shared = [self._shared(src, backend, i) for i in range(cfg.n_layers)] if cfg.shared_expert_hidden \
+            else None
+        self.trace: Trace | None = None
+        self.kind = "experts" if experts.engines else ""
+        self.per_position = False
+
+    @staticmethod
+    def _shared(src, backend, i: int) -> tuple:
+        cfg, p, lin = src.config, f"blk.{i}.", backend.linear_group
+        dim, hidden = cfg.dim, cfg.shared_expert_hidden
+        return (load_vector(src, p + "ffn_gate_inp_shexp.weight", dim),
+                lin([src.tensor(p + "ffn_gate_shexp.weight", (hidden, dim)),
+                     src.tensor(p + "ffn_up_shexp.weight", (hidden, dim))]),
+                lin([src.tensor(p + "ffn_down_shexp.weight", (dim, hidden))]))
+
+    def __call__(self, i: int, x: np.ndarray, resid: np.ndarray) -> np.ndarray:
+        cfg = self.cfg
+        logits = x @ self.routers[i].T  # (T, n_experts)
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :cfg.n_experts_used]  # (T, k)
+        weights = np.take_along_axis(probs, top, axis=-1)
+        if cfg.expert_weights_norm:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        if self.trace is not None:
+            self.trace(i, "experts", top)
+        out = self.experts(i, x, top, weights, resid)
+        if self.shared is not None:  # qwen2moe: every token also through the shared expert, gated by a sigmoid
+            gate_vec, gate_up, down = self.shared[i]
+            gate, up = gate_up(x)
+            (h,) = down(self.act(gate) * up)
+            out += h / (1.0 + np.exp(-(x @ gate_vec)))[:, None]
+        return out
+
+    def resize(self, plan) -> None:
+        self.experts.resize(plan)
+
+    def stats(self, tokens: int) -> dict | None:
+        return self.experts.stats(tokens)
+
+    def reset(self) -> None:
+        self.experts.reset()
+
+    @property
+    def engines(self) -> list:
+        return self.experts.engines
+
+    @property
+    def wait_seconds(self) -> float:
+        return self.experts.wait_seconds
+
+
+@dataclass
+class Parts:
+    """What a Transformer calls besides attention (module doc). A strategy's build returns them complete."""
+
+    linears: object  # .group(layer, name), .resize(plan)
+    ffn: FFN
+    embed: Callable[[np.ndarray], np.ndarray]
+    head: object     # head(x) -> (logits,), head.nll(x, targets), head.stats()
+
+    def resize(self, plan) -> None:
+        """Follow a new plan: the linears first (a BitStack's depth), then the FFN (which may read at it)."""
+        self.linears.resize(plan)
+        self.ffn.resize(plan)
+
+
+def resident_parts(src, backend, act) -> Parts:
+    """Every weight in RAM as stored (no budget): the dense or mixture FFN, the embedding and head tensors."""
+    linears = StoredLinears(src, backend)
+    cfg = src.config
+    ffn = MoEFFN(src, backend, act, ResidentExperts(src, backend, act)) if cfg.n_experts \
+        else DenseFFN(linears, cfg.n_layers, act)
+    return Parts(linears, ffn, DenseEmbedding(src), DenseHead(src, backend))

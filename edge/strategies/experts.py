@@ -1,0 +1,139 @@
+"""`--strategy experts` (EdgeMoE): a mixture of experts with everything but the experts resident (as stored;
+routers and norms float32), the experts paged into a cache of whole records (edge.experts.ExpertPager). The
+minimum holds the experts of one layer's token and of the next layer's prefetch, in each slot class; the rest
+of the budget caches as many experts as fit, each costing its record and a 1/KERNEL_SHARE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from edge import quants
+from edge.errors import EdgeError
+from edge.experts import POLICIES, PREDICTORS, ExpertPager, read_buffer_bytes, record_sizes, slot_classes, split_slots
+from edge.head import DenseEmbedding, DenseHead
+from edge.model import KVCache
+from edge.parts import MoEFFN, Parts, StoredLinears, load_router, load_vector
+from edge.sizes import format_size
+from edge.strategies import Options
+from edge.strategies.plan import IO_BUFFER, MARGIN, Plan, activation_bytes, check_minimum, last_fitting
+
+KERNEL_SHARE = 64  # expert plans leave 1/64 of the cache for what the cap also charges with it: page tables,
+                   # huge-page rounding, the libraries' page cache
+
+
+@dataclass(frozen=True)
+class ExpertDetail:
+    classes: tuple        # slot classes: (record bytes, experts of that size) (edge.experts.slot_classes)
+    slots: int            # experts cached
+    floor: int            # slots each class keeps at least: a token's routed and predicted experts
+    n_experts: int        # experts in the model, all layers
+    prefetch: int         # experts predicted and read ahead per layer
+    policy: str = "score"  # eviction (edge.experts.POLICIES)
+    predictor: str = "pregate"  # edge.experts.PREDICTORS
+
+    part: ClassVar[str] = "expert cache"
+
+    def share(self, slots: int) -> list[int]:
+        """Each slot class's part of `slots` cached experts (edge.experts.split_slots)."""
+        return split_slots(slots, self.classes, self.floor)
+
+    def cache_for(self, slots: int) -> int:
+        """What `slots` cached experts take."""
+        return sum(n * b for n, (b, _) in zip(self.share(slots), self.classes))
+
+    def extra_for(self, slots: int) -> int:
+        """What `slots` cached experts cost beyond the minimum's (each its record and a 1/KERNEL_SHARE)."""
+        extra = [n - m for n, m in zip(self.share(slots), self.share(self.min_slots))]
+        return sum(n * (b + b // KERNEL_SHARE) for n, (b, _) in zip(extra, self.classes))
+
+    @property
+    def min_slots(self) -> int:
+        return sum(min(self.floor, n) for _, n in self.classes)
+
+    @property
+    def cache(self) -> int:
+        return self.cache_for(self.slots)
+
+    @property
+    def cached_fraction(self) -> float:
+        return min(1.0, self.slots / self.n_experts)
+
+    def figures(self) -> dict:
+        return {"cached_fraction": round(self.cached_fraction, 4)}
+
+    def labels(self, plan: Plan) -> tuple[str, str, int]:
+        return "non-expert weights", "expert slots minimum", self.cache_for(self.min_slots)
+
+    def summary(self) -> str:
+        ahead = f"{self.prefetch} read ahead per layer" if self.prefetch else "the rest loaded on demand"
+        return f"{self.slots}/{self.n_experts} experts cached,\n{ahead}"
+
+    def shrunk_from(self, before: "ExpertDetail") -> str:
+        return f"expert cache down to {self.slots} experts ({format_size(before.cache - self.cache)} given back)"
+
+    def line(self, plan: Plan) -> str:
+        f = format_size
+        sizes = [f(b) for b, _ in self.classes]
+        each = f"{sizes[0]} each" if len(sizes) == 1 else f"records of {' / '.join(sizes)} in slots of their size"
+        return (f"expert cache {f(self.cache)}: {self.slots}/{self.n_experts} experts "
+                f"({100 * self.cached_fraction:.0f}%, {each}); the rest pages from flash, "
+                f"{self.prefetch} predicted ({self.predictor}) and read ahead per layer, eviction {self.policy}")
+
+
+def expert_resident_bytes(store) -> int:
+    """Every tensor of a mixture-of-experts store but the experts: as stored; routers and 1-D tensors float32."""
+    total = 0
+    for name, t in store.tensor_infos.items():
+        shape = t["shape"]
+        if len(shape) == 1:
+            total += 4 * shape[0]
+        elif name.endswith("ffn_gate_inp.weight"):
+            total += 4 * shape[0] * shape[1]
+        else:
+            total += shape[0] * quants.FORMATS[t["type"]].row_bytes(shape[-1])
+    return total
+
+
+class Experts:
+    name = "experts"
+    mixture = True
+    empty_at_load = True  # its cache starts empty (the engine folds load slack into the baseline)
+
+    def plan(self, store, budget: int, baseline: int, n_ctx: int, options: Options) -> Plan:
+        cfg = store.config
+        prefetch = options.prefetch
+        if options.predict not in PREDICTORS:
+            raise EdgeError(f"--predict {options.predict}: choose one of {', '.join(PREDICTORS)}")
+        if options.evict not in POLICIES:
+            raise EdgeError(f"--evict {options.evict}: choose one of {', '.join(POLICIES)}")
+        if not 0 <= prefetch <= cfg.n_experts:
+            raise EdgeError(f"--prefetch {prefetch}: between 0 (on-demand loading) and the {cfg.n_experts} experts "
+                            "of a layer")
+        sizes = record_sizes(store)
+
+        def plan(slots: int) -> Plan:
+            detail = ExpertDetail(classes=slot_classes(sizes), slots=slots, floor=cfg.n_experts_used + prefetch,
+                                  n_experts=cfg.n_layers * cfg.n_experts, prefetch=prefetch, policy=options.evict,
+                                  predictor=options.predict)
+            return Plan(strategy=self.name, budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
+                        io=IO_BUFFER + read_buffer_bytes(int(sizes.max()), prefetch),
+                        resident=expert_resident_bytes(store), margin=MARGIN + activation_bytes(cfg, n_ctx),
+                        scratch=0, held=detail.cache, least=detail.cache_for(detail.min_slots), detail=detail)
+
+        least = plan(0)
+        check_minimum(least, n_ctx, "this mixture-of-experts model")
+        d = least.detail
+        return plan(last_fitting(d.min_slots, d.n_experts, lambda s: least.minimum + d.extra_for(s) <= budget))
+
+    def io_buffer(self, plan: Plan) -> int:
+        return IO_BUFFER  # the store's; the pager's read buffers are its own
+
+    def build(self, store, backend, act, plan: Plan) -> Parts:
+        d, cfg = plan.detail, store.config
+        routers = [load_router(store, i) for i in range(cfg.n_layers)]
+        norms = [load_vector(store, f"blk.{i}.ffn_norm.weight", cfg.dim) for i in range(cfg.n_layers)]
+        pager = ExpertPager(store, backend.ggml, act, d.slots, d.policy, d.prefetch, d.predictor,
+                            read_threads=store.engine.threads, routers=routers, norms=norms)
+        return Parts(StoredLinears(store, backend), MoEFFN(store, backend, act, pager, routers), DenseEmbedding(store),
+                     DenseHead(store, backend))

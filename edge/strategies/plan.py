@@ -1,0 +1,100 @@
+"""One plan shape for every strategy: a `--ram` budget for the whole process split into what stays and what
+streams.
+
+budget = baseline (interpreter, libraries, tokenizer: measured) + KV cache (for the context) + I/O buffer
+         + resident weights + scratch (read buffers, sign scratch) + margin (activations, temporaries)
+         + held (what grows with the budget: a neuron cache, BitStack blocks, an expert cache).
+
+The minimum is that with the least a strategy can run with (`least`: its scratch and held part at their
+smallest); below it the run is refused with that figure. What differs by strategy is in the plan's `detail`
+(its own frozen dataclass), which also words the plan for the user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+from edge.errors import EdgeError
+from edge.ggml import GRAPH_CACHE, GRAPH_ROWS
+from edge.model import PREFILL_CHUNK
+from edge.sizes import format_size
+from edge.sparse import REPEAT_BYTES
+
+MARGIN = 8 << 20        # read copies, allocator slack, kernels' work buffers (plus the activations, by model)
+IO_BUFFER = 4 << 20     # the I/O engine's preallocated read buffer under a budget
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str
+    budget: int
+    baseline: int
+    kv: int
+    io: int
+    resident: int         # weights kept as they are: attention, norms, predictors, a low-rank head ...
+    margin: int
+    scratch: int          # buffers beside the I/O engine's: read buffers of streamed parts, sign scratch
+    held: int             # the part that follows the budget (detail.part names it)
+    least: int            # scratch + held at the minimum
+    detail: object        # the strategy's own figures (a frozen dataclass with `part`, `cache`, lines)
+    chunk: int = PREFILL_CHUNK  # prompt positions per forward step (activations scale with it)
+
+    @property
+    def minimum(self) -> int:
+        """The smallest budget that runs: everything fixed, and the least the strategy runs with."""
+        return self.baseline + self.kv + self.io + self.resident + self.margin + self.least
+
+    @property
+    def cache(self) -> int:
+        """What a smaller budget can take back."""
+        return self.detail.cache
+
+    def as_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "detail"}
+        d.update(asdict(self.detail), minimum=self.minimum, cache=self.cache, **self.detail.figures())
+        return d
+
+    def parts(self) -> dict[str, int]:
+        """The budget by part, as the chat UI's bar draws it."""
+        return {"baseline": self.baseline, "KV cache": self.kv, "weights": self.resident,
+                "buffers": self.io + self.scratch + self.margin, self.detail.part: self.held}
+
+    def summary(self) -> str:
+        return self.detail.summary()
+
+    def shrunk_from(self, before: "Plan") -> str:
+        return self.detail.shrunk_from(before.detail)
+
+    def lines(self) -> list[str]:
+        f = format_size
+        resident, scratch, shown = self.detail.labels(self)
+        return [f"budget {f(self.budget)}: baseline {f(self.baseline)}, KV cache {f(self.kv)}, I/O buffer "
+                f"{f(self.io)}, {resident} {f(self.resident)}, {scratch} {f(shown)}, margin {f(self.margin)}",
+                self.detail.line(self)]
+
+
+def check_minimum(plan: Plan, n_ctx: int, what: str = "this model") -> None:
+    """An EdgeError naming the minimum when the budget is below it."""
+    if plan.budget < plan.minimum:
+        raise EdgeError(f"--ram {format_size(plan.budget)} is below the minimum of {format_size(plan.minimum)} "
+                        f"for {what} with a context of {n_ctx} tokens; raise --ram or lower --ctx")
+
+
+def last_fitting(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+    """The largest k in lo..hi with fits(k), fits monotone (true up to some k, then false); lo when none."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def activation_bytes(cfg, n_ctx: int, chunk: int = PREFILL_CHUNK) -> int:
+    """The temporaries of one prefill chunk: attention scores, the FFN's intermediates, copies of the hidden
+    state (and the repeated inputs of batched products of streamed records: every plan holds room for them);
+    and ggml's kept decode graphs."""
+    return chunk * (cfg.n_heads * n_ctx + 6 * cfg.hidden_dim + 8 * cfg.dim) * 4 + REPEAT_BYTES + GRAPH_CACHE \
+        + 8 * GRAPH_ROWS
