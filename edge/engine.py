@@ -137,7 +137,7 @@ class Engine:
             self.tokenizer = tokenizer()  # part of the baseline the planner measures
             release_free_memory()  # reading the vocabulary's temporaries are not baseline
             self.strategy = strategies.resolve(self.file, options.strategy)
-            self.plan = self.strategy.plan(self.file, ram, self.meter.rss(), self.n_ctx, options)
+            self.plan = self.strategy.plan(self.file, ram, self.meter.baseline(), self.n_ctx, options)
             size = self.strategy.io_buffer(self.plan)
             if size != len(io.buffer):  # BitStack: blocks over half the buffer; a streamed FFN: its largest chunk
                 io.close()
@@ -152,17 +152,18 @@ class Engine:
         """What loading left beyond the resident weights (allocator slack, libraries mapped on first use) is
         measured now and counted as baseline while the cache is still empty (the expert cache shrinks by it;
         caches read in at load leave theirs to the growth check between tokens)."""
-        slack = self.meter.rss() - (self.plan.baseline + self.plan.resident)
+        slack = self.meter.committed() - (self.plan.baseline + self.plan.resident)
         if slack > 0:
             self.resize(self.plan.budget, baseline=self.plan.baseline + slack)
 
     def _fold_growth(self) -> None:
         """The process grown past its plan while running (a chat's widgets and history, allocator slack; the
-        plan measured the baseline once, at start): when resident memory comes within an eighth of the margin
+        plan measured the baseline once, at start): when what the process holds beyond the cap's reach
+        (Meter.committed: library pages the kernel may drop do not count) comes within an eighth of the margin
         of the budget, enough of the cache to bring it back to a quarter of the margin under the budget becomes
         baseline; the budget stays. At the minimum there is nothing more to give."""
         p = self.plan
-        rss = self.meter.rss()
+        rss = self.meter.committed()
         if rss <= p.budget - p.margin // 8:
             return
         planned = sum(p.parts().values())  # at most the budget (less where the cache is whole)

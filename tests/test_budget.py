@@ -285,13 +285,13 @@ def test_growth_past_the_plan_comes_out_of_the_cache(smol_calibrated):
     list(engine.generate(prompt, 9, stop_at_end=False))  # fills the cache (and folds any load slack)
     plan, cache = engine.plan, engine.model.parts.ffn.cache_bytes
     extra = 16 << 20
-    hog = np.ones(max(0, plan.budget - engine.meter.rss()) + extra, np.uint8)  # touched: resident
+    hog = np.ones(max(0, plan.budget - engine.meter.committed()) + extra, np.uint8)  # touched: resident
     tokens = [ev.token for ev in engine.generate(prompt, 16, stop_at_end=False)]
     assert len(tokens) == 16 and hog[-1] == 1
     assert any("grew past the plan: neuron cache down to" in s for s in engine.last.shrinks), engine.last.shrinks
     assert engine.plan.budget == plan.budget and engine.plan.baseline >= plan.baseline + extra
     assert engine.model.parts.ffn.cache_bytes <= cache - extra
-    assert engine.meter.rss() < plan.budget
+    assert engine.meter.committed() < plan.budget
 
 
 def test_stays_under_a_kernel_memory_cap(smol_calibrated):
