@@ -43,13 +43,14 @@ class Meter:
         return self.rss()
 
     def committed(self) -> int:
-        """Anonymous and shared memory now, plus the file-backed pages held at the baseline: what the process has
-        grown by that a cap cannot reclaim (library pages mapped or dropped since are the kernel's to take back
-        under the cap, and whether it has yet depends on its reclaim). RSS where /proc says nothing."""
+        """RSS without the file-backed pages mapped since the baseline: anonymous and shared memory, and library
+        pages up to what the baseline held. Pages mapped beyond that are the kernel's to reclaim under a cap, and
+        whether it has yet depends on its reclaim, not on this process. RSS where /proc says nothing."""
         status = _status_bytes()
         if self._file_at_baseline is None or "RssAnon" not in status:
             return self.rss()
-        return status["RssAnon"] + status.get("RssShmem", 0) + self._file_at_baseline
+        file = min(status.get("RssFile", 0), self._file_at_baseline)
+        return status["RssAnon"] + status.get("RssShmem", 0) + file
 
     def read_bytes(self) -> int:
         return self._proc.io_counters().read_bytes if self._has_io else 0
