@@ -14,7 +14,8 @@ output at most, |h_j| * |down[:, j]| summed over its neurons (h = act(gate) * up
 - static: the same store clusters dropped for every token (the least important on average);
 - predictor: the store's trained predictors choose per token, as `--sparsity` does, without the cache.
 
-The dense model runs on the ort backend (edge.model.Transformer); windows of 256 tokens of edge eval's text.
+The dense model runs resident (edge.model.Transformer, --backend: auto picks ggml for K-quants); windows of 256
+tokens of edge eval's text.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--sparsity", default="0.1,0.25,0.5")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--calib-tokens", type=int, default=1024, help="tokens for the hot-first order")
+    ap.add_argument("--backend", default="auto", help="compute backend of the dense model (default auto)")
     args = ap.parse_args()
 
     store = Store(args.store)
@@ -56,7 +58,7 @@ def main() -> None:
     preds = [unpack_predictors(store.read_array(f"sparse/aux.{i}").reshape(-1), cfg.dim, info["rank"], n[i], None)[0]
              for i in range(cfg.n_layers)]
 
-    model = Transformer(store, 256, backend="ort")
+    model = Transformer(store, 256, backend=args.backend)
     tok = Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template)
     wins = windows(tok.encode(eval_text()), 256, args.windows, None)
     rule: dict = {}
