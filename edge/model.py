@@ -125,8 +125,9 @@ class Transformer:
     @property
     def trace(self) -> Trace | None:
         """Calibration's hook: trace(layer, point, x) with the input of every dense linear group: "attn_in"
-        (q, k, v), "attn_out" (the attention output projection), "ffn_in" (gate, up), "ffn_h" (down); and the
-        experts a mixture routes each token to, "experts" ((T, k) ids)."""
+        (q, k, v), "attn_out" (the attention output projection), "ffn_in" (gate, up), "ffn_h" (down); the
+        activated gate act(gate) of a dense FFN, "ffn_gate" (modifying "ffn_h" in place changes what down sees);
+        and the experts a mixture routes each token to, "experts" ((T, k) ids)."""
         return self._trace
 
     @trace.setter

@@ -135,9 +135,12 @@ class DenseFFN(Resident):
     def __call__(self, i: int, x: np.ndarray, resid: np.ndarray) -> np.ndarray:
         gate_up, down = self.groups[i]
         gate, up = gate_up(x)
-        act = self.act(gate) * up
+        gate = self.act(gate)
         if self.trace is not None:
             self.trace(i, "ffn_in", x)
+            self.trace(i, "ffn_gate", gate)
+        act = gate * up
+        if self.trace is not None:
             self.trace(i, "ffn_h", act)
         (h,) = down(act)
         return h

@@ -61,6 +61,8 @@ def activation_scales(store, wins: list[list[int]], threads: int | None) -> dict
     window: dict[tuple[int, str], np.ndarray] = {}
 
     def trace(i, point, x):
+        if point not in GROUPS:  # the inputs of the linear groups only
+            return
         sq = np.square(x, dtype=np.float64).sum(axis=0)
         window[(i, point)] = window.get((i, point), 0.0) + sq
 
