@@ -27,8 +27,7 @@ from edge.profile import load as load_profile
 from edge.sampling import Sampler, SamplerConfig
 from edge.store import Store
 from edge.strategies import Options
-from edge.strategies.plan import Plan
-from edge.strategies.plan import IO_BUFFER
+from edge.strategies.plan import IO_BUFFER, Plan
 from edge.tokenizer import Tokenizer
 
 
@@ -296,7 +295,7 @@ class Engine:
             self._fold_growth()
             return
         try:
-            self.resize(min(target, p.budget))
+            self.resize(target)  # under the budget (edge.memory.PressureWatch.target)
         except EdgeError:
             self.resize(p.minimum)
         if self.plan.budget < p.budget:  # at the minimum already: nothing more to give

@@ -219,10 +219,6 @@ class SparseFFN:
     def _buffer_bytes(self, slots: int) -> int:
         return stream_buffer_bytes(self.layouts, slots if self.keeps_full else 0)
 
-    @property
-    def buffer_bytes(self) -> int:
-        return sum(len(io.buffer) for io in self._ios)
-
     def _fill(self) -> None:
         """Fill every layer's free slots with its first clusters not cached (at sparsity 0 the set the first
         token would have kept), read through the store's engine a few records at a time."""

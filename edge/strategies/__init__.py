@@ -77,12 +77,10 @@ def get(name: str) -> Strategy:
 def resolve(store, name: str) -> Strategy:
     """--strategy NAME for this store; auto: experts on a mixture of experts, bitstack when the store has a stack
     (`edge stack`), else sparse."""
-    if name not in NAMES:
-        raise EdgeError(f"--strategy {name}: choose one of {', '.join(NAMES)}")
     moe = store.is_moe
     if name == "auto":
         return get("experts" if moe else "bitstack" if store.stack is not None else "sparse")
-    strategy = get(name)
+    strategy = get(name)  # an unknown name: an EdgeError naming the choices
     if strategy.mixture != moe:
         raise EdgeError(f"--strategy {name}: {store.path} is {'' if moe else 'not '}a mixture of experts; "
                         f"use {'--strategy experts' if moe else 'another strategy'} (or auto)")

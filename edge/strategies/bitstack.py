@@ -9,7 +9,7 @@ prefix that keeps at least STREAM_CACHED of the FFN in RAM, then the most cluste
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -135,18 +135,19 @@ class Bitstack:
         base = stream_bytes(info, 0, 0)[0] if self.streams else info.base_bytes
         n_clusters = cfg.hidden_dim // info.clusters[0] if self.streams else 0
 
-        def plan(prefix: int, stack_bytes: int, depth_bytes: int = 0, ffn_slots: int = -1) -> Plan:
-            detail = StackDetail(base=base, prefix=prefix, stack_bytes=stack_bytes, full_bytes=int(sizes[-1]),
-                                 entries=len(info.order), params=info.params(), depth_bytes=depth_bytes,
-                                 ffn_slots=ffn_slots, n_clusters=n_clusters)
-            return Plan(strategy=self.name, budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
-                        io=max(IO_BUFFER, 2 * (largest + (64 << 10))),  # the I/O engine reads a whole block at once
-                        resident=stack_resident_bytes(store),
-                        margin=MARGIN + activation_bytes(cfg, n_ctx, STACK_PREFILL_CHUNK), scratch=scratch,
-                        held=stack_bytes, least=scratch + base, detail=detail, chunk=STACK_PREFILL_CHUNK)
-
-        least = plan(0, base)
+        detail = StackDetail(base=base, prefix=0, stack_bytes=base, full_bytes=int(sizes[-1]), entries=len(info.order),
+                             params=info.params(), n_clusters=n_clusters)
+        least = Plan(strategy=self.name, budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
+                     io=max(IO_BUFFER, 2 * (largest + (64 << 10))),  # the I/O engine reads a whole block at once
+                     resident=stack_resident_bytes(store),
+                     margin=MARGIN + activation_bytes(cfg, n_ctx, STACK_PREFILL_CHUNK), scratch=scratch,
+                     held=base, least=scratch + base, detail=detail, chunk=STACK_PREFILL_CHUNK)
         check_minimum(least, n_ctx, "this stacked model")
+
+        def plan(prefix: int, stack_bytes: int, depth_bytes: int = 0, ffn_slots: int = -1) -> Plan:
+            return replace(least, held=stack_bytes, detail=replace(detail, prefix=prefix, stack_bytes=stack_bytes,
+                                                                   depth_bytes=depth_bytes, ffn_slots=ffn_slots))
+
         room = budget - (least.minimum - base)
         if not self.streams:
             prefix = int(np.searchsorted(sizes, room, side="right")) - 1

@@ -5,7 +5,7 @@ of the budget caches as many experts as fit, each costing its record and a 1/KER
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from edge import quants
@@ -112,19 +112,17 @@ class Experts:
                             "of a layer")
         sizes = record_sizes(store)
 
-        def plan(slots: int) -> Plan:
-            detail = ExpertDetail(classes=slot_classes(sizes), slots=slots, floor=cfg.n_experts_used + prefetch,
-                                  n_experts=cfg.n_layers * cfg.n_experts, prefetch=prefetch, policy=options.evict,
-                                  predictor=options.predict)
-            return Plan(strategy=self.name, budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
-                        io=IO_BUFFER + read_buffer_bytes(int(sizes.max()), prefetch),
-                        resident=expert_resident_bytes(store), margin=MARGIN + activation_bytes(cfg, n_ctx),
-                        scratch=0, held=detail.cache, least=detail.cache_for(detail.min_slots), detail=detail)
-
-        least = plan(0)
+        d = ExpertDetail(classes=slot_classes(sizes), slots=0, floor=cfg.n_experts_used + prefetch,
+                         n_experts=cfg.n_layers * cfg.n_experts, prefetch=prefetch, policy=options.evict,
+                         predictor=options.predict)
+        least = Plan(strategy=self.name, budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
+                     io=IO_BUFFER + read_buffer_bytes(int(sizes.max()), prefetch),
+                     resident=expert_resident_bytes(store), margin=MARGIN + activation_bytes(cfg, n_ctx),
+                     scratch=0, held=d.cache, least=d.cache_for(d.min_slots), detail=d)
         check_minimum(least, n_ctx, "this mixture-of-experts model")
-        d = least.detail
-        return plan(last_fitting(d.min_slots, d.n_experts, lambda s: least.minimum + d.extra_for(s) <= budget))
+        slots = last_fitting(d.min_slots, d.n_experts, lambda s: least.minimum + d.extra_for(s) <= budget)
+        cached = replace(d, slots=slots)
+        return replace(least, held=cached.cache, detail=cached)
 
     def io_buffer(self, plan: Plan) -> int:
         return IO_BUFFER  # the store's; the pager's read buffers are its own

@@ -8,7 +8,7 @@ all. The embedding and head come from flash (edge.head), the rest of the weights
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from edge import quants
@@ -112,18 +112,20 @@ class Sparse:
         min_scratch = stream_scratch_bytes(layouts, 0)
         slot_bytes = sum(lay.bytes for lay in layouts)
 
-        def plan(slots: int, scratch: int) -> Plan:
-            detail = SparseDetail(min_scratch=min_scratch, slot_bytes=slot_bytes, slots=slots, n_clusters=n_clusters,
-                                  n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),
-                                  sparsity=options.sparsity if self.caches else 0.0, window=options.window,
-                                  read_ahead=options.prefetch > 0 and predicting)
-            return Plan(strategy=self.name, budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
-                        io=store_io_bytes(store), resident=resident_bytes(store, predicting, options.prefetch > 0),
-                        margin=MARGIN + activation_bytes(cfg, n_ctx), scratch=scratch, held=detail.cache,
-                        least=min_scratch, detail=detail)
-
-        least = plan(0, min_scratch)
+        detail = SparseDetail(min_scratch=min_scratch, slot_bytes=slot_bytes, slots=0, n_clusters=n_clusters,
+                              n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),
+                              sparsity=options.sparsity if self.caches else 0.0, window=options.window,
+                              read_ahead=options.prefetch > 0 and predicting)
+        least = Plan(strategy=self.name, budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
+                     io=store_io_bytes(store), resident=resident_bytes(store, predicting, options.prefetch > 0),
+                     margin=MARGIN + activation_bytes(cfg, n_ctx), scratch=min_scratch, held=0, least=min_scratch,
+                     detail=detail)
         check_minimum(least, n_ctx)
+
+        def plan(slots: int, scratch: int) -> Plan:
+            cached = replace(detail, slots=slots)
+            return replace(least, scratch=scratch, held=cached.cache, detail=cached)
+
         if not self.caches:
             return least
         if predicting:  # any cluster may be read: buffers for all, the rest caches
