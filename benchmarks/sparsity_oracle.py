@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--sparsity", default="0.1,0.25,0.5")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--calib-tokens", type=int, default=1024, help="tokens for the hot-first order")
+    ap.add_argument("--cluster", type=int, default=0,
+                    help="neurons per cluster of the cluster columns (default: the store's bundles)")
     ap.add_argument("--backend", default="auto", help="compute backend of the dense model (default auto)")
     ap.add_argument("--kinds", default="neuron,oracle,hot,static,predictor,cats,wcats",
                     help="the columns to measure (default all)")
@@ -51,7 +53,7 @@ def main() -> None:
 
     store = Store(args.store)
     cfg, info = store.config, store.sparse
-    cluster = store.ffn_layouts[0]["cluster"]
+    cluster = args.cluster or store.ffn_layouts[0]["cluster"]
     norms = []
     for i in range(cfg.n_layers):
         t = store.tensor(f"blk.{i}.ffn_down.weight")
