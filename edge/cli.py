@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     run.add_argument("--system", default=None, help="system prompt (with --chat)")
     run.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
+    run.add_argument("--profile", action="store_true",
+                     help="print where each decoded token's time went: FFN compute, FFN read wait, attention, "
+                          "head, embedding, other (always in --json, as profile_ms_per_token)")
     run.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-turn token")
     add_sampling_args(run, 0.0)
 
@@ -178,6 +181,7 @@ def cmd_run(args) -> int:
             "decode_wait_seconds": round(s.decode_wait_seconds, 6),
             "device": engine.device.name if engine.device else None, "emulated": engine.emulating,
             "decode_flash_model_seconds": round(s.decode_flash_model_seconds, 6),
+            "profile_ms_per_token": s.profile(), "ffn_reads": s.ffn_reads(),
         }))
     else:
         print(file=sys.stdout)
@@ -186,6 +190,13 @@ def cmd_run(args) -> int:
         print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tok_s:.1f} tok/s, {len(s.tokens)} generated at "
               f"{s.tok_s:.1f} tok/s; peak RSS {format_size(s.peak_rss_bytes)}, flash read "
               f"{format_size(s.flash_read_bytes)}; stopped: {s.stopped}]", file=sys.stderr)
+        if args.profile and s.profile():
+            print("per token: " + ", ".join(f"{k} {v:.1f}ms" for k, v in s.profile().items()), file=sys.stderr)
+            r = s.ffn_reads()
+            if r:
+                print(f"FFN reads: {format_size(r['bytes_per_token'])} per token in reads of "
+                      f"{format_size(r['mean_read_bytes'])} on average, at {format_size(r['bytes_per_second'])}/s "
+                      "(compare `edge probe-flash`)", file=sys.stderr)
     return 130 if s.stopped == "cancelled" else 0
 
 

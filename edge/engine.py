@@ -55,6 +55,28 @@ class RunStats:
     shrinks: list[str] = field(default_factory=list)  # cache given back under memory pressure
     decode_wait_seconds: float = 0.0   # decode time spent waiting for reads (the rest computed)
     decode_flash_model_seconds: float = 0.0  # decode reads timed on the emulated device's curve (--device)
+    decode_counters: dict = field(default_factory=dict)  # over the decode: Engine.counters()' differences
+
+    def profile(self) -> dict[str, float]:
+        """Milliseconds per decoded token by part: the FFN's compute and its wait for reads, attention, the head
+        and the embedding (their row reads included, `row reads` apart), and the rest (sampling, the loop)."""
+        n, p = len(self.tokens) - 1, self.decode_counters
+        if n <= 0 or not p:
+            return {}
+        parts = {"ffn compute": p["ffn"] - p["ffn_read_wait"], "ffn read wait": p["ffn_read_wait"],
+                 "attention": p["attention"], "head": p["head"], "embedding": p["embedding"]}
+        parts["other"] = self.decode_seconds - sum(parts.values())
+        parts["row reads (in head, embedding)"] = p["row_read_wait"]
+        return {k: round(1e3 * v / n, 3) for k, v in parts.items()}
+
+    def ffn_reads(self) -> dict[str, float]:
+        """The FFN's reads over the decode: bytes per token, mean read size, and the bandwidth they ran at
+        (bytes over the time the reading threads spent in them: read ahead or waited for)."""
+        n, p = len(self.tokens) - 1, self.decode_counters
+        if n <= 0 or not p.get("ffn_reads"):
+            return {}
+        return {"bytes_per_token": p["ffn_read_bytes"] // n, "mean_read_bytes": p["ffn_read_bytes"] // p["ffn_reads"],
+                "bytes_per_second": round(p["ffn_read_bytes"] / max(p["ffn_read_seconds"], 1e-9))}
 
     @property
     def prefill_tok_s(self) -> float:
@@ -208,12 +230,14 @@ class Engine:
         stats.prefill_seconds = time.perf_counter() - t0
         history = list(prompt)
         wait0, model0 = self.io_seconds()
+        counters0 = self.counters()
         try:
             yield from self._decode(logits, history, max_tokens, sampler, stop_at_end, stream)
         finally:
             stats.stopped = stats.stopped or "cancelled"
             wait1, model1 = self.io_seconds()
             stats.decode_wait_seconds, stats.decode_flash_model_seconds = wait1 - wait0, model1 - model0
+            stats.decode_counters = {k: v - counters0[k] for k, v in self.counters().items()}
             stats.flash_read_bytes = self.meter.read_bytes() - io0
             stats.peak_rss_bytes = self.meter.peak_rss
 
@@ -266,6 +290,16 @@ class Engine:
         wait = self.file.engine.stats.wall + self.model.parts.ffn.wait_seconds if self.plan is not None else 0.0
         emu = flash.emulation()
         return wait, emu.seconds if emu else 0.0
+
+    def counters(self) -> dict[str, float]:
+        """So far: seconds in each part of the model (edge.model.PROFILED), in the FFN's wait for its reads and
+        in row reads from the store (embedding, head candidates; 0 without a budget); the FFN engines' reads,
+        bytes and seconds in reading."""
+        ffn = [e.stats for e in self.model.parts.ffn.engines]
+        return {**self.model.seconds, "ffn_read_wait": self.model.parts.ffn.wait_seconds,
+                "row_read_wait": self.file.engine.stats.wall if self.plan is not None else 0.0,
+                "ffn_reads": sum(s.reads for s in ffn), "ffn_read_bytes": sum(s.bytes for s in ffn),
+                "ffn_read_seconds": sum(s.wall for s in ffn)}
 
     def resize(self, budget: int, baseline: int | None = None) -> Plan:
         """Re-plan for a new budget while the model is loaded (between tokens, also mid-answer), and let the

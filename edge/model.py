@@ -8,6 +8,7 @@ in `edge.sampling`; this module only turns token ids into logits.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from edge.memory import release_free_memory
 from edge.parts import ACTIVATIONS, Parts, Trace, load_vector, resident_parts
 
 
+PROFILED = ("embedding", "attention", "ffn", "head")  # the parts Transformer.seconds times
 PREFILL_CHUNK = 32  # under a budget, prompts run this many positions at a time (activations scale with it)
 
 
@@ -120,6 +122,7 @@ class Transformer:
         self.rope_local = Rope(cfg, cfg.rope_base_local, n_ctx) if cfg.sliding_window else self.rope_global
         self._trace: Trace | None = None
         self.last_hidden: np.ndarray | None = None
+        self.seconds = dict.fromkeys(PROFILED, 0.0)  # wall time in each part so far (`edge run --profile`)
         release_free_memory()
 
     @property
@@ -172,7 +175,9 @@ class Transformer:
         if not all_logits:
             x = x[-1:]
         x = rms_norm(x, self.output_norm, self.cfg.norm_eps)
+        t = time.perf_counter()
         (logits,) = self.parts.head(x)
+        self.seconds["head"] += time.perf_counter() - t
         return logits if all_logits else logits[0]
 
     def nll(self, tokens) -> np.ndarray:
@@ -199,7 +204,9 @@ class Transformer:
             x = np.concatenate([self._hidden(tokens[i:i + chunk], start + i) for i in range(0, len(tokens), chunk)])
             self.last_hidden = x
             return x
+        t = time.perf_counter()
         x = self.embed(tokens)
+        self.seconds["embedding"] += time.perf_counter() - t
         for i in range(len(self.layers)):
             x = self.block(i, x, start)
         self.last_hidden = x  # before the final norm (calibration reads it)
@@ -207,12 +214,17 @@ class Transformer:
 
     def block(self, i: int, x: np.ndarray, start: int) -> np.ndarray:
         """Block i on x (T, dim) at positions start..: attention, then the FFN, each a residual line."""
-        cfg, layer = self.cfg, self.layers[i]
+        cfg, layer, seconds = self.cfg, self.layers[i], self.seconds
+        t0 = time.perf_counter()
         h = self._attention(i, layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), start)
         if layer.attn_post_norm is not None:
             h = rms_norm(h, layer.attn_post_norm, cfg.norm_eps)
         x = x + h
+        t1 = time.perf_counter()
         h = self.parts.ffn(i, rms_norm(x, layer.ffn_norm, cfg.norm_eps), x)
+        t2 = time.perf_counter()
+        seconds["attention"] += t1 - t0
+        seconds["ffn"] += t2 - t1
         if layer.ffn_post_norm is not None:
             h = rms_norm(h, layer.ffn_post_norm, cfg.norm_eps)
         return x + h

@@ -226,6 +226,10 @@ def test_run_under_budget_reports_plan_and_streams(smol_calibrated):
     assert sparse["read_bytes_per_token"] > 0 and 0 < sparse["hit_rate"] < 1 and sparse["streamed"] > 0
     assert len(d["tokens"]) == 12
     assert d["peak_rss_bytes"] <= plan["budget"] * 1.05  # RSS also counts clean library pages a cap can drop
+    prof = d["profile_ms_per_token"]  # where each token's time went: the parts add up to the decode time
+    parts = ("ffn compute", "ffn read wait", "attention", "head", "embedding", "other")
+    assert all(prof[k] >= 0 for k in parts) and prof["ffn read wait"] > 0 and prof["row reads (in head, embedding)"] > 0
+    assert sum(prof[k] for k in parts) == pytest.approx(1e3 * d["decode_seconds"] / 11, rel=0.01)
 
 
 def test_budget_below_minimum_says_the_minimum(capsys, smol_calibrated):

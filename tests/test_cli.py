@@ -40,6 +40,13 @@ def test_run_json_default_model(capsys):
     assert data["peak_rss_bytes"] > 50_000_000 and data["tok_s"] > 0
 
 
+def test_run_profile_says_where_time_went(capsys):
+    code, _, err = run_cli(capsys, "run", "-p", "The capital of France is", "-n", "4", "--profile")
+    line = next(ln for ln in err.splitlines() if ln.startswith("per token:"))
+    for part in ("ffn compute", "attention", "head", "other"):
+        assert f"{part} " in line and "ms" in line
+
+
 def test_run_streams_text_and_chat(capsys):
     code, out, err = run_cli(capsys, "run", "-p", "What is the capital of France?", "--chat", "-n", "24")
     assert code == 0 and len(out.strip()) > 10
