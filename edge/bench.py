@@ -90,7 +90,7 @@ def run_ours(store: Path, ram: int | None, n: int, ctx: int, threads: int, optio
              device: str | None = None, emulate: bool = False) -> dict:
     """`edge run --json` greedy in the cap: tok/s over its decode window, MB read in that window."""
     cmd = [sys.executable, "-m", "edge", "run", str(store), "--ctx", str(ctx), "--threads", str(threads), "-n",
-           str(n), "-p", prompt, "--json", "--temp", "0", "--ignore-eos", *strategy_flags(options)] \
+           str(n), "-p", prompt, "--raw", "--json", "--temp", "0", "--ignore-eos", *strategy_flags(options)] \
         + (["--ram", str(ram)] if ram else [])
     cmd += ["--device", device] + (["--emulate"] if emulate else []) if device else []
     side = run_json(cmd, ram, [f for f in store.rglob("*") if f.is_file()], "edge-bench")

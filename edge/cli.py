@@ -11,13 +11,15 @@ import json
 import sys
 
 from edge.errors import EdgeError
-from edge.flags import add_model_args, add_sampling_args, add_strategy_args, make_engine, sampler_config
+from edge.flags import Parser, add_model_args, add_sampling_args, add_strategy_args, make_engine, sampler_config
 
 EXAMPLES_RUN = """examples:
-  edge run -p "The capital of France is"                 # the default model (SmolLM2-135M-Instruct)
-  edge run model.gguf -p "Write a haiku" --chat -n 64 --temp 0.7 --seed 1
-  edge run -p "Hello" --json                              # one JSON object with tokens and stats
-  edge run mixtral.edge --ram 1GB -p "Hello" --prefetch 2  # experts paged from flash, 2 read ahead per layer
+  edge run "What is the capital of France?"       # the default model (SmolLM2-135M-Instruct), its chat template
+  edge run model.gguf "Write a haiku" -n 64 --temp 0.7 -s 1
+  edge run -m model.gguf -p "Once upon a time" --raw   # plain completion, no chat template
+  echo "Summarize: ..." | edge run qwen2.5-coder-1.5b  # the prompt from stdin (also -p -)
+  edge run "Hello" --json                         # one JSON object with tokens and stats
+  edge run qwen2.5-coder-1.5b --ram 600MB "Write quicksort in Python" --profile   # larger than the budget
 """
 EXAMPLES_EVAL = """examples:
   edge eval                                   # default model, default text (a slice of pydoc_data.topics)
@@ -42,15 +44,23 @@ EXAMPLES_BENCH = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge", description="Run language models larger than the RAM you give them.")
+    from edge import __version__
+
+    ap = Parser(prog="edge", description="Run language models larger than the RAM you give them.")
+    ap.add_argument("--version", action="version", version=f"edge {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="generate text from a prompt", epilog=EXAMPLES_RUN,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(run, 2048)
-    run.add_argument("-p", "--prompt", required=True, help="the prompt text")
-    run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    run.add_argument("--system", default=None, help="system prompt (with --chat)")
+    run.add_argument("prompt_arg", nargs="?", default=None, metavar="PROMPT",
+                     help="the prompt (or -p; from stdin with -p - or when piped); with one argument that is not a "
+                          "model and holds a space, that argument")
+    run.add_argument("-p", "--prompt", default=None, help="the prompt text; - reads it from stdin")
+    run.add_argument("--raw", action="store_true",
+                     help="plain completion: the prompt as it is, not in the model's chat template (the default "
+                          "where the model has one)")
+    run.add_argument("--system", default=None, help="system prompt (in the chat template)")
     run.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
     run.add_argument("--profile", action="store_true",
                      help="print where each decoded token's time went: FFN compute, FFN read wait, attention, "
@@ -153,12 +163,13 @@ def cmd_run(args) -> int:
     from edge.sampling import Sampler
     from edge.sizes import format_size
 
+    text = run_prompt(args)
     engine = make_engine(args)
-    if args.chat:
+    if not args.raw and engine.tokenizer.has_chat_template:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        prompt = engine.chat_tokens(messages + [{"role": "user", "content": args.prompt}])
+        prompt = engine.chat_tokens(messages + [{"role": "user", "content": text}])
     else:
-        prompt = engine.tokenizer.encode(args.prompt)
+        prompt = engine.tokenizer.encode(text)
     pieces = []
     try:
         for ev in engine.generate(prompt, args.max_tokens, Sampler(sampler_config(args)),
@@ -198,6 +209,28 @@ def cmd_run(args) -> int:
                       f"{format_size(r['mean_read_bytes'])} on average, at {format_size(r['bytes_per_second'])}/s "
                       "(compare `edge probe-flash`)", file=sys.stderr)
     return 130 if s.stopped == "cancelled" else 0
+
+
+def run_prompt(args) -> str:
+    """The prompt `edge run` was given: the argument, -p, or stdin (-p -, or piped with neither). One argument
+    that names no model and holds a space is the prompt for the default model (`edge run "Hi there"`)."""
+    from pathlib import Path
+
+    from edge.models import CATALOGUE
+
+    if args.model is not None and args.prompt_arg is None and args.model_flag is not None:
+        args.prompt_arg, args.model = args.model, None  # `edge run -m MODEL "prompt"`
+    elif (args.model is not None and args.prompt_arg is None and " " in args.model
+          and args.model not in CATALOGUE and not Path(args.model).exists()):
+        args.prompt_arg, args.model = args.model, None
+    if args.prompt is not None and args.prompt_arg is not None:
+        raise EdgeError(f"two prompts given ({args.prompt_arg!r} and -p {args.prompt!r}); give one")
+    text = args.prompt if args.prompt is not None else args.prompt_arg
+    if text == "-" or (text is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+    if not text:
+        raise EdgeError('no prompt: give it as an argument (edge run MODEL "prompt"), with -p, or on stdin')
+    return text
 
 
 def cmd_eval(args) -> int:
@@ -307,7 +340,13 @@ COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "probe-flash": c
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "run" and args.prompt_arg is None and len(extra) == 1 \
+            and not extra[0].startswith("-"):
+        args.prompt_arg = extra[0]  # `edge run MODEL --ram 1GB "prompt"`: argparse takes positionals once
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return run_handler("edge", getattr(args, "handler", None) or COMMANDS[args.command], args)
 
 

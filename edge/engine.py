@@ -245,6 +245,9 @@ class Engine:
         """decode_seconds and decode_read_bytes run from the first token sampled (its logits came from the
         prefill) to the last: forward steps and sampling, as a native peer's decode window counts."""
         stats = self.last
+        if max_tokens <= 0:
+            stats.stopped = "length"
+            return
         step_start, io_start = time.perf_counter(), self.meter.read_bytes()
         first = None
         for _ in range(max_tokens):

@@ -6,13 +6,56 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edge.errors import EdgeError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (what was wrong, where help is), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
+
+
+def whole(minimum: int):
+    """An argparse type: a whole number >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
+def number(low: float, high: float = float("inf"), low_open: bool = False):
+    """An argparse type: a number in [low, high] ((low, high] with low_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value > low if low_open else value >= low) or value > high or value != value:
+            where = f"{'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high < float("inf")
+                                                                       else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a number {where}")
+        return value
+    return parse
+
+
+MODEL_HELP = ("a GGUF file, a .edge store or a name from `edge models` (qwen2.5-coder-1.5b, ...); omitted: the "
+              "embedded default, SmolLM2-135M-Instruct")
+
 
 def add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
-    p.add_argument("model", nargs="?", default=None,
-                   help="a GGUF model, a .edge store, or a name from `edge models` (qwen2.5-coder-1.5b, ...); "
-                        "omitted: the embedded default, SmolLM2-135M-Instruct")
-    p.add_argument("--ctx", type=int, default=ctx_default, help=f"context length in tokens (default {ctx_default})")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all available cores)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("-m", "--model", dest="model_flag", default=None, metavar="MODEL",
+                   help="the model as a flag, as llama.cpp spells it (instead of the argument)")
+    p.add_argument("-c", "--ctx", type=whole(16), default=ctx_default,
+                   help=f"context length in tokens (default {ctx_default})")
+    p.add_argument("-t", "--threads", type=whole(1), default=None,
+                   help="compute threads (default: all available cores)")
     p.add_argument("--backend", choices=("auto", "ort", "ggml", "numpy"), default="auto",
                    help="compute backend: ort (onnxruntime on the quantized weights), ggml (llama.cpp's kernels, the "
                         "least RAM; what --ram uses), numpy (float32 reference); auto (default): ggml for K-quant "
@@ -32,15 +75,16 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
 
 def add_strategy_args(g) -> None:
     """The strategy flags, one definition for every command that plans a budget (run, eval, chat, info, bench)."""
+    from edge.sparse import SPARSITIES
     from edge.strategies import NAMES, help_text
 
     g.add_argument("--strategy", choices=NAMES, default="auto", help=help_text())
-    g.add_argument("--sparsity", type=float, default=0.0,
-                   help="fraction of FFN clusters the predictors may skip per token (0, 0.25, 0.5, 0.75, 0.9; "
-                        "default 0: exact)")
-    g.add_argument("--window", type=int, default=5,
+    g.add_argument("--sparsity", type=float, choices=SPARSITIES, default=0.0, metavar="S",
+                   help="with --ram: fraction of FFN clusters the predictors may skip per token, one of the "
+                        f"calibrated {', '.join(f'{v:g}' for v in SPARSITIES)} (default 0: exact)")
+    g.add_argument("--window", type=whole(1), default=5,
                    help="tokens whose clusters are the last to leave the cache (default 5)")
-    g.add_argument("--prefetch", type=int, default=0, metavar="N",
+    g.add_argument("--prefetch", type=whole(0), default=0, metavar="N",
                    help="mixture of experts: experts predicted and read ahead per layer (default 0: load on demand, "
                         "measured faster on 2 cores; try the k a token uses with spare cores); with --sparsity > 0, "
                         "any N > 0 reads ahead the clusters the next layer's predictor names")
@@ -76,6 +120,8 @@ def budget_options(args) -> dict:
         from edge.profile import load
 
         ram = load(args.device).ram  # the device's default budget
+    if ram is None and args.sparsity > 0:
+        raise EdgeError(f"--sparsity {args.sparsity:g} needs --ram: it chooses what a budget skips reading")
     if ram is not None and (msg := warn_above_physical(ram)):
         print(f"warning: {msg}", file=sys.stderr)
     return dict(verify=args.verify_reads, ram=ram, options=strategy_options(args), device=args.device,
@@ -86,18 +132,28 @@ def make_engine(args):
     """The Engine the shared model flags describe."""
     from edge.engine import Engine
 
-    return Engine(args.model, n_ctx=args.ctx, backend=args.backend, threads=args.threads, **budget_options(args))
+    return Engine(model_arg(args), n_ctx=args.ctx, backend=args.backend, threads=args.threads,
+                  **budget_options(args))
+
+
+def model_arg(args) -> str | None:
+    """The model the user named: `-m MODEL` or the argument (both: an error)."""
+    if args.model_flag is not None and args.model is not None:
+        raise EdgeError(f"two models given ({args.model_flag} with -m and {args.model}); give one")
+    return args.model_flag if args.model_flag is not None else args.model
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temp_default: float) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
-    p.add_argument(
-        "--temp", type=float, default=temp_default, help=f"temperature; 0 is greedy (default {temp_default})"
-    )
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens (default 1.0: off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("-n", "--max-tokens", type=whole(0), default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temp", type=number(0.0), default=temp_default,
+                   help=f"temperature; 0 is greedy (default {temp_default})")
+    p.add_argument("--top-k", type=whole(0), default=40,
+                   help="sample among the k most likely tokens (default 40; 0: all)")
+    p.add_argument("--top-p", type=number(0.0, 1.0, low_open=True), default=0.95,
+                   help="nucleus sampling mass, in (0, 1] (default 0.95; 1: off)")
+    p.add_argument("--repeat-penalty", type=number(0.0, low_open=True), default=1.0,
+                   help="penalty for recent tokens (default 1.0: off)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed for sampling")
 
 
 def sampler_config(args):

@@ -46,6 +46,7 @@ from edge.flash import ALIGN, IOEngine
 from edge.ggml import Weight
 from edge.memory import release_free_memory
 
+SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)  # the levels calibration fits thresholds for (--sparsity)
 PREDICTOR = "ridge-log-importance"  # the predictors' kind in attributes["edge"]["sparse"] (weights_tools.calibrate)
 
 PREFETCH_READ = 1 << 20
@@ -175,7 +176,10 @@ class SparseFFN:
         self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
         self.layouts = [Layout(lay) for lay in store.ffn_layouts]
         self.window = window
-        key = min(info["layers"][0]["thresholds"], key=lambda k: abs(float(k) - sparsity))
+        key = next((k for k in info["layers"][0]["thresholds"] if float(k) == sparsity), None) if cache else "0.0"
+        if key is None:
+            raise EdgeError(f"--sparsity {sparsity:g}: {store.path} is calibrated for "
+                            f"{', '.join(info['layers'][0]['thresholds'])}; choose one of those")
         self.sparsity = float(key)
         self.predicting = cache and self.sparsity > 0
         self.read_ahead = self.predicting and read_ahead

@@ -491,6 +491,7 @@ class Tokenizer:
         self.bos_id = -1 if self._vocab.bos is None else self._vocab.bos
         self.eos_id = -1 if self._vocab.eos is None else self._vocab.eos
         self.add_bos = self._vocab.add_bos
+        self.has_chat_template = template is not None  # the model's own (else a default by architecture)
         self.template_source = template or (GEMMA_TEMPLATE if arch.startswith("gemma") else CHATML_TEMPLATE)
         self._template = None
 

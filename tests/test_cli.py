@@ -30,7 +30,7 @@ def assert_one_line_error(code, err, *words):
 
 
 def test_run_json_default_model(capsys):
-    code, out, _ = run_cli(capsys, "run", "-p", "The capital of France is", "-n", "8", "--json")
+    code, out, _ = run_cli(capsys, "run", "-p", "The capital of France is", "--raw", "-n", "8", "--json")
     assert code == 0
     data = json.loads(out)
     for key in ("tokens", "text", "prompt_tokens", "tok_s", "prefill_tok_s", "peak_rss_bytes", "flash_read_bytes"):
@@ -47,8 +47,49 @@ def test_run_profile_says_where_time_went(capsys):
         assert f"{part} " in line and "ms" in line
 
 
+def test_run_applies_the_chat_template_by_default(capsys, smollm2):
+    """As ollama and mlx_lm do: the model's own template unless --raw (plain completion)."""
+    from edge.tokenizer import Tokenizer
+
+    f = GGUFFile(smollm2)
+    tok = Tokenizer(smollm2, f.config.arch, f.chat_template)
+    question = "What is the capital of France?"
+    chat = json.loads(run_cli(capsys, "run", question, "-n", "1", "--json")[1])
+    raw = json.loads(run_cli(capsys, "run", question, "--raw", "-n", "1", "--json")[1])
+    assert chat["prompt_tokens"] == len(tok.encode_chat([{"role": "user", "content": question}]))
+    assert raw["prompt_tokens"] == len(tok.encode(question)) < chat["prompt_tokens"]
+
+
+def test_run_takes_the_prompt_as_users_give_it(capsys, monkeypatch, smollm2):
+    """An argument (after the model, before or after flags), -p, stdin (-p -), llama.cpp's -m/-c/-t/-s; two
+    prompts or none: one line that says what to do."""
+    import io
+
+    def prompt_tokens(*argv):
+        code, out, err = run_cli(capsys, "run", *argv, "--raw", "-n", "1", "--json")
+        assert code == 0, err
+        return json.loads(out)["prompt_tokens"]
+
+    want = prompt_tokens("-p", "Hello there")
+    assert prompt_tokens(str(smollm2), "Hello there") == want
+    assert prompt_tokens(str(smollm2), "-c", "128", "Hello there") == want  # after a flag
+    assert prompt_tokens("-m", str(smollm2), "-t", "1", "-s", "3", "Hello there") == want
+    assert prompt_tokens("Hello there") == want  # one argument with a space: a prompt for the default model
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there"))
+    assert prompt_tokens("-p", "-") == want
+    assert_one_line_error(*run_cli(capsys, "run", "a b", "-p", "c d")[::2], "two prompts", "give one")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert_one_line_error(*run_cli(capsys, "run", "-p", "-")[::2], "no prompt", "-p")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("edge 0.")
+
+
 def test_run_streams_text_and_chat(capsys):
-    code, out, err = run_cli(capsys, "run", "-p", "What is the capital of France?", "--chat", "-n", "24")
+    code, out, err = run_cli(capsys, "run", "-p", "What is the capital of France?", "-n", "24")
     assert code == 0 and len(out.strip()) > 10
     assert "tok/s" in err and "peak RSS" in err
 
@@ -69,7 +110,7 @@ def test_chat_template_matches_llama_cpp_python(smollm2):
 
 
 def test_seeded_sampling_is_reproducible(capsys):
-    args = ("run", "-p", "Tell me a story", "--chat", "-n", "12", "--temp", "0.9", "--seed", "5", "--json")
+    args = ("run", "-p", "Tell me a story", "-n", "12", "--temp", "0.9", "-s", "5", "--json")
     first = json.loads(run_cli(capsys, *args)[1])["tokens"]
     second = json.loads(run_cli(capsys, *args)[1])["tokens"]
     assert first == second
@@ -183,3 +224,32 @@ def test_fields_are_the_gguf_readers(smollm2):
     for key, f in theirs.items():
         assert [ours[key].vtype] + ([ours[key].sub_type] if ours[key].sub_type is not None else []) == f.types, key
         assert ours[key].value == f.contents(), key
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threads", "0"], ["--threads", "below 1"]),
+    (["-t", "two"], ["--threads", "not a whole number"]),
+    (["--temp", "-1"], ["--temp", "at least 0"]),
+    (["--top-p", "7"], ["--top-p", "at most 1"]),
+    (["--top-p", "0"], ["--top-p", "above 0"]),
+    (["--top-k", "-3"], ["--top-k", "below 0"]),
+    (["--repeat-penalty", "0"], ["--repeat-penalty", "above 0"]),
+    (["--ctx", "0"], ["--ctx", "below 16"]),
+    (["-n", "-1"], ["--max-tokens", "below 0"]),
+    (["--sparsity", "2"], ["--sparsity", "invalid choice"]),
+    (["--sparsity", "0.3"], ["--sparsity", "0.25"]),
+    (["--sparsity", "0.25"], ["--sparsity 0.25 needs --ram"]),
+    (["--window", "0"], ["--window", "below 1"]),
+    (["--strategy", "fast"], ["--strategy", "invalid choice"]),
+])
+def test_bad_flags_are_refused_in_one_line(capsys, argv, words):
+    try:
+        code = main(["run", "-p", "hi", "-n", "1", *argv])
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    assert_one_line_error(code, capsys.readouterr().err, *words)
+
+
+def test_zero_tokens_stop_at_length(capsys):
+    code, out, _ = run_cli(capsys, "run", "-p", "hi", "-n", "0", "--json")
+    assert code == 0 and json.loads(out)["stopped"] == "length" and json.loads(out)["tokens"] == []

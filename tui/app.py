@@ -455,7 +455,7 @@ class ChatApp(App):
 
 
 def run_chat(args) -> int:
-    from edge.flags import budget_options, sampler_config
+    from edge.flags import budget_options, model_arg, sampler_config
     from tui import history
 
     if args.list:
@@ -466,6 +466,6 @@ def run_chat(args) -> int:
             print(f"{c.id:18} {c.created:19} {len(c.messages):3} messages  {c.title}")
         return 0
     resume = history.find(args.resume) if args.resume else None
-    ChatApp(args.model, system=args.system, n_ctx=args.ctx, sampler=sampler_config(args), max_tokens=args.max_tokens,
+    ChatApp(model_arg(args), system=args.system, n_ctx=args.ctx, sampler=sampler_config(args), max_tokens=args.max_tokens,
             backend=args.backend, threads=args.threads, engine_options=budget_options(args), resume=resume).run()
     return 0

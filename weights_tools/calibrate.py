@@ -56,9 +56,7 @@ import numpy as np
 from edge import quants
 from edge.errors import EdgeError
 from edge.head import second_stage
-from edge.sparse import PREDICTOR, pack_predictors, predict
-
-SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
+from edge.sparse import PREDICTOR, SPARSITIES, pack_predictors, predict
 
 
 def collect_activations(src, tok, tokens: int, threads: int | None, reduce=None, x_sink=None):
