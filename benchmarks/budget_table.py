@@ -63,8 +63,9 @@ def main() -> None:
             for strategy, sparsity in configs:
                 common = ["--ram", str(budget), "--ctx", "256", "--threads", "2", "--strategy", strategy,
                           "--sparsity", str(sparsity)]
-                run = run_json([sys.executable, "-m", "edge", "run", str(store), "-p", PROMPT, "--raw", "-n", str(args.n),
-                                   "--json", "--temp", "0", "--ignore-eos", *common], budget, [], "edge-table")
+                cmd = [sys.executable, "-m", "edge", "run", str(store), "-p", PROMPT, "--raw", "-n", str(args.n),
+                       "--json", "--temp", "0", "--ignore-eos", *common]
+                run = run_json(cmd, budget, [], "edge-table")
                 ev = run_json([sys.executable, "-m", "edge", "eval", str(store), "--windows", "2", "--json",
                                   *common], budget, [], "edge-table")
                 if "error" in run or "error" in ev:

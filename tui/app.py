@@ -466,6 +466,7 @@ def run_chat(args) -> int:
             print(f"{c.id:18} {c.created:19} {len(c.messages):3} messages  {c.title}")
         return 0
     resume = history.find(args.resume) if args.resume else None
-    ChatApp(model_arg(args), system=args.system, n_ctx=args.ctx, sampler=sampler_config(args), max_tokens=args.max_tokens,
-            backend=args.backend, threads=args.threads, engine_options=budget_options(args), resume=resume).run()
+    ChatApp(model_arg(args), system=args.system, n_ctx=args.ctx, sampler=sampler_config(args),
+            max_tokens=args.max_tokens, backend=args.backend, threads=args.threads,
+            engine_options=budget_options(args), resume=resume).run()
     return 0
