@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from edge.models import default_model_path, gemma3_270m_path, pull
+
+# A config dir of the tests' own: `edge probe-flash` saves this machine's profile in the user's, and conversions
+# size their bundles by it, so tests that plan or stack would depend on who measured what here before.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="edge-tests-config-")
 
 
 @pytest.fixture(scope="session")
