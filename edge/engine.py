@@ -113,6 +113,16 @@ class EngineStats:
                 "cache": self.cache, "head": self.head}
 
 
+def plan_budget(src, ram: int, n_ctx: int, options: Options, meter: Meter) -> tuple:
+    """(strategy, plan, tokenizer) for a budget: the tokenizer opened first (its vocabulary is part of the
+    fixed part the plan measures), the temporaries of reading it given back, then the baseline measured. One
+    measurement for `edge run`, `chat` and `info`: the same inputs give the same minimum and plan."""
+    tokenizer = Tokenizer(src.tokenizer_path, src.config.arch, src.chat_template)
+    release_free_memory()
+    strategy = strategies.resolve(src, options.strategy)
+    return strategy, strategy.plan(src, ram, meter.baseline(), n_ctx, options), tokenizer
+
+
 class Engine:
     """A model ready to generate: weights, KV cache, tokenizer; one conversation's cache state."""
 
@@ -155,10 +165,7 @@ class Engine:
             self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads)
             self.tokenizer = tokenizer()  # after the model: its checks name a bad tensor, llama.cpp's do not
         else:
-            self.tokenizer = tokenizer()  # part of the baseline the planner measures
-            release_free_memory()  # reading the vocabulary's temporaries are not baseline
-            self.strategy = strategies.resolve(self.file, options.strategy)
-            self.plan = self.strategy.plan(self.file, ram, self.meter.baseline(), self.n_ctx, options)
+            self.strategy, self.plan, self.tokenizer = plan_budget(self.file, ram, self.n_ctx, options, self.meter)
             size = self.strategy.io_buffer(self.plan)
             if size != len(io.buffer):  # BitStack: blocks over half the buffer; a streamed FFN: its largest chunk
                 io.close()

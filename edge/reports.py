@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from edge import profile, quants, strategies
+from edge import profile, quants
 from edge.bitstack import StackInfo
 from edge.errors import EdgeError
 from edge.flags import strategy_options
@@ -16,15 +16,16 @@ from edge.models import resolve_model
 from edge.sizes import format_size, parse_size
 from edge.sparse import PREDICTOR
 from edge.store import Store, ffn_part
-from edge.tokenizer import Tokenizer
 
 
 def print_info(args) -> int:
     """`edge info`: what a model holds, by part and format; a store's bundles, calibration and stack; with --ram,
     the plan."""
+    from edge.engine import plan_budget  # first, as a run does: the modules a run has loaded when it plans
+
     path = resolve_model(args.model, store=bool(args.ram))
     src = Store(path) if path.is_dir() else GGUFFile(path)
-    plan = _info_plan(args, src, path) if args.ram else None  # first: the baseline a run would start from
+    plan = _info_plan(args, src, path, plan_budget) if args.ram else None  # first: the baseline a run starts from
     cfg = src.config
     parts: Counter = Counter()
     formats: Counter = Counter()
@@ -137,15 +138,12 @@ def _info_stack(src) -> None:
           if info.streams_ffn else "  FFN not stored by clusters (`edge stack` again for --strategy bitstack-stream)")
 
 
-def _info_plan(args, src, path):
+def _info_plan(args, src, path, plan_budget):
     """What --ram would keep resident and what would stream (the same planner as run)."""
     if src.kind != "edge store":
         raise EdgeError(f"{path}: --ram plans need a calibrated store; run `edge convert {path} --calibrate`")
-    options = strategy_options(args)
-    strategy = strategies.resolve(src, options.strategy)
-    Tokenizer(src.tokenizer_path, src.config.arch, src.chat_template)  # the baseline a run would have
     n_ctx = min(args.ctx, src.config.context_length)
-    return strategy.plan(src, parse_size(args.ram, flag="--ram"), Meter().rss(), n_ctx, options)
+    return plan_budget(src, parse_size(args.ram, flag="--ram"), n_ctx, strategy_options(args), Meter())[1]
 
 
 def print_devices(name: str | None) -> int:

@@ -417,3 +417,19 @@ def test_resize_live_grows_and_shrinks_between_tokens(smol_calibrated):
     assert shrunk.detail.slots == 0 and engine.model.parts.ffn.cache_bytes == 0
     tokens += [ev.token for ev in gen]  # generation goes on with everything streamed
     assert len(tokens) == 40 and engine.last.stopped == "length"
+
+
+def test_info_and_run_make_the_same_plan(smol_calibrated):
+    """`edge info --ram` and `edge run --ram` measure the fixed part one way (edge.engine.plan_budget): the same
+    minimum and the same neuron cache, up to the allocator's state in two processes (~1.5MB of heap)."""
+    import re
+
+    code, out, err = edge("info", str(smol_calibrated), "--ram", "120MB", "--ctx", "256")
+    assert code == 0, err
+    baseline = parse_size(re.search(r"baseline ([\d.]+[kMG]B)", out).group(1))
+    slots = int(re.search(r"(\d+)/\d+ clusters per layer", out).group(1))
+    code, out, err = edge("run", str(smol_calibrated), "--ram", "120MB", "--ctx", "256", "-n", "1", "--raw", "-p",
+                          "hi", "--json")
+    assert code == 0, err
+    plan = json.loads(out)["plan"]
+    assert abs(plan["baseline"] - baseline) < 2.5e6 and abs(plan["slots"] - slots) <= 3, (out, baseline, slots)
