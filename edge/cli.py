@@ -11,7 +11,8 @@ import json
 import sys
 
 from edge.errors import EdgeError
-from edge.flags import Parser, add_model_args, add_sampling_args, add_strategy_args, make_engine, sampler_config
+from edge.flags import (MODEL_HELP, Parser, add_model_args, add_sampling_args, add_strategy_args, make_engine,
+                        sampler_config)
 
 EXAMPLES_RUN = """examples:
   edge run "What is the capital of France?"       # the default model (SmolLM2-135M-Instruct), its chat template
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  edge info\n  edge info model.edge\n  edge info model.edge --ram 150MB --ctx 256\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    info.add_argument("model", nargs="?", default=None, help="a GGUF file or .edge store (default model if omitted)")
+    info.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     info.add_argument("--ram", default=None, metavar="SIZE", help="show what this budget keeps resident and streams")
     info.add_argument("--ctx", type=int, default=2048, help="context for the --ram plan (default 2048)")
     add_strategy_args(info.add_argument_group("the --ram plan's strategy"))
@@ -119,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ctx", type=int, default=512, help="context for both (default 512)")
     bench.add_argument("--threads", type=int, default=None, help="threads for both (default 2)")
     add_strategy_args(bench.add_argument_group("our side's strategy"))
-    bench.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")
+    bench.add_argument("-p", "--prompt", default="Once upon a time, in a small village by the sea,",
+                       help="the prompt both sides continue, as plain text (default: 'Once upon a time, ...')")
     bench.add_argument("--sweep", default=None, metavar="SIZES",
                        help="comma-separated budgets, e.g. 150MB,200MB,300MB,none (none: uncapped)")
     bench.add_argument("--out", default="benchmarks/sweep", help="sweep output stem: STEM.csv, STEM.svg and STEM.png")

@@ -242,7 +242,7 @@ def test_corrupt_stack_block_is_named_on_load(tiny_stacked, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [(["--iters", "0"], "--iters and --rank must be at least 1"),
-                                            (["--calib", "100000000"], "calibration text has")])
+                                            (["--calib-tokens", "100000000"], "calibration text has")])
 def test_stack_cli_bad_flags_are_one_line(tiny_stacked, tmp_path, capsys, flags, message):
     import shutil
 

@@ -253,3 +253,21 @@ def test_bad_flags_are_refused_in_one_line(capsys, argv, words):
 def test_zero_tokens_stop_at_length(capsys):
     code, out, _ = run_cli(capsys, "run", "-p", "hi", "-n", "0", "--json")
     assert code == 0 and json.loads(out)["stopped"] == "length" and json.loads(out)["tokens"] == []
+
+
+def test_quant_names_in_any_case(tmp_path):
+    """As `edge info` prints them (Q8_0) or in lower case, for convert and make-model alike."""
+    import subprocess
+    import sys
+
+    from edge.cli import build_parser
+
+    assert build_parser().parse_args(["convert", "m.gguf", "--quant", "Q8_0"]).quant == "q8_0"
+    assert build_parser().parse_args(["convert", "m.gguf", "--quant", "q4_0"]).quant == "q4_0"
+    out = tmp_path / "tiny.gguf"
+    proc = subprocess.run([sys.executable, "-m", "weights_tools", "make-model", "--layers", "1", "--dim", "64",
+                           "--ffn", "128", "--quant", "q8_0", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    f = GGUFFile(out)
+    types = {f.tensor(n).type_id for n in f.tensor_names() if n.endswith("ffn_up.weight")}
+    assert types == {gguf.GGMLQuantizationType.Q8_0}

@@ -7,8 +7,8 @@ EXAMPLES = """examples:
   edge convert model.gguf                      # writes model.edge/ beside it
   edge convert model.gguf -o /mnt/nvme/model.edge --cluster 64
   edge convert model.gguf --device rpi5-microsd  # bundles sized for that device's flash
-  edge convert model.gguf --quant q8_0           # requantize every matrix to Q8_0
-  edge convert ./SmolLM2-hf --tokenizer-pre smollm --quant q8_0   # a Hugging Face directory
+  edge convert model.gguf --quant Q8_0           # requantize every matrix to Q8_0
+  edge convert ./SmolLM2-hf --tokenizer-pre smollm --quant Q8_0   # a Hugging Face directory
   edge convert model.gguf --calibrate          # convert, then calibrate for --ram runs
   edge convert model.edge --calibrate          # calibrate an existing store in place
   edge convert --calibrate                     # the default model, for `edge run --ram 150MB`
@@ -29,8 +29,11 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, metavar="NAME",
                    help="size the FFN bundles for this device profile's flash (`edge devices`; default: this "
                         "machine's `edge probe-flash` curve, else 32KiB)")
-    p.add_argument("--quant", default="keep", choices=("keep", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "f16"),
-                   help="keep the source's quant types (default; bit-identical results) or requantize the matrices")
+    p.add_argument("--quant", default="keep", type=str.lower,
+                   choices=("keep", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "f16"),
+                   metavar="{keep,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,F16}",
+                   help="keep the source's quant types (default; bit-identical results) or requantize the matrices "
+                        "to one type (any case)")
     p.add_argument("--tokenizer-pre", default="default",
                    help="Hugging Face sources: llama.cpp's pre-tokenizer name (smollm, llama-bpe, qwen2, ...)")
     p.add_argument("--calibrate", action="store_true",
@@ -179,7 +182,8 @@ def register_stack(sub) -> None:
     p.add_argument("--rank", type=int, default=None,
                    help="rank of each block's magnitude factors (default: scaled to the matrix, 16 on 4096 x 4096)")
     p.add_argument(
-        "--calib", type=int, default=1024, help="calibration tokens for the activation scales (default 1024)"
+        "--calib-tokens", type=int, default=1024,
+        help="calibration tokens for the activation scales (default 1024; as convert's --calib-tokens)"
     )
     p.add_argument("--order-tokens", type=int, default=128,
                    help="held-out tokens each perplexity of the universal order is measured on (default 128)")
@@ -212,7 +216,7 @@ def _run_stack(args) -> int:
     t0 = time.perf_counter()
     progress = Progress(1, 1, args.quiet)
     try:
-        attrs = stack(path, iters=args.iters, rank=args.rank, calib=args.calib, order_tokens=args.order_tokens,
+        attrs = stack(path, iters=args.iters, rank=args.rank, calib=args.calib_tokens, order_tokens=args.order_tokens,
                       threads=args.threads, progress=lambda d, t, label: progress.advance_to(d, t, label))
     finally:
         progress.close()

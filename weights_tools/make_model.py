@@ -187,7 +187,8 @@ def register(sub) -> None:
     p.add_argument("--ffn", type=int, default=None, help="FFN width (default 4 x dim)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (default dim / 64, at least 1)")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
-    p.add_argument("--quant", default="Q4_0", help="ggml type of the matrices (default Q4_0)")
+    p.add_argument("--quant", default="Q4_0", type=str.upper,
+                   help="ggml type of the matrices, any case (default Q4_0)")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--tokenizer-from", default=None,
                    help="a GGUF to take the vocabulary and chat template from (default: SmolLM2's)")

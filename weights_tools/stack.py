@@ -45,8 +45,8 @@ def _windows(store, calib: int, order_tokens: int) -> tuple[list[list[int]], lis
     tok = Tokenizer(store.tokenizer_path, store.config.arch, store.chat_template)
     ids = tok.encode(calibration_text(), add_bos=False)
     if len(ids) < calib + order_tokens:
-        raise EdgeError(f"the calibration text has {len(ids)} tokens, {calib + order_tokens} needed; lower --calib "
-                        "or --order-tokens")
+        raise EdgeError(f"the calibration text has {len(ids)} tokens, {calib + order_tokens} needed; lower "
+                        "--calib-tokens or --order-tokens")
     bos = tok.bos_id if tok.add_bos else None
     width = min(WINDOW, store.config.context_length)
     return windows(ids[:calib], width, None, bos), windows(ids[calib:], order_tokens, 1, bos)[0]
