@@ -147,8 +147,8 @@ class Engine:
         read_threads = self.device.read_threads if self.device else 4
         self._lock = threading.Lock()  # one forward step or one resize at a time
         if ram is not None and not self.path.is_dir():
-            raise EdgeError(f"{self.path}: --ram runs from a store; run `edge convert {self.path} --calibrate` (a "
-                            "mixture of experts needs no --calibrate) and give the .edge directory")
+            raise EdgeError(f"{self.path}: --ram runs from a store; run `edge convert {self.path}` (with --calibrate "
+                            "the head leaves RAM too) and give the .edge directory")
         io = IOEngine(threads=read_threads, buffer_bytes=IO_BUFFER) if ram is not None else None
         self.file = Store(self.path, engine=io, verify=verify) if self.path.is_dir() else GGUFFile(self.path)
         self.config = self.file.config

@@ -1,10 +1,11 @@
 """The ends of the model: the embedding (token ids -> vectors) and the head (vectors -> logits), resident or
 from flash.
 
-Resident (`DenseEmbedding`, `DenseHead`): the tensors as stored, in RAM. Under a budget on a calibrated store
-(`FlashEmbedding`, `ApproxHead`): rows read from flash through one `RowCache` when the head is tied, and the head
-scored by a low-rank copy whose best candidates are rescored with exact rows (`flash_head_bytes` is what stays
-resident). Both kinds take the same calls: `embed(tokens)`, `head(x) -> (logits,)`, `head.nll(x, targets)`.
+Resident (`DenseEmbedding`, `DenseHead`): the tensors as stored, in RAM. Under a budget (`budget_ends`;
+`budget_ends_bytes` is what stays resident) the embedding's rows come from flash through a `RowCache`; on a
+calibrated store the head is scored by a low-rank copy whose best candidates are rescored with exact rows
+(`ApproxHead`, one row cache with the embedding when tied), on an uncalibrated one it stays resident as stored.
+Both kinds take the same calls: `embed(tokens)`, `head(x) -> (logits,)`, `head.nll(x, targets)`.
 """
 
 from __future__ import annotations
@@ -78,25 +79,37 @@ class DenseHead:
         return {}
 
 
-def flash_head_bytes(store) -> int:
-    """What the head scored by its low-rank copy with exact rows (and embedding rows) read from flash keeps
-    resident (ApproxHead, RowCache)."""
+def budget_ends_bytes(store) -> int:
+    """What the embedding and head keep resident under a budget (`budget_ends`): on a calibrated store the
+    low-rank copy, its basis and bounds, and the row caches (ApproxHead, RowCache); uncalibrated, the head as
+    stored and the embedding's row cache."""
     cfg, info = store.config, store.sparse
+    if info is None:
+        head = store.tensor_info("output.weight" if store.has("output.weight") else "token_embd.weight")
+        return head["shape"][0] * quants.FORMATS[head["type"]].row_bytes(head["shape"][1]) + _row_cache_bytes(
+            store, "token_embd.weight")
     total = 0
     vocab, r = store.tensor_info(info["head"]["tensor"])["shape"][0], info["head_rank"]
     total += vocab * quants.FORMATS[quants.Q4_0].row_bytes(r) + 4 * cfg.dim * r  # low-rank head, basis
     if info["head"].get("miss"):
         total += 2 * 4 * vocab  # the second stage's per-row bound, and its temporary per token
-    caches = {info["head"]["tensor"], "token_embd.weight"}  # one row cache when the head is tied
-    for name in caches:
-        t = store.tensor_info(name)
-        total += ROW_CACHE * quants.FORMATS[t["type"]].row_bytes(t["shape"][1]) + 4 * t["shape"][0] + 16 * ROW_CACHE
+    for name in {info["head"]["tensor"], "token_embd.weight"}:  # one row cache when the head is tied
+        total += _row_cache_bytes(store, name)
     return total
 
 
-def flash_ends(store, ggml) -> tuple[FlashEmbedding, "ApproxHead"]:
-    """The embedding and head of a calibrated store under a budget: one row cache when they are one tensor."""
-    head = ApproxHead(store, ggml)
+def _row_cache_bytes(store, name: str) -> int:
+    t = store.tensor_info(name)
+    return ROW_CACHE * quants.FORMATS[t["type"]].row_bytes(t["shape"][1]) + 4 * t["shape"][0] + 16 * ROW_CACHE
+
+
+def budget_ends(store, backend) -> tuple[FlashEmbedding, "ApproxHead | DenseHead"]:
+    """The embedding and head under a budget: embedding rows read from flash into a row cache; the head scored
+    by its low-rank copy with exact rows from flash on a calibrated store (one row cache when they are one
+    tensor), else the head as stored, resident (exact; `edge convert STORE --calibrate` takes it out of RAM)."""
+    if store.sparse is None:
+        return FlashEmbedding(store, RowCache(store, "token_embd.weight")), DenseHead(store, backend)
+    head = ApproxHead(store, backend.ggml)
     rows = head.row_cache if head.name == "token_embd.weight" else RowCache(store, "token_embd.weight")
     return FlashEmbedding(store, rows), head
 

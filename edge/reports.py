@@ -92,7 +92,8 @@ def print_info(args) -> int:
 def _info_calibration(src) -> None:
     info = src.sparse
     if info is None:
-        print("calibration: none (`edge convert MODEL --calibrate` enables --ram with --strategy sparse)")
+        print("calibration: none (under --ram the head stays resident; `edge convert MODEL --calibrate` takes it out "
+              "of RAM and enables --sparsity)")
         return
     layers = info["layers"]
     parts = []
@@ -141,7 +142,7 @@ def _info_stack(src) -> None:
 def _info_plan(args, src, path, plan_budget):
     """What --ram would keep resident and what would stream (the same planner as run)."""
     if src.kind != "edge store":
-        raise EdgeError(f"{path}: --ram plans need a calibrated store; run `edge convert {path} --calibrate`")
+        raise EdgeError(f"{path}: --ram plans need a store; run `edge convert {path}` (--calibrate: faster)")
     n_ctx = min(args.ctx, src.config.context_length)
     return plan_budget(src, parse_size(args.ram, flag="--ram"), n_ctx, strategy_options(args), Meter())[1]
 

@@ -176,12 +176,13 @@ class SparseFFN:
         self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
         self.layouts = [Layout(lay) for lay in store.ffn_layouts]
         self.window = window
-        key = next((k for k in info["layers"][0]["thresholds"] if float(k) == sparsity), None) if cache else "0.0"
-        if key is None:
+        self.predicting = cache and sparsity > 0
+        self.sparsity = sparsity if self.predicting else 0.0
+        key = next((k for k in info["layers"][0]["thresholds"] if float(k) == sparsity), None) \
+            if self.predicting else None
+        if self.predicting and key is None:
             raise EdgeError(f"--sparsity {sparsity:g}: {store.path} is calibrated for "
                             f"{', '.join(info['layers'][0]['thresholds'])}; choose one of those")
-        self.sparsity = float(key)
-        self.predicting = cache and self.sparsity > 0
         self.read_ahead = self.predicting and read_ahead
         self.trace = None  # the contract's calibration hook: calibration runs the resident FFN
         self.this, self.next = [], []  # per layer: predictors (A, B, bias) of its clusters and of the next layer's

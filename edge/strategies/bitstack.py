@@ -14,10 +14,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from edge import quants
 from edge.bitstack import FFN, SCRATCH_BYTES, FfnRecord, Stack, StackedFFN, StackInfo
 from edge.errors import EdgeError
-from edge.head import DenseEmbedding, DenseHead, flash_ends, flash_head_bytes
+from edge.head import budget_ends, budget_ends_bytes
 from edge.model import KVCache
 from edge.parts import DenseFFN, Parts
 from edge.sizes import format_size
@@ -82,16 +81,12 @@ class StackDetail:
 
 
 def stack_resident_bytes(store) -> int:
-    """Norms and the stack's scales (float32), and the embedding and head: from flash through the low-rank head
-    on a calibrated store, else resident as stored."""
+    """Norms and the stack's scales (float32), and the embedding and head (edge.head.budget_ends)."""
     cfg = store.config
-    total = flash_head_bytes(store) if store.sparse is not None else 0
-    for name, t in store.tensor_infos.items():
-        shape = t["shape"]
-        if name in ("token_embd.weight", "output.weight") and store.sparse is None:
-            total += shape[0] * quants.FORMATS[t["type"]].row_bytes(shape[1])
-        elif len(shape) == 1:
-            total += 4 * shape[0]  # norms, biases: float32 in RAM
+    total = budget_ends_bytes(store)
+    for t in store.tensor_infos.values():
+        if len(t["shape"]) == 1:
+            total += 4 * t["shape"][0]  # norms, biases: float32 in RAM
     return total + 4 * cfg.n_layers * (2 * cfg.dim + cfg.q_dim + cfg.hidden_dim)
 
 
@@ -166,10 +161,7 @@ class Bitstack:
         stack = Stack(store, backend.ggml, d.prefix, ffn=not d.streams)
         ffn = StackedFFN(store, backend.ggml, act, stack.info.depths(d.prefix), d.ffn_slots) if d.streams \
             else DenseFFN(stack, store.config.n_layers, act)
-        if store.sparse is not None:  # calibrated: the embedding and head from flash
-            embed, head = flash_ends(store, backend.ggml)
-        else:
-            embed, head = DenseEmbedding(store), DenseHead(store, backend)
+        embed, head = budget_ends(store, backend)
         return Parts(stack, ffn, embed, head)
 
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from edge import quants
 from edge.flash import ALIGN
-from edge.head import flash_ends, flash_head_bytes
+from edge.head import budget_ends, budget_ends_bytes
 from edge.model import KVCache
 from edge.parts import Parts, StoredLinears
 from edge.sizes import format_size
@@ -36,6 +36,7 @@ class SparseDetail:
     sparsity: float
     window: int
     read_ahead: bool      # with sparsity > 0: the next layer's predicted clusters read during this layer
+    calibrated: bool      # a low-rank head (else the head resident as stored)
 
     part: ClassVar[str] = "neuron cache"
 
@@ -66,7 +67,9 @@ class SparseDetail:
         return (f"neuron cache {f(self.cache)}: {self.slots}/{self.n_clusters} clusters per layer "
                 f"({100 * self.cached_fraction:.0f}% of the FFN's {f(self.ffn_bytes)}); the rest streams from flash "
                 f"({plan.strategy}, sparsity {self.sparsity:g}, window {self.window}"
-                f"{', next layer read ahead by prediction' if self.read_ahead else ''})")
+                f"{', next layer read ahead by prediction' if self.read_ahead else ''})"
+                + ("" if self.calibrated else "; the head resident as stored (the store is not calibrated: `edge "
+                   "convert STORE --calibrate` takes it out of RAM, which leaves more for the cache)"))
 
 
 def resident_bytes(store, predictors: bool, read_ahead: bool = False) -> int:
@@ -83,7 +86,7 @@ def resident_bytes(store, predictors: bool, read_ahead: bool = False) -> int:
         for k in n + (n[1:] if read_ahead else []):
             r = min(info["rank"], k)
             total += 4 * (cfg.dim * r + r * k + k)
-    return total + flash_head_bytes(store)
+    return total + budget_ends_bytes(store)
 
 
 def store_io_bytes(store) -> int:
@@ -104,7 +107,8 @@ class Sparse:
     caches = True    # keeps a neuron cache (naive: none)
 
     def plan(self, store, budget: int, baseline: int, n_ctx: int, options: Options) -> Plan:
-        check_calibrated(store, "--ram")
+        if options.sparsity > 0 and self.caches:
+            check_calibrated(store, "--sparsity")  # its predictors; at sparsity 0 nothing needs calibration
         cfg = store.config
         layouts = [Layout(lay) for lay in store.ffn_layouts]
         n_clusters = max(lay.n_clusters for lay in layouts)
@@ -115,7 +119,7 @@ class Sparse:
         detail = SparseDetail(min_scratch=min_scratch, slot_bytes=slot_bytes, slots=0, n_clusters=n_clusters,
                               n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),
                               sparsity=options.sparsity if self.caches else 0.0, window=options.window,
-                              read_ahead=options.prefetch > 0 and predicting)
+                              read_ahead=options.prefetch > 0 and predicting, calibrated=store.sparse is not None)
         least = Plan(strategy=self.name, budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
                      io=store_io_bytes(store), resident=resident_bytes(store, predicting, options.prefetch > 0),
                      margin=MARGIN + activation_bytes(cfg, n_ctx), scratch=min_scratch, held=0, least=min_scratch,
@@ -142,5 +146,5 @@ class Sparse:
         d = plan.detail
         ffn = SparseFFN(store, backend.ggml, act, d.slots, d.sparsity, d.window, cache=self.caches,
                         read_threads=store.engine.threads, read_ahead=d.read_ahead)
-        embed, head = flash_ends(store, backend.ggml)
+        embed, head = budget_ends(store, backend)
         return Parts(StoredLinears(store, backend), ffn, embed, head)
