@@ -139,8 +139,8 @@ class Store:
         self.path = Path(path)
         meta_path = self.path / "zarr.json"
         if not meta_path.is_file():
-            raise EdgeError(f"{self.path}: no zarr.json; not an edge store (or an interrupted conversion): run "
-                            "`edge convert` again")
+            raise EdgeError(f"{self.path}: not an edge store (no zarr.json); give a GGUF file, a model name or a "
+                            "store made by `edge convert MODEL.gguf`")
         try:
             attrs = json.loads(meta_path.read_text())["attributes"]["edge"]
         except (ValueError, KeyError):

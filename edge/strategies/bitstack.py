@@ -65,7 +65,7 @@ class StackDetail:
         return f"BitStack {self.bits:.2f} bits/weight,\n{self.prefix}/{self.entries} blocks past the base{ffn}"
 
     def shrunk_from(self, before: "StackDetail") -> str:
-        return (f"BitStack down to {self.bits:.2f} bits per weight "
+        return (f"BitStack {before.bits:.2f} -> {self.bits:.2f} bits per weight "
                 f"({format_size(before.stack_bytes - self.stack_bytes)} given back)")
 
     def line(self, plan: Plan) -> str:

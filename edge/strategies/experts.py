@@ -70,7 +70,8 @@ class ExpertDetail:
         return f"{self.slots}/{self.n_experts} experts cached,\n{ahead}"
 
     def shrunk_from(self, before: "ExpertDetail") -> str:
-        return f"expert cache down to {self.slots} experts ({format_size(before.cache - self.cache)} given back)"
+        return (f"expert cache {before.slots} -> {self.slots} experts "
+                f"({format_size(before.cache - self.cache)} given back)")
 
     def line(self, plan: Plan) -> str:
         f = format_size

@@ -59,13 +59,14 @@ class SparseDetail:
                 f"{100 * (1 - self.cached_fraction):.0f}% stream from flash")
 
     def shrunk_from(self, before: "SparseDetail") -> str:
-        return (f"neuron cache down to {self.slots} clusters per layer ({format_size(before.cache - self.cache)} "
-                "given back)")
+        return (f"neuron cache {before.slots} -> {self.slots} clusters per layer "
+                f"({format_size(before.cache - self.cache)} given back)")
 
     def line(self, plan: Plan) -> str:
         f = format_size
+        rest = "nothing streams" if self.slots >= self.n_clusters else "the rest streams from flash"
         return (f"neuron cache {f(self.cache)}: {self.slots}/{self.n_clusters} clusters per layer "
-                f"({100 * self.cached_fraction:.0f}% of the FFN's {f(self.ffn_bytes)}); the rest streams from flash "
+                f"({100 * self.cached_fraction:.0f}% of the FFN's {f(self.ffn_bytes)}); {rest} "
                 f"({plan.strategy}, sparsity {self.sparsity:g}, window {self.window}"
                 f"{', next layer read ahead by prediction' if self.read_ahead else ''})"
                 + ("" if self.calibrated else "; the head resident as stored (the store is not calibrated: `edge "
