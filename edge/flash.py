@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.errors import EdgeError
+
 ALIGN = 4096
 LATENCY_BUCKETS_US = (50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)  # upper bounds; one more for above
 
@@ -208,7 +210,8 @@ class IOEngine:
         length = min(span.end, _round_up(f.size, ALIGN)) - span.start
         got = os.preadv(f.fd, [dest[:length]], span.start)
         if got < min(length, f.size - span.start):
-            raise OSError(f"{f.path}: short read at {span.start}: {got} of {length} bytes; the file is truncated")
+            raise EdgeError(f"{f.path}: short read at {span.start}: {got} of {length} bytes; the file is truncated: "
+                            "convert the model again")
         f.drop_cache(span.start, length)
         with self._lock:
             self.stats.add(got, time.perf_counter() - t0)

@@ -142,8 +142,13 @@ class Store:
             raise EdgeError(f"{self.path}: not an edge store (no zarr.json); give a GGUF file, a model name or a "
                             "store made by `edge convert MODEL.gguf`")
         try:
-            attrs = json.loads(meta_path.read_text())["attributes"]["edge"]
-        except (ValueError, KeyError):
+            meta = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise EdgeError(f"{meta_path}: damaged (not valid JSON: {exc.msg} at line {exc.lineno}); convert the "
+                            "model again") from None
+        try:
+            attrs = meta["attributes"]["edge"]
+        except (KeyError, TypeError):
             raise EdgeError(f"{meta_path}: not an edge store (no 'edge' attributes)") from None
         version = attrs.get("format_version")
         if version != FORMAT_VERSION:

@@ -131,3 +131,20 @@ def test_bundle_size_follows_the_saved_flash_curve(tmp_path, monkeypatch):
     gate, down = tensor_of("Q4_1", rows=4096, cols=512), tensor_of("Q4_1", rows=512, cols=4096)
     small, large = default_cluster(down, gate, 32 << 10), default_cluster(down, gate, 256 << 10)
     assert small % 32 == 0 and large == 8 * small  # bundles of 3 x 320 bytes per neuron
+
+
+def test_file_cut_short_after_open_is_one_error(tmp_path):
+    """A file truncated under a running model (its size was taken at open): the read says so, naming it."""
+    from edge.errors import EdgeError
+
+    path = tmp_path / "cut.bin"
+    path.write_bytes(bytes(4 * ALIGN))
+    f = FlashFile(path)
+    os.truncate(path, ALIGN)
+    eng = IOEngine(threads=1, buffer_bytes=1 << 20)
+    try:
+        with pytest.raises(EdgeError, match=r"cut.bin: short read .* truncated"):
+            eng.read(f, [(2 * ALIGN, 100)])
+    finally:
+        eng.close()
+        f.close()

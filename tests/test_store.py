@@ -71,6 +71,13 @@ def test_missing_zarr_json(smol_store, tmp_path):
         Store(dst)
 
 
+def test_zarr_json_not_json(smol_store, tmp_path):
+    dst = damaged_copy(smol_store, tmp_path)
+    (dst / "zarr.json").write_text('{"attributes": {"edge": ')
+    with pytest.raises(EdgeError, match=r"zarr.json: damaged \(not valid JSON"):
+        Store(dst)
+
+
 def test_other_format_version(smol_store, tmp_path):
     dst = damaged_copy(smol_store, tmp_path)
     meta = json.loads((dst / "zarr.json").read_text())
