@@ -210,3 +210,17 @@ def test_sigint_during_convert(gemma3, tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not out.exists() and not partial.exists()
+
+
+def test_progress_line_counts_what_it_does():
+    """Convert counts tensors and MB/s; other work (calibration) its own steps, no MB/s; both the time left."""
+    from weights_tools.convert import Progress
+
+    p = Progress(400, 4, quiet=True)
+    p.t0 -= 30
+    p.step(100, "blk.0.attn_q.weight")
+    assert "1/4 tensors" in p.line("x") and "MB/s" in p.line("x") and "1m30s left" in p.line("x")
+    q = Progress(1, 1, quiet=True)
+    q.t0 -= 20
+    q.advance_to(10, 40, "calibrate")
+    assert "10/40 steps" in q.line("calibrate") and "MB/s" not in q.line("calibrate") and "1m00s left" in q.line("")

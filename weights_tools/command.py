@@ -75,7 +75,7 @@ def _run(args) -> int:
         progress = Progress(1, 1, args.quiet or args.progress_lines)
 
         def tell(f: float, label: str) -> None:
-            progress.advance_to(int(1000 * f), 1000, label)
+            progress.advance_to(int(1000 * f), 1000, label, unit=None)
             if args.progress_lines:
                 print(f"{f:.3f} {label}", file=sys.stderr, flush=True)
 
@@ -99,7 +99,7 @@ def _run(args) -> int:
         progress = Progress(1, 1, args.quiet)
         try:
             summary = calibrate_experts(out, tokens=args.calib_tokens or 1024, progress=lambda done, total:
-                                        progress.advance_to(done, total, "route traces"))
+                                        progress.advance_to(done, total, "route traces", "layers"))
         finally:
             progress.close()
         rec = summary["table_recall"]

@@ -36,7 +36,8 @@ CHUNK_TARGET = 64 << 10  # inner chunk size of resident tensors; the embedding u
 
 
 class Progress:
-    """Bytes and tensors done, on one terminal line; silent when quiet or not a TTY.
+    """Bytes and tensors done (or steps of other work), with time left, on one terminal line; silent when quiet
+    or not a TTY.
 
     Also where Ctrl+C lands: SIGINT only sets a flag, and `step` raises KeyboardInterrupt between tensors,
     never inside zarr's writer threads (which would leave their tasks dangling)."""
@@ -55,6 +56,8 @@ class Progress:
         self.show = not quiet and sys.stderr.isatty()
         self.t0 = time.perf_counter()
         self.on_step = on_step
+        self.unit: str | None = "tensors"
+        self.by_bytes = True  # bytes counted: MB/s shown
 
     def _on_sigint(self, signum, frame) -> None:
         self.interrupted = True
@@ -70,16 +73,29 @@ class Progress:
         if self.on_step is not None:
             self.on_step(self.done_bytes / max(1, self.total_bytes), label)
         if self.show:
-            frac = self.done_bytes / max(1, self.total_bytes)
-            bar = "#" * int(30 * frac)
-            rate = self.done_bytes / max(1e-9, time.perf_counter() - self.t0) / 1e6
-            sys.stderr.write(f"\r[{bar:<30}] {frac:4.0%} {self.done_items}/{self.total_items} tensors "
-                             f"{rate:5.0f} MB/s {label[:28]:<28}")
+            sys.stderr.write("\r" + self.line(label))
             sys.stderr.flush()
 
-    def advance_to(self, done: int, total: int, label: str) -> None:
-        """For work counted in steps of its own (calibration layers, tensors of a written model)."""
-        self.total_bytes = self.total_items = total
+    def line(self, label: str) -> str:
+        """The progress line: bar, percent, what is counted (bytes: MB/s too), time left, the current item."""
+        frac = self.done_bytes / max(1, self.total_bytes)
+        elapsed = time.perf_counter() - self.t0
+        parts = [f"[{'#' * int(30 * frac):<30}] {frac:4.0%}"]
+        if self.unit:
+            parts.append(f"{self.done_items}/{self.total_items} {self.unit}")
+        if self.by_bytes:
+            parts.append(f"{self.done_bytes / max(1e-9, elapsed) / 1e6:5.0f} MB/s")
+        if 0.02 < frac < 1 and elapsed > 1:
+            left = int(elapsed * (1 - frac) / frac)
+            parts.append(f"{left // 60}m{left % 60:02d}s left" if left >= 60 else f"{left}s left")
+        return " ".join(parts) + f" {label[:28]:<28}"
+
+    def advance_to(self, done: int, total: int, label: str, unit: str | None = "steps") -> None:
+        """For work counted in steps of its own (calibration's steps, layers, tensors of a written model): no
+        MB/s; unit None: the percent alone."""
+        self.by_bytes, self.unit = False, unit
+        self.total_bytes = total
+        self.done_items, self.total_items = done - 1, total  # step() counts this one
         self.step(done - self.done_bytes, label)
 
     def close(self) -> None:

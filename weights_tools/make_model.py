@@ -226,7 +226,7 @@ def _run(args) -> int:
                            args.kv_heads or heads, quant=args.quant, seed=args.seed, context=args.context,
                            experts=args.experts, top_k=args.top_k, expert_hidden=args.expert_ffn,
                            tokenizer_from=Path(args.tokenizer_from) if args.tokenizer_from else default_model_path(),
-                           progress=lambda d, t: progress.advance_to(d, t, "tensors"))
+                           progress=lambda d, t: progress.advance_to(d, t, "writing", "tensors"))
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
