@@ -57,9 +57,9 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
     p.add_argument("-t", "--threads", type=whole(1), default=None,
                    help="compute threads (default: all available cores)")
     p.add_argument("--backend", choices=("auto", "ort", "ggml", "numpy"), default="auto",
-                   help="compute backend: ort (onnxruntime on the quantized weights), ggml (llama.cpp's kernels, the "
-                        "least RAM; what --ram uses), numpy (float32 reference); auto (default): ggml for K-quant "
-                        "files (Q4_K_M: ort would hold 2-3x their size), else ort")
+                   help="compute backend: ggml (llama.cpp's kernels on the weights as stored: the least RAM; what "
+                        "--ram uses), ort (onnxruntime: ~10%% faster here, 2-3x the RAM), numpy (float32 reference); "
+                        "auto (default): ggml")
     p.add_argument("--verify-reads", choices=("first", "always", "never"), default="first",
                    help="check store chunks against their crc32c: the first time each is read (default), always, never")
     b = p.add_argument_group("RAM budget (a store calibrated with `edge convert --calibrate`)")

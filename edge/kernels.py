@@ -220,18 +220,11 @@ class GgmlBackend:
 BACKENDS = {"ort": OrtBackend, "numpy": NumpyBackend, "ggml": GgmlBackend}
 
 
-K_QUANTS = frozenset((quants.Q2_K, quants.Q3_K, quants.Q4_K, quants.Q5_K, quants.Q6_K))
-
-
-def auto_backend(type_ids) -> str:
-    """ort, except for K-quant weights: MatMulNBits widens Q6_K (and Q5) to 8-bit codes and prepacks a second
-    copy, so resident Gemma 3 Q4_K_M held 783MB against ggml's 327MB and Qwen2.5-1.5B 3.1GB against 1.1GB, at
-    the same decode speed (43 vs 41, 10.1 vs 9.8 tok/s, 2 threads); on SmolLM2's Q4_1 ort is 1.7x faster."""
-    return "ggml" if K_QUANTS.intersection(type_ids) else "ort"
-
-
-def make_backend(name: str = "auto", threads: int | None = None, type_ids=()):
-    """type_ids: the weights' GGML types, which `auto` chooses by (auto_backend)."""
+def make_backend(name: str = "auto", threads: int | None = None):
+    """A backend by name (BACKENDS). auto: ggml, memory first, as an app for small memory should choose: with no
+    --ram, 2 threads, 64 tokens, this machine (2026-12-06): SmolLM2 Q4_1 ggml 84 tok/s at a peak RSS of 162MB
+    against onnxruntime's 94 tok/s at 372MB (MatMulNBits prepacks a second copy of every weight); Gemma 3 Q4_K_M
+    ggml 47 at 321MB against 54 at 770MB; Qwen2.5-1.5B Q4_K_M 11.7 at 1.1GB against 10.1 at 3.1GB."""
     if name == "auto":
-        name = auto_backend(type_ids)
+        name = "ggml"
     return BACKENDS[name](threads)

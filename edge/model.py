@@ -93,9 +93,8 @@ class Layer:
 
 
 def make_backend(src, name: str = "auto", threads: int | None = None):
-    """The compute backend `name` (kernels.BACKENDS; auto: by the attention's quant types)."""
-    first = [src.tensor(f"blk.0.attn_{n}.weight").type_id for n in ("q", "k", "v", "output")]
-    return kernels.make_backend(name, threads, first)
+    """The compute backend `name` for src's weights (kernels.make_backend; auto: ggml)."""
+    return kernels.make_backend(name, threads)
 
 
 class Transformer:
