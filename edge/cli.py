@@ -355,13 +355,20 @@ def main(argv: list[str] | None = None) -> int:
 def run_handler(prog: str, handler, args) -> int:
     """A command's exit code; a user error is one line (exit 2), Ctrl+C exits 130."""
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except EdgeError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `edge devices | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -155,6 +155,10 @@ class Engine:
         if n_ctx < 16:
             raise EdgeError(f"--ctx {n_ctx}: the context must hold at least 16 tokens")
         self.n_ctx = min(n_ctx, self.config.context_length)
+        self.warnings: list[str] = []  # what the caller should tell the user (the CLI prints them)
+        if n_ctx > self.n_ctx:
+            self.warnings.append(f"--ctx {n_ctx} is above the model's trained context of {self.n_ctx} tokens; "
+                                 f"using {self.n_ctx}")
 
         def tokenizer() -> Tokenizer:
             return Tokenizer(self.file.tokenizer_path, self.config.arch, self.file.chat_template)

@@ -132,8 +132,11 @@ def make_engine(args):
     """The Engine the shared model flags describe."""
     from edge.engine import Engine
 
-    return Engine(model_arg(args), n_ctx=args.ctx, backend=args.backend, threads=args.threads,
-                  **budget_options(args))
+    engine = Engine(model_arg(args), n_ctx=args.ctx, backend=args.backend, threads=args.threads,
+                    **budget_options(args))
+    for w in engine.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return engine
 
 
 def model_arg(args) -> str | None:

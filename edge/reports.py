@@ -149,6 +149,12 @@ def _info_plan(args, src, path, plan_budget):
     return plan_budget(src, parse_size(args.ram, flag="--ram"), n_ctx, strategy_options(args), Meter())[1]
 
 
+def as_sold(ram_bytes: int) -> str:
+    """Device RAM as it is sold: 16 GiB reads 16GB (binary units, decimal names, as vendors write it)."""
+    gib = ram_bytes / (1 << 30)
+    return f"{gib:g}GB" if gib >= 1 else f"{ram_bytes / (1 << 20):g}MB"
+
+
 def print_devices(name: str | None) -> int:
     """`edge devices`: the profiles as a table, or one profile's figures and sources."""
     if name is None:
@@ -156,14 +162,14 @@ def print_devices(name: str | None) -> int:
         for n in profile.names():
             p = profile.load(n)
             print(
-                f"{n:18} {format_size(p.ram_bytes):>7} {p.cores:>5} {p.flash.mb_s(1 << 20, p.read_threads):>5.0f}MB/s "
+                f"{n:18} {as_sold(p.ram_bytes):>7} {p.cores:>5} {p.flash.mb_s(1 << 20, p.read_threads):>5.0f}MB/s "
                 f"{(f'{p.gemv_gb_s:.1f}GB/s' if p.gemv_gb_s else '-'):>9} {format_size(p.ram) if p.ram else '-':>7}  "
                 f"{p.title}"
             )
         return 0
     p = profile.load(name)
     print(f"{p.name}: {p.title}  [{p.path}]")
-    print(f"  RAM {format_size(p.ram_bytes)}, {p.cores} cores{f' ({p.cpu})' if p.cpu else ''}"
+    print(f"  RAM {as_sold(p.ram_bytes)}, {p.cores} cores{f' ({p.cpu})' if p.cpu else ''}"
           f"{', GPU ' + p.gpu if p.gpu else ''}")
     print(f"  defaults: --threads {p.threads or 'all'}, {p.read_threads} read threads, --ram "
           f"{format_size(p.ram) if p.ram else 'none'}, bundles of {p.cluster_bytes >> 10} KiB for convert")

@@ -271,3 +271,17 @@ def test_quant_names_in_any_case(tmp_path):
     f = GGUFFile(out)
     types = {f.tensor(n).type_id for n in f.tensor_names() if n.endswith("ffn_up.weight")}
     assert types == {gguf.GGMLQuantizationType.Q8_0}
+
+
+def test_ctx_above_the_trained_context_is_clamped_with_a_warning(capsys):
+    code, out, err = run_cli(capsys, "run", "-p", "hi", "-n", "1", "--ctx", "100000", "--json")
+    assert code == 0 and "warning: --ctx 100000 is above the model's trained context of 8192 tokens" in err
+
+
+def test_output_into_a_closed_pipe_is_quiet():
+    import subprocess
+    import sys
+
+    # `true` reads nothing and is gone before Python starts: every write meets a closed pipe
+    proc = subprocess.run(f"{sys.executable} -m edge devices | true", shell=True, capture_output=True, text=True)
+    assert proc.stderr == "", proc.stderr
