@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     info.add_argument("--ram", default=None, metavar="SIZE", help="show what this budget keeps resident and streams")
     info.add_argument("--ctx", type=int, default=2048, help="context for the --ram plan (default 2048)")
-    add_strategy_args(info.add_argument_group("the --ram plan's strategy"))
+    add_strategy_args(info, "the --ram plan's strategy")
 
     pf = sub.add_parser("probe-flash", help="measure the storage's read curve and save it as a device profile",
                         epilog=EXAMPLES_PROBE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-n", type=int, default=32, help="tokens to generate (default 32)")
     bench.add_argument("--ctx", type=int, default=512, help="context for both (default 512)")
     bench.add_argument("--threads", type=int, default=None, help="threads for both (default 2)")
-    add_strategy_args(bench.add_argument_group("our side's strategy"))
+    add_strategy_args(bench, "our side's strategy")
     bench.add_argument("-p", "--prompt", default="Once upon a time, in a small village by the sea,",
                        help="the prompt both sides continue, as plain text (default: 'Once upon a time, ...')")
     bench.add_argument("--sweep", default=None, metavar="SIZES",

@@ -62,10 +62,10 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
                         "auto (default): ggml")
     p.add_argument("--verify-reads", choices=("first", "always", "never"), default="first",
                    help="check store chunks against their crc32c: the first time each is read (default), always, never")
-    b = p.add_argument_group("RAM budget (a store calibrated with `edge convert --calibrate`)")
+    b = p.add_argument_group("RAM budget (a store, `edge convert MODEL`; with --calibrate it needs less RAM)")
     b.add_argument("--ram", default=None, metavar="SIZE",
                    help="budget for the whole process, like 2GB, 512MiB or 140MB: what does not fit streams from flash")
-    add_strategy_args(b)
+    add_strategy_args(p)
     d = p.add_argument_group("target device (profiles: `edge devices`)")
     d.add_argument("--device", default=None, metavar="NAME",
                    help="a device profile: its compute and read threads, and its default --ram")
@@ -73,27 +73,31 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
                    help="reads take the time the --device's flash curve gives them (compute is not emulated)")
 
 
-def add_strategy_args(g) -> None:
-    """The strategy flags, one definition for every command that plans a budget (run, eval, chat, info, bench)."""
+def add_strategy_args(p: argparse.ArgumentParser, title: str = "RAM budget: strategy") -> None:
+    """The strategy flags, one definition for every command that plans a budget (run, eval, chat, info, bench),
+    grouped in --help by the strategy they tune."""
     from edge.sparse import SPARSITIES
     from edge.strategies import NAMES, help_text
 
-    g.add_argument("--strategy", choices=NAMES, default="auto", help=help_text())
-    g.add_argument("--sparsity", type=float, choices=SPARSITIES, default=0.0, metavar="S",
-                   help="with --ram: fraction of FFN clusters the predictors may skip per token, one of the "
-                        f"calibrated {', '.join(f'{v:g}' for v in SPARSITIES)} (default 0: exact)")
-    g.add_argument("--window", type=whole(1), default=5,
-                   help="tokens whose clusters are the last to leave the cache (default 5)")
-    g.add_argument("--prefetch", type=whole(0), default=0, metavar="N",
-                   help="mixture of experts: experts predicted and read ahead per layer (default 0: load on demand, "
-                        "measured faster on 2 cores; try the k a token uses with spare cores); with --sparsity > 0, "
-                        "any N > 0 reads ahead the clusters the next layer's predictor names")
-    g.add_argument("--evict", choices=("score", "lru"), default="score",
-                   help="mixture of experts: which cached expert leaves first: score (EdgeMoE: rare and far from "
-                        "its next use; default) or lru")
-    g.add_argument("--predict", choices=("pregate", "trace"), default="pregate",
-                   help="mixture of experts: how the next layer's experts are guessed: pregate (its router on "
-                        "this layer's state; default) or trace (routing tables from `edge convert --calibrate`)")
+    p.add_argument_group(title).add_argument("--strategy", choices=NAMES, default="auto", help=help_text())
+    sparse = p.add_argument_group("sparse strategy (dense models; --sparsity needs `edge convert --calibrate`)")
+    sparse.add_argument("--sparsity", type=float, choices=SPARSITIES, default=0.0, metavar="S",
+                        help="fraction of FFN clusters the predictors may skip per token, one of "
+                             f"{', '.join(f'{v:g}' for v in SPARSITIES)} (default 0: exact)")
+    sparse.add_argument("--window", type=whole(1), default=5,
+                        help="tokens whose clusters are the last to leave the cache (default 5)")
+    sparse.add_argument("--prefetch", type=whole(0), default=0, metavar="N",
+                        help="with --sparsity > 0, N > 0 reads ahead the clusters the next layer's predictor names; "
+                             "for experts, see below")
+    experts = p.add_argument_group("experts strategy (mixtures of experts)")
+    experts.add_argument("--evict", choices=("score", "lru"), default="score",
+                         help="which cached expert leaves first: score (EdgeMoE: rare and far from its next use; "
+                              "default) or lru")
+    experts.add_argument("--predict", choices=("pregate", "trace"), default="pregate",
+                         help="how the next layer's experts are guessed: pregate (its router on this layer's state; "
+                              "default) or trace (routing tables from `edge convert --calibrate`)")
+    experts.description = ("--prefetch N: experts predicted and read ahead per layer (default 0: load on demand, "
+                           "measured faster on 2 cores; try the k a token uses with spare cores)")
 
 
 def strategy_options(args):
