@@ -290,6 +290,7 @@ def cmd_probe_flash(args) -> int:
     print(file=sys.stderr)
     print(probe.table(cells))
     print(f"reads: {'O_DIRECT' if direct else 'buffered, cache dropped after each read'}")
+    print(probe.small_reads(cells))
     out = Path(args.out) if args.out else config_dir() / "devices" / "this-machine.toml"
     out.parent.mkdir(parents=True, exist_ok=True)
     from edge.profile import measure_gemv

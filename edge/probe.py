@@ -105,8 +105,29 @@ def table(cells: list[Cell]) -> str:
     head = "chunk \\ threads " + "".join(f"{t:>14}" for t in threads)
     rows = [head, "(MB/s, mean latency)"]
     for ch in chunks:
-        label = f"{ch >> 10} KiB" if ch < (1 << 20) else f"{ch >> 20} MiB"
-        rows.append(f"{label:>15} " + "".join(
+        rows.append(f"{chunk_label(ch):>15} " + "".join(
             f"{by[ch, t].mb_s:7.0f} {by[ch, t].latency_us / 1000:4.1f}ms" if (ch, t) in by else " " * 14
             for t in threads))
     return "\n".join(rows)
+
+
+SMALL_READS_PAY = 0.5  # small reads at least this fraction of large ones' bandwidth: skipping single neurons pays
+
+
+def small_reads(cells: list[Cell]) -> str:
+    """Whether this storage serves small random reads near its bandwidth: what skipping single FFN neurons
+    (records of a few kB) needs to read less time than streaming whole layers in large reads."""
+    small, large = min(c.chunk_bytes for c in cells), max(c.chunk_bytes for c in cells)
+    best = {size: max(c.mb_s for c in cells if c.chunk_bytes == size) for size in (small, large)}
+    share = best[small] / max(best[large], 1e-9)
+    verdict = ("skipping single neurons (a few kB each) can read less time than streaming whole layers"
+               if share >= SMALL_READS_PAY else
+               "reading scattered neurons (a few kB each) is slower here than streaming whole layers, so "
+               "activation sparsity saves no read time on this storage")
+    return (f"small reads: {chunk_label(small)} at {best[small]:.0f}MB/s, {100 * share:.0f}% of {chunk_label(large)} "
+            f"reads' {best[large]:.0f}MB/s: {verdict}")
+
+
+def chunk_label(n: int) -> str:
+    """A read size as the probe's table writes it: 4KiB, 1MiB (the sizes are powers of two)."""
+    return f"{n >> 10}KiB" if n < (1 << 20) else f"{n >> 20}MiB"

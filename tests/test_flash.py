@@ -100,7 +100,7 @@ def test_probe_curve_and_profile(tmp_path):
     assert len(cells) == 4 and all(c.mb_s > 0 and c.latency_us > 0 for c in cells)
     profile = tomllib.loads(probe.to_toml(cells, tmp_path, direct))
     assert profile["device"]["name"] == "this-machine" and len(profile["flash"]["curve"]) == 4
-    assert "64 KiB" in probe.table(cells)
+    assert "64KiB" in probe.table(cells) and probe.small_reads(cells).startswith("small reads: 4KiB at ")
     assert not any(tmp_path.iterdir())  # the scratch file is gone
 
 
@@ -148,3 +148,12 @@ def test_file_cut_short_after_open_is_one_error(tmp_path):
     finally:
         eng.close()
         f.close()
+
+
+def test_probe_says_whether_small_reads_pay():
+    from edge.probe import Cell, small_reads
+
+    slow = [Cell(4096, 16, 73, 300), Cell(1 << 20, 16, 1473, 8000)]  # this machine's disk, 2026-12-06
+    fast = [Cell(4096, 32, 900, 100), Cell(1 << 20, 16, 1400, 8000)]  # an NVMe drive at queue depth
+    assert "5% of 1MiB" in small_reads(slow) and "saves no read time" in small_reads(slow)
+    assert "64% of 1MiB" in small_reads(fast) and "can read less time" in small_reads(fast)
