@@ -313,23 +313,30 @@ def test_growth_past_the_plan_comes_out_of_the_cache(smol_calibrated):
     assert engine.meter.committed() < plan.budget
 
 
-def test_stays_under_a_kernel_memory_cap(smol_calibrated):
-    """The real thing: the process in a cgroup capped at its budget, streaming part of its FFN, is not killed
-    and finishes."""
+@pytest.mark.parametrize("fixture,ram,flags", [
+    ("smol_calibrated", "125MiB", []),                       # sparse: neuron cache, the rest streamed
+    ("smol_calibrated", "125MiB", ["--strategy", "naive"]),  # every FFN byte read per token
+    ("smol_store", "150MiB", []),                            # uncalibrated: the head resident as stored
+])
+def test_stays_under_a_kernel_memory_cap(request, fixture, ram, flags):
+    """The real thing: load and generation in a cgroup capped at the budget (the kernel counts every page,
+    page cache included), streaming part of the FFN: not killed, finished, and the cgroup's peak under the cap."""
     from edge.cgroup import MemoryCap
 
-    cap, why = MemoryCap.make(parse_size("125MiB"), "edge-test")
+    store = request.getfixturevalue(fixture)
+    cap, why = MemoryCap.make(parse_size(ram), "edge-test")
     if cap is None:
         pytest.skip(f"no memory cgroup here: {why}")
     try:
-        proc = cap.run([sys.executable, "-m", "edge", "run", str(smol_calibrated), "--ram", "125MiB", "--ctx", "256",
-                        "-p", "Once upon a time", "-n", "16", "--json", "--ignore-eos", "--threads", "2"])
-        killed = cap.oom_killed
+        proc = cap.run([sys.executable, "-m", "edge", "run", str(store), "--ram", ram, "--ctx", "256", "--raw",
+                        "-p", "Once upon a time", "-n", "16", "--json", "--ignore-eos", "--threads", "2", *flags])
+        killed, peak = cap.oom_killed, cap.peak
     finally:
         cap.close()
     assert proc.returncode == 0 and not killed, proc.stderr[-500:]
     d = json.loads(proc.stdout.splitlines()[-1])
-    assert len(d["tokens"]) == 16 and d["plan"]["slots"] < d["plan"]["n_clusters"]
+    assert len(d["tokens"]) == 16 and d["plan"]["slots"] < d["plan"]["n_clusters"] and d["cache"]["read_bytes"] > 0
+    assert 0 < peak <= parse_size(ram)
 
 
 def test_sparsity_skips_predicted_clusters(smol_calibrated):
