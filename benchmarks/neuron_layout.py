@@ -24,7 +24,8 @@ def main() -> None:
     from edge.evaluate import eval_text, token_nll, windows
     from edge.gguf_file import GGUFFile
     from edge.head import DenseEmbedding, DenseHead
-    from edge.model import Transformer, make_backend
+    from edge.kernels import make_backend
+    from edge.model import Transformer
     from edge.parts import ACTIVATIONS, DenseFFN, Parts, StoredLinears
     from edge.sizes import format_size
     from edge.tokenizer import Tokenizer
@@ -40,7 +41,7 @@ def main() -> None:
     cfg = src.config
     tok = Tokenizer(src.tokenizer_path, cfg.arch, src.chat_template)
     wins = windows(tok.encode(eval_text()), 256, args.windows, None)
-    backend = make_backend(src, "ggml", args.threads)
+    backend = make_backend("ggml", args.threads)
     act = ACTIVATIONS[cfg.activation]
     stored = StoredLinears(src, backend)
 

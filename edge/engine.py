@@ -113,11 +113,15 @@ class EngineStats:
                 "cache": self.cache, "head": self.head}
 
 
+def open_tokenizer(src) -> Tokenizer:
+    return Tokenizer(src.tokenizer_path, src.config.arch, src.chat_template)
+
+
 def plan_budget(src, ram: int, n_ctx: int, options: Options, meter: Meter) -> tuple:
     """(strategy, plan, tokenizer) for a budget: the tokenizer opened first (its vocabulary is part of the
     fixed part the plan measures), the temporaries of reading it given back, then the baseline measured. One
     measurement for `edge run`, `chat` and `info`: the same inputs give the same minimum and plan."""
-    tokenizer = Tokenizer(src.tokenizer_path, src.config.arch, src.chat_template)
+    tokenizer = open_tokenizer(src)
     release_free_memory()
     strategy = strategies.resolve(src, options.strategy)
     return strategy, strategy.plan(src, ram, meter.baseline(), n_ctx, options), tokenizer
@@ -160,14 +164,11 @@ class Engine:
             self.warnings.append(f"--ctx {n_ctx} is above the model's trained context of {self.n_ctx} tokens; "
                                  f"using {self.n_ctx}")
 
-        def tokenizer() -> Tokenizer:
-            return Tokenizer(self.file.tokenizer_path, self.config.arch, self.file.chat_template)
-
         self.pressure = PressureWatch()
         if ram is None:
             self.strategy = None
             self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads)
-            self.tokenizer = tokenizer()  # after the model: its checks name a bad tensor, llama.cpp's do not
+            self.tokenizer = open_tokenizer(self.file)  # after the model: its checks name a bad tensor first
         else:
             self.strategy, self.plan, self.tokenizer = plan_budget(self.file, ram, self.n_ctx, options, self.meter)
             size = self.strategy.io_buffer(self.plan)
@@ -240,15 +241,14 @@ class Engine:
         logits, stats.reused_tokens = self._prefill(prompt)
         stats.prefill_seconds = time.perf_counter() - t0
         history = list(prompt)
-        wait0, model0 = self.io_seconds()
         counters0 = self.counters()
         try:
             yield from self._decode(logits, history, max_tokens, sampler, stop_at_end, stream)
         finally:
             stats.stopped = stats.stopped or "cancelled"
-            wait1, model1 = self.io_seconds()
-            stats.decode_wait_seconds, stats.decode_flash_model_seconds = wait1 - wait0, model1 - model0
-            stats.decode_counters = {k: v - counters0[k] for k, v in self.counters().items()}
+            d = stats.decode_counters = {k: v - counters0[k] for k, v in self.counters().items()}
+            stats.decode_wait_seconds = d["ffn_read_wait"] + d["row_read_wait"]
+            stats.decode_flash_model_seconds = d["flash_model"]
             stats.flash_read_bytes = self.meter.read_bytes() - io0
             stats.peak_rss_bytes = self.meter.peak_rss
 
@@ -297,23 +297,17 @@ class Engine:
         engines = self.model.parts.ffn.engines + ([self.file.engine] if self.plan is not None else [])
         return sum(e.stats.reads for e in engines), sum(e.stats.bytes for e in engines)
 
-    def io_seconds(self) -> tuple[float, float]:
-        """(seconds the compute thread has waited for reads, modelled seconds of every read on the device's
-        curve) since start; the first is 0 without a budget (nothing is read while decoding). The store's
-        engine does the row reads (embedding, head candidates) on the compute thread."""
-        wait = self.file.engine.stats.wall + self.model.parts.ffn.wait_seconds if self.plan is not None else 0.0
-        emu = flash.emulation()
-        return wait, emu.seconds if emu else 0.0
-
     def counters(self) -> dict[str, float]:
-        """So far: seconds in each part of the model (edge.model.PROFILED), in the FFN's wait for its reads and
-        in row reads from the store (embedding, head candidates; 0 without a budget); the FFN engines' reads,
-        bytes and seconds in reading."""
+        """So far: seconds in each part of the model (edge.model.PROFILED); the compute thread's waits for reads,
+        the FFN's and the store's row reads (embedding, head candidates: the store's engine reads them on the
+        compute thread; 0 without a budget, where nothing is read while decoding); the FFN engines' reads, bytes
+        and seconds in reading; the modelled seconds of every read on the emulated device's curve."""
         ffn = [e.stats for e in self.model.parts.ffn.engines]
+        emu = flash.emulation()
         return {**self.model.seconds, "ffn_read_wait": self.model.parts.ffn.wait_seconds,
                 "row_read_wait": self.file.engine.stats.wall if self.plan is not None else 0.0,
                 "ffn_reads": sum(s.reads for s in ffn), "ffn_read_bytes": sum(s.bytes for s in ffn),
-                "ffn_read_seconds": sum(s.wall for s in ffn)}
+                "ffn_read_seconds": sum(s.wall for s in ffn), "flash_model": emu.seconds if emu else 0.0}
 
     def resize(self, budget: int, baseline: int | None = None) -> Plan:
         """Re-plan for a new budget while the model is loaded (between tokens, also mid-answer), and let the

@@ -11,6 +11,7 @@ A group is the linears that share one input (q/k/v; gate/up), run as one call. B
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Sequence
 
@@ -30,6 +31,7 @@ def default_threads() -> int:
 BLAS_SET_THREADS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads")
 
 
+@functools.cache
 def single_thread_blas() -> bool:
     """Run numpy's own BLAS (OpenBLAS in its wheels) on one thread from now on; False where it is not found.
 

@@ -92,18 +92,13 @@ class Layer:
     qkv_bias: np.ndarray | None = None   # qwen2, qwen2moe: q, k and v biases, concatenated
 
 
-def make_backend(src, name: str = "auto", threads: int | None = None):
-    """The compute backend `name` for src's weights (kernels.make_backend; auto: ggml)."""
-    return kernels.make_backend(name, threads)
-
-
 class Transformer:
     """Token ids -> logits for a decoder-only model: attention over the KV cache, and its `Parts` (embedding,
     linears, FFN, head; edge.parts) for the rest."""
 
     def __init__(self, src, n_ctx: int, backend="auto", threads: int | None = None, parts: Parts | None = None,
                  chunk: int | None = None):
-        """backend: a name (kernels.BACKENDS) or a backend from `make_backend` (the one `parts` were built
+        """backend: a name (kernels.BACKENDS) or a backend from `kernels.make_backend` (the one `parts` were built
         with). parts: what a strategy built for a budget (edge.strategies); default every weight resident.
         chunk: prompt positions per step (a budget's margin holds one chunk's activations); None: all at once."""
         cfg: ModelConfig = src.config
@@ -111,7 +106,7 @@ class Transformer:
         self.n_ctx = n_ctx
         self.src = src
         self.act = ACTIVATIONS[cfg.activation]
-        self.backend = make_backend(src, backend, threads) if isinstance(backend, str) else backend
+        self.backend = kernels.make_backend(backend, threads) if isinstance(backend, str) else backend
         self.parts = parts or resident_parts(src, self.backend, self.act)
         self.chunk = chunk
         self.layers = [self._load_layer(src, i) for i in range(cfg.n_layers)]

@@ -8,6 +8,7 @@ import numpy as np
 
 from edge import profile, quants
 from edge.bitstack import StackInfo
+from edge.engine import plan_budget  # imported with this module, as a run has it loaded when it plans
 from edge.errors import EdgeError
 from edge.flags import strategy_options
 from edge.gguf_file import GGUFFile
@@ -21,11 +22,9 @@ from edge.store import Store, ffn_part
 def print_info(args) -> int:
     """`edge info`: what a model holds, by part and format; a store's bundles, calibration and stack; with --ram,
     the plan."""
-    from edge.engine import plan_budget  # first, as a run does: the modules a run has loaded when it plans
-
     path = resolve_model(args.model, store=bool(args.ram))
     src = Store(path) if path.is_dir() else GGUFFile(path)
-    plan = _info_plan(args, src, path, plan_budget) if args.ram else None  # first: the baseline a run starts from
+    plan = _info_plan(args, src, path) if args.ram else None  # first: the baseline a run starts from
     cfg = src.config
     parts: Counter = Counter()
     formats: Counter = Counter()
@@ -141,7 +140,7 @@ def _info_stack(src) -> None:
           if info.streams_ffn else "  FFN not stored by clusters (`edge stack` again for --strategy bitstack-stream)")
 
 
-def _info_plan(args, src, path, plan_budget):
+def _info_plan(args, src, path):
     """What --ram would keep resident and what would stream (the same planner as run)."""
     if src.kind != "edge store":
         raise EdgeError(f"{path}: --ram plans need a store; run `edge convert {path}` (--calibrate: faster)")

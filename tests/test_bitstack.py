@@ -101,7 +101,8 @@ def test_runtime_equals_the_reconstructed_weights(tiny_stacked):
     greedy tokens, logits within Q8 activation rounding."""
     from edge.engine import Engine
     from edge.head import DenseEmbedding, DenseHead
-    from edge.model import Transformer, make_backend
+    from edge.kernels import make_backend
+    from edge.model import Transformer
     from edge.parts import ACTIVATIONS, DenseFFN, Parts
 
     eng = Engine(tiny_stacked, n_ctx=64, ram=400 << 20, options=Options(strategy="bitstack"))
@@ -121,7 +122,7 @@ def test_runtime_equals_the_reconstructed_weights(tiny_stacked):
         def resize(self, plan):
             pass
 
-    backend, cfg = make_backend(eng.file, "numpy"), eng.config
+    backend, cfg = make_backend("numpy"), eng.config
     parts = Parts(Reconstructed(), DenseFFN(Reconstructed(), cfg.n_layers, ACTIVATIONS[cfg.activation]),
                   DenseEmbedding(eng.file), DenseHead(eng.file, backend))
     ref = Transformer(eng.file, 64, backend=backend, parts=parts)

@@ -243,7 +243,8 @@ class _OrderLinears:
 
 def _universal_order(store, partial: Path, group, names, linears, scales, iters, ids, threads, tell):
     from edge.head import DenseEmbedding, DenseHead
-    from edge.model import Transformer, make_backend
+    from edge.kernels import make_backend
+    from edge.model import Transformer
     from edge.parts import ACTIVATIONS, DenseFFN, Parts
     from weights_tools.calibrate import LayerReplay
 
@@ -259,7 +260,7 @@ def _universal_order(store, partial: Path, group, names, linears, scales, iters,
         return unpack_signs(signs, lin["cols"]) * (u.astype(np.float32) @ v.astype(np.float32))
 
     state = {"w": {}, "next": {}, "tested": None}
-    backend = make_backend(store, "numpy", threads)
+    backend = make_backend("numpy", threads)
     searched = _OrderLinears(state, scales)
     act = ACTIVATIONS[cfg.activation]
     parts = Parts(searched, DenseFFN(searched, cfg.n_layers, act), DenseEmbedding(store), DenseHead(store, backend))

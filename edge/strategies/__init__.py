@@ -89,10 +89,11 @@ def resolve(store, name: str) -> Strategy:
 
 def load(store, n_ctx: int, plan: Plan, threads: int | None = None) -> Transformer:
     """The model under `plan`: llama.cpp's kernels on the stored bytes, its strategy's parts."""
-    from edge.model import Transformer, make_backend
+    from edge.kernels import make_backend
+    from edge.model import Transformer
     from edge.parts import ACTIVATIONS
 
-    backend = make_backend(store, "ggml", threads)
+    backend = make_backend("ggml", threads)
     parts = get(plan.strategy).build(store, backend, ACTIVATIONS[store.config.activation], plan)
     return Transformer(store, n_ctx, backend=backend, parts=parts, chunk=plan.chunk)
 
