@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
+
+from edge.system import forget_file
 
 ROOT = Path("/sys/fs/cgroup")
 
@@ -17,7 +20,10 @@ LIMIT_FILE = {True: "memory.limit_in_bytes", False: "memory.max"}  # by "is cgro
 
 
 def own_cgroup() -> tuple[Path, bool] | None:
-    """This process's memory cgroup directory and whether it is cgroup v1; None when there is none."""
+    """This process's memory cgroup directory and whether it is cgroup v1; None when there is none (and on
+    every platform but Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -38,7 +44,8 @@ class MemoryCap:
         """(cap, "") or (None, why not): a child cgroup of this process's own."""
         parent = own_cgroup()
         if parent is None:
-            return None, "no memory cgroup controller"
+            return None, ("no memory cgroup controller" if sys.platform.startswith("linux") else
+                          "memory cgroups are not available on this platform (Linux only)")
         try:
             path = parent[0] / f"{name}.{os.getpid()}"
             path.mkdir()
@@ -105,10 +112,5 @@ def drop_page_cache(files: list[Path]) -> bool:
         return True
     except OSError:
         for f in files:
-            try:
-                fd = os.open(f, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.close(fd)
-            except OSError:
-                pass
+            forget_file(f)
         return False

@@ -285,17 +285,17 @@ def cmd_probe_flash(args) -> int:
     if not args.path:
         directory.mkdir(parents=True, exist_ok=True)
     print(f"probing {directory} with a {args.size} file, {args.seconds}s per cell", file=sys.stderr)
-    cells, direct = probe.probe(directory, size, args.seconds,
+    cells, mode = probe.probe(directory, size, args.seconds,
                                 progress=lambda c: print(".", end="", file=sys.stderr, flush=True))
     print(file=sys.stderr)
     print(probe.table(cells))
-    print(f"reads: {'O_DIRECT' if direct else 'buffered, cache dropped after each read'}")
+    print(f"reads: {mode}")
     print(probe.small_reads(cells))
     out = Path(args.out) if args.out else config_dir() / "devices" / "this-machine.toml"
     out.parent.mkdir(parents=True, exist_ok=True)
     from edge.profile import measure_gemv
 
-    out.write_text(probe.to_toml(cells, directory, direct, measure_gemv()))
+    out.write_text(probe.to_toml(cells, directory, mode, measure_gemv()))
     print(f"profile written to {out}")
     return 0
 

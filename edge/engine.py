@@ -36,7 +36,7 @@ class TokenEvent:
     token: int
     text: str                # printable text this token completes (may be empty mid-character)
     seconds: float           # wall time of this step
-    flash_read_bytes: int    # bytes the process read from storage during this step
+    flash_read_bytes: int    # bytes read from flash during this step (Engine.read_bytes)
     resident_bytes: int      # process RSS after this step
     position: int            # the token's position in the context
 
@@ -236,7 +236,7 @@ class Engine:
         stats = self.last = RunStats(prompt_tokens=len(prompt))
         self.model.parts.ffn.reset()
         stream = self.tokenizer.streamer()
-        io0 = self.meter.read_bytes()
+        io0 = self.read_bytes()
         t0 = time.perf_counter()
         logits, stats.reused_tokens = self._prefill(prompt)
         stats.prefill_seconds = time.perf_counter() - t0
@@ -249,7 +249,7 @@ class Engine:
             d = stats.decode_counters = {k: v - counters0[k] for k, v in self.counters().items()}
             stats.decode_wait_seconds = d["ffn_read_wait"] + d["row_read_wait"]
             stats.decode_flash_model_seconds = d["flash_model"]
-            stats.flash_read_bytes = self.meter.read_bytes() - io0
+            stats.flash_read_bytes = self.read_bytes() - io0
             stats.peak_rss_bytes = self.meter.peak_rss
 
     def _decode(self, logits, history, max_tokens, sampler, stop_at_end, stream) -> Iterator[TokenEvent]:
@@ -259,21 +259,21 @@ class Engine:
         if max_tokens <= 0:
             stats.stopped = "length"
             return
-        step_start, io_start = time.perf_counter(), self.meter.read_bytes()
+        step_start, io_start = time.perf_counter(), self.read_bytes()
         first = None
         for _ in range(max_tokens):
             token = sampler(logits, history)
             history.append(token)
             stats.tokens.append(token)
             if first is None:
-                first = time.perf_counter(), self.meter.read_bytes()
+                first = time.perf_counter(), self.read_bytes()
             else:
                 stats.decode_seconds = time.perf_counter() - first[0]
-                stats.decode_read_bytes = self.meter.read_bytes() - first[1]
+                stats.decode_read_bytes = self.read_bytes() - first[1]
             if stop_at_end and self.tokenizer.is_end(token):
                 stats.stopped = "eog"
                 break
-            io_now = self.meter.read_bytes()
+            io_now = self.read_bytes()
             yield TokenEvent(token, stream.push(token), time.perf_counter() - step_start, io_now - io_start,
                              self.meter.rss(), len(self.cached))
             if len(stats.tokens) >= max_tokens:
@@ -296,6 +296,10 @@ class Engine:
         """(reads, bytes) from flash so far, over every I/O engine of this model (the chat's MB/s, reads/s)."""
         engines = self.model.parts.ffn.engines + ([self.file.engine] if self.plan is not None else [])
         return sum(e.stats.reads for e in engines), sum(e.stats.bytes for e in engines)
+
+    def read_bytes(self) -> int:
+        """Bytes read from flash so far by this model's I/O engines (counted by edge itself, on every platform)."""
+        return self.read_totals()[1]
 
     def counters(self) -> dict[str, float]:
         """So far: seconds in each part of the model (edge.model.PROFILED); the compute thread's waits for reads,

@@ -1,9 +1,9 @@
 """The I/O engine: reads from flash that the page cache neither hides nor charges to the RAM budget.
 
 A pool of reader threads issues `preadv` into page-aligned, preallocated buffers. Requests that touch or
-nearly touch are coalesced into one read. Files are opened with O_DIRECT where the filesystem allows it
-(F_NOCACHE on macOS); otherwise reads are buffered and followed by posix_fadvise(DONTNEED), so the kernel's
-cache neither makes flash look faster than it is nor silently eats the budget. Every read is counted:
+nearly touch are coalesced into one read. Files are opened so that the kernel's cache neither makes flash look
+faster than it is nor silently eats the budget (edge.system: O_DIRECT, F_NOCACHE on macOS, else buffered reads
+whose pages are dropped after each read). Every read is counted:
 reads, bytes, and a latency histogram.
 
 Emulation (`emulate(curve)`, process-wide, `--device NAME --emulate`): every batch of reads takes at least the
@@ -22,9 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge import system
 from edge.errors import EdgeError
 
-ALIGN = 4096
+ALIGN = system.ALIGN
 LATENCY_BUCKETS_US = (50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)  # upper bounds; one more for above
 
 
@@ -77,45 +78,18 @@ def emulation() -> Emulation | None:
 
 
 class FlashFile:
-    """One file opened for uncached reads; `direct` says whether O_DIRECT (or F_NOCACHE) is in effect."""
+    """One file opened for uncached reads (edge.system.open_uncached): `mode` says how its reads bypass the
+    page cache, `direct` whether the device serves them without the cache at all (O_DIRECT, F_NOCACHE)."""
 
     def __init__(self, path: str | os.PathLike, direct: bool = True):
         self.path = Path(path)
         self.size = self.path.stat().st_size
-        self.direct = False
-        flags = os.O_RDONLY
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                self.fd = os.open(self.path, flags | os.O_DIRECT)
-                self.direct = self._probe_direct()
-                if not self.direct:
-                    os.close(self.fd)
-            except OSError:
-                self.direct = False
-        if not self.direct:
-            self.fd = os.open(self.path, flags)
-            if direct and hasattr(os, "F_NOCACHE"):  # macOS
-                import fcntl
-
-                fcntl.fcntl(self.fd, os.F_NOCACHE, 1)
-                self.direct = True
-
-    def _probe_direct(self) -> bool:
-        """Some filesystems (tmpfs) accept O_DIRECT at open and fail the first read: try one."""
-        if self.size == 0:
-            return True
-        buf = mmap.mmap(-1, ALIGN)
-        try:
-            os.preadv(self.fd, [buf], 0)
-            return True
-        except OSError:
-            return False
-        finally:
-            buf.close()
+        self.fd, self.mode = system.open_uncached(self.path, self.size, uncached=direct)
+        self.direct = self.mode in (system.DIRECT, system.NOCACHE)
 
     def drop_cache(self, offset: int = 0, length: int = 0) -> None:
-        if not self.direct and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        if not self.direct:
+            system.forget(self.fd, offset, length)
 
     def close(self) -> None:
         os.close(self.fd)

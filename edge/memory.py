@@ -14,6 +14,7 @@ import psutil
 
 from edge.cgroup import own_limit
 from edge.sizes import format_size
+from edge.system import status_bytes
 
 PRESSURE_FLOOR = 64 << 20  # system memory available below this: give cache back
 LIMIT_ROUNDING = 64 << 10  # a cgroup limit this close under the budget is the budget (the kernel rounds it)
@@ -28,47 +29,33 @@ def release_free_memory() -> None:
 
 
 class Meter:
-    """Storage bytes read and RSS of this process, sampled per step; the peak RSS seen; and what a memory cap
-    cannot take back (`committed`)."""
+    """RSS of this process, sampled per step; the peak RSS seen; and what a memory cap cannot take back
+    (`committed`). (Bytes read from flash are counted by the I/O engines: edge.flash.)"""
 
     def __init__(self):
         self._proc = psutil.Process()
-        self._has_io = hasattr(self._proc, "io_counters")
         self.peak_rss = 0
         self._file_at_baseline: int | None = None
 
     def baseline(self) -> int:
         """RSS now, as a plan's baseline; its file-backed part is remembered for `committed`."""
-        self._file_at_baseline = _status_bytes().get("RssFile")
+        self._file_at_baseline = status_bytes().get("RssFile")
         return self.rss()
 
     def committed(self) -> int:
         """RSS without the file-backed pages mapped since the baseline: anonymous and shared memory, and library
         pages up to what the baseline held. Pages mapped beyond that are the kernel's to reclaim under a cap, and
         whether it has yet depends on its reclaim, not on this process. RSS where /proc says nothing."""
-        status = _status_bytes()
+        status = status_bytes()
         if self._file_at_baseline is None or "RssAnon" not in status:
             return self.rss()
         file = min(status.get("RssFile", 0), self._file_at_baseline)
         return status["RssAnon"] + status.get("RssShmem", 0) + file
 
-    def read_bytes(self) -> int:
-        return self._proc.io_counters().read_bytes if self._has_io else 0
-
     def rss(self) -> int:
         r = self._proc.memory_info().rss
         self.peak_rss = max(self.peak_rss, r)
         return r
-
-
-def _status_bytes() -> dict[str, int]:
-    """This process's RssAnon, RssFile, RssShmem in bytes (Linux); {} elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
-                    if k in ("RssAnon", "RssFile", "RssShmem")}
-    except OSError:
-        return {}
 
 
 def probe_memory() -> tuple[int, int | None]:

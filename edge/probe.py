@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from edge import system
 from edge.errors import EdgeError
 from edge.flash import ALIGN, FlashFile, IOEngine
 
@@ -45,8 +46,7 @@ def scratch_file(directory: Path, size: int) -> Path:
             f.write(block[: size % len(block)])
             f.flush()
             os.fsync(f.fileno())
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            system.forget(f.fileno())
     except OSError as exc:
         path.unlink(missing_ok=True)
         raise EdgeError(f"{path}: cannot write the {size >> 20} MiB probe file ({exc.strerror}); free some space "
@@ -81,17 +81,17 @@ def probe(directory: Path, size: int, seconds: float, chunks=CHUNKS, threads=THR
     finally:
         f.close()
         path.unlink(missing_ok=True)
-    return cells, f.direct
+    return cells, f.mode
 
 
-def to_toml(cells: list[Cell], directory: Path, direct: bool, gemv_gb_s: float | None = None) -> str:
+def to_toml(cells: list[Cell], directory: Path, mode: str, gemv_gb_s: float | None = None) -> str:
     lines = ["# Written by `edge probe-flash`: random aligned reads, uncoalesced (threads = queue depth).",
              "[device]", 'name = "this-machine"', 'title = "this machine (measured)"',
              f"ram_bytes = {psutil.virtual_memory().total}", f"cores = {os.cpu_count()}", ""]
     if gemv_gb_s:
         lines += ["[compute]", f"gemv_gb_s = {gemv_gb_s:.2f}",
                   'basis = "measured: a Q4_0 matrix-vector product with llama.cpp\'s kernel, all cores"', ""]
-    lines += ["[flash]", f'kind = "{directory} ({"O_DIRECT" if direct else "buffered, cache dropped"})"', ""]
+    lines += ["[flash]", f'kind = "{directory} ({mode})"', ""]
     for c in cells:
         lines += ["[[flash.curve]]", f"chunk_bytes = {c.chunk_bytes}", f"threads = {c.threads}",
                   f"mb_s = {c.mb_s:.1f}", f"latency_us = {c.latency_us:.1f}", ""]

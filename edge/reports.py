@@ -57,6 +57,8 @@ def print_info(args) -> int:
     print("quant formats: " + ", ".join(f"{k} {format_size(v)}" for k, v in formats.most_common()))
     print("compute: ggml, llama.cpp's kernels on the weights as stored (`--backend ort`: onnxruntime, ~10% faster "
           "here at 2-3x the RAM)")
+    if is_store:
+        print(f"reads from flash: {src.read_mode()}")
     if is_store and cfg.n_experts:
         lay = src.expert_layouts[0]
         print(

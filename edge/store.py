@@ -180,6 +180,10 @@ class Store:
             self._files[arr.path] = FlashFile(arr.file)
         return self._files[arr.path]
 
+    def read_mode(self, name: str = "t/token_embd.weight") -> str:
+        """How reads of this store bypass the page cache on this platform and file system (edge.system)."""
+        return self._file(self.array(name)).mode
+
     def _crcs(self, arr: _Array, engine: IOEngine, append: bool = False) -> np.ndarray:
         """The array's chunk checksums, read once per array (append: after the engine's last read)."""
         if arr.path not in self._crc_cache:

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge import system
 from edge.flash import ALIGN, FlashFile, IOEngine, coalesce
 
 
@@ -84,11 +85,120 @@ def test_direct_or_dropped_cache(data_file):
     """O_DIRECT where the filesystem has it; elsewhere (tmpfs) buffered reads with the cache dropped after."""
     path, _ = data_file
     f = FlashFile(path)
-    assert f.direct or hasattr(os, "posix_fadvise")
+    assert f.mode in (system.DIRECT, system.DROPPED) and f.direct == (f.mode == system.DIRECT)
     f.close()
     g = FlashFile(path, direct=False)
-    assert not g.direct
+    assert not g.direct and g.mode == system.DROPPED
     g.close()
+
+
+class Calls:
+    """Records what a simulated platform was asked to do."""
+
+    def __init__(self):
+        self.fadvise: list[tuple] = []
+        self.fcntl: list[tuple] = []
+
+
+@pytest.fixture
+def platform(monkeypatch):
+    """Simulate another platform's os/fcntl: the test removes what that platform lacks; calls are recorded."""
+    import fcntl
+
+    calls = Calls()
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: (calls.fadvise.append((off, n, how)),
+                                                                       real_fadvise(fd, off, n, how))[1])
+    monkeypatch.setattr(fcntl, "F_NOCACHE", 48, raising=False)  # macOS's value
+    monkeypatch.setattr(fcntl, "fcntl", lambda fd, cmd, arg=0: calls.fcntl.append((cmd, arg)) or 0)
+    return calls
+
+
+def _reads_right(path, data, f) -> None:
+    e = IOEngine(threads=2, buffer_bytes=1 << 20)
+    try:
+        got = [bytes(v) for v in e.read(f, [(5000, 70_000), (123, 10)])]
+        assert got == [data[5000:75_000], data[123:133]]
+    finally:
+        e.close()
+        f.close()
+
+
+def test_macos_reads_with_f_nocache(data_file, platform, monkeypatch):
+    """macOS: no O_DIRECT, no posix_fadvise; F_NOCACHE set on the descriptor, nothing to drop after reads."""
+    path, data = data_file
+    monkeypatch.delattr(os, "O_DIRECT")
+    monkeypatch.delattr(os, "posix_fadvise")
+    monkeypatch.setattr(system.sys, "platform", "darwin")
+    f = FlashFile(path)
+    assert f.mode == system.NOCACHE and f.direct and platform.fcntl == [(48, 1)]
+    _reads_right(path, data, f)
+    assert platform.fadvise == []
+
+
+def test_file_system_refusing_o_direct_drops_pages_after_reads(data_file, platform, monkeypatch):
+    """Linux on a file system that refuses O_DIRECT at open (EINVAL), or accepts it and fails the first read
+    (tmpfs): buffered reads, each one's pages dropped with FADV_DONTNEED."""
+    import errno
+
+    path, data = data_file
+    real_open = os.open
+
+    def refusing(p, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(p, flags, *a)
+
+    monkeypatch.setattr(os, "open", refusing)
+    f = FlashFile(path)
+    assert f.mode == system.DROPPED and not f.direct and platform.fcntl == []
+    _reads_right(path, data, f)
+    assert platform.fadvise and all(how == os.POSIX_FADV_DONTNEED for *_, how in platform.fadvise)
+    monkeypatch.setattr(os, "open", real_open)
+
+    direct_fds: set[int] = set()  # now O_DIRECT opens, and the first read fails
+    tried = []
+
+    def accepting(p, flags, *a):
+        fd = real_open(p, flags, *a)
+        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # numbers are reused
+        tried.append(bool(flags & os.O_DIRECT))
+        return fd
+
+    real_preadv = os.preadv
+    monkeypatch.setattr(os, "open", accepting)
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: real_preadv(fd, bufs, off) if fd not in direct_fds
+                        else (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")))
+    f = FlashFile(path)
+    assert tried == [True, False] and f.mode == system.DROPPED and f.fd not in direct_fds
+    _reads_right(path, data, f)
+
+
+def test_platform_without_any_cache_bypass(data_file, platform, monkeypatch, tmp_path):
+    """Neither O_DIRECT, F_NOCACHE nor posix_fadvise (not Linux, not macOS): buffered reads that say so; dropping
+    a file's pages (the benchmarks' cold start) does nothing instead of failing; no /proc: the memory figures
+    fall back to the RSS (psutil's, which every platform has) and no cgroup is made, with the reason."""
+    from edge import cgroup
+    from edge.memory import Meter
+
+    path, data = data_file
+    monkeypatch.delattr(os, "O_DIRECT")
+    monkeypatch.delattr(os, "posix_fadvise")
+    monkeypatch.setattr(system.sys, "platform", "freebsd14")
+    f = FlashFile(path)
+    assert f.mode == system.CACHED and not f.direct
+    _reads_right(path, data, f)
+    system.forget_file(path)
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (_ for _ in ()).throw(FileNotFoundError(p))
+                        if str(p) == "/proc/self/status" else real_open(p, *a, **k))
+    assert system.status_bytes() == {}
+    m = Meter()
+    m.baseline()
+    assert m.committed() == m.rss() > 0
+    assert cgroup.own_cgroup() is None and cgroup.own_limit() is None
+    cap, why = cgroup.MemoryCap.make(1 << 30, "edge-test")
+    assert cap is None and "not available on this platform" in why
 
 
 def test_probe_curve_and_profile(tmp_path):
@@ -96,9 +206,9 @@ def test_probe_curve_and_profile(tmp_path):
 
     from edge import probe
 
-    cells, direct = probe.probe(tmp_path, 64 << 20, 0.05, chunks=(4096, 65536), threads=(1, 2))
+    cells, mode = probe.probe(tmp_path, 64 << 20, 0.05, chunks=(4096, 65536), threads=(1, 2))
     assert len(cells) == 4 and all(c.mb_s > 0 and c.latency_us > 0 for c in cells)
-    profile = tomllib.loads(probe.to_toml(cells, tmp_path, direct))
+    profile = tomllib.loads(probe.to_toml(cells, tmp_path, mode))
     assert profile["device"]["name"] == "this-machine" and len(profile["flash"]["curve"]) == 4
     assert "64KiB" in probe.table(cells) and probe.small_reads(cells).startswith("small reads: 4KiB at ")
     assert not any(tmp_path.iterdir())  # the scratch file is gone
@@ -125,7 +235,7 @@ def test_bundle_size_follows_the_saved_flash_curve(tmp_path, monkeypatch):
     assert bundle_target() is None  # nothing probed
     profile = tmp_path / "edge" / "devices" / "this-machine.toml"
     profile.parent.mkdir(parents=True)
-    profile.write_text(to_toml(curve, tmp_path, True, 12.5))
+    profile.write_text(to_toml(curve, tmp_path, "O_DIRECT", 12.5))
     assert bundle_target() == 128 << 10  # 64K: 900 < 950 = half of 1900; 128K: 1350 between 900 and 1800
     assert bundle_target("rpi5-microsd") == 16 << 10  # a packaged profile, from its modelled curve
     gate, down = tensor_of("Q4_1", rows=4096, cols=512), tensor_of("Q4_1", rows=512, cols=4096)

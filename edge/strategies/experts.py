@@ -77,9 +77,12 @@ class ExpertDetail:
         f = format_size
         sizes = [f(b) for b, _ in self.classes]
         each = f"{sizes[0]} each" if len(sizes) == 1 else f"records of {' / '.join(sizes)} in slots of their size"
-        return (f"expert cache {f(self.cache)}: {self.slots}/{self.n_experts} experts "
-                f"({100 * self.cached_fraction:.0f}%, {each}); the rest pages from flash, "
-                f"{self.prefetch} predicted ({self.predictor}) and read ahead per layer, eviction {self.policy}")
+        head = (f"expert cache {f(self.cache)}: {self.slots}/{self.n_experts} experts "
+                f"({100 * self.cached_fraction:.0f}%, {each}); ")
+        if self.slots >= self.n_experts:
+            return head + "each read once, nothing pages"
+        return head + (f"the rest pages from flash, {self.prefetch} predicted ({self.predictor}) and read ahead per "
+                       f"layer, eviction {self.policy}")
 
 
 def expert_resident_bytes(store) -> int:
