@@ -41,7 +41,7 @@ def run(store: Path, cache: float, n: int, threads: int, device: str | None, emu
     for evict, prefetch, predict, cached, label in CONFIGS + (TRACED if traced else ()):
         options = Options(evict=evict, prefetch=(depth or _k(store)) if prefetch is None else prefetch,
                           predict=predict)
-        engine = Engine(store, n_ctx=512, threads=threads, ram=1 << 40, options=options, device=device,
+        engine = Engine(store, n_ctx=256, threads=threads, ram=1 << 40, options=options, device=device,
                         emulate=emulate)
         plan = engine.plan
         d = plan.detail

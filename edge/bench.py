@@ -223,7 +223,8 @@ def cmd_bench(args) -> int:
 
     store = resolve_model(args.model, store=True)
     if not is_complete(store):
-        raise EdgeError(f"{store}: bench runs from a calibrated store; run `edge convert MODEL.gguf --calibrate`")
+        raise EdgeError(f"{store}: bench runs from a store; run `edge convert MODEL.gguf` (--calibrate: the head "
+                        "leaves RAM)")
     gguf = bins = None
     if args.vs == "llama.cpp":
         if args.gguf:

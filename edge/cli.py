@@ -11,7 +11,7 @@ import json
 import sys
 
 from edge.errors import EdgeError
-from edge.flags import (MODEL_HELP, Parser, add_model_args, add_sampling_args, add_strategy_args, make_engine,
+from edge.flags import (MODEL_HELP, Parser, add_model_args, add_sampling_args, add_strategy_args, make_engine, whole,
                         sampler_config)
 
 EXAMPLES_RUN = """examples:
@@ -24,7 +24,7 @@ EXAMPLES_RUN = """examples:
 """
 EXAMPLES_EVAL = """examples:
   edge eval                                   # default model, default text (a slice of pydoc_data.topics)
-  edge eval model.gguf --text notes.txt --ctx 512 --windows 8
+  edge eval model.gguf --text notes.txt --ctx 512 --chunks 8
 """
 
 EXAMPLES_PROBE = """examples:
@@ -35,7 +35,7 @@ EXAMPLES_PROBE = """examples:
 
 EXAMPLES_BENCH = """examples:
   edge bench model.edge --ram 160MB                   # ours and native llama.cpp, each alone capped at 160MB
-  edge bench qwen2.5-coder-1.5b --ram 600MB           # a named model (its store: edge convert NAME --calibrate)
+  edge bench qwen2.5-coder-1.5b --ram 600MB           # a named model (its store: edge convert NAME)
   edge bench model.edge                               # both uncapped, all resident
   edge bench model.edge --ram 1GB --llama-bin ~/llama.cpp/build/bin   # llama.cpp programs you built
   edge bench model.edge --ram 300MB --strategy naive   # the paper's naive baseline
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate text from a prompt", epilog=EXAMPLES_RUN,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(run, 2048)
+    add_model_args(run)
     run.add_argument("prompt_arg", nargs="?", default=None, metavar="PROMPT",
                      help="the prompt (or -p; from stdin with -p - or when piped); with one argument that is not a "
                           "model and holds a space, that argument")
@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity over a text", epilog=EXAMPLES_EVAL,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ev, 512)
+    add_model_args(ev, 512, "tokens per scored window, as llama-perplexity's -c (default 512)")
     ev.add_argument("--text", default=None, help="a UTF-8 text file (default: a fixed slice of pydoc_data.topics)")
-    ev.add_argument("--windows", type=int, default=4, help="windows of --ctx tokens to score (default 4; 0: all)")
+    ev.add_argument("--chunks", dest="windows", type=whole(0), default=4,
+                    help="windows of --ctx tokens to score, as llama-perplexity's --chunks (default 4; 0: all)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
     info = sub.add_parser(
@@ -84,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     info.add_argument("--ram", default=None, metavar="SIZE", help="show what this budget keeps resident and streams")
-    info.add_argument("--ctx", type=int, default=2048, help="context for the --ram plan (default 2048)")
+    info.add_argument("-c", "--ctx", type=whole(16), default=None,
+                      help="context for the --ram plan (default: 4096, or the model's own when smaller, or "
+                           "the largest of those the budget holds)")
     add_strategy_args(info, "the --ram plan's strategy")
 
     pf = sub.add_parser("probe-flash", help="measure the storage's read curve and save it as a device profile",
@@ -107,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="ours vs llama.cpp under the same kernel memory cap",
                            epilog=EXAMPLES_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("model", help="a calibrated store (edge convert MODEL.gguf --calibrate), or a model name whose "
-                       "store is prepared")
+    bench.add_argument("model", help="a store (edge convert MODEL.gguf; --calibrate: the head leaves RAM), or a model "
+                       "name whose store is prepared")
     bench.add_argument("--ram", default=None, help="budget and memory cap for both sides (default: the --device's, "
                        "else none: both uncapped, all resident)")
     bench.add_argument("--vs", choices=("llama.cpp", "none"), default="llama.cpp", help="the peer (default llama.cpp)")
@@ -150,11 +153,11 @@ def _plugin_commands():
     return sorted(entry_points(group="edge.commands"), key=lambda ep: ep.name)
 
 
-def add_command(sub, name: str, help: str, epilog: str, handler, ctx_default: int = 2048,
+def add_command(sub, name: str, help: str, epilog: str, handler,
                 temp_default: float | None = None) -> argparse.ArgumentParser:
     """For plugins: a subcommand with the shared model (and sampling) flags; handler(args) -> exit code."""
     p = sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, ctx_default)
+    add_model_args(p)
     if temp_default is not None:
         add_sampling_args(p, temp_default)
     p.set_defaults(handler=handler)

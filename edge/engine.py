@@ -21,13 +21,14 @@ from edge.errors import EdgeError
 from edge.flash import IOEngine
 from edge.gguf_file import GGUFFile
 from edge.memory import Meter, PressureWatch, release_free_memory
-from edge.model import Transformer
+from edge.model import KVCache, Transformer
 from edge.models import resolve_model
 from edge.profile import load as load_profile
 from edge.sampling import Sampler, SamplerConfig
 from edge.store import Store
 from edge.strategies import Options
-from edge.strategies.plan import IO_BUFFER, Plan
+from edge.sizes import format_size
+from edge.strategies.plan import IO_BUFFER, Plan, fit_context, plan_context
 from edge.tokenizer import Tokenizer
 
 
@@ -91,6 +92,7 @@ class RunStats:
 
 
 PRESSURE_EVERY = 8  # tokens between memory-pressure checks under a budget
+DEFAULT_CTX = 4096  # tokens of context when --ctx is not given (at most the model's own; see Engine)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class EngineStats:
     backend: str                 # compute kernels (kernels.BACKENDS)
     threads: int | None
     weights_bytes: int           # resident weights the backend holds
-    kv_bytes: int
+    kv_bytes: int                # the KV cache's positions in use (its memory is taken as they are written)
     plan: Plan | None            # the budget's plan (None: everything resident)
     run: RunStats                # the last run
     cache_kind: str              # what the budget's cache holds: "FFN clusters", "experts", "" (none)
@@ -117,25 +119,37 @@ def open_tokenizer(src) -> Tokenizer:
     return Tokenizer(src.tokenizer_path, src.config.arch, src.chat_template)
 
 
-def plan_budget(src, ram: int, n_ctx: int, options: Options, meter: Meter) -> tuple:
-    """(strategy, plan, tokenizer) for a budget: the tokenizer opened first (its vocabulary is part of the
+def plan_budget(src, ram: int, n_ctx: int | None, options: Options, meter: Meter) -> tuple:
+    """(strategy, plan, tokenizer, note) for a budget: the tokenizer opened first (its vocabulary is part of the
     fixed part the plan measures), the temporaries of reading it given back, then the baseline measured. One
-    measurement for `edge run`, `chat` and `info`: the same inputs give the same minimum and plan."""
+    measurement for `edge run`, `chat` and `info`: the same inputs give the same minimum and plan. n_ctx None:
+    the largest context up to DEFAULT_CTX (and the model's own) the budget holds (`plan.context`); `note` says
+    so when that is less (else None)."""
     tokenizer = open_tokenizer(src)
     release_free_memory()
     strategy = strategies.resolve(src, options.strategy)
-    return strategy, strategy.plan(src, ram, meter.baseline(), n_ctx, options), tokenizer
+    baseline = meter.baseline()
+    note = None
+    if n_ctx is None:
+        ceiling = min(DEFAULT_CTX, src.config.context_length)
+        n_ctx, needs = fit_context(strategy, src, ram, baseline, ceiling, options)
+        if n_ctx < ceiling:
+            note = (f"context {n_ctx} tokens: what --ram {format_size(ram)} holds beside the model (--ctx {ceiling} "
+                    f"needs --ram {format_size(needs)})")
+    return strategy, plan_context(strategy, src, ram, baseline, n_ctx, 0, options), tokenizer, note
 
 
 class Engine:
     """A model ready to generate: weights, KV cache, tokenizer; one conversation's cache state."""
 
-    def __init__(self, model: str | Path | None = None, n_ctx: int = 2048, backend: str = "auto",
+    def __init__(self, model: str | Path | None = None, n_ctx: int | None = None, backend: str = "auto",
                  threads: int | None = None, verify: str = "first", ram: int | None = None,
                  options: Options = Options(), device: str | None = None, emulate: bool = False):
-        """ram: a budget in bytes for the whole process (a store; see edge.strategies), run by the strategy
-        `options` names. device: a device profile's name (edge.profile): its compute and read threads; with
-        emulate, reads take the time its flash curve gives (compute runs at this machine's speed)."""
+        """n_ctx: the context in tokens (at most the model's trained context); None: DEFAULT_CTX, under a budget
+        the largest up to it the budget holds. ram: a budget in bytes for the whole process (a store; see
+        edge.strategies), run by the strategy `options` names. device: a device profile's name (edge.profile):
+        its compute and read threads; with emulate, reads take the time its flash curve gives (compute runs at
+        this machine's speed)."""
         self.path = resolve_model(model, store=ram is not None)
         self.meter = Meter()
         self.plan: Plan | None = None
@@ -156,13 +170,14 @@ class Engine:
         io = IOEngine(threads=read_threads, buffer_bytes=IO_BUFFER) if ram is not None else None
         self.file = Store(self.path, engine=io, verify=verify) if self.path.is_dir() else GGUFFile(self.path)
         self.config = self.file.config
-        if n_ctx < 16:
+        if n_ctx is not None and n_ctx < 16:
             raise EdgeError(f"--ctx {n_ctx}: the context must hold at least 16 tokens")
-        self.n_ctx = min(n_ctx, self.config.context_length)
+        trained = self.config.context_length
+        self.n_ctx = min(n_ctx or DEFAULT_CTX, trained)
         self.warnings: list[str] = []  # what the caller should tell the user (the CLI prints them)
-        if n_ctx > self.n_ctx:
-            self.warnings.append(f"--ctx {n_ctx} is above the model's trained context of {self.n_ctx} tokens; "
-                                 f"using {self.n_ctx}")
+        if n_ctx is not None and n_ctx > trained:
+            self.warnings.append(f"--ctx {n_ctx} is above the model's trained context of {trained} tokens; "
+                                 f"using {trained}")
 
         self.pressure = PressureWatch()
         if ram is None:
@@ -170,7 +185,10 @@ class Engine:
             self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads)
             self.tokenizer = open_tokenizer(self.file)  # after the model: its checks name a bad tensor first
         else:
-            self.strategy, self.plan, self.tokenizer = plan_budget(self.file, ram, self.n_ctx, options, self.meter)
+            self.strategy, self.plan, self.tokenizer, note = plan_budget(self.file, ram, n_ctx and self.n_ctx,
+                                                                         options, self.meter)
+            self.n_ctx = self.plan.context
+            self.warnings += [note] if note else []
             size = self.strategy.io_buffer(self.plan)
             if size != len(io.buffer):  # BitStack: blocks over half the buffer; a streamed FFN: its largest chunk
                 io.close()
@@ -180,6 +198,18 @@ class Engine:
                 self._fold_load_slack()
         self.cached: list[int] = []   # tokens whose keys and values are in the KV cache, in order
         self.last = RunStats()
+
+    def _hold_context(self, tokens: int) -> None:
+        """Under a budget, a conversation grown past the positions its KV cache is planned for: re-planned for
+        more (the cache gives the room; the minimum held the whole context from the start). Written positions
+        keep their pages, so the plan never goes back to fewer."""
+        p = self.plan
+        if p is None or tokens <= p.kv_tokens:
+            return
+        plan = self.resize(p.budget, tokens=tokens)
+        if plan.cache < p.cache:
+            self.last.shrinks.append(f"the conversation reached {tokens} tokens, KV cache planned for "
+                                     f"{plan.kv_tokens}: {plan.shrunk_from(p)}")
 
     def _fold_load_slack(self) -> None:
         """What loading left beyond the resident weights (allocator slack, libraries mapped on first use) is
@@ -219,6 +249,7 @@ class Engine:
                 break
             reuse += 1
         self.cached = self.cached[:reuse]
+        self._hold_context(len(tokens))
         with self._lock:
             logits = self.model.forward(np.asarray(tokens[reuse:]), reuse)
         self.cached = list(tokens)
@@ -285,6 +316,7 @@ class Engine:
             if self.plan is not None and len(stats.tokens) % PRESSURE_EVERY == 0:
                 self.relieve_pressure()
             step_start, io_start = time.perf_counter(), io_now
+            self._hold_context(len(self.cached) + 1)
             with self._lock:
                 logits = self.model.forward(np.asarray([token]), len(self.cached))
             self.cached.append(token)
@@ -313,18 +345,19 @@ class Engine:
                 "ffn_reads": sum(s.reads for s in ffn), "ffn_read_bytes": sum(s.bytes for s in ffn),
                 "ffn_read_seconds": sum(s.wall for s in ffn), "flash_model": emu.seconds if emu else 0.0}
 
-    def resize(self, budget: int, baseline: int | None = None) -> Plan:
+    def resize(self, budget: int, baseline: int | None = None, tokens: int | None = None) -> Plan:
         """Re-plan for a new budget while the model is loaded (between tokens, also mid-answer), and let the
         parts follow: a neuron cache grows (at sparsity 0 the added clusters are read now; with predictors the
         next tokens fill the new slots) or shrinks (the least recently used go), a stack reads or drops blocks,
         an expert cache adds or frees slots. Below the minimum: EdgeError, nothing changes. baseline: a new
-        measure of the process without weights (load slack folded in)."""
+        measure of the process without weights (load slack folded in). tokens: context positions to plan the KV
+        cache for (default: as planned)."""
         if self.plan is None:
             raise EdgeError("this model runs without a budget (everything resident); start it with --ram to "
                             "change the budget live")
         p = self.plan
-        plan = self.strategy.plan(self.file, budget, p.baseline if baseline is None else baseline, self.n_ctx,
-                                  self.options)
+        plan = plan_context(self.strategy, self.file, budget, p.baseline if baseline is None else baseline,
+                            self.n_ctx, tokens or p.kv_tokens, self.options)
         with self._lock:
             self.model.parts.resize(plan)
             release_free_memory()
@@ -351,7 +384,8 @@ class Engine:
         """The model and its last run, as the chat and the CLI show them."""
         ffn = self.model.parts.ffn
         return EngineStats(backend=self.model.backend.name, threads=getattr(self.model.backend, "threads", None),
-                           weights_bytes=self.model.backend.resident_bytes, kv_bytes=self.model.kv.nbytes,
+                           weights_bytes=self.model.backend.resident_bytes,
+                           kv_bytes=KVCache.bytes_for(self.config, len(self.cached)),
                            plan=self.plan, run=self.last, cache_kind=ffn.kind,
                            cache=ffn.stats(len(self.last.tokens)), head=self.model.parts.head.stats())
 

@@ -48,12 +48,15 @@ MODEL_HELP = ("a GGUF file, a .edge store or a name from `edge models` (qwen2.5-
               "embedded default, SmolLM2-135M-Instruct")
 
 
-def add_model_args(p: argparse.ArgumentParser, ctx_default: int) -> None:
+CTX_HELP = ("context length in tokens (default: 4096, or the model's own when smaller; under --ram the largest of "
+            "those the budget holds; the KV cache grows with the conversation)")
+
+
+def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, ctx_help: str = CTX_HELP) -> None:
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("-m", "--model", dest="model_flag", default=None, metavar="MODEL",
                    help="the model as a flag, as llama.cpp spells it (instead of the argument)")
-    p.add_argument("-c", "--ctx", type=whole(16), default=ctx_default,
-                   help=f"context length in tokens (default {ctx_default})")
+    p.add_argument("-c", "--ctx", type=whole(16), default=ctx_default, help=ctx_help)
     p.add_argument("-t", "--threads", type=whole(1), default=None,
                    help="compute threads (default: all available cores)")
     p.add_argument("--backend", choices=("auto", "ort", "ggml", "numpy"), default="auto",

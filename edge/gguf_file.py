@@ -305,6 +305,8 @@ class GGUFFile:
                             f"is not supported (supported: {', '.join(f.name for f in quants.FORMATS.values())})")
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists ne0 (the row length) first
         fmt = quants.FORMATS[type_id]
+        if 0 in shape:
+            raise EdgeError(f"{self.path}: tensor '{name}' has shape {shape}, with no values; the file is corrupt")
         if shape and shape[-1] % fmt.block_size:
             raise EdgeError(f"{self.path}: tensor '{name}' has rows of {shape[-1]} values, not a whole number of "
                             f"{fmt.name} blocks; the file is corrupt")

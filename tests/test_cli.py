@@ -121,7 +121,7 @@ def test_eval_matches_llama_cpp_perplexity(capsys, real_model):
     from edge.peer import LlamaCpp
     from edge.tokenizer import Tokenizer
 
-    code, out, _ = run_cli(capsys, "eval", str(real_model), "--ctx", "256", "--windows", "2", "--json")
+    code, out, _ = run_cli(capsys, "eval", str(real_model), "--ctx", "256", "--chunks", "2", "--json")
     assert code == 0
     ours = json.loads(out)
     f = GGUFFile(real_model)

@@ -64,5 +64,5 @@ def test_names_and_their_errors(capsys, monkeypatch, tmp_path):
     assert main(["run", "no-such-model", "-p", "hi"]) == 2
     err = capsys.readouterr().err
     assert "no such file or model name" in err and err.count("\n") == 1
-    assert main(["run", "smollm2-135m", "--ram", "150MB", "-p", "hi"]) == 2  # no calibrated store yet
-    assert "edge convert --calibrate" in capsys.readouterr().err
+    assert main(["run", "smollm2-135m", "--ram", "150MB", "-p", "hi"]) == 2  # no store yet
+    assert "prepare it once with `edge convert` (seconds)" in capsys.readouterr().err

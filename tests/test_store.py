@@ -144,9 +144,9 @@ def test_requantized_store_keeps_quality(smollm2, tmp_path, capsys):
 
     out = convert(smollm2, tmp_path / "q8.edge", quiet=True, quant="q8_0")
     assert {v["type"] for v in Store(out).tensor_infos.values() if len(v["shape"]) == 2} == {8}
-    assert main(["eval", str(out), "--windows", "2", "--ctx", "128", "--json"]) == 0
+    assert main(["eval", str(out), "--chunks", "2", "--ctx", "128", "--json"]) == 0
     ppl_store = json.loads(capsys.readouterr().out)["ppl"]
-    assert main(["eval", str(smollm2), "--windows", "2", "--ctx", "128", "--json", "--verify-reads", "always"]) == 0
+    assert main(["eval", str(smollm2), "--chunks", "2", "--ctx", "128", "--json", "--verify-reads", "always"]) == 0
     ppl_src = json.loads(capsys.readouterr().out)["ppl"]
     assert abs(ppl_store / ppl_src - 1) < 0.03
 

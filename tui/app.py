@@ -106,7 +106,7 @@ class ChatApp(App):
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
-    def __init__(self, model: str | None = None, system: str | None = None, n_ctx: int = 4096,
+    def __init__(self, model: str | None = None, system: str | None = None, n_ctx: int | None = None,
                  sampler: SamplerConfig = SamplerConfig(temperature=0.7), max_tokens: int = 512,
                  backend: str = "auto", threads: int | None = None, engine_options: dict | None = None,
                  resume: SavedChat | None = None, autoload: bool = True, save: bool = True):
@@ -167,9 +167,9 @@ class ChatApp(App):
         self.call_from_thread(self._engine_ready, engine)
 
     def _prepare_store(self) -> None:
-        """First run under a budget of the default model or a named one: it becomes a calibrated store (`edge
-        convert [NAME] --calibrate`: about a minute for the default, minutes for larger ones), its progress
-        shown in the panel."""
+        """First run under a budget of the default model or a named one: it becomes a store (`edge convert
+        [NAME]`: seconds, in about the memory of the budgets it runs at; calibrating is left to the user, the plan
+        says what it gives), its progress shown in the panel."""
         import subprocess
         import sys
 
@@ -182,7 +182,7 @@ class ChatApp(App):
             pass
         name = self.model_arg or "the default model"
         proc = subprocess.Popen([sys.executable, "-m", "edge", "convert", *([self.model_arg] if self.model_arg else []),
-                                 "--calibrate", "--progress-lines"],
+                                 "--progress-lines"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         last = ""
         for line in proc.stderr:
@@ -192,7 +192,12 @@ class ChatApp(App):
                 self.call_from_thread(self._set_status, f"first run: {label} {name} {float(fraction):.0%}")
             except ValueError:
                 pass
-        if proc.wait() != 0:
+        code = proc.wait()
+        if code < 0:  # a signal: under a memory cap, the kernel's OOM killer
+            how = "`edge convert" + (f" {self.model_arg}`" if self.model_arg else "`")
+            raise EdgeError(f"preparing {name} was killed (signal {-code}; out of memory under a cap?): run {how} "
+                            "once outside the budget, then start the chat again")
+        if code != 0:
             raise EdgeError(f"preparing {name} failed: {last}")
 
     def _set_status(self, text: str) -> None:
@@ -217,6 +222,8 @@ class ChatApp(App):
                           device=engine.device.name + (" (flash emulated)" if engine.emulating else "")
                           if engine.device else "this machine")
         self._plan_stats()
+        for text in engine.warnings:  # what the CLI prints as warnings (a clamped or fitted context)
+            self.notify(text, title="Note", severity="warning", timeout=15)
         self._io_mark = (time.perf_counter(), *engine.read_totals())
         prompt = self.query_one("#prompt", Input)
         prompt.disabled = False

@@ -16,7 +16,7 @@ chats are saved as they happen under $XDG_DATA_HOME/edge/chats (default ~/.local
 def register(sub) -> None:
     from edge.cli import add_command
 
-    p = add_command(sub, "chat", "chat in the terminal UI", EXAMPLES, _run, ctx_default=4096, temp_default=0.7)
+    p = add_command(sub, "chat", "chat in the terminal UI", EXAMPLES, _run, temp_default=0.7)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--list", action="store_true", help="list the saved chats and exit")
     p.add_argument("--resume", default=None, metavar="ID", help="reopen a saved chat: its id (or a prefix), or 'last'")

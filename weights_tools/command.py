@@ -65,13 +65,6 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     named = args.src is None or (args.src in CATALOGUE and not Path(args.src).exists())
     if named and args.out is None:
-        if not args.calibrate:
-            from edge.errors import EdgeError
-
-            if args.src is None:
-                raise EdgeError("without SRC, convert prepares the default model for --ram: add --calibrate")
-            raise EdgeError(f"{args.src}: a model name is prepared for --ram into the cache dir: add --calibrate "
-                            "(or give -o OUT for a plain store elsewhere)")
         progress = Progress(1, 1, args.quiet or args.progress_lines)
 
         def tell(f: float, label: str) -> None:
@@ -80,7 +73,7 @@ def _run(args) -> int:
                 print(f"{f:.3f} {label}", file=sys.stderr, flush=True)
 
         try:
-            out = prepare_store(args.src, tell, force=True)
+            out = prepare_store(args.src, tell, calibrate=args.calibrate, force=args.calibrate)
         finally:
             progress.close()
         print(f"prepared {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -132,33 +125,32 @@ def _run(args) -> int:
     return 0
 
 
-def prepare_store(name: str | None = None, on_progress=None, force: bool = False):
-    """A named model (None: the default, SmolLM2-135M-Instruct) as a calibrated store in the cache dir, what
-    `--ram` with that name (or without a MODEL) runs: pulled if needed, converted and calibrated once, then
-    reused. A complete store left by an interrupted run is calibrated, not converted again; force calibrates
-    a calibrated one again. on_progress(fraction, label)."""
+def prepare_store(name: str | None = None, on_progress=None, calibrate: bool = True, force: bool = False):
+    """A named model (None: the default, SmolLM2-135M-Instruct) as a store in the cache dir, what `--ram` with
+    that name (or without a MODEL) runs: pulled if needed, converted once (seconds), with calibrate also
+    calibrated (minutes: the head leaves RAM, --sparsity works), then reused. A complete store left by an
+    interrupted run is calibrated, not converted again; force calibrates a calibrated one again.
+    on_progress(fraction, label)."""
     import shutil
 
-    from edge.errors import EdgeError
     from edge.models import pull, store_path
-    from edge.store import is_complete
-    from weights_tools.calibrate import calibrate
+    from edge.store import is_calibrated, is_complete
+    from weights_tools.calibrate import calibrate as run_calibration
     from weights_tools.convert import convert
 
     target = store_path(name, check=False)
-    if not force:
-        try:
-            return store_path(name)
-        except EdgeError:
-            pass
+    if not force and (is_calibrated(target) if calibrate else is_complete(target)):
+        return target
     tell = on_progress or (lambda f, label: None)
+    share = 0.1 if calibrate else 0.5  # of the progress: pulling, then converting, then calibrating
     if not is_complete(target):
         if target.exists():  # not a store edge wrote whole: start over
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        gguf = pull(name or "smollm2-135m", quiet=True, on_progress=lambda f: tell(0.1 * f, "pulling"))
-        convert(gguf, target, quiet=True, on_progress=lambda f, label: tell(0.1 + 0.1 * f, "converting"))
-    calibrate(target, progress=lambda d, t: tell(0.2 + 0.8 * d / t, "calibrating"))
+        gguf = pull(name or "smollm2-135m", quiet=True, on_progress=lambda f: tell(share * f, "pulling"))
+        convert(gguf, target, quiet=True, on_progress=lambda f, label: tell(share * (1 + f), "converting"))
+    if calibrate:
+        run_calibration(target, progress=lambda d, t: tell(0.2 + 0.8 * d / t, "calibrating"))
     return target
 
 

@@ -5,14 +5,15 @@ budget = baseline (interpreter, libraries, tokenizer: measured) + KV cache (for 
          + resident weights + scratch (read buffers, sign scratch) + margin (activations, temporaries)
          + held (what grows with the budget: a neuron cache, BitStack blocks, an expert cache).
 
-The minimum is that with the least a strategy can run with (`least`: its scratch and held part at their
-smallest); below it the run is refused with that figure. What differs by strategy is in the plan's `detail`
-(its own frozen dataclass), which also words the plan for the user.
-"""
+The minimum is that with the least a strategy can run with (`least`: its scratch and held part at their smallest)
+and the whole context's KV cache; below it the run is refused with that figure. The KV cache and the activations are
+planned for the positions in use (`plan_context`: in steps of KV_STEP), so while a conversation is short the cache
+holds what the rest of the context will take; the engine re-plans as the conversation grows. What differs by
+strategy is in the plan's `detail` (its own frozen dataclass), which also words the plan for the user."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
 from edge.errors import EdgeError
@@ -39,11 +40,15 @@ class Plan:
     least: int            # scratch + held at the minimum
     detail: object        # the strategy's own figures (a frozen dataclass with `part`, `cache`, lines)
     chunk: int = PREFILL_CHUNK  # prompt positions per forward step (activations scale with it)
+    context: int = 0        # the context in tokens (plan_context; 0: a strategy's own plan for kv's tokens)
+    kv_tokens: int = 0      # the positions `kv` and the activations are planned for (fewer: the rest grows)
+    whole_minimum: int = 0  # the minimum with the whole context's KV cache, when planned for fewer positions
 
     @property
     def minimum(self) -> int:
-        """The smallest budget that runs: everything fixed, and the least the strategy runs with."""
-        return self.baseline + self.kv + self.io + self.resident + self.margin + self.least
+        """The smallest budget that runs the whole context: everything fixed, and the least the strategy runs
+        with."""
+        return max(self.whole_minimum, self.baseline + self.kv + self.io + self.resident + self.margin + self.least)
 
     @property
     def cache(self) -> int:
@@ -69,9 +74,37 @@ class Plan:
     def lines(self) -> list[str]:
         f = format_size
         resident, scratch, shown = self.detail.labels(self)
-        return [f"budget {f(self.budget)}: baseline {f(self.baseline)}, KV cache {f(self.kv)}, I/O buffer "
+        kv = f" for {self.kv_tokens} of {self.context} tokens" if 0 < self.kv_tokens < self.context else ""
+        return [f"budget {f(self.budget)}: baseline {f(self.baseline)}, KV cache {f(self.kv)}{kv}, I/O buffer "
                 f"{f(self.io)}, {resident} {f(self.resident)}, {scratch} {f(shown)}, margin {f(self.margin)}",
                 self.detail.line(self)]
+
+
+KV_STEP = 256  # the KV cache is planned for the positions in use, rounded up to this
+
+
+def plan_context(strategy, src, budget: int, baseline: int, n_ctx: int, used: int, options) -> Plan:
+    """`strategy`'s plan for a context of n_ctx tokens of which `used` are in use: refused below the whole
+    context's minimum; the KV cache and activations for `used` rounded up to KV_STEP, the rest of the budget the
+    strategy's (held)."""
+    whole = strategy.plan(src, budget, baseline, n_ctx, options)
+    tokens = min(n_ctx, max(KV_STEP, -(-used // KV_STEP) * KV_STEP))
+    if tokens >= n_ctx:
+        return replace(whole, context=n_ctx, kv_tokens=n_ctx)
+    now = strategy.plan(src, budget, baseline, tokens, options)
+    return replace(now, context=n_ctx, kv_tokens=tokens, whole_minimum=whole.minimum)
+
+
+def fit_context(strategy, src, budget: int, baseline: int, ceiling: int, options) -> tuple[int, int]:
+    """(the largest context up to `ceiling`, in steps of KV_STEP, whose minimum the budget holds (at least
+    KV_STEP, or the ceiling when below: its plan refuses with that minimum), the minimum for the ceiling)."""
+    def minimum(n_ctx: int) -> int:
+        return strategy.plan(src, 1 << 62, baseline, n_ctx, options).minimum
+
+    top = minimum(ceiling)
+    if top <= budget or ceiling <= KV_STEP:
+        return ceiling, top
+    return min(ceiling, KV_STEP * last_fitting(1, ceiling // KV_STEP, lambda k: minimum(k * KV_STEP) <= budget)), top
 
 
 def check_minimum(plan: Plan, n_ctx: int, what: str = "this model") -> None:
