@@ -14,6 +14,7 @@ from edge.sampling import Sampler, SamplerConfig
 from edge.sizes import format_size
 from edge.store import Store
 from edge.strategies import NAMES, REGISTRY, Options, get
+from edge.strategies.plan import plan_context
 
 COMMON = {"strategy", "budget", "baseline", "kv", "io", "resident", "margin", "scratch", "held", "least", "chunk",
           "minimum", "cache"}
@@ -82,7 +83,7 @@ def test_parts_generate_and_follow_a_resize(request, fixture, name, exact):
     p = engine.plan
     budget = p.minimum + (p.held - p.least + p.scratch) // 3
     plan = engine.resize(budget)
-    fresh = get(name).plan(engine.file, budget, p.baseline, engine.n_ctx, engine.options)
+    fresh = plan_context(get(name), engine.file, budget, p.baseline, engine.n_ctx, p.kv_tokens, engine.options)
     assert plan.as_dict() == fresh.as_dict()
     assert len(greedy(engine, prompt)) == 12
     stats = engine.stats()
