@@ -28,7 +28,7 @@ from edge.sampling import Sampler, SamplerConfig
 from edge.store import Store
 from edge.strategies import Options
 from edge.sizes import format_size
-from edge.strategies.plan import IO_BUFFER, Plan, fit_context, plan_context
+from edge.strategies.plan import IO_BUFFER, Plan, fit_context, fixed_choices, plan_context
 from edge.tokenizer import Tokenizer
 
 
@@ -188,6 +188,7 @@ class Engine:
             self.strategy, self.plan, self.tokenizer, note = plan_budget(self.file, ram, n_ctx and self.n_ctx,
                                                                          options, self.meter)
             self.n_ctx = self.plan.context
+            self.options = fixed_choices(options, self.plan)  # a re-plan keeps what this one chose
             self.warnings += [note] if note else []
             size = self.strategy.io_buffer(self.plan)
             if size != len(io.buffer):  # BitStack: blocks over half the buffer; a streamed FFN: its largest chunk

@@ -10,11 +10,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-import psutil
-
 from edge.cgroup import own_limit
 from edge.sizes import format_size
-from edge.system import status_bytes
+from edge.system import memory, rss, status_bytes
 
 PRESSURE_FLOOR = 64 << 20  # system memory available below this: give cache back
 LIMIT_ROUNDING = 64 << 10  # a cgroup limit this close under the budget is the budget (the kernel rounds it)
@@ -33,7 +31,6 @@ class Meter:
     (`committed`). (Bytes read from flash are counted by the I/O engines: edge.flash.)"""
 
     def __init__(self):
-        self._proc = psutil.Process()
         self.peak_rss = 0
         self._file_at_baseline: int | None = None
 
@@ -53,14 +50,14 @@ class Meter:
         return status["RssAnon"] + status.get("RssShmem", 0) + file
 
     def rss(self) -> int:
-        r = self._proc.memory_info().rss
+        r = rss()
         self.peak_rss = max(self.peak_rss, r)
         return r
 
 
 def probe_memory() -> tuple[int, int | None]:
     """(the system's available memory, this process's cgroup limit or None)."""
-    return psutil.virtual_memory().available, own_limit()
+    return memory()[0], own_limit()
 
 
 class PressureWatch:
@@ -84,7 +81,7 @@ class PressureWatch:
 
 
 def warn_above_physical(budget: int) -> str | None:
-    total = psutil.virtual_memory().total
+    total = memory()[1]
     if budget > total:
         return f"--ram {format_size(budget)} is more than this machine's {format_size(total)} of RAM"
     return None

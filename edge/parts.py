@@ -22,6 +22,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from edge import quants
+from edge.errors import EdgeError
+from edge.ggml import Weight
 from edge.head import DenseEmbedding, DenseHead
 
 
@@ -106,6 +108,18 @@ def load_router(src, layer: int) -> np.ndarray:
     return quants.dequantize(r.raw, r.type_id, r.cols).reshape(n, dim).astype(np.float32)
 
 
+def group_shapes(cfg, name: str) -> list[tuple[str, tuple[int, int]]]:
+    """The tensors of a linear group (one product of the same input) and their logical shapes."""
+    dim, hidden, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
+    return {"attn_in": [("attn_q", (cfg.q_dim, dim)), ("attn_k", (kv, dim)), ("attn_v", (kv, dim))],
+            "attn_out": [("attn_output", (dim, cfg.q_dim))],
+            "ffn_in": [("ffn_gate", (hidden, dim)), ("ffn_up", (hidden, dim))],
+            "ffn_h": [("ffn_down", (dim, hidden))]}[name]
+
+
+ATTENTION = ("attn_in", "attn_out")
+
+
 class StoredLinears:
     """Linear groups of the tensors as stored, in RAM (the backend keeps them quantized)."""
 
@@ -113,16 +127,68 @@ class StoredLinears:
         self.src, self.backend = src, backend
 
     def group(self, i: int, name: str):
-        cfg, src, p = self.src.config, self.src, f"blk.{i}."
-        dim, hidden, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
-        shapes = {"attn_in": [("attn_q", (cfg.q_dim, dim)), ("attn_k", (kv, dim)), ("attn_v", (kv, dim))],
-                  "attn_out": [("attn_output", (dim, cfg.q_dim))],
-                  "ffn_in": [("ffn_gate", (hidden, dim)), ("ffn_up", (hidden, dim))],
-                  "ffn_h": [("ffn_down", (dim, hidden))]}[name]
-        return self.backend.linear_group([src.tensor(f"{p}{n}.weight", shape) for n, shape in shapes])
+        return self.backend.linear_group([self.src.tensor(f"blk.{i}.{n}.weight", shape)
+                                          for n, shape in group_shapes(self.src.config, name)])
 
     def resize(self, plan) -> None:
         pass
+
+
+def attention_layout(store) -> tuple[list[dict[str, tuple[int, dict]]], int, int]:
+    """Per layer, each attention projection's (offset, stored info) in one buffer; the largest layer's bytes
+    (the buffer streaming the attention needs) and every layer's (what it takes out of RAM)."""
+    places, largest, total = [], 0, 0
+    for i in range(store.config.n_layers):
+        at, layer = 0, {}
+        for group in ATTENTION:
+            for n, shape in group_shapes(store.config, group):
+                info = store.tensor_info(f"blk.{i}.{n}.weight")
+                if tuple(d for d in info["shape"] if d != 1) != tuple(d for d in shape if d != 1):
+                    raise EdgeError(f"{store.path}: tensor 'blk.{i}.{n}.weight' has shape {tuple(info['shape'])}, "
+                                    f"expected {shape}")
+                layer[n] = (at, info)
+                nbytes = info["shape"][0] * quants.FORMATS[info["type"]].row_bytes(info["shape"][1])
+                at, total = at + -(-nbytes // 64) * 64, total + nbytes
+        places.append(layer)
+        largest = max(largest, at)
+    return places, largest, total
+
+
+class StreamedLinears(StoredLinears):
+    """The attention's projections read from flash at each use, for budgets too small to keep them: when a
+    layer's attention starts, its q, k, v and output projections are read into one buffer (the largest layer's
+    size), and llama.cpp's kernels run on it. The FFN's groups (a dense FFN) stay as stored."""
+
+    def __init__(self, src, backend):
+        super().__init__(src, backend)
+        self.places, size, _ = attention_layout(src)
+        self.buffer = np.empty(size, np.uint8)
+        self.loaded = -1   # the layer whose projections the buffer holds
+        self.read_bytes = 0
+
+    def group(self, i: int, name: str):
+        if name not in ATTENTION:
+            return super().group(i, name)
+        weights = []
+        for n, _ in group_shapes(self.src.config, name):
+            at, info = self.places[i][n]
+            weights.append(Weight(self.buffer, info["type"], info["shape"][0], info["shape"][1], offset=at))
+        matmul = self.backend.ggml.matmul
+
+        def run(x: np.ndarray) -> tuple:
+            if self.loaded != i:
+                self._load(i)
+            return tuple(matmul(x, weights))
+
+        return run
+
+    def _load(self, i: int) -> None:
+        self.loaded = -1  # a failed read leaves no layer half loaded
+        for n, (at, info) in self.places[i].items():
+            nbytes = info["shape"][0] * quants.FORMATS[info["type"]].row_bytes(info["shape"][1])
+            self.src.read_into(f"t/blk.{i}.{n}.weight", self.buffer[at:at + nbytes])
+            self.read_bytes += nbytes
+        self.loaded = i
 
 
 class DenseFFN(Resident):

@@ -233,11 +233,18 @@ class Store:
         """The whole array, read batch by batch into one preallocated array (a list of chunks joined would hold
         it twice: a 38MB low-rank head took 75MB while loading)."""
         arr = self.array(path)
-        out = np.empty(arr.n_chunks * arr.chunk_bytes, np.uint8)
-        size = arr.chunk_bytes
+        return self.read_into(path, np.empty(arr.shape[0] * arr.shape[1], np.uint8)).reshape(arr.shape)
+
+    def read_into(self, path: str, out: np.ndarray) -> np.ndarray:
+        """The whole array's bytes into `out` (uint8, exactly the array's size: rows x row bytes), verified."""
+        arr = self.array(path)
+        size, n = arr.chunk_bytes, arr.shape[0] * arr.shape[1]
+        if out.nbytes != n:
+            raise ValueError(f"{path}: {n} bytes do not fit a buffer of {out.nbytes}")
         for c, view in self._batched(arr, list(range(arr.n_chunks)), True, self.engine):
-            out[c * size:(c + 1) * size] = np.frombuffer(view, np.uint8)
-        return out[: arr.shape[0] * arr.shape[1]].reshape(arr.shape)
+            k = min(size, n - c * size)
+            out[c * size:c * size + k] = np.frombuffer(view, np.uint8, k)
+        return out
 
     def has(self, name: str) -> bool:
         if expert_part(name) is not None:

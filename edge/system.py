@@ -1,5 +1,5 @@
 """What the operating system offers edge, in one place: reads that bypass the page cache, and this process's
-memory as the kernel counts it.
+and the system's memory as the kernel counts it.
 
 Reads from flash must neither be served from the page cache (it would make flash look faster than it is) nor
 leave their pages there (on a unified-memory machine they count against everything else). The ways, best
@@ -86,6 +86,31 @@ def forget_file(path: str | os.PathLike) -> None:
         forget(fd)
     finally:
         os.close(fd)
+
+
+def rss() -> int:
+    """This process's resident set in bytes: Linux's /proc/self/statm, psutil elsewhere (imported only there: it
+    costs a budgeted process 2MB)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+def memory() -> tuple[int, int]:
+    """(the system's available memory, its total) in bytes: Linux's /proc/meminfo, psutil elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
+        return info["MemAvailable"], info["MemTotal"]
+    except (OSError, ValueError, KeyError):
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return vm.available, vm.total
 
 
 def status_bytes() -> dict[str, int]:

@@ -342,6 +342,7 @@ def _streams(d: dict) -> bool:
     ("smol_calibrated", "125MiB", []),                       # sparse: neuron cache, the rest streamed
     ("smol_calibrated", "125MiB", ["--strategy", "naive"]),  # every FFN byte read per token
     ("smol_store", "150MiB", []),                            # uncalibrated: the head resident as stored
+    ("smol_calibrated", "+4MB", []),                         # near the minimum: the attention streams too
     ("paged_moe", "+8MB", []),                               # experts: 7 of 32 cached, the rest paged
     ("tiny_stacked", "+8MB", []),                            # BitStack (tiny: its whole stack fits)
 ])
@@ -354,7 +355,8 @@ def test_stays_under_a_kernel_memory_cap(request, fixture, ram, flags):
     store = request.getfixturevalue(fixture)
     run = [sys.executable, "-m", "edge", "run", str(store), "--ctx", "256", "--raw", "-p", "Once upon a time",
            "-n", "16", "--json", "--ignore-eos", "--threads", "2", *flags]
-    if ram.startswith("+"):
+    near_minimum = ram.startswith("+")
+    if near_minimum:
         code, _, err = edge(*run[3:], "--ram", "1MB")
         minimum = re.search(r"below the minimum of (\S+) ", err)
         assert code == 2 and minimum, err
@@ -371,6 +373,8 @@ def test_stays_under_a_kernel_memory_cap(request, fixture, ram, flags):
     d = json.loads(proc.stdout.splitlines()[-1])
     assert len(d["tokens"]) == 16 and _streams(d), d["plan"]
     assert 0 < peak <= parse_size(ram)
+    if fixture == "smol_calibrated":  # the attention streams exactly where the budget cannot keep it
+        assert (d["plan"]["attention"] > 0) == near_minimum, d["plan"]
 
 
 def test_sparsity_skips_predicted_clusters(smol_calibrated):

@@ -52,16 +52,17 @@ def test_auto_and_mismatches(request, fixture, auto):
 def test_one_plan_shape_and_its_minimum(request, fixture, name, exact):
     store = Store(store_path(request, fixture))
     strategy = get(name)
-    plan = strategy.plan(store, 1 << 40, 50 << 20, 64, Options(strategy=name))
+    options = Options(strategy=name, attention="resident")  # below its minimum "auto" would stream the attention
+    plan = strategy.plan(store, 1 << 40, 50 << 20, 64, options)
     d = plan.as_dict()
     assert COMMON <= set(d) and d["strategy"] == name and d["minimum"] == plan.minimum <= plan.budget
     assert plan.minimum == plan.baseline + plan.kv + plan.io + plan.resident + plan.margin + plan.least
     assert sum(plan.parts().values()) <= plan.budget and plan.parts()[plan.detail.part] == plan.held
     assert len(plan.lines()) == 2 and plan.lines()[0].startswith("budget ") and plan.summary()
-    least = strategy.plan(store, plan.minimum, 50 << 20, 64, Options(strategy=name))
+    least = strategy.plan(store, plan.minimum, 50 << 20, 64, options)
     assert least.minimum == plan.minimum and least.held <= plan.held
     with pytest.raises(EdgeError, match=f"--ram .* below the minimum of {format_size(plan.minimum)}"):
-        strategy.plan(store, plan.minimum - 1, 50 << 20, 64, Options(strategy=name))
+        strategy.plan(store, plan.minimum - 1, 50 << 20, 64, options)
 
 
 def greedy(engine: Engine, prompt: list[int], n: int = 12) -> list[int]:
@@ -91,3 +92,35 @@ def test_parts_generate_and_follow_a_resize(request, fixture, name, exact):
     if stats.cache is not None:
         assert 0.0 <= stats.cache["hit_rate"] <= 1.0 and stats.cache_kind in ("FFN clusters", "experts")
     assert np.isfinite(engine.model.forward(np.asarray(prompt), 0)).all()
+
+
+@pytest.mark.parametrize("name", ["sparse", "naive"])
+def test_attention_streams_only_below_what_keeping_it_takes(smol_calibrated, name):
+    """A budget under the minimum with the attention resident streams it (a layer's projections read into one
+    buffer per use): the minimum drops by the attention less its buffer, and the tokens and logits are the
+    resident attention's."""
+    from edge.engine import Engine
+
+    store = Store(smol_calibrated)
+    strategy = get(name)
+    kept = strategy.plan(store, 1 << 40, 50 << 20, 64, Options(strategy=name))
+    assert kept.detail.attention == 0
+    streamed = strategy.plan(store, kept.minimum - 1, 50 << 20, 64, Options(strategy=name))
+    attention = streamed.detail.attention
+    assert 0 < attention and streamed.resident == kept.resident - attention
+    assert streamed.minimum < kept.minimum - attention // 2 and "attention's" in streamed.lines()[1]
+    with pytest.raises(EdgeError, match=f"below the minimum of {format_size(streamed.minimum)}"):
+        strategy.plan(store, streamed.minimum - 1, 50 << 20, 64, Options(strategy=name))
+
+    prompt = [1, 5, 9, 200, 31, 7, 77, 3]
+    ref = Engine(smol_calibrated, n_ctx=64, threads=2, ram=1 << 40, options=Options(strategy=name))
+    engine = Engine(smol_calibrated, n_ctx=64, threads=2, ram=1 << 40,
+                    options=Options(strategy=name, attention="stream"))
+    assert engine.plan.detail.attention == attention and ref.plan.detail.attention == 0
+    assert greedy(engine, prompt) == greedy(ref, prompt)
+    np.testing.assert_allclose(engine.model.forward(np.asarray(prompt), 0), ref.model.forward(np.asarray(prompt), 0),
+                               rtol=0, atol=1e-4)
+    linears = engine.model.parts.linears
+    assert linears.read_bytes > 0 and linears.read_bytes % attention == 0  # whole layers, every step
+    engine.resize(engine.plan.minimum)
+    assert engine.plan.detail.attention == attention  # a run keeps what it chose at load

@@ -47,6 +47,8 @@ class Options:
     prefetch: int = 0         # experts: read ahead per layer; sparse with sparsity > 0: read-ahead on (> 0)
     evict: str = "score"      # experts: eviction policy
     predict: str = "pregate"  # experts: how the next layer's experts are guessed
+    attention: str = "auto"   # sparse, naive: "stream" (from flash each token), "resident", or "auto": streamed
+                              # only where the budget cannot keep it (the engine fixes it at load)
 
 
 class Strategy(Protocol):

@@ -83,6 +83,14 @@ class Plan:
 KV_STEP = 256  # the KV cache is planned for the positions in use, rounded up to this
 
 
+class BelowMinimum(EdgeError):
+    """A budget below a plan's minimum (`minimum`: the smallest that runs)."""
+
+    def __init__(self, minimum: int, message: str):
+        super().__init__(message)
+        self.minimum = minimum
+
+
 def plan_context(strategy, src, budget: int, baseline: int, n_ctx: int, used: int, options) -> Plan:
     """`strategy`'s plan for a context of n_ctx tokens of which `used` are in use: refused below the whole
     context's minimum; the KV cache and activations for `used` rounded up to KV_STEP, the rest of the budget the
@@ -91,15 +99,28 @@ def plan_context(strategy, src, budget: int, baseline: int, n_ctx: int, used: in
     tokens = min(n_ctx, max(KV_STEP, -(-used // KV_STEP) * KV_STEP))
     if tokens >= n_ctx:
         return replace(whole, context=n_ctx, kv_tokens=n_ctx)
-    now = strategy.plan(src, budget, baseline, tokens, options)
+    now = strategy.plan(src, budget, baseline, tokens, fixed_choices(options, whole))
     return replace(now, context=n_ctx, kv_tokens=tokens, whole_minimum=whole.minimum)
+
+
+def fixed_choices(options, plan: Plan):
+    """`options` with what `plan` chose for them (the attention streamed or resident), so that later plans for
+    the same run choose the same."""
+    attention = getattr(plan.detail, "attention", None)
+    if attention is None or options.attention != "auto":
+        return options
+    return replace(options, attention="stream" if attention else "resident")
 
 
 def fit_context(strategy, src, budget: int, baseline: int, ceiling: int, options) -> tuple[int, int]:
     """(the largest context up to `ceiling`, in steps of KV_STEP, whose minimum the budget holds (at least
     KV_STEP, or the ceiling when below: its plan refuses with that minimum), the minimum for the ceiling)."""
     def minimum(n_ctx: int) -> int:
-        return strategy.plan(src, 1 << 62, baseline, n_ctx, options).minimum
+        try:
+            strategy.plan(src, 0, baseline, n_ctx, options)
+        except BelowMinimum as exc:
+            return exc.minimum
+        return 0
 
     top = minimum(ceiling)
     if top <= budget or ceiling <= KV_STEP:
@@ -110,8 +131,9 @@ def fit_context(strategy, src, budget: int, baseline: int, ceiling: int, options
 def check_minimum(plan: Plan, n_ctx: int, what: str = "this model") -> None:
     """An EdgeError naming the minimum when the budget is below it."""
     if plan.budget < plan.minimum:
-        raise EdgeError(f"--ram {format_size(plan.budget)} is below the minimum of {format_size(plan.minimum)} "
-                        f"for {what} with a context of {n_ctx} tokens; raise --ram or lower --ctx")
+        raise BelowMinimum(plan.minimum, f"--ram {format_size(plan.budget)} is below the minimum of "
+                           f"{format_size(plan.minimum)} for {what} with a context of {n_ctx} tokens; raise --ram "
+                           "or lower --ctx")
 
 
 def last_fitting(lo: int, hi: int, fits: Callable[[int], bool]) -> int:

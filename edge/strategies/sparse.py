@@ -15,7 +15,7 @@ from edge import quants
 from edge.flash import ALIGN
 from edge.head import budget_ends, budget_ends_bytes
 from edge.model import KVCache
-from edge.parts import Parts, StoredLinears
+from edge.parts import Parts, StoredLinears, StreamedLinears, attention_layout
 from edge.sizes import format_size
 from edge.sparse import Layout, SparseFFN, check_calibrated, stream_scratch_bytes
 from edge.strategies import Options
@@ -37,6 +37,7 @@ class SparseDetail:
     window: int
     read_ahead: bool      # with sparsity > 0: the next layer's predicted clusters read during this layer
     calibrated: bool      # a low-rank head (else the head resident as stored)
+    attention: int = 0    # the attention's projections, as stored: 0 resident, else streamed (their bytes)
 
     part: ClassVar[str] = "neuron cache"
 
@@ -70,7 +71,9 @@ class SparseDetail:
                 f"({plan.strategy}, sparsity {self.sparsity:g}, window {self.window}"
                 f"{', next layer read ahead by prediction' if self.read_ahead else ''})"
                 + ("" if self.calibrated else "; the head resident as stored (the store is not calibrated: `edge "
-                   "convert STORE --calibrate` takes it out of RAM, which leaves more for the cache)"))
+                   "convert STORE --calibrate` takes it out of RAM, which leaves more for the cache)")
+                + (f"; the attention's {f(self.attention)} too is read from flash, a layer at a time (the budget "
+                   "is below what keeping it takes)" if self.attention else ""))
 
 
 def resident_bytes(store, predictors: bool, read_ahead: bool = False) -> int:
@@ -125,11 +128,17 @@ class Sparse:
                      io=store_io_bytes(store), resident=resident_bytes(store, predicting, options.prefetch > 0),
                      margin=MARGIN + activation_bytes(cfg, n_ctx), scratch=min_scratch, held=0, least=min_scratch,
                      detail=detail)
+        extra = 0  # the attention's buffer when it streams
+        if options.attention == "stream" or (options.attention == "auto" and budget < least.minimum):
+            _, extra, attention = attention_layout(store)  # below what keeping the attention takes: it streams
+            detail = replace(detail, attention=attention)
+            least = replace(least, resident=least.resident - attention, scratch=min_scratch + extra,
+                            least=min_scratch + extra, detail=detail)
         check_minimum(least, n_ctx)
 
         def plan(slots: int, scratch: int) -> Plan:
             cached = replace(detail, slots=slots)
-            return replace(least, scratch=scratch, held=cached.cache, detail=cached)
+            return replace(least, scratch=scratch + extra, held=cached.cache, detail=cached)
 
         if not self.caches:
             return least
@@ -148,4 +157,5 @@ class Sparse:
         ffn = SparseFFN(store, backend.ggml, act, d.slots, d.sparsity, d.window, cache=self.caches,
                         read_threads=store.engine.threads, read_ahead=d.read_ahead)
         embed, head = budget_ends(store, backend)
-        return Parts(StoredLinears(store, backend), ffn, embed, head)
+        linears = (StreamedLinears if d.attention else StoredLinears)(store, backend)
+        return Parts(linears, ffn, embed, head)
