@@ -44,7 +44,9 @@ EXAMPLES_BENCH = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
+    """edge's parser; plugins: with the commands of packages above edge (importlib.metadata and their modules
+    cost a budgeted `edge run` 1-2MB, so a built-in command is parsed without them)."""
     from edge import __version__
 
     ap = Parser(prog="edge", description="Run language models larger than the RAM you give them.")
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    epilog="examples:\n  edge models\n  edge pull gemma3-270m\n",
                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    for ep in _plugin_commands():  # commands of packages above edge (tui: chat), found by entry point
+    for ep in _plugin_commands() if plugins else ():  # commands of packages above edge (tui: chat)
         ep.load()(sub)
     return ap
 
@@ -345,14 +347,20 @@ COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "probe-flash": c
             "devices": cmd_devices, "pull": cmd_pull, "models": cmd_models}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line as edge reads it; a wrong flag or value exits 2 with one line saying which."""
+    parser = build_parser(plugins=not argv or argv[0] not in COMMANDS)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "run" and args.prompt_arg is None and len(extra) == 1 \
             and not extra[0].startswith("-"):
         args.prompt_arg = extra[0]  # `edge run MODEL --ram 1GB "prompt"`: argparse takes positionals once
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
     return run_handler("edge", getattr(args, "handler", None) or COMMANDS[args.command], args)
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, one_line
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (what was wrong, where help is), exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog.split()[0]}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def whole(minimum: int):

@@ -15,7 +15,7 @@ def parse_size(text: str, flag: str = "size") -> int:
     m = _SIZE.match(str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
-        raise EdgeError(f"{flag}: cannot read '{text}' as a size; write it like 2GB, 1500MB, 512MiB or 0.5G")
+        raise EdgeError(f"{flag}: cannot read {str(text)!r} as a size; write it like 2GB, 1500MB, 512MiB or 0.5G")
     return int(float(m.group(1)) * _UNITS[unit])
 
 

@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import numpy as np
 
 from edge import quants
-from edge.config import ModelConfig
+from edge.config import SUPPORTED_ARCHS, ModelConfig
 from edge.errors import EdgeError
 from edge.flash import FlashFile, IOEngine
 from edge.gguf_file import Tensor
@@ -129,6 +129,67 @@ class _Array:
         self.lengths = idx[:, 1].astype(np.int64)
 
 
+def check_attributes(attrs: dict, where: Path) -> ModelConfig:
+    """The store's model config, after checking what every run reads of its attributes (the config, the
+    tensors' types and shapes, the FFN bundles' layouts): a value of the wrong kind is an EdgeError naming it,
+    not a failure later."""
+    def bad(key: str, value) -> EdgeError:
+        return EdgeError(f"{where}: damaged metadata, {key} is {str(value)[:60]!r}; convert the model again")
+
+    def whole(key: str, value, low: int = 1) -> int:
+        if type(value) is not int or value < low:
+            raise bad(key, value)
+        return value
+
+    def table(key: str, value, kind=dict):
+        if not isinstance(value, kind):
+            raise bad(key, value)
+        return value
+
+    cfg = table("config", attrs.get("config"))
+    known = {f.name: f.type for f in fields(ModelConfig)}
+    optional = {f.name for f in fields(ModelConfig) if f.default is not MISSING} | {"sliding_window"}  # may be 0
+    if set(known) - set(cfg) - optional:
+        raise bad("config", sorted(set(known) - set(cfg) - optional))
+    values = {k: v for k, v in cfg.items() if k in known}
+    for k, v in values.items():
+        kind = known[k]
+        if kind == "int":
+            whole(f"config.{k}", v, 0 if k in optional else 1)
+        elif kind == "float" and (type(v) not in (int, float) or v != v):
+            raise bad(f"config.{k}", v)
+        elif kind == "bool" and type(v) is not bool:
+            raise bad(f"config.{k}", v)
+    if values["arch"] not in SUPPORTED_ARCHS or values["activation"] not in ("silu", "gelu_tanh"):
+        raise bad("config.arch/activation", (values["arch"], values["activation"]))
+    local = table("config.local_layers", values["local_layers"], list)
+    if len(local) != values["n_layers"] or any(type(b) is not bool for b in local) or \
+            values["n_heads"] % values["n_kv_heads"] or values["rope_dims"] > values["head_dim"]:
+        raise bad("config", "layers, heads or rope dimensions that do not agree")
+    values["local_layers"] = tuple(local)
+    for name, info in table("tensors", attrs.get("tensors")).items():
+        info = table(f"tensors.{name}", info)
+        shape = table(f"tensors.{name}.shape", info.get("shape"), list)
+        if info.get("type") not in quants.FORMATS or not 1 <= len(shape) <= 2:
+            raise bad(f"tensors.{name}", info)
+        for d in shape:
+            whole(f"tensors.{name}.shape", d)
+        if shape[-1] % quants.FORMATS[info["type"]].block_size:
+            raise bad(f"tensors.{name}.shape", shape)
+    ffn = table("ffn", attrs.get("ffn", []), list)
+    if ffn and len(ffn) != values["n_layers"]:
+        raise bad("ffn", f"{len(ffn)} layers")
+    for i, lay in enumerate(ffn):
+        lay = table(f"ffn.{i}", lay)
+        for k in ("cluster", "dim", "hidden", "gate_bytes", "up_bytes", "down_bytes"):
+            whole(f"ffn.{i}.{k}", lay.get(k))
+        types = table(f"ffn.{i}.types", lay.get("types"), list)
+        if len(types) != 3 or any(t not in quants.FORMATS for t in types) or lay["hidden"] % lay["cluster"] \
+                or lay["down_bytes"] % lay["dim"]:
+            raise bad(f"ffn.{i}", lay)
+    return ModelConfig(**values)
+
+
 class Store:
     """An opened store: a weight source (edge.source.WeightSource) like GGUFFile, plus FFN bundles, reads by
     chunk through its I/O engine, and its metadata through typed accessors (nothing else reads its attributes)."""
@@ -148,17 +209,15 @@ class Store:
                             "model again") from None
         try:
             attrs = meta["attributes"]["edge"]
-        except (KeyError, TypeError):
+            attrs.get("format_version")
+        except (KeyError, TypeError, AttributeError):
             raise EdgeError(f"{meta_path}: not an edge store (no 'edge' attributes)") from None
         version = attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise EdgeError(f"{self.path}: store format version {version}, this edge reads version "
                             f"{FORMAT_VERSION}; convert the model again with this version")
         self._attrs = attrs
-        known = {f.name for f in fields(ModelConfig)}
-        cfg = {k: v for k, v in attrs["config"].items() if k in known}
-        cfg["local_layers"] = tuple(cfg["local_layers"])
-        self.config = ModelConfig(**cfg)
+        self.config = check_attributes(attrs, meta_path)
         self.metadata = {"general.name": attrs.get("name"), "tokenizer.chat_template": attrs.get("chat_template")}
         self.chat_template = attrs.get("chat_template")
         self.tokenizer_path = self.path / "tokenizer.gguf"

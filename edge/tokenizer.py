@@ -17,7 +17,9 @@ import heapq
 import os
 import re
 import unicodedata
+import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -36,6 +38,53 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# Chat templates rendered without jinja2, as llama.cpp renders the templates it knows: importing jinja2 costs a
+# budgeted process 7MB. Each is checked against jinja2 on the template itself (tests/test_tokenizer.py); any
+# other template, or a message beyond plain system/user/assistant text (tools), goes to jinja2. By the
+# template's crc32 (zlib's: hashlib would load OpenSSL, 4MB): the ChatML system prompt it adds when the chat
+# has none.
+CHATML_DEFAULT_SYSTEM = {
+    0xBCCC7195: "You are a helpful AI assistant named SmolLM, trained by Hugging Face",  # SmolLM2
+    0xB7D0442B: "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",  # Qwen2.5
+}
+
+
+def native_template(source: str) -> Callable[[list[dict], bool, str], str] | None:
+    """A renderer (messages, add_generation_prompt, bos_token) -> text for a known template, else None."""
+    if source == GEMMA_TEMPLATE:
+        return _render_gemma
+    if source == CHATML_TEMPLATE:
+        return lambda messages, generation, bos: _render_chatml(messages, generation, None)
+    key = zlib.crc32(source.encode())
+    if key in CHATML_DEFAULT_SYSTEM:
+        return lambda messages, generation, bos: _render_chatml(messages, generation, CHATML_DEFAULT_SYSTEM[key])
+    return None
+
+
+def _render_chatml(messages: list[dict], generation: bool, default_system: str | None) -> str:
+    out = [f"<|im_start|>system\n{default_system}<|im_end|>\n"] if (
+        default_system is not None and messages[0]["role"] != "system") else []
+    out += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+    return "".join(out) + ("<|im_start|>assistant\n" if generation else "")
+
+
+def _render_gemma(messages: list[dict], generation: bool, bos: str) -> str:
+    out, prefix = [bos], ""
+    for m in messages:
+        if m["role"] == "system":  # folded into the next turn
+            prefix = m["content"].strip() + "\n\n"
+            continue
+        role = "model" if m["role"] == "assistant" else m["role"]
+        out.append(f"<start_of_turn>{role}\n{prefix}{m['content'].strip()}<end_of_turn>\n")
+        prefix = ""
+    return "".join(out) + ("<start_of_turn>model\n" if generation else "")
+
+
+def plain_messages(messages: list[dict]) -> bool:
+    """Text turns of system, user and assistant only (what the native renderers render)."""
+    return bool(messages) and all(set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant")
+                                  and isinstance(m["content"], str) for m in messages)
 
 
 @contextlib.contextmanager
@@ -493,7 +542,13 @@ class Tokenizer:
         self.add_bos = self._vocab.add_bos
         self.has_chat_template = template is not None  # the model's own (else a default by architecture)
         self.template_source = template or (GEMMA_TEMPLATE if arch.startswith("gemma") else CHATML_TEMPLATE)
+        self._native = native_template(self.template_source)
         self._template = None
+
+    @property
+    def known_template(self) -> bool:
+        """Whether the chat template renders without jinja2 (`native_template`)."""
+        return self._native is not None
 
     @property
     def vocab_size(self) -> int:
@@ -516,7 +571,11 @@ class Tokenizer:
     def streamer(self) -> "TextStream":
         return TextStream(self)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, native: bool = True) -> str:
+        """The chat as the model's template writes it (native: without jinja2 where the template is known)."""
+        bos = self._vocab.text(self.bos_id) if self.bos_id >= 0 else ""
+        if native and self._native is not None and plain_messages(messages):
+            return self._native(messages, add_generation_prompt, bos)
         if self._template is None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -527,8 +586,7 @@ class Tokenizer:
             env.globals["raise_exception"] = raise_exception
             self._template = env.from_string(self.template_source)
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self._vocab.text(self.bos_id) if self.bos_id >= 0 else "",
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
             eos_token=self._vocab.text(self.eos_id) if self.eos_id >= 0 else "")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:

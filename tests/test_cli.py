@@ -285,3 +285,40 @@ def test_output_into_a_closed_pipe_is_quiet():
     # `true` reads nothing and is gone before Python starts: every write meets a closed pipe
     proc = subprocess.run(f"{sys.executable} -m edge devices | true", shell=True, capture_output=True, text=True)
     assert proc.stderr == "", proc.stderr
+
+
+_FLAGS = ["-m", "--model", "-c", "--ctx", "-t", "--threads", "-n", "--max-tokens", "--temp", "--top-k", "--top-p",
+          "--repeat-penalty", "-s", "--seed", "--ram", "--sparsity", "--window", "--prefetch", "--strategy",
+          "--backend", "--verify-reads", "--device", "--emulate", "-p", "--raw", "--json", "--profile", "--evict",
+          "--predict", "--system", "--ignore-eos", "--bogus", "-x"]
+_VALUES = ["0", "1", "-1", "7", "0.5", "2.5", "1e9", "nan", "inf", "", " ", "abc", "150MB", "1GB", "-1GB", "0.25",
+           "auto", "ggml", "naive", "sparse", "first", "lru", "rpi5-8gb", "x" * 300, "\n", "--", "-"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(command=st.sampled_from(["run", "eval", "info", "bench"]),
+       words=st.lists(st.sampled_from(_FLAGS) | st.sampled_from(_VALUES), max_size=8))
+def test_fuzzed_flags_parse_or_say_which_in_one_line(command, words):
+    """Any mix of flags and values: parsed (then the budget flags read or refused by an EdgeError of one line),
+    or exit 2 with one line naming what is wrong; never a traceback."""
+    import contextlib
+    import io
+
+    from edge.cli import parse
+    from edge.flags import budget_options
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            args = parse([command, *words])
+    except SystemExit as exc:
+        lines = err.getvalue().strip().splitlines()
+        assert exc.code == 2 and len(lines) == 1 and lines[0].startswith("edge") and ": error: " in lines[0], lines
+        return
+    if command not in ("run", "eval"):  # info and bench read --ram in their handlers, as run does here
+        return
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            budget_options(args)
+    except EdgeError as exc:
+        assert "\n" not in str(exc) and str(exc).split()[0].startswith("-"), str(exc)  # names the flag

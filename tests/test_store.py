@@ -224,3 +224,62 @@ def test_progress_line_counts_what_it_does():
     q.t0 -= 20
     q.advance_to(10, 40, "calibrate")
     assert "10/40 steps" in q.line("calibrate") and "MB/s" not in q.line("calibrate") and "1m00s left" in q.line("")
+
+
+_JUNK = [None, -1, 0, 1, 2.5, 1e300, "x", "", [], {}, [1, 2], {"a": 1}, True]
+
+
+def _json_paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _json_paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node[:3]):
+            yield from _json_paths(value, (*prefix, i))
+
+
+@pytest.fixture(scope="module")
+def fuzz_store(tmp_path_factory):
+    from tests.conftest import write_tiny_gguf
+
+    d = tmp_path_factory.mktemp("fuzz-store")
+    return convert(write_tiny_gguf(d / "tiny.gguf"), d / "tiny.edge", quiet=True)
+
+
+def test_fuzzed_store_metadata_opens_or_says_what_is_wrong(fuzz_store):
+    """A store's zarr.json with any one value replaced by junk, or removed: it opens and plans (the value did
+    not matter) or an EdgeError of one line says what is wrong; nothing else escapes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from edge import strategies
+    from edge.strategies import Options
+
+    meta_path = fuzz_store / "zarr.json"
+    original = meta_path.read_text()
+    paths = [p for p in _json_paths(json.loads(original)) if p]
+
+    @settings(max_examples=200, deadline=None)
+    @given(path=st.sampled_from(paths), junk=st.sampled_from([*_JUNK, "DELETE"]))
+    def check(path, junk):
+        meta = json.loads(original)
+        node = meta
+        for key in path[:-1]:
+            node = node[key]
+        if junk == "DELETE":
+            del node[path[-1]]
+        else:
+            node[path[-1]] = junk
+        meta_path.write_text(json.dumps(meta))
+        try:
+            store = Store(fuzz_store)
+            store.tensor("token_embd.weight")
+            strategies.resolve(store, "auto").plan(store, 1 << 40, 0, 64, Options())
+        except EdgeError as exc:
+            assert "\n" not in str(exc)
+
+    try:
+        check()
+    finally:
+        meta_path.write_text(original)

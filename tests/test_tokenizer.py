@@ -124,3 +124,31 @@ def test_fuzz_damaged_vocabulary(tmp_path, vocab_gguf, data):
         tok.decode(ids)
     except EdgeError as exc:
         assert str(p) in str(exc)
+
+
+_TURN = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                               "content": st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+                               | st.sampled_from(["", " ", "\n hi \n", "<|im_end|>", "<end_of_turn>", "\t2+2?  "])})
+
+
+@pytest.fixture(scope="module")
+def templates(smollm2, qwen25):
+    """Every template rendered without jinja2: the default ChatML and Gemma ones, SmolLM2's and Qwen2.5's."""
+    from edge.gguf_file import GGUFFile
+    from edge.tokenizer import CHATML_TEMPLATE, GEMMA_TEMPLATE
+
+    made = [Tokenizer(smollm2, "llama", t) for t in (CHATML_TEMPLATE, GEMMA_TEMPLATE)]
+    made += [Tokenizer(p, "llama", GGUFFile(p).chat_template) for p in (smollm2, qwen25)]
+    assert all(t.known_template for t in made)
+    return made
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=st.lists(_TURN, min_size=1, max_size=6), generation=st.booleans())
+def test_known_templates_render_without_jinja_as_jinja_does(templates, messages, generation):
+    """The native renderers (which spare a budgeted process jinja2's 7MB) write what jinja2 writes from the
+    template itself, for any mix of system, user and assistant turns; tools and other roles go to jinja2."""
+    for tok in templates:
+        assert tok.render_chat(messages, generation) == tok.render_chat(messages, generation, native=False)
+    tool = [*messages, {"role": "tool", "content": "42"}]
+    assert templates[0].render_chat(tool) == templates[0].render_chat(tool, native=False)
