@@ -141,6 +141,9 @@ def check_attributes(attrs: dict, where: Path) -> ModelConfig:
             raise bad(key, value)
         return value
 
+    def known_type(t) -> bool:
+        return type(t) is int and t in quants.FORMATS
+
     def table(key: str, value, kind=dict):
         if not isinstance(value, kind):
             raise bad(key, value)
@@ -148,14 +151,14 @@ def check_attributes(attrs: dict, where: Path) -> ModelConfig:
 
     cfg = table("config", attrs.get("config"))
     known = {f.name: f.type for f in fields(ModelConfig)}
-    optional = {f.name for f in fields(ModelConfig) if f.default is not MISSING} | {"sliding_window"}  # may be 0
+    optional = {f.name for f in fields(ModelConfig) if f.default is not MISSING}
     if set(known) - set(cfg) - optional:
         raise bad("config", sorted(set(known) - set(cfg) - optional))
     values = {k: v for k, v in cfg.items() if k in known}
     for k, v in values.items():
         kind = known[k]
         if kind == "int":
-            whole(f"config.{k}", v, 0 if k in optional else 1)
+            whole(f"config.{k}", v, 0 if k in optional or k == "sliding_window" else 1)
         elif kind == "float" and (type(v) not in (int, float) or v != v):
             raise bad(f"config.{k}", v)
         elif kind == "bool" and type(v) is not bool:
@@ -170,21 +173,23 @@ def check_attributes(attrs: dict, where: Path) -> ModelConfig:
     for name, info in table("tensors", attrs.get("tensors")).items():
         info = table(f"tensors.{name}", info)
         shape = table(f"tensors.{name}.shape", info.get("shape"), list)
-        if info.get("type") not in quants.FORMATS or not 1 <= len(shape) <= 2:
+        matrix = name in ("token_embd.weight", "output.weight") or name.split(".")[-2:-1] in (
+            ["attn_q"], ["attn_k"], ["attn_v"], ["attn_output"])
+        if not known_type(info.get("type")) or not (len(shape) == 2 if matrix else 1 <= len(shape) <= 2):
             raise bad(f"tensors.{name}", info)
         for d in shape:
             whole(f"tensors.{name}.shape", d)
         if shape[-1] % quants.FORMATS[info["type"]].block_size:
             raise bad(f"tensors.{name}.shape", shape)
     ffn = table("ffn", attrs.get("ffn", []), list)
-    if ffn and len(ffn) != values["n_layers"]:
+    if len(ffn) != (0 if values.get("n_experts") else values["n_layers"]):  # a dense store: a layout per layer
         raise bad("ffn", f"{len(ffn)} layers")
     for i, lay in enumerate(ffn):
         lay = table(f"ffn.{i}", lay)
         for k in ("cluster", "dim", "hidden", "gate_bytes", "up_bytes", "down_bytes"):
             whole(f"ffn.{i}.{k}", lay.get(k))
         types = table(f"ffn.{i}.types", lay.get("types"), list)
-        if len(types) != 3 or any(t not in quants.FORMATS for t in types) or lay["hidden"] % lay["cluster"] \
+        if len(types) != 3 or not all(map(known_type, types)) or lay["hidden"] % lay["cluster"] \
                 or lay["down_bytes"] % lay["dim"]:
             raise bad(f"ffn.{i}", lay)
     return ModelConfig(**values)

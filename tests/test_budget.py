@@ -500,12 +500,12 @@ def test_context_fits_the_budget_and_its_kv_cache_grows(smol_calibrated):
     tokens takes some back (said in `shrinks`); the minimum holds the whole context throughout."""
     from edge.strategies.plan import KV_STEP
 
-    args = ("run", str(smol_calibrated), "--ram", "130MB", "--raw", "-n", "8", "--json", "--ignore-eos", "-t", "2")
+    args = ("run", str(smol_calibrated), "--ram", "100MB", "--raw", "-n", "8", "--json", "--ignore-eos", "-t", "2")
     code, out, err = edge(*args, "-p", "Once upon a time")
     assert code == 0, err
     short = json.loads(out)["plan"]
     assert KV_STEP <= short["context"] < 4096 and short["kv_tokens"] == KV_STEP
-    assert f"warning: context {short['context']} tokens: what --ram 130.0MB holds" in err
+    assert f"warning: context {short['context']} tokens: what --ram 100.0MB holds" in err
     code, out, err = edge(*args, "-p", "Once upon a time, " * 60)  # 301 tokens
     assert code == 0, err
     d = json.loads(out)
