@@ -12,7 +12,7 @@ import sys
 
 from edge.errors import EdgeError
 from edge.flags import (MODEL_HELP, Parser, add_model_args, add_sampling_args, add_strategy_args, make_engine, whole,
-                        sampler_config)
+                        sampler_config, strategy_options)
 
 EXAMPLES_RUN = """examples:
   edge run "What is the capital of France?"       # the default model (SmolLM2-135M-Instruct), its chat template
@@ -271,9 +271,27 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
+    """The plan first, with what a run has loaded when it plans (so the same inputs give the same baseline,
+    minimum and plan), then the report."""
+    from edge.engine import plan_budget
+    from edge.gguf_file import GGUFFile
+    from edge.memory import Meter
+    from edge.models import resolve_model
+    from edge.sizes import parse_size
+    from edge.store import Store
+
+    path = resolve_model(args.model, store=bool(args.ram))
+    src = Store(path) if path.is_dir() else GGUFFile(path)
+    plan = note = None
+    if args.ram:
+        if not path.is_dir():
+            raise EdgeError(f"{path}: --ram plans need a store; run `edge convert {path}` (--calibrate: faster)")
+        n_ctx = min(args.ctx, src.config.context_length) if args.ctx else None
+        plan, note = plan_budget(src, parse_size(args.ram, flag="--ram"), n_ctx, strategy_options(args),
+                                 Meter())[1::2]
     from edge.reports import print_info
 
-    return print_info(args)
+    return print_info(args, src, plan, note)
 
 
 def cmd_probe_flash(args) -> int:

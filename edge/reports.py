@@ -8,23 +8,15 @@ import numpy as np
 
 from edge import profile, quants
 from edge.bitstack import StackInfo
-from edge.engine import plan_budget  # imported with this module, as a run has it loaded when it plans
-from edge.errors import EdgeError
-from edge.flags import strategy_options
-from edge.gguf_file import GGUFFile
-from edge.memory import Meter
-from edge.models import resolve_model
-from edge.sizes import format_size, parse_size
+from edge.sizes import format_size
 from edge.sparse import PREDICTOR
-from edge.store import Store, ffn_part
+from edge.store import ffn_part
 
 
-def print_info(args) -> int:
+def print_info(args, src, plan=None, note: str | None = None) -> int:
     """`edge info`: what a model holds, by part and format; a store's bundles, calibration and stack; with --ram,
-    the plan."""
-    path = resolve_model(args.model, store=bool(args.ram))
-    src = Store(path) if path.is_dir() else GGUFFile(path)
-    plan, note = _info_plan(args, src, path) if args.ram else (None, None)  # first: the baseline a run starts from
+    the plan (`edge.cli.cmd_info` makes it before this module is imported, as a run would)."""
+    path = src.path
     cfg = src.config
     parts: Counter = Counter()
     formats: Counter = Counter()
@@ -140,15 +132,6 @@ def _info_stack(src) -> None:
           + ", ".join(f"{n}: {p:.2f}" for n, p in enumerate(a["level_ppl"], 1)))
     print(f"  FFN also by clusters of {info.clusters[0]} neurons: `--strategy bitstack-stream` streams it"
           if info.streams_ffn else "  FFN not stored by clusters (`edge stack` again for --strategy bitstack-stream)")
-
-
-def _info_plan(args, src, path):
-    """What --ram would keep resident and what would stream (the same planner as run)."""
-    if src.kind != "edge store":
-        raise EdgeError(f"{path}: --ram plans need a store; run `edge convert {path}` (--calibrate: faster)")
-    n_ctx = min(args.ctx, src.config.context_length) if args.ctx else None
-    plan, note = plan_budget(src, parse_size(args.ram, flag="--ram"), n_ctx, strategy_options(args), Meter())[1::2]
-    return plan, note
 
 
 def as_sold(ram_bytes: int) -> str:

@@ -173,8 +173,8 @@ def check_attributes(attrs: dict, where: Path) -> ModelConfig:
     for name, info in table("tensors", attrs.get("tensors")).items():
         info = table(f"tensors.{name}", info)
         shape = table(f"tensors.{name}.shape", info.get("shape"), list)
-        matrix = name in ("token_embd.weight", "output.weight") or name.split(".")[-2:-1] in (
-            ["attn_q"], ["attn_k"], ["attn_v"], ["attn_output"])
+        matrix = name in ("token_embd.weight", "output.weight") or (
+            name.endswith(".weight") and name.split(".")[-2] in ("attn_q", "attn_k", "attn_v", "attn_output"))
         if not known_type(info.get("type")) or not (len(shape) == 2 if matrix else 1 <= len(shape) <= 2):
             raise bad(f"tensors.{name}", info)
         for d in shape:
