@@ -66,7 +66,7 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "edge", "run", str(store), "-p", PROMPT, "--raw", "-n", str(args.n),
                        "--json", "--temp", "0", "--ignore-eos", *common]
                 run = run_json(cmd, budget, [], "edge-table")
-                ev = run_json([sys.executable, "-m", "edge", "eval", str(store), "--windows", "2", "--json",
+                ev = run_json([sys.executable, "-m", "edge", "eval", str(store), "--chunks", "2", "--json",
                                   *common], budget, [], "edge-table")
                 if "error" in run or "error" in ev:
                     print(f"| {store.stem} | {format_size(budget)} | {strategy} | {sparsity:g} | "

@@ -2,12 +2,12 @@
 
 Each row is one `edge bench MODEL --ram CAP -n 32 --json` (ours, then llama.cpp's own llama-bench with
 `--repack 1` and `--repack 0`, the better one reported, and llama-completion for the text) and one capped
-`edge eval MODEL --ram CAP --ctx 512 --windows 1` for edge's perplexity with the settings of that run.
+`edge eval MODEL --ram CAP --ctx 512 --chunks 1` for edge's perplexity with the settings of that run.
 
     python benchmarks/headline.py smollm2-135m:140MB,120MB,100MB,80MB,none gemma3-270m:300MB,200MB,none \\
         qwen2.5-coder-1.5b:800MB,600MB,400MB,none STORE.edge=GGUF:500MB,700MB,none
 
-A model is a name from `edge models` (its store prepared with `edge convert NAME --calibrate`) or
+A model is a name from `edge models` (its store prepared with `edge convert NAME --calibrate`; without it the head stays resident) or
 STORE=GGUF; `none` is the uncapped, all-resident row. Prints one markdown row per cap as it goes.
 """
 
@@ -34,7 +34,7 @@ def bench(model: str, gguf: str | None, cap: int | None) -> dict:
 
 
 def perplexity(model: str, cap: int | None) -> str:
-    cmd = [sys.executable, "-m", "edge", "eval", model, "--ctx", "512", "--windows", "1", "--threads", "2",
+    cmd = [sys.executable, "-m", "edge", "eval", model, "--ctx", "512", "--chunks", "1", "--threads", "2",
            "--json"] + (["--ram", str(cap)] if cap else [])
     side = run_json(cmd, cap, [], "edge-headline")
     return f"{side['ppl']:.3f}" if "ppl" in side else side.get("error", "?")
