@@ -7,8 +7,9 @@ Each row is one `edge bench MODEL --ram CAP -n 32 --json` (ours, then llama.cpp'
     python benchmarks/headline.py smollm2-135m:140MB,120MB,100MB,80MB,none gemma3-270m:300MB,200MB,none \\
         qwen2.5-coder-1.5b:800MB,600MB,400MB,none STORE.edge=GGUF:500MB,700MB,none
 
-A model is a name from `edge models` (its store prepared with `edge convert NAME --calibrate`; without it the head stays resident) or
-STORE=GGUF; `none` is the uncapped, all-resident row. Prints one markdown row per cap as it goes.
+A model is a name from `edge models` (its store prepared with `edge convert NAME --calibrate`; without
+--calibrate the head stays resident) or STORE=GGUF; `none` is the uncapped, all-resident row. Prints one
+markdown row per cap as it goes.
 """
 
 from __future__ import annotations

@@ -243,7 +243,6 @@ def run_prompt(args) -> str:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-
     from edge.evaluate import eval_text, perplexity, windows
 
     if args.text is not None:

@@ -14,9 +14,17 @@ EVAL_CHARS = 60_000  # the evaluation slice: the first 60k characters of the top
 
 
 def _topics_text() -> str:
-    from pydoc_data.topics import topics
+    """Python's own help topics, joined; the module is dropped again (a budgeted eval keeps only its slice)."""
+    import importlib
+    import sys
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    was_loaded = "pydoc_data.topics" in sys.modules
+    topics = importlib.import_module("pydoc_data.topics").topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    if not was_loaded:  # the module and the package's reference to it
+        del sys.modules["pydoc_data.topics"]
+        del sys.modules["pydoc_data"].topics
+    return text
 
 
 def eval_text() -> str:

@@ -56,8 +56,8 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, c
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("-m", "--model", dest="model_flag", default=None, metavar="MODEL",
                    help="the model as a flag, as llama.cpp spells it (instead of the argument)")
-    p.add_argument("-c", "--ctx", type=whole(16), default=ctx_default, help=ctx_help)
-    p.add_argument("-t", "--threads", type=whole(1), default=None,
+    p.add_argument("-c", "--ctx", type=whole(16), default=ctx_default, metavar="N", help=ctx_help)
+    p.add_argument("-t", "--threads", type=whole(1), default=None, metavar="N",
                    help="compute threads (default: all available cores)")
     p.add_argument("--backend", choices=("auto", "ort", "ggml", "numpy"), default="auto",
                    help="compute backend: ggml (llama.cpp's kernels on the weights as stored: the least RAM; what "
@@ -87,7 +87,7 @@ def add_strategy_args(p: argparse.ArgumentParser, title: str = "RAM budget: stra
     sparse.add_argument("--sparsity", type=float, choices=SPARSITIES, default=0.0, metavar="S",
                         help="fraction of FFN clusters the predictors may skip per token, one of "
                              f"{', '.join(f'{v:g}' for v in SPARSITIES)} (default 0: exact)")
-    sparse.add_argument("--window", type=whole(1), default=5,
+    sparse.add_argument("--window", type=whole(1), default=5, metavar="N",
                         help="tokens whose clusters are the last to leave the cache (default 5)")
     sparse.add_argument("--prefetch", type=whole(0), default=0, metavar="N",
                         help="with --sparsity > 0, N > 0 reads ahead the clusters the next layer's predictor names; "
@@ -154,16 +154,17 @@ def model_arg(args) -> str | None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temp_default: float) -> None:
-    p.add_argument("-n", "--max-tokens", type=whole(0), default=128, help="tokens to generate (default 128)")
-    p.add_argument("--temp", type=number(0.0), default=temp_default,
+    p.add_argument("-n", "--max-tokens", type=whole(0), default=128, metavar="N",
+                   help="tokens to generate (default 128)")
+    p.add_argument("--temp", type=number(0.0), default=temp_default, metavar="T",
                    help=f"temperature; 0 is greedy (default {temp_default})")
-    p.add_argument("--top-k", type=whole(0), default=40,
+    p.add_argument("--top-k", type=whole(0), default=40, metavar="K",
                    help="sample among the k most likely tokens (default 40; 0: all)")
-    p.add_argument("--top-p", type=number(0.0, 1.0, low_open=True), default=0.95,
+    p.add_argument("--top-p", type=number(0.0, 1.0, low_open=True), default=0.95, metavar="P",
                    help="nucleus sampling mass, in (0, 1] (default 0.95; 1: off)")
-    p.add_argument("--repeat-penalty", type=number(0.0, low_open=True), default=1.0,
+    p.add_argument("--repeat-penalty", type=number(0.0, low_open=True), default=1.0, metavar="R",
                    help="penalty for recent tokens (default 1.0: off)")
-    p.add_argument("-s", "--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("-s", "--seed", type=int, default=None, metavar="N", help="random seed for sampling")
 
 
 def sampler_config(args):
