@@ -20,6 +20,7 @@ from edge.errors import EdgeError
 from edge.flash import ALIGN, FlashFile, IOEngine
 
 from edge.profile import CHUNKS, DEPTHS as THREADS
+from edge.sizes import format_size, power_of_two_size
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def scratch_file(directory: Path, size: int) -> Path:
             system.forget(f.fileno())
     except OSError as exc:
         path.unlink(missing_ok=True)
-        raise EdgeError(f"{path}: cannot write the {size >> 20} MiB probe file ({exc.strerror}); free some space "
+        raise EdgeError(f"{path}: cannot write the {format_size(size)} probe file ({exc.strerror}); free some space "
                         "or use a smaller --size") from None
     return path
 
@@ -105,7 +106,7 @@ def table(cells: list[Cell]) -> str:
     head = "chunk \\ threads " + "".join(f"{t:>14}" for t in threads)
     rows = [head, "(MB/s, mean latency)"]
     for ch in chunks:
-        rows.append(f"{chunk_label(ch):>15} " + "".join(
+        rows.append(f"{power_of_two_size(ch):>15} " + "".join(
             f"{by[ch, t].mb_s:7.0f} {by[ch, t].latency_us / 1000:4.1f}ms" if (ch, t) in by else " " * 14
             for t in threads))
     return "\n".join(rows)
@@ -124,10 +125,5 @@ def small_reads(cells: list[Cell]) -> str:
                if share >= SMALL_READS_PAY else
                "reading scattered neurons (a few kB each) is slower here than streaming whole layers, so "
                "activation sparsity saves no read time on this storage")
-    return (f"small reads: {chunk_label(small)} at {best[small]:.0f}MB/s, {100 * share:.0f}% of {chunk_label(large)} "
-            f"reads' {best[large]:.0f}MB/s: {verdict}")
-
-
-def chunk_label(n: int) -> str:
-    """A read size as the probe's table writes it: 4KiB, 1MiB (the sizes are powers of two)."""
-    return f"{n >> 10}KiB" if n < (1 << 20) else f"{n >> 20}MiB"
+    return (f"small reads: {power_of_two_size(small)} at {best[small]:.0f}MB/s, {100 * share:.0f}% of "
+            f"{power_of_two_size(large)} reads' {best[large]:.0f}MB/s: {verdict}")

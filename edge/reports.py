@@ -8,7 +8,7 @@ import numpy as np
 
 from edge import profile, quants
 from edge.bitstack import StackInfo
-from edge.sizes import format_size
+from edge.sizes import format_size, power_of_two_size
 from edge.sparse import PREDICTOR
 from edge.store import ffn_part
 
@@ -157,14 +157,14 @@ def print_devices(name: str | None) -> int:
     print(f"  RAM {as_sold(p.ram_bytes)}, {p.cores} cores{f' ({p.cpu})' if p.cpu else ''}"
           f"{', GPU ' + p.gpu if p.gpu else ''}")
     print(f"  defaults: --threads {p.threads or 'all'}, {p.read_threads} read threads, --ram "
-          f"{format_size(p.ram) if p.ram else 'none'}, bundles of {p.cluster_bytes >> 10} KiB for convert")
+          f"{format_size(p.ram) if p.ram else 'none'}, bundles of {power_of_two_size(p.cluster_bytes)} for convert")
     if p.gemv_gb_s:
         print(f"  compute: {p.gemv_gb_s:.1f} GB/s of weights per decode step ({p.compute_basis})")
     print(f"  flash: {p.flash_kind}; by read size and queue depth, MB/s | mean latency of a read in ms:")
     print("  " + "chunk".rjust(8) + "".join(f"{'QD' + str(q):>7}" for q in profile.DEPTHS) + "  |"
           + "".join(f"{'QD' + str(q):>7}" for q in profile.DEPTHS))
     for c in profile.CHUNKS:
-        label = f"{c >> 10}KiB" if c < 1 << 20 else f"{c >> 20}MiB"
+        label = power_of_two_size(c)
         rates = [p.flash.mb_s(c, q) for q in profile.DEPTHS]
         print("  " + label.rjust(8) + "".join(f"{r:7.0f}" for r in rates) + "  |"
               + "".join(f"{q * c / (r * 1e3):7.2f}" for q, r in zip(profile.DEPTHS, rates)))

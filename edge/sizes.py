@@ -19,6 +19,12 @@ def parse_size(text: str, flag: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def power_of_two_size(n: int) -> str:
+    """A read, chunk or bundle size that is a power of two, named as such: 4KiB, 64KiB, 1MiB (amounts of memory
+    and data are written by format_size, in decimal units)."""
+    return f"{n >> 20}MiB" if n >= 1 << 20 and not n % (1 << 20) else f"{n / 1024:g}KiB"
+
+
 def format_size(n: float) -> str:
     """Bytes as people read them, decimal units: 98.4MB, 2.1GB."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

@@ -19,6 +19,7 @@ import numpy as np
 
 from edge import quants
 from edge.errors import EdgeError
+from edge.sizes import format_size
 from edge.gguf_file import GGUFFile, Tensor
 from edge.store import (
     EXPERT_NAMES,
@@ -305,8 +306,8 @@ def convert(src_path: str | Path, out: str | Path | None = None, cluster: int | 
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
-            need = sum(f.stat().st_size for f in source_files) >> 20
-            raise EdgeError(f"{out}: disk full while converting (needs about {need} MiB free); free space and "
+            need = format_size(sum(f.stat().st_size for f in source_files))
+            raise EdgeError(f"{out}: disk full while converting (needs about {need} free); free space and "
                             "run again") from None
         raise EdgeError(f"{out}: cannot write the store ({exc.strerror or exc})") from None
     except BaseException:
