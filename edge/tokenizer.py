@@ -128,9 +128,10 @@ _SPECIAL_NAMES = {  # metadata key -> texts llama.cpp looks for when the key is 
 _EOG_KINDS = ("eot", "eom", "fim_pad", "fim_rep", "fim_sep")
 
 # BPE pre-tokenizers done here: llama.cpp's name -> whether digits are split off one by one before the GPT-2
-# pattern (starcoder family) or not (GPT-2 family)
+# pattern (starcoder family) or not (GPT-2 family); "qwen2": Qwen2's own pattern (_QWEN2)
 _SPLITS = {**dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"), True),
-           **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"), False)}
+           **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"), False),
+           "qwen2": "qwen2"}
 # Unicode White_Space, llama.cpp's \s (Python's str.isspace adds U+001C..U+001F)
 _WHITESPACE = frozenset(map(chr, (9, 10, 11, 12, 13, 32, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028,
                                   0x2029, 0x202F, 0x205F, 0x3000)))
@@ -139,6 +140,10 @@ _WHITESPACE = frozenset(map(chr, (9, 10, 11, 12, 13, 32, 0x85, 0xA0, 0x1680, *ra
 _S = "\\t\\n\\x0b\\x0c\\r "
 _GPT2 = re.compile(f"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_S}A-Za-z0-9]+|[{_S}]+(?![^{_S}])")
 _DIGIT = re.compile("[0-9]")
+# Qwen2's, likewise: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|
+# \s+(?!\S)|\s+
+_QWEN2 = re.compile(f"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^{_S}A-Za-z0-9]+[\\r\\n]*"
+                    f"|[{_S}]*[\\r\\n]+|[{_S}]+(?![^{_S}])|[{_S}]+")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -238,9 +243,12 @@ class Vocab:
     partition, the SentencePiece bigram merges by score with byte fallback, the byte-level BPE merges by rank
     after the pre-tokenizer's split, token pieces)."""
 
-    def __init__(self, meta: dict, split_digits: bool | None):
+    def __init__(self, meta: dict, split_digits: bool | str | None):
+        """split_digits: None for SentencePiece; for BPE whether digits split off one by one before the GPT-2
+        pattern, or "qwen2" for Qwen2's pattern."""
         self.spm = split_digits is None
-        self.split_digits = bool(split_digits)
+        self.pattern = _QWEN2 if split_digits == "qwen2" else _GPT2
+        self.split_digits = split_digits is True
         texts: Strings = meta["tokenizer.ggml.tokens"]
         n = self.n_tokens = len(texts)
         if np.any(texts.offsets[1:] == texts.offsets[:-1]):  # llama.cpp names empty tokens [EMPTY_i]
@@ -374,7 +382,7 @@ class Vocab:
     def _split(self, text: str) -> list[str]:
         collapsed = _collapse(text)
         if not self.split_digits:
-            return _pieces(_GPT2, text, collapsed)
+            return _pieces(self.pattern, text, collapsed)
         out = []
         at = 0
         for piece in _pieces(_DIGIT, text, collapsed):

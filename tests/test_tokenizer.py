@@ -49,8 +49,9 @@ def pair(path: Path) -> tuple[Tokenizer, LlamaVocab]:
     return _PAIRS[path]
 
 
-def test_every_token_reads_as_llama_cpp_reads_it(real_model):
-    ours, ref = pair(real_model)
+@pytest.mark.parametrize("model", ["smollm2", "gemma3", "qwen25"])
+def test_every_token_reads_as_llama_cpp_reads_it(request, model):
+    ours, ref = pair(request.getfixturevalue(model))
     v = ours._vocab
     assert isinstance(v, Vocab)  # both models' vocabularies are ours, not llama.cpp's
     assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.add_bos) == (ref.n_tokens, ref.bos, ref.eos, ref.add_bos)
@@ -59,10 +60,11 @@ def test_every_token_reads_as_llama_cpp_reads_it(real_model):
     assert ours.is_end(ours.eos_id) and ours.decode(ours.encode("Hello world", add_bos=False)) == "Hello world"
 
 
-def test_text_tokenizes_as_llama_cpp_does(real_model):
+@pytest.mark.parametrize("model", ["smollm2", "gemma3", "qwen25"])
+def test_text_tokenizes_as_llama_cpp_does(request, model):
     from edge.evaluate import eval_text
 
-    ours, ref = pair(real_model)
+    ours, ref = pair(request.getfixturevalue(model))
     chat = ours.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
                              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}])
     for text in TEXTS + [chat, eval_text()[:20000]]:
@@ -74,7 +76,7 @@ _SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<start_of_turn>", "
              "</s>", "<unk>", "<mask>", "\n", " ", "  ", "'s", "'ll", "123", "\u2581"]
 
 
-@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("model", ["smollm2", "gemma3", "qwen25"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(parts=st.lists(st.one_of(st.text(st.characters(blacklist_categories=("Cs", "Cn")), max_size=24),
                                 st.sampled_from(_SPECIALS)), max_size=8),
@@ -87,11 +89,11 @@ def test_fuzzed_text_tokenizes_as_llama_cpp_does(request, model, parts, add, spe
     assert ours.encode(text, add_bos=add, special=special) == ref.encode(text, add, special)
 
 
-def test_a_budgeted_run_imports_neither_llama_cpp_nor_gguf(smollm2, gemma3):
-    """The tokenizer is part of the baseline a budget pays for: reading it loads no llama.cpp vocabulary and no
-    gguf package."""
+def test_a_budgeted_run_imports_neither_llama_cpp_nor_gguf(smollm2, gemma3, qwen25):
+    """The tokenizer is part of the baseline a budget pays for: reading it loads no llama.cpp vocabulary (51MB
+    for Qwen2.5's) and no gguf package."""
     code = ("import sys; from edge.tokenizer import Tokenizer\n"
-            f"for p in {[str(smollm2), str(gemma3)]!r}:\n"
+            f"for p in {[str(smollm2), str(gemma3), str(qwen25)]!r}:\n"
             "    t = Tokenizer(p, 'llama', None); assert t.encode('Hello world')\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('llama_cpp', 'gguf')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
