@@ -4,6 +4,7 @@ cap, memory pressure, bad budgets, and `edge bench`."""
 import dataclasses
 import json
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -524,3 +525,15 @@ def test_kv_cache_takes_memory_as_positions_are_written(smollm2):
     before = status_bytes()["RssAnon"]
     engine.model.forward(np.arange(1, 17), 0)
     assert status_bytes()["RssAnon"] - before < KVCache.bytes_for(engine.config, 8192) // 8
+
+
+def test_a_budgeted_run_loads_only_what_it_needs(smol_calibrated):
+    """The process floor (what a budget pays before any weight) stays low: a budgeted `edge run` with the chat
+    template loads no jinja2 (7MB; the template renders natively), psutil (~4MB with its imports), llama.cpp's
+    vocabulary or the gguf package, nor the plugin commands (tui, weights_tools, importlib.metadata)."""
+    code = ("import sys\nfrom edge.cli import main\n"
+            f"code = main(['run', {str(smol_calibrated)!r}, '--ram', '150MB', '-c', '256', '-n', '2', 'Hi there'])\n"
+            "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'jinja2', 'psutil', 'llama_cpp', 'gguf', "
+            "'tui', 'weights_tools'}), 'importlib.metadata' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 [] False", out
