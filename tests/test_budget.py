@@ -17,7 +17,7 @@ from edge.cli import main
 from edge.engine import Engine
 from edge.evaluate import eval_text
 from edge.model import Transformer, rms_norm
-from edge.sizes import parse_size
+from edge.sizes import format_size, parse_size
 from edge.store import Store
 from edge.tokenizer import Tokenizer
 
@@ -537,3 +537,19 @@ def test_a_budgeted_run_loads_only_what_it_needs(smol_calibrated):
             "'tui', 'weights_tools'}), 'importlib.metadata' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "0 [] False", out
+
+
+def test_calibration_says_before_starting_when_memory_is_short(monkeypatch):
+    """Calibration holds the whole model: below what it needs (a cgroup limit or the memory free), the user is
+    told before it starts, with the figure; with enough, nothing is said."""
+    from edge import memory
+    from weights_tools.calibrate import calibration_memory, calibration_memory_warning
+
+    need = calibration_memory(98 << 20)
+    monkeypatch.setattr(memory, "probe_memory", lambda: (8 << 30, need - (1 << 20)))  # a cap just under
+    said = calibration_memory_warning(98 << 20)
+    assert said is not None and format_size(need) in said and "memory limit" in said and "\n" not in said
+    monkeypatch.setattr(memory, "probe_memory", lambda: (need // 2, None))  # no cap, little free
+    assert "the memory free now" in calibration_memory_warning(98 << 20)
+    monkeypatch.setattr(memory, "probe_memory", lambda: (8 << 30, None))
+    assert calibration_memory_warning(98 << 20) is None

@@ -143,6 +143,30 @@ def generated_states(model, tok, seed: int = 0, done=None) -> tuple[np.ndarray, 
     return np.concatenate(per_prompt[:-CHAT_HELD]), np.concatenate(per_prompt[-CHAT_HELD:])
 
 
+def calibration_memory(model_bytes: int) -> int:
+    """About the peak memory of `calibrate` for a model of this size: the model resident while activations are
+    collected and chat answers generated, and their buffers. Measured peak RSS: SmolLM2-135M (98MB) 318MB,
+    Qwen2.5-Coder-1.5B (1.12GB) 1.55GB."""
+    return int(1.25 * model_bytes) + (200 << 20)
+
+
+def calibration_memory_warning(model_bytes: int) -> str | None:
+    """What to tell the user before calibrating, when this process's memory limit (its cgroup's) or the
+    memory free now is below what calibration takes; None when it fits."""
+    from edge.memory import probe_memory
+    from edge.sizes import format_size
+
+    need = calibration_memory(model_bytes)
+    available, limit = probe_memory()
+    room, what = (limit, "this process's memory limit") if limit is not None and limit < available else (
+        available, "the memory free now")
+    if room >= need:
+        return None
+    return (f"calibration holds the whole model: it needs about {format_size(need)} and {what} is "
+            f"{format_size(room)}; it may be killed or swap (calibrate where more is free; the store runs "
+            "under --ram without it)")
+
+
 def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = None, tokens: int = 4096,
               threads: int | None = None, progress=None) -> dict:
     """Calibrate a store in place; returns the summary written under attributes["edge"]["sparse"]. head_rank:

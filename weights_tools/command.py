@@ -38,8 +38,9 @@ def register(sub) -> None:
                    help="Hugging Face sources: llama.cpp's pre-tokenizer name (smollm, llama-bpe, qwen2, ...)")
     p.add_argument("--calibrate", action="store_true",
                    help="measure neuron order, sparsity thresholds, predictors and the head's low-rank copy on "
-                        "calibration text (needed by --ram); on a mixture of experts, record routing traces (for "
-                        "--predict trace and eviction); SRC may be an existing store")
+                        "calibration text (under --ram the head then leaves RAM, and --sparsity works); on a "
+                        "mixture of experts, record routing traces (for --predict trace and eviction); SRC may be "
+                        "an existing store. It holds the whole model while it runs (about 1.25x its size + 200MB)")
     p.add_argument("--rank", type=int, default=64, help="rank of the per-layer predictors (default 64)")
     p.add_argument("--calib-tokens", type=int, default=None,
                    help="calibration tokens (default 4096; routing traces of a mixture of experts: 1024)")
@@ -57,13 +58,18 @@ def _run(args) -> int:
 
     from pathlib import Path
 
-    from edge.models import CATALOGUE, resolve_model
+    from edge.models import CATALOGUE, DEFAULT_NAME, resolve_model
     from edge.sizes import format_size
     from edge.store import Store, is_store
+    from weights_tools.calibrate import calibration_memory_warning
     from weights_tools.convert import Progress, convert
 
     t0 = time.perf_counter()
     named = args.src is None or (args.src in CATALOGUE and not Path(args.src).exists())
+    if args.calibrate:  # before hours of work: whether this process has the memory calibration takes
+        model = CATALOGUE[args.src or DEFAULT_NAME].size if named else _bytes_under(Path(args.src))
+        if (short := calibration_memory_warning(model)) is not None:
+            print(f"warning: {short}", file=sys.stderr)
     if named and args.out is None:
         progress = Progress(1, 1, args.quiet or args.progress_lines)
 
@@ -123,6 +129,11 @@ def _run(args) -> int:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({format_size(size)}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
+
+
+def _bytes_under(path) -> int:
+    """A file's size, or a directory's files' (a store)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def prepare_store(name: str | None = None, on_progress=None, calibrate: bool = True, force: bool = False):
