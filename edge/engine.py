@@ -378,7 +378,7 @@ class Engine:
             self.resize(target)  # under the budget (edge.memory.PressureWatch.target)
         except EdgeError:
             self.resize(p.minimum)
-        if self.plan.budget < p.budget:  # at the minimum already: nothing more to give
+        if self.plan.cache < p.cache:  # else the plan had room under the lower limit, or nothing more to give
             self.last.shrinks.append(f"memory pressure: {self.plan.shrunk_from(p)}")
 
     def stats(self) -> EngineStats:
