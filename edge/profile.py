@@ -146,8 +146,9 @@ def names() -> list[str]:
     return sorted(found)
 
 
-def load(name: str) -> Profile:
-    """A profile by name (user profiles first: this-machine) or by path to a TOML file."""
+def load(name: str, asked_by: str = "--device") -> Profile:
+    """A profile by name (user profiles first: this-machine) or by path to a TOML file; asked_by: how the user
+    named it, for the error."""
     candidates = (
         [Path(name)] if name.endswith(".toml") else [_user_dir() / f"{name}.toml", _packaged() / f"{name}.toml"]
     )
@@ -155,7 +156,7 @@ def load(name: str) -> Profile:
         if path.is_file():
             return _parse(path.read_text(), path)
     hint = " (`edge probe-flash` writes it)" if name == "this-machine" else ""
-    raise EdgeError(f"--device {name}: no such device profile{hint}; choose one of: {', '.join(names())}")
+    raise EdgeError(f"{asked_by} {name}: no such device profile{hint}; choose one of: {', '.join(names())}")
 
 
 def bundle_target(device: str | None = None) -> int | None:

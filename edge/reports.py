@@ -152,7 +152,7 @@ def print_devices(name: str | None) -> int:
                 f"{p.title}"
             )
         return 0
-    p = profile.load(name)
+    p = profile.load(name, asked_by="edge devices")
     print(f"{p.name}: {p.title}  [{p.path}]")
     print(f"  RAM {as_sold(p.ram_bytes)}, {p.cores} cores{f' ({p.cpu})' if p.cpu else ''}"
           f"{', GPU ' + p.gpu if p.gpu else ''}")
