@@ -90,7 +90,7 @@ def test_devices_command(capsys):
     code, out, _ = run_cli(capsys, "devices", "rpi5-microsd")
     assert code == 0 and "QD32" in out and "source:" in out and "Cortex-A76" in out
     code, _, err = run_cli(capsys, "devices", "toaster")
-    assert code == 2 and "--device toaster" in err
+    assert code == 2 and "edge devices toaster: no such device profile" in err
 
 
 def test_device_sets_defaults_and_emulate_needs_a_device(capsys, smol_calibrated):
