@@ -22,7 +22,6 @@ from typing import Callable, Protocol
 import numpy as np
 
 from edge import quants
-from edge.errors import EdgeError
 from edge.ggml import Weight
 from edge.head import DenseEmbedding, DenseHead
 
@@ -134,20 +133,17 @@ class StoredLinears:
         pass
 
 
-def attention_layout(store) -> tuple[list[dict[str, tuple[int, dict]]], int, int]:
-    """Per layer, each attention projection's (offset, stored info) in one buffer; the largest layer's bytes
-    (the buffer streaming the attention needs) and every layer's (what it takes out of RAM)."""
+def attention_layout(store) -> tuple[list[dict[str, tuple[int, int, dict]]], int, int]:
+    """Per layer, each attention projection's (offset, bytes, stored info) in one buffer; the largest layer's
+    bytes (the buffer streaming the attention needs) and every layer's (what it takes out of RAM)."""
     places, largest, total = [], 0, 0
     for i in range(store.config.n_layers):
         at, layer = 0, {}
         for group in ATTENTION:
             for n, shape in group_shapes(store.config, group):
-                info = store.tensor_info(f"blk.{i}.{n}.weight")
-                if tuple(d for d in info["shape"] if d != 1) != tuple(d for d in shape if d != 1):
-                    raise EdgeError(f"{store.path}: tensor 'blk.{i}.{n}.weight' has shape {tuple(info['shape'])}, "
-                                    f"expected {shape}")
-                layer[n] = (at, info)
+                info = store.tensor_info(f"blk.{i}.{n}.weight", shape)
                 nbytes = info["shape"][0] * quants.FORMATS[info["type"]].row_bytes(info["shape"][1])
+                layer[n] = (at, nbytes, info)
                 at, total = at + -(-nbytes // 64) * 64, total + nbytes
         places.append(layer)
         largest = max(largest, at)
@@ -171,7 +167,7 @@ class StreamedLinears(StoredLinears):
             return super().group(i, name)
         weights = []
         for n, _ in group_shapes(self.src.config, name):
-            at, info = self.places[i][n]
+            at, _, info = self.places[i][n]
             weights.append(Weight(self.buffer, info["type"], info["shape"][0], info["shape"][1], offset=at))
         matmul = self.backend.ggml.matmul
 
@@ -184,8 +180,7 @@ class StreamedLinears(StoredLinears):
 
     def _load(self, i: int) -> None:
         self.loaded = -1  # a failed read leaves no layer half loaded
-        for n, (at, info) in self.places[i].items():
-            nbytes = info["shape"][0] * quants.FORMATS[info["type"]].row_bytes(info["shape"][1])
+        for n, (at, nbytes, _) in self.places[i].items():
             self.src.read_into(f"t/blk.{i}.{n}.weight", self.buffer[at:at + nbytes])
             self.read_bytes += nbytes
         self.loaded = i

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from edge import system
 from edge.errors import EdgeError
@@ -88,7 +87,7 @@ def probe(directory: Path, size: int, seconds: float, chunks=CHUNKS, threads=THR
 def to_toml(cells: list[Cell], directory: Path, mode: str, gemv_gb_s: float | None = None) -> str:
     lines = ["# Written by `edge probe-flash`: random aligned reads, uncoalesced (threads = queue depth).",
              "[device]", 'name = "this-machine"', 'title = "this machine (measured)"',
-             f"ram_bytes = {psutil.virtual_memory().total}", f"cores = {os.cpu_count()}", ""]
+             f"ram_bytes = {system.memory()[1]}", f"cores = {os.cpu_count()}", ""]
     if gemv_gb_s:
         lines += ["[compute]", f"gemv_gb_s = {gemv_gb_s:.2f}",
                   'basis = "measured: a Q4_0 matrix-vector product with llama.cpp\'s kernel, all cores"', ""]

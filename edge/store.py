@@ -142,7 +142,7 @@ def check_attributes(attrs: dict, where: Path) -> ModelConfig:
         return value
 
     def known_type(t) -> bool:
-        return type(t) is int and t in quants.FORMATS
+        return type(t) is int and quants.is_supported(t)
 
     def table(key: str, value, kind=dict):
         if not isinstance(value, kind):
@@ -214,9 +214,10 @@ class Store:
                             "model again") from None
         try:
             attrs = meta["attributes"]["edge"]
-            attrs.get("format_version")
-        except (KeyError, TypeError, AttributeError):
-            raise EdgeError(f"{meta_path}: not an edge store (no 'edge' attributes)") from None
+        except (KeyError, TypeError):
+            attrs = None
+        if not isinstance(attrs, dict):
+            raise EdgeError(f"{meta_path}: not an edge store (no 'edge' attributes)")
         version = attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise EdgeError(f"{self.path}: store format version {version}, this edge reads version "
@@ -326,13 +327,14 @@ class Store:
             layer, key = expert_part(name)
             t = self._expert_tensors(layer)[key]
         else:
-            info = self._attrs["tensors"].get(name)
-            if info is None:
-                raise EdgeError(f"{self.path}: tensor '{name}' is missing; the store is incomplete, convert again")
-            t = Tensor(name, info["type"], tuple(info["shape"]), self.read_array("t/" + name))
-        if expected is not None and tuple(d for d in t.shape if d != 1) != tuple(d for d in expected if d != 1):
-            raise EdgeError(f"{self.path}: tensor '{name}' has shape {t.shape}, expected {expected}")
+            info = self.tensor_info(name, expected)
+            return Tensor(name, info["type"], tuple(info["shape"]), self.read_array("t/" + name))
+        self._check_shape(name, t.shape, expected)
         return t
+
+    def _check_shape(self, name: str, shape, expected: tuple[int, ...] | None) -> None:
+        if expected is not None and tuple(d for d in shape if d != 1) != tuple(d for d in expected if d != 1):
+            raise EdgeError(f"{self.path}: tensor '{name}' has shape {tuple(shape)}, expected {expected}")
 
     def _ffn_tensors(self, layer: int) -> dict[str, Tensor]:
         """Gate, up and down of one layer reassembled from its bundles, byte for byte the source's."""
@@ -414,11 +416,13 @@ class Store:
         """The calibration summary (`edge convert --calibrate`), or None."""
         return self._attrs.get("sparse")
 
-    def tensor_info(self, name: str) -> dict:
-        """A resident tensor's {"type", "shape"} as stored (the FFN's are in `ffn_layouts`)."""
+    def tensor_info(self, name: str, expected: tuple[int, ...] | None = None) -> dict:
+        """A resident tensor's {"type", "shape"} as stored (the FFN's are in `ffn_layouts`); with `expected`, an
+        EdgeError unless it has that logical shape."""
         info = self._attrs["tensors"].get(name)
         if info is None:
             raise EdgeError(f"{self.path}: tensor '{name}' is missing; the store is incomplete, convert again")
+        self._check_shape(name, info["shape"], expected)
         return info
 
     @property

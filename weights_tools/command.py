@@ -126,7 +126,7 @@ def _run(args) -> int:
               f"{min(rec):.2f}-{max(rec):.2f}; head rank {summary['head_rank']}, its greedy token the full "
               f"head's on held-out text {summary['head']['greedy']:.3f}, chat answers "
               f"{summary['head']['chat_greedy']:.3f}", file=sys.stderr)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    size = _bytes_under(out)
     print(f"wrote {out} ({format_size(size)}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
 
@@ -161,7 +161,7 @@ def prepare_store(name: str | None = None, on_progress=None, calibrate: bool = T
         gguf = pull(name or "smollm2-135m", quiet=True, on_progress=lambda f: tell(share * f, "pulling"))
         convert(gguf, target, quiet=True, on_progress=lambda f, label: tell(share * (1 + f), "converting"))
     if calibrate:
-        run_calibration(target, progress=lambda d, t: tell(0.2 + 0.8 * d / t, "calibrating"))
+        run_calibration(target, progress=lambda d, t: tell(2 * share + (1 - 2 * share) * d / t, "calibrating"))
     return target
 
 
