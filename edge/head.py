@@ -4,7 +4,8 @@ from flash.
 Resident (`DenseEmbedding`, `DenseHead`): the tensors as stored, in RAM. Under a budget (`budget_ends`;
 `budget_ends_bytes` is what stays resident) the embedding's rows come from flash through a `RowCache`; on a
 calibrated store the head is scored by a low-rank copy whose best candidates are rescored with exact rows
-(`ApproxHead`, one row cache with the embedding when tied), on an uncalibrated one it stays resident as stored.
+(`ApproxHead`, one row cache with the embedding when tied), on an uncalibrated one it stays resident as stored,
+or, when the budget cannot keep it, is read from flash in row blocks at every call (`StreamedHead`, exact).
 Both kinds take the same calls: `embed(tokens)`, `head(x) -> (logits,)`, `head.nll(x, targets)`.
 """
 
@@ -23,6 +24,11 @@ ROW_CACHE = 4096  # head/embedding rows kept in RAM (RowCache)
 
 def _embed_scale(cfg, x: np.ndarray) -> np.ndarray:
     return x * np.float32(cfg.embed_scale) if cfg.embed_scale != 1.0 else x
+
+
+def head_name(src) -> str:
+    """The head's tensor: its own, or the embedding's when tied."""
+    return "output.weight" if src.has("output.weight") else "token_embd.weight"
 
 
 def _check_ids(cfg, tokens: np.ndarray) -> None:
@@ -64,8 +70,7 @@ class DenseHead:
 
     def __init__(self, src, backend):
         cfg = src.config
-        name = "output.weight" if src.has("output.weight") else "token_embd.weight"
-        self.group = backend.linear_group([src.tensor(name, (cfg.vocab_size, cfg.dim))])
+        self.group = backend.linear_group([src.tensor(head_name(src), (cfg.vocab_size, cfg.dim))])
 
     def __call__(self, x: np.ndarray) -> tuple:
         return self.group(x)
@@ -79,15 +84,16 @@ class DenseHead:
         return {}
 
 
-def budget_ends_bytes(store) -> int:
+HEAD_IO = 8 << 20  # the store's I/O buffer when the head streams: blocks of ~2MB of rows (Store.read_views)
+
+
+def budget_ends_bytes(store, stream_head: bool = False) -> int:
     """What the embedding and head keep resident under a budget (`budget_ends`): on a calibrated store the
     low-rank copy, its basis and bounds, and the row caches (ApproxHead, RowCache); uncalibrated, the head as
-    stored and the embedding's row cache."""
+    stored (unless it streams) and the embedding's row cache."""
     cfg, info = store.config, store.sparse
     if info is None:
-        head = store.tensor_info("output.weight" if store.has("output.weight") else "token_embd.weight")
-        return head["shape"][0] * quants.FORMATS[head["type"]].row_bytes(head["shape"][1]) + _row_cache_bytes(
-            store, "token_embd.weight")
+        return (0 if stream_head else head_bytes(store)) + _row_cache_bytes(store, "token_embd.weight")
     total = 0
     vocab, r = store.tensor_info(info["head"]["tensor"])["shape"][0], info["head_rank"]
     total += vocab * quants.FORMATS[quants.Q4_0].row_bytes(r) + 4 * cfg.dim * r  # low-rank head, basis
@@ -98,17 +104,25 @@ def budget_ends_bytes(store) -> int:
     return total
 
 
+def head_bytes(store) -> int:
+    """The head as stored."""
+    t = store.tensor_info(head_name(store))
+    return t["shape"][0] * quants.FORMATS[t["type"]].row_bytes(t["shape"][1])
+
+
 def _row_cache_bytes(store, name: str) -> int:
     t = store.tensor_info(name)
     return ROW_CACHE * quants.FORMATS[t["type"]].row_bytes(t["shape"][1]) + 4 * t["shape"][0] + 16 * ROW_CACHE
 
 
-def budget_ends(store, backend) -> tuple[FlashEmbedding, "ApproxHead | DenseHead"]:
+def budget_ends(store, backend, stream_head: bool = False) -> tuple[FlashEmbedding, object]:
     """The embedding and head under a budget: embedding rows read from flash into a row cache; the head scored
     by its low-rank copy with exact rows from flash on a calibrated store (one row cache when they are one
-    tensor), else the head as stored, resident (exact; `edge convert STORE --calibrate` takes it out of RAM)."""
+    tensor), else exact: resident as stored, or read from flash at every call (stream_head; the store's I/O
+    buffer holds HEAD_IO). `edge convert STORE --calibrate` takes it out of RAM at a fraction of the reads."""
     if store.sparse is None:
-        return FlashEmbedding(store, RowCache(store, "token_embd.weight")), DenseHead(store, backend)
+        head = StreamedHead(store, backend.ggml) if stream_head else DenseHead(store, backend)
+        return FlashEmbedding(store, RowCache(store, "token_embd.weight")), head
     head = ApproxHead(store, backend.ggml)
     rows = head.row_cache if head.name == "token_embd.weight" else RowCache(store, "token_embd.weight")
     return FlashEmbedding(store, rows), head
@@ -191,6 +205,57 @@ def second_stage(z: np.ndarray, top: np.ndarray, miss: np.ndarray, h: np.ndarray
     return more
 
 
+class StreamedHead:
+    """The head as stored, read from flash in blocks of rows at every call and scored exactly by llama.cpp's
+    kernel (the dense head's): an uncalibrated store's head under a budget that cannot keep it, where every
+    token reads the whole head; and a calibrated store's logits of several positions and its perplexity.
+    Only a block's rows are in RAM at a time; `nll` keeps a running log-sum-exp instead of (T, vocab) logits."""
+
+    def __init__(self, store, ggml, name: str | None = None):
+        self.store, self.ggml = store, ggml
+        self.name = name or head_name(store)
+        t = store.tensor_info(self.name, (store.config.vocab_size, store.config.dim))
+        self.type_id, self.vocab, self.cols = t["type"], t["shape"][0], t["shape"][1]
+
+    def __call__(self, x: np.ndarray) -> tuple:
+        z = np.empty((len(x), self.vocab), np.float32)
+        for r0, block in self.blocks(x):
+            z[:, r0:r0 + block.shape[1]] = block
+        return (z,)
+
+    def stats(self) -> dict:
+        return {}
+
+    def blocks(self, x: np.ndarray):
+        """(first row, x @ E[rows].T) for every block of head rows, each row read from flash once."""
+        arr = self.store.array("t/" + self.name)
+        per = arr.chunk_shape[0]
+        batch = max(1, (len(self.store.engine.buffer) // 2) // (arr.chunk_bytes + 8192))
+        for first in range(0, arr.n_chunks, batch):
+            ids = list(range(first, min(arr.n_chunks, first + batch)))
+            views = self.store.read_views(arr, ids)
+            rows = np.concatenate([np.frombuffer(v, np.uint8) for v in views]).reshape(-1, arr.shape[1])
+            r0 = first * per
+            n = min(len(rows), self.vocab - r0)
+            (z,) = self.ggml.matmul(x, [Weight(rows, self.type_id, n, self.cols)], keep=False)
+            yield r0, z
+
+    def nll(self, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """-log softmax(x @ E.T)[target] per row, exact, with a running log-sum-exp over the head's row blocks."""
+        peak = np.full(len(x), -np.inf)
+        total = np.zeros(len(x))
+        target = np.zeros(len(x))
+        for r0, z in self.blocks(x):
+            inside = (targets >= r0) & (targets < r0 + z.shape[1])
+            target[inside] = z[inside, targets[inside] - r0]
+            new = np.maximum(peak, z.max(axis=1))
+            z -= new[:, None].astype(np.float32)
+            np.exp(z, out=z)
+            total = total * np.exp(peak - new) + z.sum(axis=1, dtype=np.float64)
+            peak = new
+        return peak + np.log(total) - target
+
+
 class ApproxHead:
     """Logits from a low-rank Q4_0 copy of the head, the top candidates rescored with exact rows from flash.
 
@@ -217,6 +282,7 @@ class ApproxHead:
         self.miss = store.read_array("sparse/head_miss").reshape(-1).view("<f4").copy() if head.get("miss") else None
         self.extra = 0  # rows rescored by the second stage
         self.row_cache = rows or RowCache(store, self.name)
+        self.exact = StreamedHead(store, ggml, self.name)
         if head.get("hot_rows"):  # calibrated by this version: start with the most wanted rows
             ids = store.read_array("sparse/head_hot_ids").reshape(-1).view("<i4")
             self.row_cache.fill(ids, store.read_array("sparse/head_hot"))
@@ -228,10 +294,7 @@ class ApproxHead:
 
     def __call__(self, x: np.ndarray) -> tuple:
         if len(x) > 1:  # logits of several positions: the exact head, streamed in row blocks
-            z = np.empty((len(x), self.vocab), np.float32)
-            for r0, block in self.blocks(x):
-                z[:, r0:r0 + block.shape[1]] = block
-            return (z,)
+            return self.exact(x)
         p = x @ self.basis
         (z,) = self.ggml.matmul(p, [self.low])  # (1, vocab)
         top = np.sort(top_ids(z[0], self.candidates))
@@ -256,31 +319,6 @@ class ApproxHead:
         (exact,) = self.ggml.matmul(x, [Weight(rows, self.type_id, len(ids), self.cols)], keep=False)
         return exact[0]
 
-    def blocks(self, x: np.ndarray):
-        """(first row, x @ E[rows].T) for every block of head rows, each row read from flash once."""
-        arr = self.store.array("t/" + self.name)
-        per = arr.chunk_shape[0]
-        batch = max(1, (len(self.store.engine.buffer) // 2) // (arr.chunk_bytes + 8192))
-        for first in range(0, arr.n_chunks, batch):
-            ids = list(range(first, min(arr.n_chunks, first + batch)))
-            views = self.store.read_views(arr, ids)
-            rows = np.concatenate([np.frombuffer(v, np.uint8) for v in views]).reshape(-1, arr.shape[1])
-            r0 = first * per
-            n = min(len(rows), self.vocab - r0)
-            (z,) = self.ggml.matmul(x, [Weight(rows, self.type_id, n, self.cols)])
-            yield r0, z
-
     def nll(self, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """-log softmax(x @ E.T)[target] per row, exact, with a running log-sum-exp over the head's row blocks."""
-        peak = np.full(len(x), -np.inf)
-        total = np.zeros(len(x))
-        target = np.zeros(len(x))
-        for r0, z in self.blocks(x):
-            inside = (targets >= r0) & (targets < r0 + z.shape[1])
-            target[inside] = z[inside, targets[inside] - r0]
-            new = np.maximum(peak, z.max(axis=1))
-            z -= new[:, None].astype(np.float32)
-            np.exp(z, out=z)
-            total = total * np.exp(peak - new) + z.sum(axis=1, dtype=np.float64)
-            peak = new
-        return peak + np.log(total) - target
+        """-log softmax(x @ E.T)[target] per row, exact (StreamedHead.nll)."""
+        return self.exact.nll(x, targets)

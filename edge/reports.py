@@ -87,8 +87,9 @@ def print_info(args, src, plan=None, note: str | None = None) -> int:
 def _info_calibration(src) -> None:
     info = src.sparse
     if info is None:
-        print("calibration: none (under --ram the head stays resident; `edge convert MODEL --calibrate` takes it out "
-              "of RAM and enables --sparsity)")
+        print("calibration: none (under --ram the head is exact: resident, or read whole at every token when the "
+              "budget cannot keep it; `edge convert MODEL --calibrate` replaces it by a low-rank copy and enables "
+              "--sparsity)")
         return
     layers = info["layers"]
     parts = []

@@ -300,15 +300,19 @@ class Store:
         arr = self.array(path)
         return self.read_into(path, np.empty(arr.shape[0] * arr.shape[1], np.uint8)).reshape(arr.shape)
 
-    def read_into(self, path: str, out: np.ndarray) -> np.ndarray:
-        """The whole array's bytes into `out` (uint8, exactly the array's size: rows x row bytes), verified."""
+    def read_into(self, path: str, out: np.ndarray, chunks: range | None = None) -> np.ndarray:
+        """The array's bytes into `out` (uint8), verified: the whole array (out exactly its size: rows x row
+        bytes), or the run of inner chunks `chunks` (out at least their rows' bytes; the array's last chunk holds
+        only the rows left)."""
         arr = self.array(path)
         size, n = arr.chunk_bytes, arr.shape[0] * arr.shape[1]
-        if out.nbytes != n:
-            raise ValueError(f"{path}: {n} bytes do not fit a buffer of {out.nbytes}")
-        for c, view in self._batched(arr, list(range(arr.n_chunks)), True, self.engine):
-            k = min(size, n - c * size)
-            out[c * size:c * size + k] = np.frombuffer(view, np.uint8, k)
+        chunks = chunks if chunks is not None else range(arr.n_chunks)
+        need = min(n, chunks.stop * size) - chunks.start * size
+        if out.nbytes != need if len(chunks) == arr.n_chunks else out.nbytes < need:
+            raise ValueError(f"{path}: {need} bytes do not fit a buffer of {out.nbytes}")
+        for c, view in self._batched(arr, list(chunks), True, self.engine):
+            at, k = (c - chunks.start) * size, min(size, n - c * size)
+            out[at:at + k] = np.frombuffer(view, np.uint8, k)
         return out
 
     def has(self, name: str) -> bool:

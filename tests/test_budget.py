@@ -261,6 +261,25 @@ def test_budget_runs_an_uncalibrated_store(capsys, smollm2, smol_store):
     assert code == 0 and "the head resident as stored" in out, err
 
 
+def test_a_streamed_head_is_the_resident_head(smol_store):
+    """An uncalibrated store's head read from flash in row blocks (a budget below keeping it) scores as the
+    resident head does, bit for bit (the same kernel on each row), for one position and several, with the same
+    perplexity terms, reading the whole head at every call."""
+    from edge.head import DenseHead, StreamedHead, head_bytes
+    from edge.kernels import make_backend
+
+    store = Store(smol_store)
+    backend = make_backend("ggml", 2)
+    dense, streamed = DenseHead(store, backend), StreamedHead(store, backend.ggml)
+    x = np.random.default_rng(0).standard_normal((5, store.config.dim)).astype(np.float32)
+    before = store.flash_read_bytes
+    for rows in (x[:1], x):
+        assert np.array_equal(streamed(rows)[0], dense(rows)[0])
+    assert store.flash_read_bytes - before >= 2 * head_bytes(store)
+    targets = np.array([0, 7, 1000, 20000, store.config.vocab_size - 1])
+    np.testing.assert_allclose(streamed.nll(x, targets), dense.nll(x, targets), rtol=1e-5)
+
+
 def test_unreadable_budget(capsys, smol_calibrated):
     code, _, err = run_cli(capsys, "run", str(smol_calibrated), "--ram", "lots", "-p", "hi")
     assert code == 2 and "--ram" in err and "512MiB" in err
@@ -342,7 +361,8 @@ def _streams(d: dict) -> bool:
 @pytest.mark.parametrize("fixture,ram,flags", [
     ("smol_calibrated", "125MiB", []),                       # sparse: neuron cache, the rest streamed
     ("smol_calibrated", "125MiB", ["--strategy", "naive"]),  # every FFN byte read per token
-    ("smol_store", "150MiB", []),                            # uncalibrated: the head resident as stored
+    ("smol_store", "125MiB", []),                            # uncalibrated: the head resident as stored
+    ("smol_store", "+4MB", []),                              # uncalibrated near its minimum: the head streams
     ("smol_calibrated", "+4MB", []),                         # near the minimum: the attention streams too
     ("paged_moe", "+8MB", []),                               # experts: 7 of 32 cached, the rest paged
     ("tiny_stacked", "+8MB", []),                            # BitStack (tiny: its whole stack fits)
@@ -376,6 +396,8 @@ def test_stays_under_a_kernel_memory_cap(request, fixture, ram, flags):
     assert 0 < peak <= parse_size(ram)
     if fixture == "smol_calibrated":  # the attention streams exactly where the budget cannot keep it
         assert (d["plan"]["attention"] > 0) == near_minimum, d["plan"]
+    if fixture == "smol_store":  # and an uncalibrated head, read whole at every token
+        assert (d["plan"]["head"] > 0) == near_minimum and d["cache"]["read_bytes_per_token"] > 0, d["plan"]
 
 
 def test_sparsity_skips_predicted_clusters(smol_calibrated):

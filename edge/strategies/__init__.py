@@ -49,6 +49,7 @@ class Options:
     predict: str = "pregate"  # experts: how the next layer's experts are guessed
     attention: str = "auto"   # sparse, naive: "stream" (from flash each token), "resident", or "auto": streamed
                               # only where the budget cannot keep it (the engine fixes it at load)
+    head: str = "auto"        # sparse, naive on an uncalibrated store: the head as stored, the same choices
 
 
 class Strategy(Protocol):

@@ -104,12 +104,11 @@ def plan_context(strategy, src, budget: int, baseline: int, n_ctx: int, used: in
 
 
 def fixed_choices(options, plan: Plan):
-    """`options` with what `plan` chose for them (the attention streamed or resident), so that later plans for
-    the same run choose the same."""
-    attention = getattr(plan.detail, "attention", None)
-    if attention is None or options.attention != "auto":
-        return options
-    return replace(options, attention="stream" if attention else "resident")
+    """`options` with what `plan` chose for them (the attention and the head streamed or resident), so that
+    later plans for the same run choose the same."""
+    fixed = {part: "stream" if getattr(plan.detail, part) else "resident" for part in ("attention", "head")
+             if hasattr(plan.detail, part) and getattr(options, part) == "auto"}
+    return replace(options, **fixed) if fixed else options
 
 
 def fit_context(strategy, src, budget: int, baseline: int, ceiling: int, options) -> tuple[int, int]:

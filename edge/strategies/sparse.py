@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from edge import quants
 from edge.flash import ALIGN
-from edge.head import budget_ends, budget_ends_bytes
+from edge.head import HEAD_IO, budget_ends, budget_ends_bytes, head_bytes
 from edge.model import KVCache
 from edge.parts import Parts, StoredLinears, StreamedLinears, attention_layout
 from edge.sizes import format_size
@@ -36,8 +36,9 @@ class SparseDetail:
     sparsity: float
     window: int
     read_ahead: bool      # with sparsity > 0: the next layer's predicted clusters read during this layer
-    calibrated: bool      # a low-rank head (else the head resident as stored)
+    calibrated: bool      # a low-rank head (else the head as stored: resident, or streamed, `head`)
     attention: int = 0    # the attention's projections, as stored: 0 resident, else streamed (their bytes)
+    head: int = 0         # an uncalibrated store's head: 0 resident, else streamed (its bytes)
 
     part: ClassVar[str] = "neuron cache"
 
@@ -70,8 +71,10 @@ class SparseDetail:
                 f"({100 * self.cached_fraction:.0f}% of the FFN's {f(self.ffn_bytes)}); {rest} "
                 f"({plan.strategy}, sparsity {self.sparsity:g}, window {self.window}"
                 f"{', next layer read ahead by prediction' if self.read_ahead else ''})"
-                + ("" if self.calibrated else "; the head resident as stored (the store is not calibrated: `edge "
-                   "convert STORE --calibrate` takes it out of RAM, which leaves more for the cache)")
+                + ("" if self.calibrated else
+                   f"; the head {'read from flash at every token' if self.head else 'resident as stored'} (the "
+                   "store is not calibrated: `edge convert STORE --calibrate` replaces it by a low-rank copy, "
+                   f"{'much faster' if self.head else 'which leaves more for the cache'})")
                 + (f"; the attention's {f(self.attention)} too is read from flash, a layer at a time (the budget "
                    "is below what keeping it takes)" if self.attention else ""))
 
@@ -85,7 +88,7 @@ def resident_bytes(store, predictors: bool, read_ahead: bool = False) -> int:
         if name.startswith("blk.") or name == "output_norm.weight":  # attention and norms, as stored
             rows, cols = (t["shape"] + [1])[:2]
             total += rows * quants.FORMATS[t["type"]].row_bytes(cols) if len(t["shape"]) == 2 else 4 * rows
-    if predictors:
+    if predictors:  # only on a calibrated store
         n = [lay["hidden"] // lay["cluster"] for lay in store.ffn_layouts]
         for k in n + (n[1:] if read_ahead else []):
             r = min(info["rank"], k)
@@ -134,6 +137,11 @@ class Sparse:
             detail = replace(detail, attention=attention)
             least = replace(least, resident=least.resident - attention, scratch=min_scratch + extra,
                             least=min_scratch + extra, detail=detail)
+        if not detail.calibrated and (options.head == "stream" or (options.head == "auto" and
+                                                                    budget < least.minimum)):
+            streamed = head_bytes(store)  # below what keeping the head takes: every token reads it
+            detail = replace(detail, head=streamed)
+            least = replace(least, resident=least.resident - streamed, io=max(least.io, HEAD_IO), detail=detail)
         check_minimum(least, n_ctx)
 
         def plan(slots: int, scratch: int) -> Plan:
@@ -156,6 +164,6 @@ class Sparse:
         d = plan.detail
         ffn = SparseFFN(store, backend.ggml, act, d.slots, d.sparsity, d.window, cache=self.caches,
                         read_threads=store.engine.threads, read_ahead=d.read_ahead)
-        embed, head = budget_ends(store, backend)
+        embed, head = budget_ends(store, backend, stream_head=d.head > 0)
         linears = (StreamedLinears if d.attention else StoredLinears)(store, backend)
         return Parts(linears, ffn, embed, head)
