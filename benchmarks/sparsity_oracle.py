@@ -58,7 +58,7 @@ def main() -> None:
     for i in range(cfg.n_layers):
         t = store.tensor(f"blk.{i}.ffn_down.weight")
         norms.append(np.linalg.norm(quants.dequantize(t.raw, t.type_id, t.cols), axis=0))
-    _, (_, mean_imp, _) = collect_activations(store, Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template),
+    _, mean_imp, _ = collect_activations(store, Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template),
                                               args.calib_tokens, None,
                                               lambda i, h: (np.abs(h) * norms[i]).mean(0, keepdims=True))
     hot = [np.argsort(-mean_imp[i].mean(0)) for i in range(cfg.n_layers)]

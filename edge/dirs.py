@@ -1,4 +1,5 @@
-"""The user's directories (XDG): cache (derived models), config (device profiles), data (saved chats)."""
+"""The user's directories (XDG): cache (derived models), config (device profiles), data (saved chats); what a
+path holds on disk (`bytes_under`)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,8 @@ def config_dir() -> Path:
 
 def data_dir() -> Path:
     return _xdg("XDG_DATA_HOME", os.path.join(".local", "share"))
+
+
+def bytes_under(path: Path) -> int:
+    """A file's size, or a directory's files' (a store)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size

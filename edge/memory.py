@@ -18,12 +18,16 @@ PRESSURE_FLOOR = 64 << 20  # system memory available below this: give cache back
 LIMIT_ROUNDING = 64 << 10  # a cgroup limit this close under the budget is the budget (the kernel rounds it)
 
 
+_TRIM: list = []  # glibc's malloc_trim, or None where there is none (found once: find_library runs ldconfig)
+
+
 def release_free_memory() -> None:
     """Give the temporaries of loading back to the OS (glibc keeps freed heap pages otherwise)."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    if not _TRIM:
+        name = ctypes.util.find_library("c")
+        _TRIM.append(getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None)
+    if _TRIM[0] is not None:
+        _TRIM[0](0)
 
 
 class Meter:

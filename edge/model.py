@@ -215,9 +215,38 @@ class Transformer:
 
     def block(self, i: int, x: np.ndarray, start: int) -> np.ndarray:
         """Block i on x (T, dim) at positions start..: attention, then the FFN, each a residual line."""
+        return self._block(i, x, lambda q, k, v: self._attend(i, q, k, v, start))
+
+    def block_batch(self, i: int, xs: list[np.ndarray], starts: list[int], caches: list[KVCache]) -> list[np.ndarray]:
+        """Block i on several independent sequences, xs[k] at positions starts[k].. with its own KV cache
+        caches[k] (left as self.kv after): their products run as one, so a layer's weights are read once for
+        all of them; attention is each sequence's own (calibration's chat answers)."""
+        sizes = np.cumsum([len(x) for x in xs])[:-1]
+
+        def attend(q, k, v):
+            outs = []
+            for parts, start, kv in zip(zip(*(np.split(a, sizes) for a in (q, k, v))), starts, caches):
+                self.kv = kv
+                outs.append(self._attend(i, *parts, start))
+            return np.concatenate(outs)
+
+        return np.split(self._block(i, np.concatenate(xs), attend), sizes)
+
+    def _block(self, i: int, x: np.ndarray, attend) -> np.ndarray:
+        """Block i on x (T, dim): attention (its projections here, attend(q, k, v) the rest), then the FFN."""
         cfg, layer, seconds = self.cfg, self.layers[i], self.seconds
         t0 = time.perf_counter()
-        h = self._attention(i, layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), start)
+        a = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+        if self.trace is not None:
+            self.trace(i, "attn_in", a)
+        q, k, v = layer.qkv(a)
+        if layer.qkv_bias is not None:
+            b = layer.qkv_bias
+            q, k, v = q + b[:cfg.q_dim], k + b[cfg.q_dim:cfg.q_dim + cfg.kv_dim], v + b[cfg.q_dim + cfg.kv_dim:]
+        out = attend(q, k, v)
+        if self.trace is not None:
+            self.trace(i, "attn_out", out)
+        (h,) = layer.attn_output(out)
         if layer.attn_post_norm is not None:
             h = rms_norm(h, layer.attn_post_norm, cfg.norm_eps)
         x = x + h
@@ -230,16 +259,12 @@ class Transformer:
             h = rms_norm(h, layer.ffn_post_norm, cfg.norm_eps)
         return x + h
 
-    def _attention(self, i: int, layer: Layer, x: np.ndarray, start: int) -> np.ndarray:
-        cfg = self.cfg
-        t = x.shape[0]
+    def _attend(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+        """Attention of projected q, k, v (T rows each) at positions start.. over the KV cache (written here):
+        the per-head outputs (T, q_dim), before the output projection."""
+        cfg, layer = self.cfg, self.layers[i]
+        t = q.shape[0]
         end = start + t
-        if self.trace is not None:
-            self.trace(i, "attn_in", x)
-        q, k, v = layer.qkv(x)
-        if layer.qkv_bias is not None:
-            b = layer.qkv_bias
-            q, k, v = q + b[:cfg.q_dim], k + b[cfg.q_dim:cfg.q_dim + cfg.kv_dim], v + b[cfg.q_dim + cfg.kv_dim:]
         if cfg.qk_norm_full:
             q, k = rms_norm(q, layer.q_norm, cfg.norm_eps), rms_norm(k, layer.k_norm, cfg.norm_eps)
         q = q.reshape(t, cfg.n_heads, cfg.head_dim)
@@ -270,8 +295,4 @@ class Transformer:
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         out = scores @ values[:, None]  # (n_kv, group, T, hd)
-        out = out.transpose(2, 0, 1, 3).reshape(t, cfg.q_dim)
-        if self.trace is not None:
-            self.trace(i, "attn_out", out)
-        (h,) = layer.attn_output(out)
-        return h
+        return out.transpose(2, 0, 1, 3).reshape(t, cfg.q_dim)

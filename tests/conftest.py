@@ -53,12 +53,34 @@ def gemma_store(tmp_path_factory, gemma3):
 
 @pytest.fixture(scope="session")
 def smol_calibrated(tmp_path_factory, smollm2):
-    """SmolLM2 as a store calibrated for --ram (its own copy: calibration writes into the store)."""
-    from weights_tools.calibrate import calibrate
+    """SmolLM2 as a store calibrated for --ram (its own copy: calibration writes into the store), calibrated by
+    `edge convert STORE --calibrate` in a kernel memory cap at calibration's own estimate where a cgroup can be
+    made (its peak and the estimate in calibration_peak.json beside the store: test_budget checks them)."""
+    import json
+    import subprocess
+    import sys
+
+    from edge.cgroup import MemoryCap
+    from edge.dirs import bytes_under
+    from edge.store import Store
+    from weights_tools.calibrate import calibration_memory
     from weights_tools.convert import convert
 
     store = convert(smollm2, tmp_path_factory.mktemp("stores") / "SmolLM2-135M-Instruct.Q4_1.edge", quiet=True)
-    calibrate(store, tokens=2048, threads=2)  # the default is 4096: half, for time
+    tokens = 2048  # the default is 4096: half, for time
+    need = calibration_memory(Store(store).config, bytes_under(store), tokens)
+    cmd = [sys.executable, "-m", "edge", "convert", str(store), "--calibrate", "--calib-tokens", str(tokens),
+           "--quiet"]
+    cap, why = MemoryCap.make(need, "edge-calibrate")
+    if cap is None:
+        proc, peak = subprocess.run(cmd, capture_output=True, text=True), None
+    else:
+        try:
+            proc, peak = cap.run(cmd), cap.peak
+        finally:
+            cap.close()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (store.parent / "calibration_peak.json").write_text(json.dumps({"need": need, "peak": peak, "why": why}))
     return store
 
 

@@ -1,7 +1,11 @@
 """`edge convert --calibrate`: what the budgeted runtime needs, measured on calibration text, into the store.
 
 Runs the dense model over `edge.evaluate.calibration_text()` and records, per layer, the FFN input x and the
-hidden activation h = act(gate(x)) * up(x). From those:
+hidden activation h = act(gate(x)) * up(x). The model runs a layer at a time (`calibration_model`, `layer_pass`):
+every calibration token goes through layer i before layer i + 1 is read, and the model's own chat answers
+advance together, one layer at a time (`generated_states`); the head is read in row blocks. So the memory is a
+layer's weights and the calibration's states, not the model (Qwen2.5-Coder-1.5B: 458MB peak RSS, was 1.55GB
+with the model resident), and layers are kept in RAM only as far as `--ram` allows. From those:
 
 - two trained low-rank predictors per layer (LLM in a flash, section 3.1, adapted to clusters): from the
   layer's FFN input x they estimate each cluster's log importance, log sum_j |h_j| * |down[:, j]| (how much
@@ -56,46 +60,123 @@ import numpy as np
 from edge import quants
 from edge.errors import EdgeError
 from edge.head import second_stage
+from edge.sampling import top_ids
 from edge.sparse import PREDICTOR, SPARSITIES, pack_predictors, predict
 
 
-def collect_activations(src, tok, tokens: int, threads: int | None, reduce=None, x_sink=None):
-    """Run the dense model over calibration text: per layer the FFN input x (float16: Qwen2.5-1.5B's 28 layers
-    x 4096 tokens are 352MB so) and activation h (or reduce(layer, h) in its place: h is the largest), and the
-    final hidden states (normed). src: an opened GGUFFile or Store; tok: its edge.tokenizer.Tokenizer (opened
-    before the model: a vocabulary read through llama.cpp peaks at ~700MB while it loads). The model runs on
-    the `auto` backend (ggml for K-quants: onnxruntime would hold 3.1GB of Qwen2.5-1.5B's 1.1GB). x_sink(layer,
-    x): given each chunk's FFN inputs instead of keeping them (then the returned dict of them is empty)."""
-    from edge.evaluate import calibration_text
-    from edge.model import Transformer, rms_norm
+class LayerByLayer:
+    """Linear groups of one layer at a time: a layer's weights are read from the source when one of its
+    products first runs, those of the layer before dropped. A model run a layer at a time over every position
+    (`layer_pass`) holds one layer's weights, not the model's. hold: bytes of layers kept once read (the first
+    ones that fit; steps that go through every layer, calibration's chat answers, then read only the rest)."""
+
+    def __init__(self, src, backend, hold: int = 0):
+        self.src, self.backend, self.hold = src, backend, hold
+        self.layer, self.groups = -1, {}
+        self.held: dict[int, dict] = {}
+        self.held_bytes = 0
+
+    def group(self, i: int, name: str):
+        def run(x: np.ndarray) -> tuple:
+            if self.layer != i:
+                self._load(i)
+            return self.groups[name](x)
+
+        return run
+
+    def _load(self, i: int) -> None:
+        from edge.memory import release_free_memory
+        from edge.parts import ATTENTION, StoredLinears
+
+        if self.layer not in self.held:
+            self.groups = {}
+            release_free_memory()  # the layer before's pages back to the OS, not kept in glibc's heap
+        self.layer = -1
+        if i in self.held:
+            self.groups = self.held[i]
+        else:
+            before = self.backend.resident_bytes
+            stored = StoredLinears(self.src, self.backend)
+            self.groups = {name: stored.group(i, name) for name in (*ATTENTION, "ffn_in", "ffn_h")}
+            size = self.backend.resident_bytes - before
+            if self.held_bytes + size <= self.hold:
+                self.held[i], self.held_bytes = self.groups, self.held_bytes + size
+        self.layer = i
+
+    def resize(self, plan) -> None:
+        pass
+
+
+def calibration_model(src, threads: int | None, n_ctx: int = 256, hold: int = 0):
+    """The dense model over `src` (an opened Store or GGUFFile) holding one layer's weights at a time, and
+    `hold` bytes of layers besides (LayerByLayer, llama.cpp's kernels on the weights as stored), the
+    embedding's rows read as looked up and the head read in row blocks at each call (a store; a GGUF file's
+    are mapped)."""
+    from edge.head import DenseEmbedding, DenseHead, FlashEmbedding, RowCache, StreamedHead
+    from edge.kernels import make_backend
+    from edge.model import Transformer
+    from edge.parts import ACTIVATIONS, DenseFFN, Parts
+    from edge.store import Store
 
     cfg = src.config
-    model = Transformer(src, min(256, cfg.context_length), threads=threads)
+    backend = make_backend("ggml", threads)
+    linears = LayerByLayer(src, backend, hold)
+    if isinstance(src, Store):
+        ends = FlashEmbedding(src, RowCache(src, "token_embd.weight")), StreamedHead(src, backend.ggml)
+    else:
+        ends = DenseEmbedding(src), DenseHead(src, backend)
+    parts = Parts(linears, DenseFFN(linears, cfg.n_layers, ACTIVATIONS[cfg.activation]), *ends)
+    return Transformer(src, min(n_ctx, cfg.context_length), backend=backend, parts=parts)
+
+
+def layer_pass(model, ids: list[int], sink) -> np.ndarray:
+    """The model over `ids` in windows of model.n_ctx positions (each from position 0), one layer at a time
+    over every window: sink(layer, x, h) with each window's FFN input x and activation h, in order. Returns
+    the final hidden states (normed), (len(ids), dim)."""
+    from edge.model import rms_norm
+
+    def trace(i, point, v):
+        if point == "ffn_in":
+            pending.append(v)
+        elif point == "ffn_h":
+            sink(i, pending.pop(), v)
+
+    pending: list = []
+    win = model.n_ctx
+    xs = [model.embed(np.asarray(ids[s:s + win])) for s in range(0, len(ids), win)]
+    model.trace = trace
+    try:
+        for i in range(model.cfg.n_layers):
+            for k, x in enumerate(xs):  # in place: one window's states twice at a time, not every window's
+                xs[k] = model.block(i, x, 0)
+    finally:
+        model.trace = None
+    return rms_norm(np.concatenate(xs), model.output_norm, model.cfg.norm_eps)
+
+
+def calibration_ids(tok, tokens: int) -> list[int]:
+    """The first `tokens` of the calibration text."""
+    from edge.evaluate import calibration_text
+
     ids = tok.encode(calibration_text())
     if len(ids) < tokens:
         raise EdgeError(f"calibration text has {len(ids)} tokens, {tokens} asked; lower --calib-tokens")
-    xs: dict[int, list] = {i: [] for i in range(cfg.n_layers)}
-    hs: dict[int, list] = {i: [] for i in range(cfg.n_layers)}
-    finals: list = []
+    return ids[:tokens]
 
-    def trace(i, point, x):
-        if point == "ffn_in":
-            if x_sink is not None:
-                x_sink(i, x)
-            else:
-                xs[i].append(x.astype(np.float16))
-        elif point == "ffn_h":
-            hs[i].append(reduce(i, x) if reduce else x.astype(np.float32))
 
-    model.trace = trace
-    win = model.n_ctx
-    for start in range(0, tokens, win):
-        chunk = np.asarray(ids[start:start + win])
-        model.forward(chunk, 0)  # the last position's logits only: the states are what is kept
-        finals.append(model.last_hidden)
-    model.trace = None
-    return model, ({i: np.concatenate(v) for i, v in xs.items() if v}, {i: np.concatenate(v) for i, v in hs.items()},
-                   rms_norm(np.concatenate(finals), model.output_norm, cfg.norm_eps))
+def collect_activations(src, tok, tokens: int, threads: int | None, reduce=None):
+    """Every layer's FFN input x (float16) and activation h (or reduce(layer, h) in its place: h is the
+    largest), and the final hidden states (normed), over `tokens` of calibration text (calibration_model,
+    layer_pass): ({layer: x}, {layer: h}, finals)."""
+    xs: dict[int, list] = {i: [] for i in range(src.config.n_layers)}
+    hs: dict[int, list] = {i: [] for i in range(src.config.n_layers)}
+
+    def sink(i, x, h):
+        xs[i].append(x.astype(np.float16))
+        hs[i].append(reduce(i, h) if reduce else h.astype(np.float32))
+
+    finals = layer_pass(calibration_model(src, threads), calibration_ids(tok, tokens), sink)
+    return {i: np.concatenate(v) for i, v in xs.items()}, {i: np.concatenate(v) for i, v in hs.items()}, finals
 
 
 CHAT_PROMPTS = (  # what a chat asks: the states the head scores in a chat are the model's own answers to such
@@ -118,147 +199,194 @@ CHAT_TOKENS = 96  # of each answer
 
 def generated_states(model, tok, seed: int = 0, done=None) -> tuple[np.ndarray, np.ndarray]:
     """Final hidden states (normed) while the model answers CHAT_PROMPTS itself, sampled (temperature 0.8,
-    top-k 40, fixed seed): (fit, held out) by prompt. The calibration text (documentation) alone left 49% of
-    the state norm of SmolLM2's own chat answers outside the basis, and the full head's token outside its 128
-    candidates on 3.6% of the tokens."""
-    from edge.model import rms_norm
+    top-k 40, a fixed seed per prompt): (fit, held out) by prompt. The calibration text (documentation) alone
+    left 49% of the state norm of SmolLM2's own chat answers outside the basis, and the full head's token
+    outside its 128 candidates on 3.6% of the tokens. Every answer advances one token per step, one layer at
+    a time over all of them (Transformer.block_batch, each answer with its own KV cache): a step reads each
+    layer's weights once, and the head once, for all answers. done(step) after each step."""
+    from edge.model import KVCache, rms_norm
     from edge.sampling import Sampler, SamplerConfig
 
-    sampler = Sampler(SamplerConfig(temperature=0.8, top_k=40, top_p=0.95, seed=seed))
-    per_prompt = []
-    for prompt in CHAT_PROMPTS:
-        ids = tok.encode_chat([{"role": "user", "content": prompt}])[:model.n_ctx // 2]
-        logits = model.forward(np.asarray(ids), 0)
-        states = []
-        for pos in range(len(ids), min(len(ids) + CHAT_TOKENS, model.n_ctx)):
-            states.append(model.last_hidden[-1:])
-            token = sampler(logits, ids)
-            if tok.is_end(token):
-                break
-            ids.append(token)
-            logits = model.forward(np.asarray([token]), pos)
-        per_prompt.append(rms_norm(np.concatenate(states), model.output_norm, model.cfg.norm_eps))
+    cfg, n_ctx = model.cfg, model.n_ctx
+    samplers = [Sampler(SamplerConfig(temperature=0.8, top_k=40, top_p=0.95, seed=seed + k))
+                for k in range(len(CHAT_PROMPTS))]
+    ids = [tok.encode_chat([{"role": "user", "content": p}])[:n_ctx // 2] for p in CHAT_PROMPTS]
+    kvs = [KVCache(cfg, n_ctx) for _ in CHAT_PROMPTS]
+    xs = [model.embed(np.asarray(a)) for a in ids]  # the prompts first, then one token each
+    at = [0] * len(ids)  # each answer's position
+    states: list[list] = [[] for _ in CHAT_PROMPTS]
+    live = list(range(len(ids)))
+    step = 0
+    while live:
+        for i in range(cfg.n_layers):
+            for k, x in zip(live, model.block_batch(i, [xs[k] for k in live], [at[k] for k in live],
+                                                    [kvs[k] for k in live])):
+                xs[k] = x
+        finals = rms_norm(np.concatenate([xs[k][-1:] for k in live]), model.output_norm, cfg.norm_eps)
+        (logits,) = model.parts.head(finals)
+        for k, state, z in zip(list(live), finals, logits):
+            states[k].append(state)
+            at[k] += len(xs[k])
+            token = samplers[k](z, ids[k])
+            if len(states[k]) == CHAT_TOKENS or at[k] == n_ctx or tok.is_end(token):
+                live.remove(k)
+                continue
+            ids[k].append(token)
+            xs[k] = model.embed(np.asarray([token]))
+        step += 1
         if done:
-            done(len(per_prompt))
+            done(step)
+    per_prompt = [np.stack(s) for s in states]
     return np.concatenate(per_prompt[:-CHAT_HELD]), np.concatenate(per_prompt[-CHAT_HELD:])
 
 
-def calibration_memory(model_bytes: int) -> int:
-    """About the peak memory of `calibrate` for a model of this size: the model resident while activations are
-    collected and chat answers generated, and their buffers. Measured peak RSS: SmolLM2-135M (98MB) 318MB,
-    Qwen2.5-Coder-1.5B (1.12GB) 1.55GB."""
-    return int(1.25 * model_bytes) + (200 << 20)
+CALIBRATION_FIXED = 80 << 20  # the interpreter, numpy, llama.cpp's library, the tokenizer, the I/O buffer
 
 
-def calibration_memory_warning(model_bytes: int) -> str | None:
+def calibration_memory(cfg, model_bytes: int, tokens: int = 4096) -> int:
+    """About the peak memory of `calibrate` (one layer at a time): a layer's weights, twice (the next one's
+    FFN is reassembled from its bundles while the last is let go; a layer taken as the model's bytes over its
+    layers, the embedding and head included: an overestimate), and the largest of its phases: the text's
+    hidden states several times over (the windows, one layer's FFN inputs, the layer before's); the chat
+    answers' KV caches; the head's: the final states, two low-rank copies (the rank tried and the one before,
+    taken at a quarter of the width), a block of head rows dequantized with its temporaries, the eigenvectors,
+    and a batch of exact and approximate logits. Measured peak RSS at 4096 tokens: SmolLM2-135M 160MB (this
+    says 175MB), Qwen2.5-Coder-1.5B 458MB (489MB); holding the model, it was 318MB and 1.55GB."""
+    from edge.model import KVCache
+
+    states = tokens * cfg.dim * 4
+    copies = 2 * cfg.vocab_size * quants.FORMATS[quants.Q4_0].row_bytes(max(32, cfg.dim // 4 // 32 * 32))
+    head = states + copies + 4096 * cfg.dim * 16 + 24 * cfg.dim ** 2 + 2 * HEAD_BATCH * cfg.vocab_size * 4
+    answers = len(CHAT_PROMPTS) * KVCache.bytes_for(cfg, 256)
+    return CALIBRATION_FIXED + 2 * model_bytes // cfg.n_layers + max(4 * states, answers, head)
+
+
+def calibration_memory_warning(need: int) -> str | None:
     """What to tell the user before calibrating, when this process's memory limit (its cgroup's) or the
-    memory free now is below what calibration takes; None when it fits."""
+    memory free now is below `need` (calibration_memory); None when it fits."""
     from edge.memory import probe_memory
     from edge.sizes import format_size
 
-    need = calibration_memory(model_bytes)
     available, limit = probe_memory()
     room, what = (limit, "this process's memory limit") if limit is not None and limit < available else (
         available, "the memory free now")
     if room >= need:
         return None
-    return (f"calibration holds the whole model: it needs about {format_size(need)} and {what} is "
-            f"{format_size(room)}; it may be killed or swap (calibrate where more is free; the store runs "
-            "under --ram without it)")
+    return (f"calibration needs about {format_size(need)} and {what} is {format_size(room)}; it may be killed "
+            "or swap (calibrate where more is free; the store runs under --ram without it)")
 
 
 def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = None, tokens: int = 4096,
-              threads: int | None = None, progress=None) -> dict:
+              threads: int | None = None, progress=None, warn=None, ram: int | None = None) -> dict:
     """Calibrate a store in place; returns the summary written under attributes["edge"]["sparse"]. head_rank:
-    the low-rank head's rank (a multiple of 32); None measures it (head_ranks, HEAD_TARGET)."""
+    the low-rank head's rank (a multiple of 32); None measures it (head_ranks, HEAD_TARGET). One layer's weights
+    are in RAM at a time (calibration_model), and the head in row blocks; what `ram` leaves beyond that
+    (calibration_memory) holds layers, which the chat answers' steps then do not read again (None: half the
+    memory free now, or of this process's limit). Below what it needs, `ram` is refused; without it, warn(line)
+    is told before the work starts when the memory is not there (calibration_memory_warning)."""
     import zarr
     from zarr.storage import LocalStore
 
     from weights_tools.convert import write_array, commit_group
 
+    from edge.dirs import bytes_under
+    from edge.flash import IOEngine
     from edge.ggml import Weight, ggml
+    from edge.head import HEAD_IO, StreamedHead, head_name
     from edge.kernels import default_threads
-    from edge.memory import release_free_memory
+    from edge.memory import probe_memory
+    from edge.sizes import format_size
     from edge.store import Store
     from edge.tokenizer import Tokenizer
 
     store_path = Path(store_path)
-    store = Store(store_path)
+    store = Store(store_path, engine=IOEngine(threads=4, buffer_bytes=HEAD_IO))
     cfg = store.config
     if cfg.n_experts:
         raise EdgeError(f"{store_path}: a mixture of experts: its calibration is weights_tools.moe_traces "
                         "(`edge convert STORE --calibrate` runs it)")
     if head_rank is not None and (head_rank % 32 or head_rank <= 0):
         raise EdgeError(f"--head-rank {head_rank}: must be a positive multiple of 32 (Q4_0 blocks of the copy)")
+    need = calibration_memory(cfg, bytes_under(store_path), tokens)
+    available, limit = probe_memory()
+    room = min(available, limit) if limit is not None else available
+    if ram is not None and ram < need:
+        raise EdgeError(f"--ram {format_size(ram)} is below what calibrating this model takes, about "
+                        f"{format_size(need)} (one layer at a time); raise --ram")
+    if ram is None and warn is not None and (short := calibration_memory_warning(need)) is not None:
+        warn(short)
+    hold = max(0, (min(ram, room) if ram is not None else room // 2) - need)
     clusters = [lay["cluster"] for lay in store.ffn_layouts]
-    steps = cfg.n_layers + len(CHAT_PROMPTS) + 1  # progress: chat answers, layers, the head
-    down_norms = []
-    for i in range(cfg.n_layers):
-        dt = store.tensor(f"blk.{i}.ffn_down.weight")
-        down_norms.append(np.linalg.norm(quants.dequantize(dt.raw, dt.type_id, dt.cols), axis=0))
+    steps = cfg.n_layers + CHAT_TOKENS + 1  # progress: the layers over the text, the chat answers' steps, the head
+    if progress:
+        progress(0, steps)  # said at once: the first layer takes a while on a 1.5B model
+    tok = Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template)
+    ids = calibration_ids(tok, tokens)
+    held = len(ids) * 3 // 4  # fit on the first three quarters, report on the rest
+    partial = store_path / "sparse.partial"
+    layers: list[dict] = []
+    found: dict[int, list] = {}  # per layer: its windows' (FFN inputs float16, cluster importances)
+    before: list = []  # the layer before's (x, importance, this layer's predictor), for its next-layer predictor
 
     def importance(i, h):  # (T, clusters): log of what each cluster adds to the FFN output, at most
-        c = (np.abs(h.astype(np.float32)) * down_norms[i]).reshape(len(h), -1, clusters[i]).sum(-1)
+        c = (np.abs(h) * down_norms[i]).reshape(len(h), -1, clusters[i]).sum(-1)
         return np.log(c + 1e-6).astype(np.float32)
 
-    if progress:
-        progress(0, steps)  # said at once: collecting activations takes minutes on a 1.5B model
-    tok = Tokenizer(store.tokenizer_path, cfg.arch, store.chat_template)
-    # the FFN inputs go to files in the store until their layer's predictors are fitted: in RAM they sat beside
-    # the whole model through collection and the chat answers (Qwen2.5-1.5B: 352MB in float16)
-    spill, partial = store_path / "calibrate.spill", store_path / "sparse.partial"
-    shutil.rmtree(spill, ignore_errors=True)  # an interrupted calibration's
-    spill.mkdir()
+    def finish(i: int, x, imp, this, nxt_imp) -> None:
+        """Layer i's predictors (the next layer's from nxt_imp, the importances of layer i + 1) and choices."""
+        nxt = fit_predictor(x[:held], nxt_imp[:held], rank) if nxt_imp is not None else None
+        write_array(group, f"aux.{i}", pack_predictors(this, nxt).reshape(1, -1), 1)
+        pred = predict(this, x)
+        entry = {"cluster": clusters[i], "thresholds": {}, "recall": {}, "precision": {}}
+        if nxt is not None:
+            nxt_pred = predict(nxt, x)
+            entry.update(next_thresholds={}, next_recall={})
+        for s in SPARSITIES:
+            tau, entry["recall"][str(s)], entry["precision"][str(s)] = _choice(pred, imp, held, s)
+            entry["thresholds"][str(s)] = tau
+            if nxt is not None:  # the next layer's clusters chosen from this layer's input
+                tau, entry["next_recall"][str(s)], _ = _choice(nxt_pred, nxt_imp, held, s)
+                entry["next_thresholds"][str(s)] = tau
+        layers.append(entry)
 
-    def x_sink(i, x):
-        with open(spill / f"x.{i}", "ab") as f:
-            f.write(x.astype(np.float16).tobytes())
+    def sink(i, x, h):
+        found.setdefault(i, []).append((x.astype(np.float16), importance(i, h)))
+        if sum(len(v[0]) for v in found[i]) < len(ids):
+            return
+        x, imp = (np.concatenate(v) for v in zip(*found.pop(i)))
+        x = x.astype(np.float32)
+        this = fit_predictor(x[:held], imp[:held], rank)
+        if before:
+            finish(i - 1, *before, imp)
+        before[:] = [x, imp, this]
+        if progress:
+            progress(i + 1, steps)
 
+    down_norms = _down_norms(store)
     try:
-        model, (_, imp, Y) = collect_activations(store, tok, tokens, threads, importance, x_sink)
-        chat_fit, chat_held = generated_states(model, tok, done=lambda k: progress and progress(k, steps))
-        del model  # the rest needs no model (with it, Qwen2.5-1.5B's calibration peaked at 5.6GB)
-        release_free_memory()  # glibc keeps the freed model's heap pages otherwise (Qwen2.5-1.5B: 750MB of 1.1GB)
-        held = len(Y) * 3 // 4  # fit on the first three quarters, report on the rest
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)  # an interrupted calibration's
         group = zarr.create_group(LocalStore(partial))
-        layers = []
-        for i in range(cfg.n_layers):
-            x, true = np.fromfile(spill / f"x.{i}", np.float16).reshape(-1, cfg.dim).astype(np.float32), imp[i]
-            (spill / f"x.{i}").unlink()
-            this = fit_predictor(x[:held], true[:held], rank)
-            nxt = fit_predictor(x[:held], imp[i + 1][:held], rank) if i + 1 < cfg.n_layers else None
-            write_array(group, f"aux.{i}", pack_predictors(this, nxt).reshape(1, -1), 1)
-            pred = predict(this, x)
-            nxt_pred = predict(nxt, x) if nxt is not None else None
-            entry = {"cluster": clusters[i], "thresholds": {}, "recall": {}, "precision": {}}
-            if nxt is not None:
-                entry.update(next_thresholds={}, next_recall={})
-            for s in SPARSITIES:
-                tau, entry["recall"][str(s)], entry["precision"][str(s)] = _choice(pred, true, held, s)
-                entry["thresholds"][str(s)] = tau
-                if nxt is not None:  # the next layer's clusters chosen from this layer's input
-                    tau, entry["next_recall"][str(s)], _ = _choice(nxt_pred, imp[i + 1], held, s)
-                    entry["next_thresholds"][str(s)] = tau
-            layers.append(entry)
-            if progress:
-                progress(len(CHAT_PROMPTS) + i + 1, steps)
-        del imp
+        model = calibration_model(store, threads, hold=hold)
+        Y = layer_pass(model, ids, sink)
+        finish(cfg.n_layers - 1, *before, None)
+        before.clear()
+        chat_fit, chat_held = generated_states(model, tok,
+                                               done=lambda k: progress and progress(cfg.n_layers + k, steps))
+        del model
         # head: top principal directions of the final hidden states (calibration text and the model's own chat
         # answers), with a tenth of the head's own row covariance; the rank is measured (head_ranks, HEAD_TARGET)
-        head_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
-        ht = store.tensor(head_name)
-        rows = sum(e.T @ e for _, e in _head_rows(ht))
+        name = head_name(store)
+        rows = sum(e.T @ e for _, e in _head_rows(store, name))
         states, answers = Y[:held].T @ Y[:held], chat_fit.T @ chat_fit
         mixed = (1 - CHAT_MIX) * states / np.trace(states) + CHAT_MIX * answers / np.trace(answers)
         _, vecs = np.linalg.eigh((1 - HEAD_MIX) * mixed + HEAD_MIX * rows / np.trace(rows))
         checks = {"text": Y[held:], "chat": chat_held}
         gg = ggml(threads or default_threads())
-        exact = Weight(ht.raw, ht.type_id, ht.rows, ht.cols)
+        exact = StreamedHead(store, gg, name)
         ranks, tried = [head_rank] if head_rank else head_ranks(cfg.dim), {}
         for r in ranks:
-            v, low, approx = _low_rank_head(ht, vecs, r)
-            miss = _head_miss(ht, v)
+            v, low = _low_rank_head(store, name, vecs, r)
+            miss = _head_miss(store, name, v)
             copy = Weight(low, quants.Q4_0, len(low), r)
             tried[r] = {k: runtime_head_agreement(y, v, copy, miss, exact, gg) for k, y in checks.items()}
             if min(g for g, _, _ in tried[r].values()) >= HEAD_TARGET:
@@ -272,19 +400,34 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
                       "top1_in_candidates": text_in, "chat_top1_in_candidates": chat_in,
                       "second_stage_rows": (text_rows + chat_rows) / 2,
                       "ranks_tried": {str(k): {c: g for c, (g, _, _) in t.items()} for k, t in tried.items()}}
-        hot = _hot_rows(np.concatenate([Y[:held], chat_fit]), v, approx)
+        hot = _hot_rows(np.concatenate([Y[:held], chat_fit]), v, copy, gg)
         write_array(group, "head_hot_ids", hot.astype("<i4").view(np.uint8).reshape(1, -1), 1)
-        write_array(group, "head_hot", np.ascontiguousarray(ht.raw[hot]), max(1, (1 << 20) // ht.raw.shape[1]))
+        hot_rows = store.rows(name, hot)
+        write_array(group, "head_hot", hot_rows, max(1, (1 << 20) // hot_rows.shape[1]))
         head_check["hot_rows"] = len(hot)
         summary = {"predictor": PREDICTOR, "rank": rank, "head_rank": head_rank, "tokens": int(len(Y)),
-                   "layers": layers, "head": {"tensor": head_name, **head_check}}
+                   "layers": layers, "head": {"tensor": name, **head_check}}
         if progress:
             progress(steps, steps)
         commit_group(store_path, partial, "sparse", summary)
     finally:  # after the commit, partial is gone (renamed to sparse)
-        shutil.rmtree(spill, ignore_errors=True)
         shutil.rmtree(partial, ignore_errors=True)
     return summary
+
+
+def _down_norms(store, rows: int = 256) -> list[np.ndarray]:
+    """Per layer, the norm of each column of the FFN's down projection (what one neuron adds at most per unit
+    of its activation), dequantized `rows` rows at a time."""
+    out = []
+    for i in range(store.config.n_layers):
+        dt = store.tensor(f"blk.{i}.ffn_down.weight")
+        sq = np.zeros(dt.cols, np.float64)
+        for r in range(0, dt.rows, rows):
+            d = quants.dequantize(dt.raw[r:r + rows], dt.type_id, dt.cols)
+            sq += (d * d).sum(0)
+        out.append(np.sqrt(sq).astype(np.float32))
+        del dt
+    return out
 
 
 def _choice(pred: np.ndarray, true: np.ndarray, held: int, s: float) -> tuple:
@@ -300,13 +443,23 @@ def _choice(pred: np.ndarray, true: np.ndarray, held: int, s: float) -> tuple:
     return tau, float(hit / max(1, need.sum())), float(hit / max(1, chosen.sum()))
 
 
-def fit_predictor(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-3):
-    """Reduced-rank ridge regression of y (T, clusters) on [x, 1]: (A (dim, r), B (r, clusters), bias)."""
-    xa = np.concatenate([x, np.ones((len(x), 1), np.float32)], axis=1).astype(np.float64)
-    g = xa.T @ xa
-    w = np.linalg.solve(g + ridge * np.trace(g) / len(g) * np.eye(len(g)), xa.T @ y)  # (dim + 1, clusters)
+def fit_predictor(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-3, block: int = 512):
+    """Reduced-rank ridge regression of y (T, clusters) on [x, 1]: (A (dim, r), B (r, clusters), bias). The
+    float64 products are summed over `block` tokens at a time ([x, 1] whole in float64 was 50MB for
+    Qwen2.5-1.5B's 4096 tokens)."""
+    def with_one(a):
+        return np.concatenate([a, np.ones((len(a), 1), a.dtype)], axis=1).astype(np.float64)
+
+    n = x.shape[1] + 1
+    g, xy = np.zeros((n, n)), np.zeros((n, y.shape[1]))
+    for t in range(0, len(x), block):
+        xa = with_one(x[t:t + block])
+        g += xa.T @ xa
+        xy += xa.T @ y[t:t + block]
+    w = np.linalg.solve(g + ridge * np.trace(g) / n * np.eye(n), xy)  # (dim + 1, clusters)
     r = min(rank, y.shape[1])
-    _, _, vt = np.linalg.svd(xa @ w, full_matrices=False)
+    fitted = np.concatenate([with_one(x[t:t + block]) @ w for t in range(0, len(x), block)])
+    _, _, vt = np.linalg.svd(fitted, full_matrices=False)
     proj = vt[:r]  # (r, clusters): the fitted outputs' top directions
     a = w[:-1] @ proj.T
     bias = w[-1] @ proj.T @ proj
@@ -316,36 +469,36 @@ def fit_predictor(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-3):
 HEAD_CANDIDATES = 128  # rows rescored exactly per token (edge.head.ApproxHead)
 HEAD_MIX = 0.1  # the head's row covariance in the low-rank basis (the rest: the final states'), see above
 CHAT_MIX = 0.5  # of the states' part: the model's own answers to chat prompts (the rest: the calibration text)
+HEAD_BATCH = 64  # states whose logits over the whole vocabulary are in RAM at once
 HEAD_TARGET = 0.99  # held-out text and chat answers: the runtime head's greedy choice is the exact head's
 
 
-def _candidates(y, v, approx, batch: int = 64) -> np.ndarray:
+def _candidates(y, v, low, gg, batch: int = HEAD_BATCH) -> np.ndarray:
     """The low-rank head's top candidates for each state of y, (T, HEAD_CANDIDATES), in batches of states (a
-    (T, vocab) block of logits at once would be 4GB for Gemma 3 at 4096 tokens)."""
+    (T, vocab) block of logits at once would be 4GB for Gemma 3 at 4096 tokens), by the runtime's kernel on
+    the copy (`low`, edge.ggml.Weight)."""
     out = []
     for i in range(0, len(y), batch):
-        z = (y[i:i + batch] @ v) @ approx.T
-        # a copy: the slice is a view whose base, every row's (T, vocab) int64 indices, would be kept (Qwen2.5's
-        # 60 batches held 4.7GB so)
-        out.append(np.argpartition(-z, HEAD_CANDIDATES, axis=1)[:, :HEAD_CANDIDATES].copy())
-    return np.concatenate(out)
+        (z,) = gg.matmul(np.ascontiguousarray(y[i:i + batch] @ v), [low], keep=False)
+        out.extend(top_ids(row, HEAD_CANDIDATES) for row in z)
+    return np.stack(out)
 
 
-def runtime_head_agreement(y, v, low, miss, head, gg, batch: int = 64) -> tuple[float, float, float]:
+def runtime_head_agreement(y, v, low, miss, head, gg, batch: int = HEAD_BATCH) -> tuple[float, float, float]:
     """The runtime's head (edge.head.ApproxHead: the candidates, then the second stage) on each state of y:
     how often its greedy choice is the exact head's, how often that token is among the candidates, and the
     rows the second stage rescores per state. Logits by llama.cpp's kernels as the runtime has them: the
-    low-rank copy's (`low`) and the exact head's stored bytes (`head`), both edge.ggml.Weight (float rows, or
-    another backend's kernel, differ in the last digits and turned near-ties on 2% of SmolLM2's tokens even
-    at full rank)."""
+    low-rank copy's (`low`, an edge.ggml.Weight) and the exact head's (`head`, edge.head.StreamedHead: the
+    stored bytes; float rows, or another backend's kernel, differ in the last digits and turned near-ties on
+    2% of SmolLM2's tokens even at full rank)."""
     agree = inside = extra = 0
     for i in range(0, len(y), batch):
         h = np.ascontiguousarray(y[i:i + batch])
-        (exact,) = gg.matmul(h, [head], keep=False)
+        (exact,) = head(h)
         want = exact.argmax(1)
         p = h @ v
         (z,) = gg.matmul(p, [low], keep=False)
-        top = np.argpartition(-z, HEAD_CANDIDATES, axis=1)[:, :HEAD_CANDIDATES]
+        top = np.stack([top_ids(row, HEAD_CANDIDATES) for row in z])
         inside += int((top == want[:, None]).any(1).sum())
         at = np.arange(len(h))[:, None]
         z[at, top] = exact[at, top]
@@ -364,43 +517,51 @@ def head_ranks(dim: int) -> list[int]:
     return list(range(min(256, top), top + 1, 32))
 
 
-def _head_rows(ht, batch: int = 16384):
-    """(first row, rows of E dequantized to float32) in batches: the whole head in float32 is 933MB for
-    Qwen2.5-1.5B's 151936 x 1536."""
-    for i in range(0, ht.rows, batch):
-        yield i, quants.dequantize(ht.raw[i:i + batch], ht.type_id, ht.cols)
+def _head_rows(store, name: str, rows: int = 4096):
+    """(first row, rows of the head dequantized to float32), read from the store `rows` rows at a time (the
+    whole head in float32 is 933MB for Qwen2.5-1.5B's 151936 x 1536)."""
+    arr, t = store.array("t/" + name), store.tensor_info(name)
+    per = arr.chunk_shape[0]
+    run = max(1, rows // per)
+    buf = np.empty(run * arr.chunk_bytes, np.uint8)
+    for c in range(0, arr.n_chunks, run):
+        chunks = range(c, min(c + run, arr.n_chunks))
+        store.read_into("t/" + name, buf, chunks)
+        n = min(len(chunks) * per, t["shape"][0] - c * per)
+        yield c * per, quants.dequantize(buf[:n * arr.shape[1]].reshape(n, -1), t["type"], t["shape"][1])
 
 
-def _low_rank_head(ht, vecs, r: int):
+def _low_rank_head(store, name: str, vecs, r: int):
     """The rank-r copy: basis V (dim, r), the first r eigenvectors turned by a fixed random rotation (the
     product is the same, and every Q4_0 block of the copy holds coordinates of like size: the head's own
     directions are far larger than the states' and took the blocks' scales, 94% of calibration tokens' top-1
-    among the candidates instead of 100%, SmolLM2), and E @ V in Q4_0 (stored bytes and dequantized)."""
+    among the candidates instead of 100%, SmolLM2), and E @ V in Q4_0 blocks."""
     import gguf
 
     turn = np.linalg.qr(np.random.default_rng(0).standard_normal((r, r)))[0]
     v = np.ascontiguousarray(vecs[:, ::-1][:, :r] @ turn).astype(np.float32)  # (dim, r)
-    low = np.concatenate([gguf.quantize(e @ v, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(len(e), -1)
-                          for _, e in _head_rows(ht)])
-    return v, low, quants.dequantize(low, quants.Q4_0, r)
+    low = np.empty((store.tensor_info(name)["shape"][0], quants.FORMATS[quants.Q4_0].row_bytes(r)), np.uint8)
+    for i, e in _head_rows(store, name):
+        low[i:i + len(e)] = gguf.quantize(e @ v, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(len(e), -1)
+    return v, low
 
 
-def _head_miss(ht, v) -> np.ndarray:
+def _head_miss(store, name: str, v) -> np.ndarray:
     """|E_i (I - V V^T)| per row (V orthonormal): what the basis leaves of each head row, the runtime's
     second-stage bound (edge.head.ApproxHead)."""
-    out = np.empty(ht.rows, np.float32)
-    for i, rows in _head_rows(ht):
+    out = np.empty(store.tensor_info(name)["shape"][0], np.float32)
+    for i, rows in _head_rows(store, name):
         out[i:i + len(rows)] = np.sqrt(np.maximum(0, (rows * rows).sum(1) - ((rows @ v) ** 2).sum(1)))
     return out
 
 
-def _hot_rows(y, v, approx) -> np.ndarray:
+def _hot_rows(y, v, low, gg) -> np.ndarray:
     """The head rows rescored most often on calibration text, most frequent first, as many as the runtime's
     row cache holds: stored as one array the runtime reads at start (a cold cache missed 41 of 128 rows per
     token over SmolLM2's first 64 tokens, 190us a read here; see edge.head.RowCache.fill)."""
     from edge.head import ROW_CACHE
 
-    counts = np.bincount(_candidates(y, v, approx).reshape(-1), minlength=len(approx))
+    counts = np.bincount(_candidates(y, v, low, gg).reshape(-1), minlength=low.rows)
     order = np.argsort(-counts, kind="stable")[:ROW_CACHE]
     return order[counts[order] > 0]
 

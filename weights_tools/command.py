@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   edge convert model.gguf --calibrate          # convert, then calibrate for --ram runs
   edge convert model.edge --calibrate          # calibrate an existing store in place
   edge convert --calibrate                     # the default model, for `edge run --ram 150MB`
+  edge convert qwen2.5-coder-1.5b --calibrate --ram 600MB   # calibration under 600MB (more RAM: faster)
   edge convert mixtral.gguf --calibrate        # a mixture of experts: routing traces for --predict trace
 """
 
@@ -40,7 +41,12 @@ def register(sub) -> None:
                    help="measure neuron order, sparsity thresholds, predictors and the head's low-rank copy on "
                         "calibration text (under --ram the head then leaves RAM, and --sparsity works); on a "
                         "mixture of experts, record routing traces (for --predict trace and eviction); SRC may be "
-                        "an existing store. It holds the whole model while it runs (about 1.25x its size + 200MB)")
+                        "an existing store. It holds one layer at a time (Qwen2.5-Coder-1.5B: under 500MB, ~7 min), "
+                        "more where --ram allows")
+    p.add_argument("--ram", default=None, metavar="SIZE",
+                   help="--calibrate stays under this much memory: at least what one layer at a time takes (said "
+                        "when below); more keeps layers in RAM, which is faster (default: up to half the memory "
+                        "free)")
     p.add_argument("--rank", type=int, default=64, help="rank of the per-layer predictors (default 64)")
     p.add_argument("--calib-tokens", type=int, default=None,
                    help="calibration tokens (default 4096; routing traces of a mixture of experts: 1024)")
@@ -58,18 +64,21 @@ def _run(args) -> int:
 
     from pathlib import Path
 
-    from edge.models import CATALOGUE, DEFAULT_NAME, resolve_model
+    from edge.dirs import bytes_under
+    from edge.models import CATALOGUE, resolve_model
     from edge.sizes import format_size
     from edge.store import Store, is_store
-    from weights_tools.calibrate import calibration_memory_warning
     from weights_tools.convert import Progress, convert
 
+    from edge.errors import EdgeError
+    from edge.sizes import parse_size
+
+    ram = parse_size(args.ram, flag="--ram") if args.ram else None
+    if ram is not None and not args.calibrate:
+        raise EdgeError("--ram bounds calibration's memory: give it with --calibrate (converting holds one tensor "
+                        "at a time)")
     t0 = time.perf_counter()
     named = args.src is None or (args.src in CATALOGUE and not Path(args.src).exists())
-    if args.calibrate:  # before hours of work: whether this process has the memory calibration takes
-        model = CATALOGUE[args.src or DEFAULT_NAME].size if named else _bytes_under(Path(args.src))
-        if (short := calibration_memory_warning(model)) is not None:
-            print(f"warning: {short}", file=sys.stderr)
     if named and args.out is None:
         progress = Progress(1, 1, args.quiet or args.progress_lines)
 
@@ -79,7 +88,7 @@ def _run(args) -> int:
                 print(f"{f:.3f} {label}", file=sys.stderr, flush=True)
 
         try:
-            out = prepare_store(args.src, tell, calibrate=args.calibrate, force=args.calibrate)
+            out = prepare_store(args.src, tell, calibrate=args.calibrate, force=args.calibrate, warn=_warn, ram=ram)
         finally:
             progress.close()
         print(f"prepared {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -94,6 +103,9 @@ def _run(args) -> int:
     if args.calibrate and Store(out).is_moe:
         from weights_tools.moe_traces import calibrate_experts
 
+        if ram is not None:
+            raise EdgeError(f"--ram: {out} is a mixture of experts, whose routing traces hold the model while "
+                            f"they run; calibrate it without --ram")
         t1 = time.perf_counter()
         progress = Progress(1, 1, args.quiet)
         try:
@@ -118,6 +130,8 @@ def _run(args) -> int:
                 tokens=args.calib_tokens or 4096,
                 threads=None,
                 progress=lambda done, total: progress.advance_to(done, total, "calibrate"),
+                warn=_warn,
+                ram=ram,
             )
         finally:
             progress.close()
@@ -126,22 +140,22 @@ def _run(args) -> int:
               f"{min(rec):.2f}-{max(rec):.2f}; head rank {summary['head_rank']}, its greedy token the full "
               f"head's on held-out text {summary['head']['greedy']:.3f}, chat answers "
               f"{summary['head']['chat_greedy']:.3f}", file=sys.stderr)
-    size = _bytes_under(out)
+    size = bytes_under(out)
     print(f"wrote {out} ({format_size(size)}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
 
 
-def _bytes_under(path) -> int:
-    """A file's size, or a directory's files' (a store)."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
-def prepare_store(name: str | None = None, on_progress=None, calibrate: bool = True, force: bool = False):
+def prepare_store(name: str | None = None, on_progress=None, calibrate: bool = True, force: bool = False,
+                  warn=None, ram: int | None = None):
     """A named model (None: the default, SmolLM2-135M-Instruct) as a store in the cache dir, what `--ram` with
     that name (or without a MODEL) runs: pulled if needed, converted once (seconds), with calibrate also
     calibrated (minutes: the head leaves RAM, --sparsity works), then reused. A complete store left by an
     interrupted run is calibrated, not converted again; force calibrates a calibrated one again.
-    on_progress(fraction, label)."""
+    on_progress(fraction, label); warn(line), ram: calibration's (weights_tools.calibrate)."""
     import shutil
 
     from edge.models import pull, store_path
@@ -161,7 +175,8 @@ def prepare_store(name: str | None = None, on_progress=None, calibrate: bool = T
         gguf = pull(name or "smollm2-135m", quiet=True, on_progress=lambda f: tell(share * f, "pulling"))
         convert(gguf, target, quiet=True, on_progress=lambda f, label: tell(share * (1 + f), "converting"))
     if calibrate:
-        run_calibration(target, progress=lambda d, t: tell(2 * share + (1 - 2 * share) * d / t, "calibrating"))
+        run_calibration(target, progress=lambda d, t: tell(2 * share + (1 - 2 * share) * d / t, "calibrating"),
+                        warn=warn, ram=ram)
     return target
 
 

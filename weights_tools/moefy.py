@@ -84,7 +84,7 @@ def moefy(src_path: str | Path, dst: str | Path, experts: int = 8, top_k: int = 
     if dst.exists():
         raise EdgeError(f"{dst}: already exists; remove it or give another --out")
     width = hidden // experts
-    _, (X, H, _) = collect_activations(src, Tokenizer(src_path, cfg.arch, src.chat_template), tokens, threads)
+    X, H, _ = collect_activations(src, Tokenizer(src_path, cfg.arch, src.chat_template), tokens, threads)
     held = len(X[0]) * 3 // 4  # fit on three quarters, report recall on the rest
 
     tmp = dst.with_name(dst.name + ".partial")
