@@ -244,21 +244,22 @@ CALIBRATION_FIXED = 80 << 20  # the interpreter, numpy, llama.cpp's library, the
 
 
 def calibration_memory(cfg, model_bytes: int, tokens: int = 4096) -> int:
-    """About the peak memory of `calibrate` (one layer at a time): a layer's weights, twice (the next one's
-    FFN is reassembled from its bundles while the last is let go; a layer taken as the model's bytes over its
-    layers, the embedding and head included: an overestimate), and the largest of its phases: the text's
-    hidden states several times over (the windows, one layer's FFN inputs, the layer before's); the chat
-    answers' KV caches; the head's: the final states, two low-rank copies (the rank tried and the one before,
-    taken at a quarter of the width), a block of head rows dequantized with its temporaries, the eigenvectors,
-    and a batch of exact and approximate logits. Measured peak RSS at 4096 tokens: SmolLM2-135M 160MB (this
-    says 175MB), Qwen2.5-Coder-1.5B 458MB (489MB); holding the model, it was 318MB and 1.55GB."""
+    """About the peak memory of `calibrate` (one layer at a time), 15% over the sum of: a layer's weights,
+    twice (the next one's FFN is reassembled from its bundles while the last is let go; a layer taken as the
+    model's bytes over its layers, the embedding and head included), and the largest of its phases: the
+    text's hidden states several times over (the windows, one layer's FFN inputs, the layer before's); the
+    chat answers' KV caches; the head's: the final states, two low-rank copies (the rank tried and the one
+    before, taken at a quarter of the width), a block of head rows dequantized with its temporaries, the
+    eigenvectors, and a batch of exact and approximate logits. Measured peak RSS at 4096 tokens, one layer at
+    a time (this says): SmolLM2-135M 160MB (201MB), Gemma 3 270M 371MB (408MB), Qwen2.5-Coder-1.5B 458MB
+    (562MB); holding the model, calibration took 318MB, 1.20GB and 1.55GB."""
     from edge.model import KVCache
 
     states = tokens * cfg.dim * 4
     copies = 2 * cfg.vocab_size * quants.FORMATS[quants.Q4_0].row_bytes(max(32, cfg.dim // 4 // 32 * 32))
     head = states + copies + 4096 * cfg.dim * 16 + 24 * cfg.dim ** 2 + 2 * HEAD_BATCH * cfg.vocab_size * 4
     answers = len(CHAT_PROMPTS) * KVCache.bytes_for(cfg, 256)
-    return CALIBRATION_FIXED + 2 * model_bytes // cfg.n_layers + max(4 * states, answers, head)
+    return int(1.15 * (CALIBRATION_FIXED + 2 * model_bytes // cfg.n_layers + max(4 * states, answers, head)))
 
 
 def calibration_memory_warning(need: int) -> str | None:
@@ -517,7 +518,7 @@ def head_ranks(dim: int) -> list[int]:
     return list(range(min(256, top), top + 1, 32))
 
 
-def _head_rows(store, name: str, rows: int = 4096):
+def _head_rows(store, name: str, rows: int = 1024):
     """(first row, rows of the head dequantized to float32), read from the store `rows` rows at a time (the
     whole head in float32 is 933MB for Qwen2.5-1.5B's 151936 x 1536)."""
     arr, t = store.array("t/" + name), store.tensor_info(name)
