@@ -58,7 +58,7 @@ def store_path(name: str | None = None, check: bool = True) -> Path:
         how = "`edge convert` (seconds)" if name == DEFAULT_NAME else (
             f"`edge convert {name}` (it pulls the model first if needed)")
         raise EdgeError(f"--ram runs {name} from a store at {target}; prepare it once with {how}; --calibrate "
-                        "too (minutes) takes the head out of RAM")
+                        "too (minutes) makes it faster under small budgets")
     return target
 
 
