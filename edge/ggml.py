@@ -3,11 +3,13 @@
 The weights stay in the GGML block format the file or store holds (Q4_1, Q4_K, Q6_K, ...), in numpy buffers we
 own and may rewrite in place (the neuron cache); ggml multiplies them with activations it quantizes to Q8 the
 way llama.cpp does. Each call builds a tiny graph of `ggml_mul_mat` nodes over our buffers (no_alloc: ggml
-owns no tensor memory) and runs it on one persistent ggml thread pool.
+owns no tensor memory) and runs it on the CPU device of ggml's backend registry (`ggml_backend_dev_by_type`,
+`ggml_backend_graph_compute`: the path CUDA, Vulkan and Metal devices take too), with one persistent ggml
+thread pool that does not spin between calls.
 
-Only the C ABI is used: functions exported by libggml-base / libggml-cpu and three structs from ggml.h and
-ggml-cpu.h (init params, thread pool params, compute plan). The offset of `data` in `struct ggml_tensor` is
-found at start by asking ggml where it put one tensor's data, not assumed.
+Only the C ABI is used: functions exported by libggml / libggml-base / libggml-cpu and two structs from ggml.h
+and ggml-cpu.h (init params, thread pool params). The offset of `data` in `struct ggml_tensor` is found at start
+by asking ggml where it put one tensor's data, not assumed.
 """
 
 from __future__ import annotations
@@ -38,10 +40,7 @@ class _ThreadpoolParams(ctypes.Structure):
                 ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
 
 
-class _Cplan(ctypes.Structure):
-    _fields_ = [("work_size", ctypes.c_size_t), ("work_data", ctypes.c_void_p), ("n_threads", ctypes.c_int),
-                ("threadpool", ctypes.c_void_p), ("abort_callback", ctypes.c_void_p),
-                ("abort_callback_data", ctypes.c_void_p), ("use_ref", ctypes.c_bool)]
+DEVICE_CPU = 0  # enum ggml_backend_dev_type
 
 
 def _library_dir() -> Path:
@@ -93,8 +92,8 @@ class Weight:
 
 class Ggml:
     def __init__(self, threads: int):
-        base, cpu = _load("ggml-base"), _load("ggml-cpu")
-        self._base, self._cpu = base, cpu
+        base, cpu, reg = _load("ggml-base"), _load("ggml-cpu"), _load("ggml")
+        self._base, self._cpu, self._reg = base, cpu, reg
         vp, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
         sig = {
             (base, "ggml_init"): (vp, [_InitParams]), (base, "ggml_free"): (None, [vp]),
@@ -108,8 +107,12 @@ class Ggml:
             (base, "ggml_build_forward_expand"): (None, [vp, vp]),
             (base, "ggml_tensor_overhead"): (sz, []), (base, "ggml_graph_overhead_custom"): (sz, [sz, ctypes.c_bool]),
             (base, "ggml_get_data"): (vp, [vp]),
-            (cpu, "ggml_graph_plan"): (_Cplan, [vp, ctypes.c_int, vp]),
-            (cpu, "ggml_graph_compute"): (ctypes.c_int, [vp, ctypes.POINTER(_Cplan)]),
+            (reg, "ggml_backend_dev_by_type"): (vp, [ctypes.c_int]),
+            (base, "ggml_backend_dev_init"): (vp, [vp, ctypes.c_char_p]),
+            (base, "ggml_backend_dev_name"): (ctypes.c_char_p, [vp]),
+            (base, "ggml_backend_graph_compute"): (ctypes.c_int, [vp, vp]),
+            (cpu, "ggml_backend_cpu_set_n_threads"): (None, [vp, ctypes.c_int]),
+            (cpu, "ggml_backend_cpu_set_threadpool"): (None, [vp, vp]),
             (cpu, "ggml_threadpool_new"): (vp, [ctypes.POINTER(_ThreadpoolParams)]),
             (cpu, "ggml_threadpool_free"): (None, [vp]),
             (cpu, "ggml_cpu_init"): (None, []),
@@ -123,6 +126,14 @@ class Ggml:
         params = _ThreadpoolParams()
         params.n_threads, params.prio, params.poll = threads, 0, 0  # no spinning between calls
         self._pool = self.ggml_threadpool_new(ctypes.byref(params))
+        device = self.ggml_backend_dev_by_type(DEVICE_CPU)
+        self._backend = self.ggml_backend_dev_init(device, None) if device else None
+        if not self._backend:
+            raise EdgeError("ggml's backend registry has no CPU device (an unexpected llama-cpp-python build); "
+                            "reinstall it")
+        self.device = self.ggml_backend_dev_name(device).decode()
+        self.ggml_backend_cpu_set_n_threads(self._backend, threads)
+        self.ggml_backend_cpu_set_threadpool(self._backend, self._pool)
         self._meta_size = (4 * GRAPH_NODES * self.ggml_tensor_overhead()
                            + self.ggml_graph_overhead_custom(GRAPH_NODES, False) + 4096)
         self._meta = np.zeros(self._meta_size, np.uint8)
@@ -132,7 +143,6 @@ class Ggml:
         self._clock = 0
         self._graph_in = np.zeros(GRAPH_ROWS, np.float32)  # every kept graph's inputs, and outputs
         self._graph_out = np.zeros(GRAPH_ROWS, np.float32)
-        self._work = np.zeros(1 << 20, np.uint8)
         self._data_offset = self._find_data_offset()
 
     def _find_data_offset(self) -> int:
@@ -177,14 +187,14 @@ class Ggml:
             if g is not None:
                 for buf, x in zip(g.inputs, xs):
                     buf[...] = x.reshape(buf.shape)
-                self._compute(g.graph, g.plan)
+                self._compute(g.graph)
                 return [o.copy() for o in g.outputs]
         inputs = [np.ascontiguousarray(x if x.ndim >= 2 else x[None], dtype=np.float32) for x in xs]
         outs = [np.empty(inputs[slot[id(x)]].shape[:-1] + (w.rows,), np.float32) for x, w in pairs]
         ctx = self.ggml_init(_InitParams(self._meta_size, self._meta_address, True))
         try:
             graph = self._build(ctx, GRAPH_NODES, inputs, [(slot[id(x)], w) for x, w in pairs], outs)
-            self._compute(graph, self.ggml_graph_plan(graph, self.threads, self._pool))
+            self._compute(graph)
         finally:
             self.ggml_free(ctx)
         return outs
@@ -221,11 +231,8 @@ class Ggml:
             expand(graph, y)
         return graph
 
-    def _compute(self, graph: int, plan: _Cplan) -> None:
-        if plan.work_size > self._work.nbytes:
-            self._work = np.zeros(plan.work_size, np.uint8)
-        plan.work_data = self._work.ctypes.data
-        status = self.ggml_graph_compute(graph, ctypes.byref(plan))
+    def _compute(self, graph: int) -> None:
+        status = self.ggml_backend_graph_compute(self._backend, graph)
         if status != 0:
             raise EdgeError(f"ggml graph computation failed (status {status})")
 
@@ -256,9 +263,9 @@ class Ggml:
 
 
 class Graph:
-    """A kept graph of one position's products: its own ggml context (tensor and graph metadata, ~4KB) and
-    compute plan. Inputs and outputs live in the runtime's two GRAPH_ROWS buffers, shared by every kept graph
-    (one computes at a time; its outputs are copied out at once)."""
+    """A kept graph of one position's products: its own ggml context (tensor and graph metadata, ~4KB).
+    Inputs and outputs live in the runtime's two GRAPH_ROWS buffers, shared by every kept graph (one computes
+    at a time; its outputs are copied out at once)."""
 
     def __init__(self, gg: Ggml, shapes: list[tuple], pairs: list[tuple[int, Weight]]):
         self.gg, self.last = gg, 0
@@ -268,7 +275,6 @@ class Graph:
         self.meta = np.zeros(self.bytes_for(gg, shapes, pairs), np.uint8)
         self.ctx = gg.ggml_init(_InitParams(self.meta.nbytes, self.meta.ctypes.data, True))
         self.graph = gg._build(self.ctx, size, self.inputs, pairs, self.outputs)
-        self.plan = gg.ggml_graph_plan(self.graph, gg.threads, gg._pool)
         self.nbytes = self.meta.nbytes
 
     @staticmethod

@@ -116,3 +116,18 @@ def test_ggml_kept_graphs_equal_fresh_ones_and_stay_bounded(monkeypatch):
             np.testing.assert_array_equal(g2.matmul(x, [w])[0], g2.matmul(x, [w], keep=False)[0])
     assert g2._graph_bytes <= G.GRAPH_CACHE
     assert len(built) == len(g2._graphs) == 2
+
+
+def test_ggml_computes_on_the_backend_registrys_cpu_device():
+    """Products run through ggml's backend registry (the path GPU devices take), on its CPU device, and equal
+    the kernel's own row-by-row dot products: the same numbers a one-row and a many-row product give."""
+    from edge.ggml import Weight, ggml
+
+    gg = ggml(2)
+    assert gg.device == "CPU"
+    t = tensor_of("Q8_0", rows=64, cols=256)
+    w = Weight(t.raw, t.type_id, t.rows, t.cols)
+    x = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
+    (many,) = gg.matmul(x, [w], keep=False)
+    rows = np.concatenate([gg.matmul(x[i:i + 1], [w], keep=False)[0] for i in range(5)])
+    np.testing.assert_array_equal(many, rows)
