@@ -306,6 +306,32 @@ class Graph:
         return self.nbytes
 
 
+DEVICE_KINDS = {0: "CPU", 1: "GPU", 2: "integrated GPU", 3: "accelerator"}  # enum ggml_backend_dev_type
+
+
+def devices() -> list[tuple[str, str, str, int]]:
+    """The compute devices ggml's backend registry holds in this build of llama-cpp-python: (name,
+    description, kind, memory in bytes). The CPU's always; a GPU's where llama-cpp-python was built with its
+    backend (CUDA, Vulkan, Metal)."""
+    reg, base = _load("ggml"), _load("ggml-base")
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    for lib, name, res, args in ((reg, "ggml_backend_dev_count", sz, []), (reg, "ggml_backend_dev_get", vp, [sz]),
+                                 (base, "ggml_backend_dev_name", ctypes.c_char_p, [vp]),
+                                 (base, "ggml_backend_dev_description", ctypes.c_char_p, [vp]),
+                                 (base, "ggml_backend_dev_type", ctypes.c_int, [vp]),
+                                 (base, "ggml_backend_dev_memory", None, [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)])):
+        getattr(lib, name).restype, getattr(lib, name).argtypes = res, args
+    out = []
+    for i in range(reg.ggml_backend_dev_count()):
+        dev = reg.ggml_backend_dev_get(i)
+        free, total = sz(), sz()
+        base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        kind = base.ggml_backend_dev_type(dev)
+        out.append((base.ggml_backend_dev_name(dev).decode(), base.ggml_backend_dev_description(dev).decode(),
+                    DEVICE_KINDS.get(kind, f"kind {kind}"), total.value))
+    return out
+
+
 _INSTANCES: dict[int, Ggml] = {}
 
 

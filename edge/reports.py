@@ -49,6 +49,10 @@ def print_info(args, src, plan=None, note: str | None = None) -> int:
     print("quant formats: " + ", ".join(f"{k} {format_size(v)}" for k, v in formats.most_common()))
     print("compute: ggml, llama.cpp's kernels on the weights as stored (`--backend ort`: onnxruntime, ~10% faster "
           "here at 2-3x the RAM)")
+    from edge.ggml import devices
+
+    print("compute devices (ggml's backend registry): " + "; ".join(
+        f"{name} ({kind}: {desc}, {format_size(memory)})" for name, desc, kind, memory in devices()))
     if is_store:
         print(f"reads from flash: {src.read_mode()}")
     if is_store and cfg.n_experts:
