@@ -84,16 +84,16 @@ class DenseHead:
         return {}
 
 
-HEAD_IO = 8 << 20  # the store's I/O buffer when the head streams: blocks of ~2MB of rows (Store.read_views)
+HEAD_IO = 8 << 20  # the store's I/O buffer when the head streams: blocks of 2-4MB of rows (Store.read_views)
 
 
-def budget_ends_bytes(store, stream_head: bool = False) -> int:
+def budget_ends_bytes(store) -> int:
     """What the embedding and head keep resident under a budget (`budget_ends`): on a calibrated store the
     low-rank copy, its basis and bounds, and the row caches (ApproxHead, RowCache); uncalibrated, the head as
-    stored (unless it streams) and the embedding's row cache."""
+    stored (`head_bytes`, which a plan that streams it takes back) and the embedding's row cache."""
     cfg, info = store.config, store.sparse
     if info is None:
-        return (0 if stream_head else head_bytes(store)) + _row_cache_bytes(store, "token_embd.weight")
+        return head_bytes(store) + _row_cache_bytes(store, "token_embd.weight")
     total = 0
     vocab, r = store.tensor_info(info["head"]["tensor"])["shape"][0], info["head_rank"]
     total += vocab * quants.FORMATS[quants.Q4_0].row_bytes(r) + 4 * cfg.dim * r  # low-rank head, basis
