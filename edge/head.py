@@ -227,17 +227,12 @@ class StreamedHead:
         return {}
 
     def blocks(self, x: np.ndarray):
-        """(first row, x @ E[rows].T) for every block of head rows, each row read from flash once."""
+        """(first row, x @ E[rows].T) for every block of head rows (half the store's I/O buffer), each row read
+        from flash once."""
         arr = self.store.array("t/" + self.name)
-        per = arr.chunk_shape[0]
-        batch = max(1, (len(self.store.engine.buffer) // 2) // (arr.chunk_bytes + 8192))
-        for first in range(0, arr.n_chunks, batch):
-            ids = list(range(first, min(arr.n_chunks, first + batch)))
-            views = self.store.read_views(arr, ids)
-            rows = np.concatenate([np.frombuffer(v, np.uint8) for v in views]).reshape(-1, arr.shape[1])
-            r0 = first * per
-            n = min(len(rows), self.vocab - r0)
-            (z,) = self.ggml.matmul(x, [Weight(rows, self.type_id, n, self.cols)], keep=False)
+        chunks = max(1, (len(self.store.engine.buffer) // 2) // (arr.chunk_bytes + 8192))
+        for r0, rows in self.store.row_blocks(self.name, chunks * arr.chunk_shape[0]):
+            (z,) = self.ggml.matmul(x, [Weight(rows, self.type_id, len(rows), self.cols)], keep=False)
             yield r0, z
 
     def nll(self, x: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -306,14 +306,27 @@ class Store:
         only the rows left)."""
         arr = self.array(path)
         size, n = arr.chunk_bytes, arr.shape[0] * arr.shape[1]
-        chunks = chunks if chunks is not None else range(arr.n_chunks)
+        whole, chunks = chunks is None, chunks if chunks is not None else range(arr.n_chunks)
         need = min(n, chunks.stop * size) - chunks.start * size
-        if out.nbytes != need if len(chunks) == arr.n_chunks else out.nbytes < need:
+        if out.nbytes != need if whole else out.nbytes < need:
             raise ValueError(f"{path}: {need} bytes do not fit a buffer of {out.nbytes}")
         for c, view in self._batched(arr, list(chunks), True, self.engine):
             at, k = (c - chunks.start) * size, min(size, n - c * size)
             out[at:at + k] = np.frombuffer(view, np.uint8, k)
         return out
+
+    def row_blocks(self, name: str, rows: int):
+        """(first row, its block's rows (n, row bytes) uint8) for each block of `rows` rows (whole inner chunks,
+        at least one) of a stored tensor, in order, read into one buffer: a block is valid until the next."""
+        arr = self.array("t/" + name)
+        per = arr.chunk_shape[0]
+        run = max(1, rows // per)
+        buf = np.empty(run * arr.chunk_bytes, np.uint8)
+        for c in range(0, arr.n_chunks, run):
+            chunks = range(c, min(c + run, arr.n_chunks))
+            self.read_into("t/" + name, buf, chunks)
+            n = min(len(chunks) * per, arr.shape[0] - c * per)
+            yield c * per, buf[:n * arr.shape[1]].reshape(n, arr.shape[1])
 
     def has(self, name: str) -> bool:
         if expert_part(name) is not None:

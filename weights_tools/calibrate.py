@@ -330,7 +330,10 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
     before: list = []  # the layer before's (x, importance, this layer's predictor), for its next-layer predictor
 
     def importance(i, h):  # (T, clusters): log of what each cluster adds to the FFN output, at most
-        c = (np.abs(h) * down_norms[i]).reshape(len(h), -1, clusters[i]).sum(-1)
+        if i not in down_norm:  # the layer the pass has just read: its FFN is the store's reassembled one
+            down_norm.clear()
+            down_norm[i] = _down_norm(store, i)
+        c = (np.abs(h) * down_norm[i]).reshape(len(h), -1, clusters[i]).sum(-1)
         return np.log(c + 1e-6).astype(np.float32)
 
     def finish(i: int, x, imp, this, nxt_imp) -> None:
@@ -363,7 +366,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
         if progress:
             progress(i + 1, steps)
 
-    down_norms = _down_norms(store)
+    down_norm: dict[int, np.ndarray] = {}  # the layer in the pass
     try:
         shutil.rmtree(partial, ignore_errors=True)  # an interrupted calibration's
         group = zarr.create_group(LocalStore(partial))
@@ -386,8 +389,7 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
         exact = StreamedHead(store, gg, name)
         ranks, tried = [head_rank] if head_rank else head_ranks(cfg.dim), {}
         for r in ranks:
-            v, low = _low_rank_head(store, name, vecs, r)
-            miss = _head_miss(store, name, v)
+            v, low, miss = _low_rank_head(store, name, vecs, r)
             copy = Weight(low, quants.Q4_0, len(low), r)
             tried[r] = {k: runtime_head_agreement(y, v, copy, miss, exact, gg) for k, y in checks.items()}
             if min(g for g, _, _ in tried[r].values()) >= HEAD_TARGET:
@@ -416,19 +418,15 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
     return summary
 
 
-def _down_norms(store, rows: int = 256) -> list[np.ndarray]:
-    """Per layer, the norm of each column of the FFN's down projection (what one neuron adds at most per unit
-    of its activation), dequantized `rows` rows at a time."""
-    out = []
-    for i in range(store.config.n_layers):
-        dt = store.tensor(f"blk.{i}.ffn_down.weight")
-        sq = np.zeros(dt.cols, np.float64)
-        for r in range(0, dt.rows, rows):
-            d = quants.dequantize(dt.raw[r:r + rows], dt.type_id, dt.cols)
-            sq += (d * d).sum(0)
-        out.append(np.sqrt(sq).astype(np.float32))
-        del dt
-    return out
+def _down_norm(store, i: int, rows: int = 256) -> np.ndarray:
+    """The norm of each column of layer i's FFN down projection (what one neuron adds at most per unit of its
+    activation), dequantized `rows` rows at a time."""
+    dt = store.tensor(f"blk.{i}.ffn_down.weight")
+    sq = np.zeros(dt.cols, np.float64)
+    for r in range(0, dt.rows, rows):
+        d = quants.dequantize(dt.raw[r:r + rows], dt.type_id, dt.cols)
+        sq += (d * d).sum(0)
+    return np.sqrt(sq).astype(np.float32)
 
 
 def _choice(pred: np.ndarray, true: np.ndarray, held: int, s: float) -> tuple:
@@ -521,39 +519,30 @@ def head_ranks(dim: int) -> list[int]:
 def _head_rows(store, name: str, rows: int = 1024):
     """(first row, rows of the head dequantized to float32), read from the store `rows` rows at a time (the
     whole head in float32 is 933MB for Qwen2.5-1.5B's 151936 x 1536)."""
-    arr, t = store.array("t/" + name), store.tensor_info(name)
-    per = arr.chunk_shape[0]
-    run = max(1, rows // per)
-    buf = np.empty(run * arr.chunk_bytes, np.uint8)
-    for c in range(0, arr.n_chunks, run):
-        chunks = range(c, min(c + run, arr.n_chunks))
-        store.read_into("t/" + name, buf, chunks)
-        n = min(len(chunks) * per, t["shape"][0] - c * per)
-        yield c * per, quants.dequantize(buf[:n * arr.shape[1]].reshape(n, -1), t["type"], t["shape"][1])
+    t = store.tensor_info(name)
+    for first, block in store.row_blocks(name, rows):
+        yield first, quants.dequantize(block, t["type"], t["shape"][1])
 
 
 def _low_rank_head(store, name: str, vecs, r: int):
     """The rank-r copy: basis V (dim, r), the first r eigenvectors turned by a fixed random rotation (the
     product is the same, and every Q4_0 block of the copy holds coordinates of like size: the head's own
     directions are far larger than the states' and took the blocks' scales, 94% of calibration tokens' top-1
-    among the candidates instead of 100%, SmolLM2), and E @ V in Q4_0 blocks."""
+    among the candidates instead of 100%, SmolLM2), E @ V in Q4_0 blocks, and in the same pass over the head
+    |E_i (I - V V^T)| per row (V orthonormal): what the basis leaves of each row, the runtime's second-stage
+    bound (edge.head.ApproxHead)."""
     import gguf
 
     turn = np.linalg.qr(np.random.default_rng(0).standard_normal((r, r)))[0]
     v = np.ascontiguousarray(vecs[:, ::-1][:, :r] @ turn).astype(np.float32)  # (dim, r)
-    low = np.empty((store.tensor_info(name)["shape"][0], quants.FORMATS[quants.Q4_0].row_bytes(r)), np.uint8)
+    vocab = store.tensor_info(name)["shape"][0]
+    low = np.empty((vocab, quants.FORMATS[quants.Q4_0].row_bytes(r)), np.uint8)
+    miss = np.empty(vocab, np.float32)
     for i, e in _head_rows(store, name):
-        low[i:i + len(e)] = gguf.quantize(e @ v, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(len(e), -1)
-    return v, low
-
-
-def _head_miss(store, name: str, v) -> np.ndarray:
-    """|E_i (I - V V^T)| per row (V orthonormal): what the basis leaves of each head row, the runtime's
-    second-stage bound (edge.head.ApproxHead)."""
-    out = np.empty(store.tensor_info(name)["shape"][0], np.float32)
-    for i, rows in _head_rows(store, name):
-        out[i:i + len(rows)] = np.sqrt(np.maximum(0, (rows * rows).sum(1) - ((rows @ v) ** 2).sum(1)))
-    return out
+        p = e @ v
+        low[i:i + len(e)] = gguf.quantize(p, gguf.GGMLQuantizationType.Q4_0).view(np.uint8).reshape(len(e), -1)
+        miss[i:i + len(e)] = np.sqrt(np.maximum(0, (e * e).sum(1) - (p ** 2).sum(1)))
+    return v, low, miss
 
 
 def _hot_rows(y, v, low, gg) -> np.ndarray:
