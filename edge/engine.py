@@ -20,9 +20,12 @@ from edge import flash, strategies
 from edge.errors import EdgeError
 from edge.flash import IOEngine
 from edge.gguf_file import GGUFFile
+from edge.kernels import make_backend
 from edge.memory import Meter, PressureWatch, release_free_memory
 from edge.model import KVCache, Transformer
 from edge.models import resolve_model
+from edge.offload import resident_placement
+from edge.parts import ACTIVATIONS, resident_parts
 from edge.profile import load as load_profile
 from edge.sampling import Sampler, SamplerConfig
 from edge.store import Store
@@ -128,6 +131,9 @@ def plan_budget(src, ram: int, n_ctx: int | None, options: Options, meter: Meter
     tokenizer = open_tokenizer(src)
     release_free_memory()
     strategy = strategies.resolve(src, options.strategy)
+    if options.gpu and strategy.name != "sparse":
+        raise EdgeError(f"--gpu under --ram runs --strategy sparse only (this store runs {strategy.name}); drop "
+                        "--gpu, or --ram to run it resident")
     baseline = meter.baseline()
     note = None
     if n_ctx is None:
@@ -180,9 +186,17 @@ class Engine:
                                  f"using {trained}")
 
         self.pressure = PressureWatch()
+        self.gpu = None  # --gpu's placement (edge.offload.GpuPlan); under a budget, the plan's
         if ram is None:
             self.strategy = None
-            self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads)
+            self.gpu = resident_placement(self.file, options)
+            parts = None
+            if self.gpu is not None:
+                if backend not in ("auto", "ggml"):
+                    raise EdgeError(f"--gpu computes with ggml's kernels; drop --backend {backend}")
+                backend = make_backend("ggml", threads)
+                parts = resident_parts(self.file, backend, ACTIVATIONS[self.config.activation], self.gpu)
+            self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads, parts=parts)
             self.tokenizer = open_tokenizer(self.file)  # after the model: its checks name a bad tensor first
         else:
             self.strategy, self.plan, self.tokenizer, note = plan_budget(self.file, ram, n_ctx and self.n_ctx,
@@ -194,6 +208,7 @@ class Engine:
             if size != len(io.buffer):  # BitStack: blocks over half the buffer; a streamed FFN: its largest chunk
                 io.close()
                 self.file.engine = IOEngine(threads=read_threads, buffer_bytes=size)
+            self.gpu = self.plan.gpu
             self.model = strategies.load(self.file, self.n_ctx, self.plan, threads)
             if self.strategy.empty_at_load:
                 self._fold_load_slack()

@@ -99,6 +99,13 @@ def add_strategy_args(p: argparse.ArgumentParser, title: str = "RAM budget: stra
     experts.add_argument("--predict", choices=("pregate", "trace"), default="pregate",
                          help="how the next layer's experts are guessed: pregate (its router on this layer's state; "
                               "default) or trace (routing tables from `edge convert --calibrate`)")
+    gpu = p.add_argument_group("GPU (a build with CUDA, Vulkan or Metal: `make gpu`; `edge info` lists devices)")
+    gpu.add_argument("--gpu", default="", metavar="NAME",
+                     help="compute the attention and the hottest FFN weights on this device: auto (the first "
+                          "GPU), CUDA0, Vulkan0, ...; the rest as --ram plans it")
+    gpu.add_argument("--gpu-mem", default=None, metavar="SIZE",
+                     help="the device memory to fill, like 512MB (default: 80%% of it; on unified memory, "
+                          "part of --ram)")
     experts.description = ("--prefetch N: experts predicted and read ahead per layer (default 0: load on demand, "
                            "measured faster on 2 cores; try the k a token uses with spare cores)")
 
@@ -107,14 +114,21 @@ def strategy_options(args):
     """The strategy flags as one edge.strategies.Options."""
     from edge.strategies import Options
 
+    from edge.sizes import parse_size
+
+    if args.gpu_mem and not args.gpu:
+        raise EdgeError("--gpu-mem needs --gpu: the device whose memory it is")
     return Options(strategy=args.strategy, sparsity=args.sparsity, window=args.window, prefetch=args.prefetch,
-                   evict=args.evict, predict=args.predict)
+                   evict=args.evict, predict=args.predict, gpu=args.gpu,
+                   gpu_mem=parse_size(args.gpu_mem, flag="--gpu-mem") if args.gpu_mem else 0)
 
 
 def strategy_flags(options) -> list[str]:
     """The flags that give `options` back (a child `edge run`)."""
     return ["--strategy", options.strategy, "--sparsity", str(options.sparsity), "--window", str(options.window),
-            "--prefetch", str(options.prefetch), "--evict", options.evict, "--predict", options.predict]
+            "--prefetch", str(options.prefetch), "--evict", options.evict, "--predict", options.predict] + (
+                ["--gpu", options.gpu] + (["--gpu-mem", str(options.gpu_mem)] if options.gpu_mem else [])
+                if options.gpu else [])
 
 
 def budget_options(args) -> dict:

@@ -232,7 +232,11 @@ class Ggml:
         return graph
 
     def _compute(self, graph: int) -> None:
-        status = self.ggml_backend_graph_compute(self._backend, graph)
+        self.compute_on(self._backend, graph)
+
+    def compute_on(self, backend: int, graph: int) -> None:
+        """Run a graph on a backend (the CPU's, or an Accelerator's)."""
+        status = self.ggml_backend_graph_compute(backend, graph)
         if status != 0:
             raise EdgeError(f"ggml graph computation failed (status {status})")
 
@@ -307,6 +311,161 @@ class Graph:
 
 
 DEVICE_KINDS = {0: "CPU", 1: "GPU", 2: "integrated GPU", 3: "accelerator"}  # enum ggml_backend_dev_type
+DEVICE_GPU, DEVICE_IGPU = 1, 2
+
+
+class DeviceWeight:
+    """A matrix uploaded to an `Accelerator`'s memory: `rows` x `cols` in GGML blocks of `type_id`."""
+
+    __slots__ = ("tensor", "type_id", "rows", "cols", "nbytes")
+
+    def __init__(self, tensor: int, type_id: int, rows: int, cols: int, nbytes: int):
+        self.tensor, self.type_id, self.rows, self.cols, self.nbytes = tensor, type_id, rows, cols, nbytes
+
+
+class Accelerator:
+    """A compute device of ggml's backend registry (CUDA, Vulkan, Metal; the CPU's too, which tests the path
+    without a GPU) holding weights in its own memory: `upload` copies matrices there once
+    (`ggml_backend_alloc_ctx_tensors`, `ggml_backend_tensor_set`); `products` multiplies them by activations
+    copied in and out per call, through graphs kept per set of products like the CPU's (`Graph`).
+
+    The device's memory in use is `used` bytes: the uploaded weights and the kept graphs' inputs and outputs
+    (not what its driver keeps for itself: a CUDA context takes ~300MB more)."""
+
+    def __init__(self, name: str, threads: int):
+        """name: a device as ggml's registry names it (`devices()`: CUDA0, Vulkan0, CPU)."""
+        gg = ggml(threads)  # the CPU runtime: the C functions, loaded once, and the CPU's thread pool
+        self.gg = gg
+        base = gg._base
+        vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        for fname, res, args in (
+                ("ggml_backend_alloc_ctx_tensors", vp, [vp, vp]), ("ggml_backend_buffer_get_size", sz, [vp]),
+                ("ggml_backend_buffer_free", None, [vp]), ("ggml_backend_tensor_set", None, [vp, vp, sz, sz]),
+                ("ggml_backend_tensor_get", None, [vp, vp, sz, sz]), ("ggml_nbytes", sz, [vp])):
+            f = getattr(base, fname)
+            f.restype, f.argtypes = res, args
+            setattr(self, fname, f)
+        found = [d for d in devices() if d[0] == name]
+        if not found:
+            raise EdgeError(f"--gpu {name}: no such device in this build of llama-cpp-python")
+        self.name, self.description, self.kind, self.memory = found[0]
+        dev = _device_by_name(self.name)
+        self.backend = gg.ggml_backend_dev_init(dev, None)
+        if not self.backend:
+            raise EdgeError(f"--gpu {self.name}: ggml could not start the device")
+        if self.kind == "CPU":
+            gg.ggml_backend_cpu_set_n_threads(self.backend, gg.threads)
+            gg.ggml_backend_cpu_set_threadpool(self.backend, gg._pool)
+        # unified memory: the device's memory is the system's (integrated GPUs, Apple, and the CPU itself)
+        self.unified = self.kind in ("integrated GPU", "CPU")
+        self.used = 0
+        self._buffers: list[tuple[int, np.ndarray, int]] = []  # uploads: (buffer, metadata, context)
+        self._graphs: dict[tuple, _DeviceGraph] = {}
+
+    def upload(self, weights: list[Weight]) -> list[DeviceWeight]:
+        """Copies of these matrices (whole rows: no views) in the device's memory, in one buffer."""
+        gg = self.gg
+        meta = np.zeros((len(weights) + 2) * gg.ggml_tensor_overhead(), np.uint8)
+        ctx = gg.ggml_init(_InitParams(meta.nbytes, meta.ctypes.data, True))
+        tensors = []
+        for w in weights:
+            if w.batches > 1 or w.full_cols != w.cols:
+                raise ValueError("only whole matrices go to a device")
+            tensors.append(gg.ggml_new_tensor_2d(ctx, w.type_id, w.cols, w.rows))
+        buf = self.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
+        if not buf:
+            gg.ggml_free(ctx)
+            raise EdgeError(f"--gpu {self.name}: out of device memory for {sum(w.rows * w.row_stride for w in weights)}"
+                            " bytes of weights; lower --gpu-mem")
+        self._buffers.append((buf, meta, ctx))
+        self.used += self.ggml_backend_buffer_get_size(buf)
+        out = []
+        for w, t in zip(weights, tensors):
+            n = self.ggml_nbytes(t)
+            self.ggml_backend_tensor_set(t, w.address, 0, n)
+            out.append(DeviceWeight(t, w.type_id, w.rows, w.cols, n))
+        return out
+
+    def products(self, pairs: list[tuple[np.ndarray, DeviceWeight]]) -> list[np.ndarray]:
+        """[x @ W.T for x, W in pairs], x (T, cols) float32, on the device (inputs shared by identity are sent
+        once). One position's graphs are kept; a prompt's are built and freed per call."""
+        slot: dict[int, int] = {}
+        xs: list[np.ndarray] = []
+        for x, _ in pairs:
+            if id(x) not in slot:
+                slot[id(x)] = len(xs)
+                xs.append(np.ascontiguousarray(x if x.ndim == 2 else x[None], dtype=np.float32))
+        shapes = tuple(x.shape for x in xs)
+        key = (shapes, tuple((slot[id(x)], w.tensor) for x, w in pairs))
+        g = self._graphs.get(key)
+        if g is None:
+            g = _DeviceGraph(self, shapes, [(slot[id(x)], w) for x, w in pairs])
+            if all(s[0] == 1 for s in shapes):
+                self._graphs[key] = g
+                self.used += g.nbytes
+        try:
+            return g.run(xs)
+        finally:
+            if key not in self._graphs:
+                g.close()
+
+    def close(self) -> None:
+        for g in self._graphs.values():
+            g.close()
+        self._graphs.clear()
+        for buf, _, ctx in self._buffers:
+            self.ggml_backend_buffer_free(buf)
+            self.gg.ggml_free(ctx)
+        self._buffers.clear()
+        self.used = 0
+
+
+class _DeviceGraph:
+    """Products on a device: input and output tensors in a device buffer of their own, the graph over them."""
+
+    def __init__(self, acc: Accelerator, shapes: tuple, pairs: list[tuple[int, DeviceWeight]]):
+        gg = acc.gg
+        self.acc = acc
+        size = 2 * len(pairs) + len(shapes) + 8
+        self.meta = np.zeros((len(shapes) + 2 * len(pairs) + 4) * gg.ggml_tensor_overhead()
+                             + gg.ggml_graph_overhead_custom(size, False), np.uint8)
+        self.ctx = gg.ggml_init(_InitParams(self.meta.nbytes, self.meta.ctypes.data, True))
+        self.inputs = [gg.ggml_new_tensor_2d(self.ctx, F32, s[1], s[0]) for s in shapes]
+        self.graph = gg.ggml_new_graph_custom(self.ctx, size, False)
+        self.outputs = []
+        for k, w in pairs:
+            if w.cols != shapes[k][1]:
+                raise ValueError(f"weight ({w.rows} x {w.cols}) does not fit input {shapes[k]}")
+            y = gg.ggml_mul_mat(self.ctx, w.tensor, self.inputs[k])
+            gg.ggml_build_forward_expand(self.graph, y)
+            self.outputs.append((y, (shapes[k][0], w.rows)))
+        self.buffer = acc.ggml_backend_alloc_ctx_tensors(self.ctx, acc.backend)
+        if not self.buffer:
+            gg.ggml_free(self.ctx)
+            raise EdgeError(f"--gpu {acc.name}: out of device memory for a product's activations")
+        self.nbytes = acc.ggml_backend_buffer_get_size(self.buffer)
+
+    def run(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        acc = self.acc
+        for t, x in zip(self.inputs, xs):
+            acc.ggml_backend_tensor_set(t, x.ctypes.data, 0, x.nbytes)
+        acc.gg.compute_on(acc.backend, self.graph)
+        outs = []
+        for y, shape in self.outputs:
+            out = np.empty(shape, np.float32)
+            acc.ggml_backend_tensor_get(y, out.ctypes.data, 0, out.nbytes)
+            outs.append(out)
+        return outs
+
+    def close(self) -> None:
+        self.acc.ggml_backend_buffer_free(self.buffer)
+        self.acc.gg.ggml_free(self.ctx)
+
+
+def _device_by_name(name: str) -> int:
+    reg = _load("ggml")
+    reg.ggml_backend_dev_by_name.restype, reg.ggml_backend_dev_by_name.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
+    return reg.ggml_backend_dev_by_name(name.encode())
 
 
 def devices() -> list[tuple[str, str, str, int]]:

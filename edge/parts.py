@@ -306,9 +306,14 @@ class Parts:
         self.ffn.resize(plan)
 
 
-def resident_parts(src, backend, act) -> Parts:
-    """Every weight in RAM as stored (no budget): the dense or mixture FFN, the embedding and head tensors."""
+def resident_parts(src, backend, act, gpu=None) -> Parts:
+    """Every weight in RAM as stored (no budget): the dense or mixture FFN, the embedding and head tensors; with
+    `gpu` (an edge.offload.GpuPlan, a dense model) the attention and the first layers' FFNs on its device."""
     linears = StoredLinears(src, backend)
+    if gpu is not None:
+        from edge.offload import DeviceLinears, accelerator
+
+        linears = DeviceLinears(linears, accelerator(gpu.device), gpu)
     cfg = src.config
     ffn = MoEFFN(src, backend, act, ResidentExperts(src, backend, act)) if cfg.n_experts \
         else DenseFFN(linears, cfg.n_layers, act)

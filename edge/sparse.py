@@ -170,7 +170,10 @@ class SparseFFN:
     kind = "FFN clusters"
 
     def __init__(self, store, ggml, act, slots: int, sparsity: float = 0.0, window: int = 5, cache: bool = True,
-                 read_threads: int = 4, read_ahead: bool = False):
+                 read_threads: int = 4, read_ahead: bool = False, device: tuple | None = None):
+        """device: (an edge.ggml.Accelerator, clusters per layer): each layer's first clusters are uploaded to it
+        at load and computed there at every token (`--gpu`, edge.offload); the cache and the reads deal with the
+        others only."""
         info = store.sparse
         cfg = store.config
         self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
@@ -200,7 +203,11 @@ class SparseFFN:
                 self.this.append(preds[0])
                 self.next.append(preds[1] if ahead else None)
         self.arrays = [store.array(f"ffn/blk.{i}") for i in range(cfg.n_layers)]
-        self.caches = [_LayerCache(min(slots, lay.n_clusters), lay) for lay in self.layouts] if cache else []
+        self.device = device[0] if device else None
+        self.gpu = [min(device[1] if device else 0, lay.n_clusters) for lay in self.layouts]
+        self.on_device = [self._upload(i) for i in range(cfg.n_layers)] if device else []
+        self.caches = [_LayerCache(min(slots, lay.n_clusters - g), lay) for lay, g in zip(self.layouts, self.gpu)] \
+            if cache else []
         self.counters = SparseStats()
         self.step = 0
         # prefetch: while layer i computes from one read buffer, layer i+1's reads land in the other, issued
@@ -222,7 +229,19 @@ class SparseFFN:
         return not self.predicting and bool(self.caches)
 
     def _buffer_bytes(self, slots: int) -> int:
-        return stream_buffer_bytes(self.layouts, slots if self.keeps_full else 0)
+        return stream_buffer_bytes(self.layouts, (slots if self.keeps_full else 0) + max(self.gpu))
+
+    def _upload(self, i: int) -> tuple:
+        """Layer i's first `gpu[i]` clusters on the device, as one gate, up and down matrix (read a few records
+        at a time into a cache of their own, which goes once uploaded)."""
+        lay, arr = self.layouts[i], self.arrays[i]
+        staging = _LayerCache(self.gpu[i], lay)
+        for k in range(0, self.gpu[i], 8):
+            ids = list(range(k, min(k + 8, self.gpu[i])))
+            for cid, rec in zip(ids, self.store.read_chunks(arr, ids)):
+                staging.insert(cid, np.frombuffer(rec, np.uint8), 0)
+        gate_up, down = staging.weights()
+        return tuple(self.device.upload(gate_up + [down]))
 
     def _fill(self) -> None:
         """Fill every layer's free slots with its first clusters not cached (at sparsity 0 the set the first
@@ -230,7 +249,7 @@ class SparseFFN:
         if not self.keeps_full:
             return
         for i, (cache, arr) in enumerate(zip(self.caches, self.arrays)):
-            ids = [int(c) for c in np.flatnonzero(cache.slot_of < 0)][:cache.slots - cache.used]
+            ids = [int(c) for c in np.flatnonzero(cache.slot_of < 0) if c >= self.gpu[i]][:cache.slots - cache.used]
             for k in range(0, len(ids), 8):
                 for cid, rec in zip(ids[k:k + 8], self.store.read_chunks(arr, ids[k:k + 8])):
                     cache.insert(cid, np.frombuffer(rec, np.uint8), self.step)
@@ -276,8 +295,8 @@ class SparseFFN:
         for _, _, fut in self._pending.values():
             fut.result()
         self._pending.clear()
-        for c, lay in zip(self.caches, self.layouts):
-            c.resize(min(slots, lay.n_clusters))
+        for c, lay, g in zip(self.caches, self.layouts, self.gpu):
+            c.resize(min(slots, lay.n_clusters - g))
         for io in self._ios:
             io.resize_buffer(self._buffer_bytes(slots))
         release_free_memory()
@@ -289,19 +308,20 @@ class SparseFFN:
         return predict(self.this[i], x).max(axis=0)
 
     def __call__(self, i: int, x: np.ndarray, resid: np.ndarray | None = None) -> np.ndarray:
-        lay = self.layouts[i]
+        lay, g = self.layouts[i], self.gpu[i]
         cache = self.caches[i] if self.caches else None
         if i == 0:
             self.step += 1
         st = self.counters
-        if not self.predicting and cache is not None and cache.used == lay.n_clusters and i not in self._pending:
+        if not self.predicting and cache is not None and cache.used == lay.n_clusters - g and i not in self._pending:
             cache.last_use[:cache.used] = self.step  # every cluster needed, every one cached: nothing to read
-            st.needed += lay.n_clusters
-            st.hits += lay.n_clusters
+            st.needed += cache.used
+            st.hits += cache.used
             self._start_prefetch(i, x)
-            return self._compute(x, lay, cache, [])
+            return self._compute(i, x, cache, [])
         score = self.predict(i, x) if self.predicting else None
         needed = np.flatnonzero(score >= self.tau[i]) if self.predicting else np.arange(lay.n_clusters)
+        needed = needed[needed >= g]  # the device's are computed there, needed or not
         st.needed += len(needed)
         if cache is None:
             missing, stream = needed[:0], needed
@@ -326,7 +346,7 @@ class SparseFFN:
                 missing = missing[np.argsort(-score[missing], kind="stable")]
             elif score is not None and len(missing) < free:  # room to spare: fill it, best scored first
                 extra = np.flatnonzero(cache.slot_of < 0)
-                extra = extra[~np.isin(extra, missing)]
+                extra = extra[~np.isin(extra, missing) & (extra >= g)]
                 extra = extra[np.argsort(-score[extra], kind="stable")][:free - len(missing)]
                 missing = np.concatenate([missing, extra])
             missing, stream = missing[:free], missing[free:]
@@ -345,7 +365,7 @@ class SparseFFN:
             st.read_bytes += len(ids) * arr.chunk_bytes
             for cid in missing:
                 cache.insert(int(cid), np.frombuffer(views[int(cid)], np.uint8), self.step)
-        return self._compute(x, lay, cache if cache is not None and cache.used else None,
+        return self._compute(i, x, cache if cache is not None and cache.used else None,
                              [views[int(c)] for c in sorted(int(c) for c in stream)])
 
     def _read_now(self, arr, ids: list[int], prefetched) -> list:
@@ -367,6 +387,7 @@ class SparseFFN:
             ids = np.flatnonzero(predict(self.next[i], x).max(axis=0) >= self.next_tau[i])
         else:
             ids = np.arange(self.layouts[j].n_clusters)
+        ids = ids[ids >= self.gpu[j]]
         if cache is not None:
             ids = ids[cache.slot_of[ids] < 0]
         ids = [int(c) for c in ids]
@@ -394,11 +415,20 @@ class SparseFFN:
         st.read_bytes += (len(ids) - used) * self.arrays[i].chunk_bytes
         return dict(zip(ids, views)), io
 
-    def _compute(self, x: np.ndarray, lay: Layout, cache: _LayerCache | None, streamed: list) -> np.ndarray:
-        """The FFN over the cache's used prefix and over the streamed records where they were read.
+    def _compute(self, i: int, x: np.ndarray, cache: _LayerCache | None, streamed: list) -> np.ndarray:
+        """Layer i's FFN over the device's clusters, the cache's used prefix and the streamed records where they
+        were read.
 
         Streamed records that sit at one stride in the read buffer (a coalesced read) are one batched product
         per matrix. One ggml graph computes every gate and up product, a second every down product."""
+        lay = self.layouts[i]
+        y = np.zeros((len(x), self.cfg.dim), np.float32)
+        if self.on_device:
+            gate, up, down = self.on_device[i]
+            products = self.device.products
+            gate_out, up_out = products([(x, gate), (x, up)])
+            y += products([(self.act(gate_out) * up_out, down)])[0]
+            self.counters.neurons += gate.rows
         first, second_w = [], []
         if cache is not None:
             gate_up, down = cache.weights()
@@ -418,13 +448,12 @@ class SparseFFN:
                 second_w.append(Weight(buf, lay.types[2], lay.dim, lay.c, lay.down_part, offset + lay.g + lay.u, k,
                                        stride))
         if not first:
-            return np.zeros((len(x), self.cfg.dim), np.float32)
+            return y
         out = self.ggml.products(first)
         hs = [self.act(out[k]) * out[k + 1] for k in range(0, len(out), 2)]
         self.counters.neurons += sum(h.size // len(x) for h in hs)
         # the down products of a batch give one (T, dim) output per record, summed here: computed in groups
         # whose outputs stay under REPEAT_BYTES, so a long prefill does not hold every record's output at once
-        y = np.zeros((len(x), self.cfg.dim), np.float32)
         group, size = [], 0
         for h, w in zip(hs, second_w):
             group.append((h, w))

@@ -50,6 +50,8 @@ class Options:
     attention: str = "auto"   # sparse, naive: "stream" (from flash each token), "resident", or "auto": streamed
                               # only where the budget cannot keep it (the engine fixes it at load)
     head: str = "auto"        # sparse, naive on an uncalibrated store: the head as stored, the same choices
+    gpu: str = ""             # --gpu: a device of ggml's registry (edge.offload), "auto", or "" (none)
+    gpu_mem: int = 0          # --gpu-mem: bytes of its memory to fill (0: edge.offload.DEFAULT_SHARE of it)
 
 
 class Strategy(Protocol):

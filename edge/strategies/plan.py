@@ -43,6 +43,7 @@ class Plan:
     context: int = 0        # the context in tokens (plan_context; 0: a strategy's own plan for kv's tokens)
     kv_tokens: int = 0      # the positions `kv` and the activations are planned for (fewer: the rest grows)
     whole_minimum: int = 0  # the minimum with the whole context's KV cache, when planned for fewer positions
+    gpu: object = None      # --gpu's placement (edge.offload.GpuPlan), the sparse strategy's; None: no GPU
 
     @property
     def minimum(self) -> int:
@@ -56,7 +57,8 @@ class Plan:
         return self.detail.cache
 
     def as_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "detail"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("detail", "gpu")}
+        d["gpu"] = asdict(self.gpu) if self.gpu else None
         d.update(asdict(self.detail), minimum=self.minimum, cache=self.cache, **self.detail.figures())
         return d
 
@@ -77,7 +79,7 @@ class Plan:
         kv = f" for {self.kv_tokens} of {self.context} tokens" if 0 < self.kv_tokens < self.context else ""
         return [f"budget {f(self.budget)}: baseline {f(self.baseline)}, KV cache {f(self.kv)}{kv}, I/O buffer "
                 f"{f(self.io)}, {resident} {f(self.resident)}, {scratch} {f(shown)}, margin {f(self.margin)}",
-                self.detail.line(self)]
+                self.detail.line(self)] + ([self.gpu.line()] if self.gpu else [])
 
 
 KV_STEP = 256  # the KV cache is planned for the positions in use, rounded up to this

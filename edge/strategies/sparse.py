@@ -14,7 +14,9 @@ from typing import ClassVar
 from edge import quants
 from edge.flash import ALIGN
 from edge.head import HEAD_IO, budget_ends, budget_ends_bytes, head_bytes
+from edge.errors import EdgeError
 from edge.model import KVCache
+from edge.offload import DeviceLinears, accelerator, plan_sparse
 from edge.parts import Parts, StoredLinears, StreamedLinears, attention_layout
 from edge.sizes import format_size
 from edge.sparse import Layout, SparseFFN, check_calibrated, stream_scratch_bytes
@@ -39,6 +41,7 @@ class SparseDetail:
     calibrated: bool      # a low-rank head (else the head as stored: resident, or streamed, `head`)
     attention: int = 0    # the attention's projections, as stored: 0 resident, else streamed (their bytes)
     head: int = 0         # an uncalibrated store's head: 0 resident, else streamed (its bytes)
+    gpu_clusters: int = 0  # clusters per layer on the GPU (--gpu: never cached in RAM, never read per token)
 
     part: ClassVar[str] = "neuron cache"
 
@@ -57,8 +60,10 @@ class SparseDetail:
         return "resident weights", "stream buffers", plan.scratch
 
     def summary(self) -> str:
-        return (f"{self.slots}/{self.n_clusters} FFN clusters per layer cached,\n"
-                f"{100 * (1 - self.cached_fraction):.0f}% stream from flash")
+        gpu = f", {self.gpu_clusters} on the GPU" if self.gpu_clusters else ""
+        streamed = max(0.0, 1 - (self.slots + self.gpu_clusters) / self.n_clusters)
+        return (f"{self.slots}/{self.n_clusters} FFN clusters per layer cached{gpu},\n"
+                f"{100 * streamed:.0f}% stream from flash")
 
     def shrunk_from(self, before: "SparseDetail") -> str:
         return (f"neuron cache {before.slots} -> {self.slots} clusters per layer "
@@ -66,9 +71,11 @@ class SparseDetail:
 
     def line(self, plan: Plan) -> str:
         f = format_size
-        rest = "nothing streams" if self.slots >= self.n_clusters else "the rest streams from flash"
+        whole = self.slots + self.gpu_clusters >= self.n_clusters
+        rest = "nothing streams" if whole else "the rest streams from flash"
+        gpu = f", {self.gpu_clusters} more on the GPU" if self.gpu_clusters else ""
         return (f"neuron cache {f(self.cache)}: {self.slots}/{self.n_clusters} clusters per layer "
-                f"({100 * self.cached_fraction:.0f}% of the FFN's {f(self.ffn_bytes)}); {rest} "
+                f"({100 * self.cached_fraction:.0f}% of the FFN's {f(self.ffn_bytes)}){gpu}; {rest} "
                 f"({plan.strategy}, sparsity {self.sparsity:g}, window {self.window}"
                 f"{', next layer read ahead by prediction' if self.read_ahead else ''})"
                 + ("" if self.calibrated else
@@ -120,19 +127,35 @@ class Sparse:
         layouts = [Layout(lay) for lay in store.ffn_layouts]
         n_clusters = max(lay.n_clusters for lay in layouts)
         predicting = self.caches and options.sparsity > 0
-        min_scratch = stream_scratch_bytes(layouts, 0)
         slot_bytes = sum(lay.bytes for lay in layouts)
+        gpu = None
+        if options.gpu:
+            if not self.caches:
+                raise EdgeError(f"--gpu: --strategy {self.name} is the paper's baseline, run on the CPU; use sparse")
+            gpu = plan_sparse(options, attention_layout(store)[2], slot_bytes, n_clusters)
+            if gpu.unified:  # the device's memory is RAM: it takes over what this budget keeps, no more
+                alone = self.plan(store, budget, baseline, n_ctx, replace(options, gpu=""))
+                gpu = replace(gpu, attention=0 if alone.detail.attention else gpu.attention,
+                              clusters=min(gpu.clusters, alone.detail.slots))
+        g = gpu.clusters if gpu else 0  # clusters on the GPU: never read per token, so never in a read buffer
+        min_scratch = stream_scratch_bytes(layouts, g)
 
         detail = SparseDetail(min_scratch=min_scratch, slot_bytes=slot_bytes, slots=0, n_clusters=n_clusters,
                               n_layers=cfg.n_layers, ffn_bytes=sum(lay.bytes * lay.n_clusters for lay in layouts),
                               sparsity=options.sparsity if self.caches else 0.0, window=options.window,
-                              read_ahead=options.prefetch > 0 and predicting, calibrated=store.sparse is not None)
+                              read_ahead=options.prefetch > 0 and predicting, calibrated=store.sparse is not None,
+                              gpu_clusters=g)
+        resident = resident_bytes(store, predicting, options.prefetch > 0)
+        if gpu:  # the attention leaves RAM for the device; on unified memory what the device holds is RAM
+            resident += gpu.ram - gpu.attention
         least = Plan(strategy=self.name, budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
-                     io=store_io_bytes(store), resident=resident_bytes(store, predicting, options.prefetch > 0),
+                     io=store_io_bytes(store), resident=resident,
                      margin=MARGIN + activation_bytes(cfg, n_ctx), scratch=min_scratch, held=0, least=min_scratch,
-                     detail=detail)
+                     detail=detail, gpu=gpu)
         extra = 0  # the attention's buffer when it streams
-        if options.attention == "stream" or (options.attention == "auto" and budget < least.minimum):
+        on_gpu = gpu is not None and gpu.attention > 0
+        if not on_gpu and (options.attention == "stream" or (options.attention == "auto" and
+                                                             budget < least.minimum)):
             _, extra, attention = attention_layout(store)  # below what keeping the attention takes: it streams
             detail = replace(detail, attention=attention)
             least = replace(least, resident=least.resident - attention, scratch=min_scratch + extra,
@@ -151,19 +174,23 @@ class Sparse:
         if not self.caches:
             return least
         if predicting:  # any cluster may be read: buffers for all, the rest caches
-            return plan(int(min(n_clusters, (budget - least.minimum) // slot_bytes)), min_scratch)
+            return plan(int(min(n_clusters - g, (budget - least.minimum) // slot_bytes)), min_scratch)
         room = budget - (least.minimum - min_scratch)
-        slots = next(s for s in range(n_clusters, -1, -1)  # the most that fit with the buffers they leave
-                     if stream_scratch_bytes(layouts, s) + s * slot_bytes <= room)
-        return plan(slots, stream_scratch_bytes(layouts, slots))
+        slots = next(s for s in range(n_clusters - g, -1, -1)  # the most that fit with the buffers they leave
+                     if stream_scratch_bytes(layouts, s + g) + s * slot_bytes <= room)
+        return plan(slots, stream_scratch_bytes(layouts, slots + g))
 
     def io_buffer(self, plan: Plan) -> int:
         return plan.io
 
     def build(self, store, backend, act, plan: Plan) -> Parts:
-        d = plan.detail
+        d, gpu = plan.detail, plan.gpu
+        acc = accelerator(gpu.device) if gpu else None
         ffn = SparseFFN(store, backend.ggml, act, d.slots, d.sparsity, d.window, cache=self.caches,
-                        read_threads=store.engine.threads, read_ahead=d.read_ahead)
+                        read_threads=store.engine.threads, read_ahead=d.read_ahead,
+                        device=(acc, d.gpu_clusters) if d.gpu_clusters else None)
         embed, head = budget_ends(store, backend, stream_head=d.head > 0)
         linears = (StreamedLinears if d.attention else StoredLinears)(store, backend)
+        if gpu and gpu.attention:
+            linears = DeviceLinears(linears, acc, gpu)
         return Parts(linears, ffn, embed, head)

@@ -1,0 +1,191 @@
+"""`--gpu`: the hottest weights in a GPU's memory, computed there; the rest where the plan puts it.
+
+A device of ggml's backend registry (edge.ggml.Accelerator: CUDA, Vulkan, Metal, or the CPU's own, which runs
+the same path without a GPU) receives, in this order and up to `--gpu-mem`:
+
+1. the attention's projections (q, k, v, output) of every layer, all or none: every token needs each of them;
+2. then FFN weights: under `--ram` (the sparse strategy) the same number of FFN clusters in every layer, each
+   layer's first (at sparsity 0 every cluster is needed at every token, so any set is as hot as another; with
+   predictors, see `GpuPlan.line`); with no budget, whole layers' FFNs, first layers first.
+
+What is on the device is uploaded once at load and never crosses the bus again; per product only the activations
+do (in and out). Everything else stays as the plan has it: the neuron cache in RAM, the rest read from flash per
+token, the norms, the attention's scores and the KV cache, the embedding and the head on the CPU.
+
+On unified memory (an integrated GPU, Apple silicon, the CPU device) the device's memory is the system's: what
+is placed there counts inside `--ram` (the plan says so), and moving it saves no RAM; on a discrete GPU it leaves
+RAM, and the budget's minimum falls by the attention's bytes and the read buffers of clusters that no longer
+stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.errors import EdgeError
+from edge.sizes import format_size
+
+DEFAULT_SHARE = 0.8  # --gpu without --gpu-mem: this share of the device's memory (its driver needs some)
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    device: str       # as ggml's registry names it (CUDA0, Vulkan0, CPU)
+    description: str
+    unified: bool     # the device's memory is the system's RAM
+    budget: int       # --gpu-mem
+    attention: int    # the attention's projections placed there (bytes; 0: none)
+    clusters: int     # FFN clusters per layer placed there (the sparse strategy)
+    cluster_bytes: int  # one cluster in every layer
+    ffn_layers: int = 0  # whole layers' FFNs placed there (no budget)
+    ffn_bytes: int = 0
+
+    @property
+    def used(self) -> int:
+        return self.attention + self.clusters * self.cluster_bytes + self.ffn_bytes
+
+    @property
+    def ram(self) -> int:
+        """What the placement adds to RAM: all of it on unified memory, nothing on a discrete GPU."""
+        return self.used if self.unified else 0
+
+    def line(self) -> str:
+        f = format_size
+        placed = []
+        if self.attention:
+            placed.append(f"the attention's projections ({f(self.attention)})")
+        if self.clusters:
+            placed.append(f"{self.clusters} FFN clusters per layer ({f(self.clusters * self.cluster_bytes)}, each "
+                          "layer's first: computed there at every token, never read from flash)")
+        if self.ffn_layers:
+            placed.append(f"the FFN of layers 0-{self.ffn_layers - 1} ({f(self.ffn_bytes)})")
+        where = ("unified memory: this counts inside --ram" if self.unified else
+                 "discrete: outside --ram")
+        return (f"GPU {self.device} ({self.description}, {where}): {f(self.used)} of --gpu-mem {f(self.budget)}: "
+                + ("; ".join(placed) or "nothing fits") + "; norms, attention scores, KV cache, embedding and "
+                "head on the CPU")
+
+
+def find_device(name: str) -> tuple[str, str, str, int]:
+    """(name, description, kind, memory) of --gpu NAME in ggml's registry; auto: the first GPU, else the first
+    integrated GPU. An EdgeError naming what there is when none."""
+    from edge.ggml import devices
+
+    have = devices()
+    found = [d for d in have if name in ("auto", d[0])]
+    if name == "auto":
+        found = [d for d in found if d[2] == "GPU"] or [d for d in found if d[2] == "integrated GPU"]
+    if not found:
+        raise EdgeError(f"--gpu {name}: no such device in this build of llama-cpp-python (it has "
+                        f"{', '.join(d[0] for d in have)}); `make gpu` builds it with CUDA, Vulkan or Metal")
+    return found[0]
+
+
+def gpu_budget(options, memory: int) -> int:
+    return options.gpu_mem if options.gpu_mem else int(DEFAULT_SHARE * memory)
+
+
+def plan_sparse(options, attention: int, cluster_bytes: int, n_clusters: int) -> GpuPlan | None:
+    """The placement under a budget: the attention (all layers, if it fits), then as many clusters per layer as
+    the rest holds. None without --gpu."""
+    if not options.gpu:
+        return None
+    name, desc, kind, memory = find_device(options.gpu)
+    budget = gpu_budget(options, memory)
+    att = attention if attention <= budget else 0
+    clusters = int(min(n_clusters, (budget - att) // cluster_bytes))
+    return GpuPlan(name, desc, kind in ("integrated GPU", "CPU"), budget, att, clusters, cluster_bytes)
+
+
+def plan_resident(options, attention: int, ffn_layers: list[int]) -> GpuPlan | None:
+    """The placement with no budget: the attention, then whole FFN layers in order while they fit."""
+    if not options.gpu:
+        return None
+    name, desc, kind, memory = find_device(options.gpu)
+    budget = gpu_budget(options, memory)
+    att = attention if attention <= budget else 0
+    room, k = budget - att, 0
+    while k < len(ffn_layers) and ffn_layers[k] <= room:
+        room -= ffn_layers[k]
+        k += 1
+    return GpuPlan(name, desc, kind in ("integrated GPU", "CPU"), budget, att, 0, 0, k, sum(ffn_layers[:k]))
+
+
+def group_bytes(src, i: int, name: str) -> int:
+    """Layer i's linear group `name` (edge.parts.group_shapes) as stored, in bytes."""
+    from edge import quants
+    from edge.parts import group_shapes
+
+    total = 0
+    for n, _ in group_shapes(src.config, name):
+        full = f"blk.{i}.{n}.weight"
+        if hasattr(src, "tensor_info"):  # a store: from its metadata, without reading
+            info = src.tensor_info(full)
+            total += info["shape"][0] * quants.FORMATS[info["type"]].row_bytes(info["shape"][1])
+        else:  # a GGUF file: a view of its mapping
+            total += src.tensor(full).raw.nbytes
+    return total
+
+
+def resident_placement(src, options) -> GpuPlan | None:
+    """plan_resident for a model with no budget and no mixture (None without --gpu)."""
+    if not options.gpu:
+        return None
+    if src.config.n_experts:
+        raise EdgeError("--gpu: mixtures of experts compute on the CPU for now; drop --gpu")
+    layers = range(src.config.n_layers)
+    attention = sum(group_bytes(src, i, g) for i in layers for g in ("attn_in", "attn_out"))
+    return plan_resident(options, attention, [group_bytes(src, i, "ffn_in") + group_bytes(src, i, "ffn_h")
+                                              for i in layers])
+
+
+_ACCELERATORS: dict[str, object] = {}
+
+
+def accelerator(name: str):
+    """The process's edge.ggml.Accelerator for this device (one each)."""
+    from edge.ggml import Accelerator
+    from edge.kernels import default_threads
+
+    if name not in _ACCELERATORS:
+        _ACCELERATORS[name] = Accelerator(name, default_threads())
+    return _ACCELERATORS[name]
+
+
+class DeviceLinears:
+    """Linear groups (edge.parts) whose weights are on a device: the attention's where the plan placed it, the
+    FFN's of its first `ffn_layers` layers; the others from `inner` as before."""
+
+    def __init__(self, inner, acc, plan: GpuPlan):
+        from edge.parts import ATTENTION
+
+        self.inner, self.acc, self.plan = inner, acc, plan
+        self.on_device = {name: plan.attention > 0 for name in ATTENTION}
+
+    def group(self, i: int, name: str):
+        from edge.parts import group_shapes
+
+        if not self.on_device.get(name, i < self.plan.ffn_layers):
+            return self.inner.group(i, name)
+        src = self.inner.src
+        weights = [device_weight(src.tensor(f"blk.{i}.{n}.weight", shape)) for n, shape in
+                   group_shapes(src.config, name)]
+        uploaded = self.acc.upload(weights)
+        products = self.acc.products
+
+        def run(x: np.ndarray) -> tuple:
+            return tuple(products([(x, w) for w in uploaded]))
+
+        return run
+
+    def resize(self, plan) -> None:
+        self.inner.resize(plan)
+
+
+def device_weight(t):
+    """A stored tensor (edge.gguf_file.Tensor) as an edge.ggml.Weight over its bytes, to upload."""
+    from edge.ggml import Weight
+
+    return Weight(np.ascontiguousarray(t.raw), t.type_id, t.rows, t.cols)

@@ -1,0 +1,90 @@
+"""--gpu through ggml's backend registry (edge.ggml.Accelerator, edge.offload), on the device every build has:
+the CPU's. Weights uploaded into its buffers and products computed there take the path a CUDA, Vulkan or Metal
+device takes; GPU builds (`make gpu`) are checked by benchmarks/gpu.sh."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.engine import Engine
+from edge.errors import EdgeError
+from edge.sizes import parse_size
+from edge.strategies import Options
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who every morning"
+
+
+def test_device_products_equal_the_cpu_runtimes(smollm2):
+    """Real weights uploaded to the registry's CPU device give the CPU runtime's products bit for bit, for one
+    position (kept graphs) and many; what the device holds is counted."""
+    from edge.ggml import Accelerator, Weight, ggml
+    from edge.gguf_file import GGUFFile
+
+    src = GGUFFile(smollm2)
+    ws = [src.tensor(f"blk.0.{n}.weight") for n in ("attn_q", "ffn_down")]
+    weights = [Weight(np.ascontiguousarray(t.raw), t.type_id, t.rows, t.cols) for t in ws]
+    acc = Accelerator("CPU", 2)
+    on_device = acc.upload(weights)
+    assert acc.used >= sum(w.rows * w.row_stride for w in weights)
+    gg, rng = ggml(2), np.random.default_rng(0)
+    for t in (1, 1, 7):
+        for w, d in zip(weights, on_device):
+            x = rng.standard_normal((t, w.cols)).astype(np.float32)
+            np.testing.assert_array_equal(acc.products([(x, d)])[0], gg.matmul(x, [w], keep=False)[0])
+    assert len(acc._graphs) == 2  # one kept graph per one-position product, a prompt's freed
+    with pytest.raises(EdgeError, match="no such device"):
+        Accelerator("NoSuchGPU0", 2)
+
+
+def greedy(engine: Engine, n: int = 16) -> list[int]:
+    return [ev.token for ev in engine.generate(engine.tokenizer.encode(PROMPT), max_tokens=n,
+                                               stop_at_end=False)]
+
+
+def test_resident_weights_on_the_device_give_the_same_tokens(real_model):
+    """No budget: the attention and every FFN on the device (all of it), or the attention and a few layers' FFNs
+    (--gpu-mem): the same greedy tokens as the CPU path, on both real models."""
+    cpu = greedy(Engine(real_model, n_ctx=128, threads=2))
+    whole = Engine(real_model, n_ctx=128, threads=2, options=Options(gpu="CPU"))
+    assert whole.gpu.ffn_layers == whole.config.n_layers and whole.gpu.attention > 0
+    assert greedy(whole) == cpu
+    part = Engine(real_model, n_ctx=128, threads=2, options=Options(gpu="CPU", gpu_mem=whole.gpu.attention + 1))
+    assert part.gpu.ffn_layers == 0 and part.gpu.attention == whole.gpu.attention
+    assert greedy(part) == cpu
+
+
+def test_budgeted_sparse_ffn_with_clusters_on_the_device(smol_store):
+    """Under --ram the device takes the attention and each layer's first clusters (the plan says how many, and
+    that the CPU device's memory is RAM); the rest is cached or streamed as before. The FFN's sums then split
+    differently, as a smaller cache's do: the same top-1 token at every position, logits within a tolerance.
+    Shrunk to near its minimum, the clusters beyond the device's stream and generation goes on."""
+    ram = parse_size("4GB")  # the baseline here is pytest's
+    cpu = Engine(smol_store, n_ctx=256, threads=2, ram=ram)
+    toks = np.array(cpu.tokenizer.encode(PROMPT), np.int64)
+    want = cpu.model.forward(toks, 0, all_logits=True)
+    del cpu
+    gpu = Engine(smol_store, n_ctx=256, threads=2, ram=ram, options=Options(gpu="CPU", gpu_mem=parse_size("30MB")))
+    g, d = gpu.plan.gpu, gpu.plan.detail
+    assert g.unified and g.attention > 0 and 0 < g.clusters == d.gpu_clusters
+    assert d.slots + g.clusters == d.n_clusters and not d.attention
+    assert "unified memory" in gpu.plan.lines()[-1]
+    got = gpu.model.forward(toks, 0, all_logits=True)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    ffn = gpu.model.parts.ffn
+    plan = gpu.resize(gpu.plan.minimum + 8 * d.slot_bytes)
+    assert plan.gpu == g and plan.detail.slots + g.clusters < d.n_clusters  # some clusters stream now
+    assert all(c.slots == plan.detail.slots for c in ffn.caches)
+    ffn.reset()
+    assert len(greedy(gpu, 8)) == 8
+    st = ffn.stats(8)
+    assert st["read_bytes"] > 0 and st["neurons_per_token"] == gpu.config.hidden_dim * gpu.config.n_layers
+
+
+def test_gpu_flags_refuse_what_they_cannot_do(smol_store, tmp_path):
+    with pytest.raises(EdgeError, match="--gpu Vulkan7: no such device"):
+        Engine(smol_store, n_ctx=64, threads=2, ram=parse_size("200MB"), options=Options(gpu="Vulkan7"))
+    with pytest.raises(EdgeError, match="--strategy sparse only"):
+        Engine(smol_store, n_ctx=64, threads=2, ram=parse_size("200MB"),
+               options=Options(strategy="naive", gpu="CPU"))
