@@ -12,7 +12,16 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 endif
 
-.PHONY: chat test install clean
+# `make gpu`: llama-cpp-python rebuilt in place with a GPU backend of ggml (GPU=cuda, vulkan or metal; metal is
+# the default on macOS, cuda elsewhere), for `edge --gpu`. CUDA needs the toolkit (nvcc); Vulkan its headers
+# (1.3.261 or newer: Ubuntu 24.04, Debian 13; else GPU_CMAKE_ARGS=-DVulkan_INCLUDE_DIR=...) and glslc.
+# `make chat` and `make test` keep the build they find.
+GPU ?= $(if $(filter Darwin,$(shell uname -s)),metal,cuda)
+GPU_FLAGS_cuda := -DGGML_CUDA=on
+GPU_FLAGS_vulkan := -DGGML_VULKAN=on
+GPU_FLAGS_metal := -DGGML_METAL=on
+
+.PHONY: chat test install clean gpu
 
 chat: $(STAMP)
 	$(BIN)/edge chat
@@ -29,6 +38,13 @@ $(STAMP): pyproject.toml Makefile
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --no-cache-dir 'llama-cpp-python>=0.3.8'
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+gpu: $(STAMP)
+	@test -n "$(GPU_FLAGS_$(GPU))" || { echo "make gpu: GPU=$(GPU): choose cuda, vulkan or metal"; exit 2; }
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(GPU_FLAGS_$(GPU)) $(GPU_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet \
+		--no-cache-dir --force-reinstall --no-deps \
+		"llama-cpp-python==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
+	$(BIN)/edge info | grep "compute devices"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -205,6 +205,8 @@ def cmd_run(args) -> int:
         print(file=sys.stdout)
         if engine.plan:
             print("\n".join(engine.plan.lines() + s.shrinks), file=sys.stderr)
+        elif engine.gpu:
+            print(engine.gpu.line(), file=sys.stderr)
         print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tok_s:.1f} tok/s, {len(s.tokens)} generated at "
               f"{s.tok_s:.1f} tok/s; peak RSS {format_size(s.peak_rss_bytes)}, flash read "
               f"{format_size(s.flash_read_bytes)}; stopped: {s.stopped}]", file=sys.stderr)

@@ -1,4 +1,6 @@
-"""llama.cpp's own CPU kernels (ggml, shipped inside llama-cpp-python) for quantized matrix products.
+"""llama.cpp's own kernels (ggml, shipped inside llama-cpp-python) for quantized matrix products: the CPU's on
+buffers we own (`Ggml`), and any device of ggml's backend registry on weights uploaded to it (`Accelerator`,
+for `--gpu`: CUDA, Vulkan or Metal in a build that has them, edge.offload).
 
 The weights stay in the GGML block format the file or store holds (Q4_1, Q4_K, Q6_K, ...), in numpy buffers we
 own and may rewrite in place (the neuron cache); ggml multiplies them with activations it quantizes to Q8 the
@@ -90,6 +92,17 @@ class Weight:
         )
 
 
+def _distinct_inputs(pairs: list[tuple]) -> tuple[dict[int, int], list[np.ndarray]]:
+    """The inputs of (x, weight) pairs, each once (by identity), and each input's place among them."""
+    slot: dict[int, int] = {}
+    xs: list[np.ndarray] = []
+    for x, _ in pairs:
+        if id(x) not in slot:
+            slot[id(x)] = len(xs)
+            xs.append(x)
+    return slot, xs
+
+
 class Ggml:
     def __init__(self, threads: int):
         base, cpu, reg = _load("ggml-base"), _load("ggml-cpu"), _load("ggml")
@@ -173,12 +186,7 @@ class Ggml:
         (`Graph`): the inputs are copied in, the outputs copied out. A decode step makes ~120
         such calls; building each graph anew (~15 ctypes calls) cost ~40us of Python apiece (15 instead of 43us
         per call of a tiny product here). keep=False: weights that will not be seen again (rows just read)."""
-        slot: dict[int, int] = {}
-        xs: list[np.ndarray] = []
-        for x, _ in pairs:
-            if id(x) not in slot:
-                slot[id(x)] = len(xs)
-                xs.append(x)
+        slot, xs = _distinct_inputs(pairs)
         if keep and all(x.ndim == 1 or x.shape[-2] == 1 for x in xs):
             shapes = [x.shape if x.ndim >= 2 else (1,) + x.shape for x in xs]
             key = (tuple(shapes), tuple((slot[id(x)], w.address, w.type_id, w.rows, w.cols, w.row_stride, w.batches,
@@ -389,12 +397,8 @@ class Accelerator:
     def products(self, pairs: list[tuple[np.ndarray, DeviceWeight]]) -> list[np.ndarray]:
         """[x @ W.T for x, W in pairs], x (T, cols) float32, on the device (inputs shared by identity are sent
         once). One position's graphs are kept; a prompt's are built and freed per call."""
-        slot: dict[int, int] = {}
-        xs: list[np.ndarray] = []
-        for x, _ in pairs:
-            if id(x) not in slot:
-                slot[id(x)] = len(xs)
-                xs.append(np.ascontiguousarray(x if x.ndim == 2 else x[None], dtype=np.float32))
+        slot, xs = _distinct_inputs(pairs)
+        xs = [np.ascontiguousarray(x if x.ndim == 2 else x[None], dtype=np.float32) for x in xs]
         shapes = tuple(x.shape for x in xs)
         key = (shapes, tuple((slot[id(x)], w.tensor) for x, w in pairs))
         g = self._graphs.get(key)

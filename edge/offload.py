@@ -51,6 +51,14 @@ class GpuPlan:
         """What the placement adds to RAM: all of it on unified memory, nothing on a discrete GPU."""
         return self.used if self.unified else 0
 
+    def short(self) -> str:
+        """The chat's one line: the device, its memory in use, what it holds."""
+        f = format_size
+        held = [what for what, n in (("attention", self.attention), (f"{self.clusters} clusters/layer", self.clusters),
+                                     (f"FFN of {self.ffn_layers} layers", self.ffn_layers)) if n]
+        return (f"{self.device} {f(self.used)} of {f(self.budget)}" + (" (in RAM)" if self.unified else "")
+                + (f": {', '.join(held)}" if held else ""))
+
     def line(self) -> str:
         f = format_size
         placed = []

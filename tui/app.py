@@ -235,6 +235,8 @@ class ChatApp(App):
         """The budget's parts from the engine's plan, or, without a budget, what is resident."""
         e = self.engine
         p = e.plan
+        if e.gpu is not None:
+            self.stats["gpu"] = e.gpu.short()
         if p is not None:
             self.stats.update(budget=p.budget, minimum=p.minimum, parts=p.parts(), cache=p.summary())
         else:
@@ -356,6 +358,8 @@ class ChatApp(App):
             head.append_text(budget_text(s["parts"], s.get("budget"), s.get("free", psutil.virtual_memory().available)))
             if "cache" in s:
                 head.append(s["cache"] + "\n")
+            if "gpu" in s:
+                head.append(f"gpu     {s['gpu']}\n")
         self.query_one("#stats", StatsPanel).update(head)
         live = Text()
         now = s.get("tok_s_now", 0.0)
