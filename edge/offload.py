@@ -4,9 +4,10 @@ A device of ggml's backend registry (edge.ggml.Accelerator: CUDA, Vulkan, Metal,
 the same path without a GPU) receives, in this order and up to `--gpu-mem`:
 
 1. the attention's projections (q, k, v, output) of every layer, all or none: every token needs each of them;
-2. then FFN weights: under `--ram` (the sparse strategy) the same number of FFN clusters in every layer, each
-   layer's first (at sparsity 0 every cluster is needed at every token, so any set is as hot as another; with
-   predictors, see `GpuPlan.line`); with no budget, whole layers' FFNs, first layers first.
+2. then FFN weights: under `--ram` (the sparse strategy) the same number of FFN clusters in every layer: with
+   predictors (`--sparsity`) the clusters calibration found them to choose most often (`hot` in the store's
+   calibration; PowerInfer's hot neurons), at sparsity 0 each layer's first (every cluster is needed at every
+   token, so any set is as hot as another); with no budget, whole layers' FFNs, first layers first.
 
 What is on the device is uploaded once at load and never crosses the bus again; per product only the activations
 do (in and out). Everything else stays as the plan has it: the neuron cache in RAM, the rest read from flash per
@@ -65,8 +66,9 @@ class GpuPlan:
         if self.attention:
             placed.append(f"the attention's projections ({f(self.attention)})")
         if self.clusters:
-            placed.append(f"{self.clusters} FFN clusters per layer ({f(self.clusters * self.cluster_bytes)}, each "
-                          "layer's first: computed there at every token, never read from flash)")
+            placed.append(f"{self.clusters} FFN clusters per layer ({f(self.clusters * self.cluster_bytes)}, "
+                          "with --sparsity each layer's hottest by calibration: computed there at every token, "
+                          "never read from flash)")
         if self.ffn_layers:
             placed.append(f"the FFN of layers 0-{self.ffn_layers - 1} ({f(self.ffn_bytes)})")
         where = ("unified memory: this counts inside --ram" if self.unified else

@@ -205,6 +205,10 @@ class SparseFFN:
         self.arrays = [store.array(f"ffn/blk.{i}") for i in range(cfg.n_layers)]
         self.device = device[0] if device else None
         self.gpu = [min(device[1] if device else 0, lay.n_clusters) for lay in self.layouts]
+        # which: each layer's hottest by calibration (`hot`: with predictors it matters), else its first
+        hot = [layer.get("hot") for layer in info["layers"]] if self.predicting else [None] * cfg.n_layers
+        self.gpu_ids = [np.asarray(h[:g] if h else range(g), np.int64) for h, g in zip(hot, self.gpu)]
+        self.on_gpu = [np.isin(np.arange(lay.n_clusters), ids) for lay, ids in zip(self.layouts, self.gpu_ids)]
         self.on_device = [self._upload(i) for i in range(cfg.n_layers)] if device else []
         self.caches = [_LayerCache(min(slots, lay.n_clusters - g), lay) for lay, g in zip(self.layouts, self.gpu)] \
             if cache else []
@@ -232,12 +236,12 @@ class SparseFFN:
         return stream_buffer_bytes(self.layouts, (slots if self.keeps_full else 0) + max(self.gpu))
 
     def _upload(self, i: int) -> tuple:
-        """Layer i's first `gpu[i]` clusters on the device, as one gate, up and down matrix (read a few records
+        """Layer i's `gpu_ids[i]` clusters on the device, as one gate, up and down matrix (read a few records
         at a time into a cache of their own, which goes once uploaded)."""
         lay, arr = self.layouts[i], self.arrays[i]
         staging = _LayerCache(self.gpu[i], lay)
         for k in range(0, self.gpu[i], 8):
-            ids = list(range(k, min(k + 8, self.gpu[i])))
+            ids = [int(c) for c in self.gpu_ids[i][k:k + 8]]
             for cid, rec in zip(ids, self.store.read_chunks(arr, ids)):
                 staging.insert(cid, np.frombuffer(rec, np.uint8), 0)
         gate_up, down = staging.weights()
@@ -249,7 +253,7 @@ class SparseFFN:
         if not self.keeps_full:
             return
         for i, (cache, arr) in enumerate(zip(self.caches, self.arrays)):
-            ids = [int(c) for c in np.flatnonzero(cache.slot_of < 0) if c >= self.gpu[i]][:cache.slots - cache.used]
+            ids = [int(c) for c in np.flatnonzero((cache.slot_of < 0) & ~self.on_gpu[i])][:cache.slots - cache.used]
             for k in range(0, len(ids), 8):
                 for cid, rec in zip(ids[k:k + 8], self.store.read_chunks(arr, ids[k:k + 8])):
                     cache.insert(cid, np.frombuffer(rec, np.uint8), self.step)
@@ -321,7 +325,7 @@ class SparseFFN:
             return self._compute(i, x, cache, [])
         score = self.predict(i, x) if self.predicting else None
         needed = np.flatnonzero(score >= self.tau[i]) if self.predicting else np.arange(lay.n_clusters)
-        needed = needed[needed >= g]  # the device's are computed there, needed or not
+        needed = needed[~self.on_gpu[i][needed]]  # the device's are computed there, needed or not
         st.needed += len(needed)
         if cache is None:
             missing, stream = needed[:0], needed
@@ -346,7 +350,7 @@ class SparseFFN:
                 missing = missing[np.argsort(-score[missing], kind="stable")]
             elif score is not None and len(missing) < free:  # room to spare: fill it, best scored first
                 extra = np.flatnonzero(cache.slot_of < 0)
-                extra = extra[~np.isin(extra, missing) & (extra >= g)]
+                extra = extra[~np.isin(extra, missing) & ~self.on_gpu[i][extra]]
                 extra = extra[np.argsort(-score[extra], kind="stable")][:free - len(missing)]
                 missing = np.concatenate([missing, extra])
             missing, stream = missing[:free], missing[free:]
@@ -387,7 +391,7 @@ class SparseFFN:
             ids = np.flatnonzero(predict(self.next[i], x).max(axis=0) >= self.next_tau[i])
         else:
             ids = np.arange(self.layouts[j].n_clusters)
-        ids = ids[ids >= self.gpu[j]]
+        ids = ids[~self.on_gpu[j][ids]]
         if cache is not None:
             ids = ids[cache.slot_of[ids] < 0]
         ids = [int(c) for c in ids]

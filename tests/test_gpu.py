@@ -88,3 +88,24 @@ def test_gpu_flags_refuse_what_they_cannot_do(smol_store, tmp_path):
     with pytest.raises(EdgeError, match="--strategy sparse only"):
         Engine(smol_store, n_ctx=64, threads=2, ram=parse_size("200MB"),
                options=Options(strategy="naive", gpu="CPU"))
+
+
+def test_hottest_clusters_go_to_the_device_with_predictors(smol_calibrated):
+    """With --sparsity the device takes each layer's clusters that calibration found the predictor to choose
+    most often (`hot`, a permutation of the layer's clusters), computes them at every token, and the predictor
+    chooses among the others only."""
+    opts = Options(sparsity=0.5, gpu="CPU", gpu_mem=parse_size("30MB"))
+    engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"), options=opts)
+    ffn, layers = engine.model.parts.ffn, engine.file.sparse["layers"]
+    g = engine.plan.gpu.clusters
+    assert g > 0 and all(sorted(layer["hot"]) == list(range(len(layer["hot"]))) for layer in layers)
+    for ids, layer in zip(ffn.gpu_ids, layers):
+        assert ids.tolist() == layer["hot"][:g]
+    ffn.reset()
+    n = 8
+    assert len(greedy(engine, n)) == n
+    st = ffn.counters
+    per_layer = [lay.n_clusters - g for lay in ffn.layouts]
+    assert 0 < st.needed < sum(per_layer) * (n + len(engine.tokenizer.encode(PROMPT)))
+    assert all((ffn.caches[i].cluster_of[:ffn.caches[i].used] >= 0).all() and
+               not ffn.on_gpu[i][ffn.caches[i].cluster_of[:ffn.caches[i].used]].any() for i in range(len(layers)))

@@ -19,6 +19,8 @@ with the model resident), and layers are kept in RAM only as far as `--ram` allo
   store's FFN bundles;
 - thresholds: for each target sparsity s, the predicted-importance quantile below which a cluster is
   skipped, with recall and precision of that choice on held-out text (the last quarter of the tokens);
+- each layer's clusters hottest first (`hot`): by how often the predictor chooses them, summed over the
+  sparsities, then by mean importance; `--gpu` puts the first of them on the device;
 - the head's low-rank copy `sparse/head` (Q4_0 blocks): logits ~ (h @ V) @ L.T with V the top eigenvectors
   of the final hidden states' second moment plus HEAD_MIX of the head's own (each scaled to trace 1), turned
   by a fixed random rotation; the runtime rescores the top candidates with exact rows. The states are half
@@ -345,12 +347,15 @@ def calibrate(store_path: str | Path, rank: int = 64, head_rank: int | None = No
         if nxt is not None:
             nxt_pred = predict(nxt, x)
             entry.update(next_thresholds={}, next_recall={})
+        chosen = np.zeros(pred.shape[1])
         for s in SPARSITIES:
             tau, entry["recall"][str(s)], entry["precision"][str(s)] = _choice(pred, imp, held, s)
             entry["thresholds"][str(s)] = tau
+            chosen += (pred >= tau).mean(axis=0) if tau is not None else 0
             if nxt is not None:  # the next layer's clusters chosen from this layer's input
                 tau, entry["next_recall"][str(s)], _ = _choice(nxt_pred, nxt_imp, held, s)
                 entry["next_thresholds"][str(s)] = tau
+        entry["hot"] = np.lexsort((-imp.mean(axis=0), -chosen)).tolist()  # the last key sorts first
         layers.append(entry)
 
     def sink(i, x, h):
