@@ -364,8 +364,6 @@ class Accelerator:
         if self.kind == "CPU":
             gg.ggml_backend_cpu_set_n_threads(self.backend, gg.threads)
             gg.ggml_backend_cpu_set_threadpool(self.backend, gg._pool)
-        # unified memory: the device's memory is the system's (integrated GPUs, Apple, and the CPU itself)
-        self.unified = self.kind in ("integrated GPU", "CPU")
         self.used = 0
         self._buffers: list[tuple[int, np.ndarray, int]] = []  # uploads: (buffer, metadata, context)
         self._graphs: dict[tuple, _DeviceGraph] = {}

@@ -66,11 +66,17 @@ class FlashEmbedding:
 
 
 class DenseHead:
-    """The output projection in RAM as stored (the embedding's when tied), one linear group."""
+    """The output projection in RAM as stored (the embedding's when tied), one linear group; or uploaded to a
+    device (`device`: an edge.ggml.Accelerator, `--gpu`) and computed there."""
 
-    def __init__(self, src, backend):
+    def __init__(self, src, backend, device=None):
         cfg = src.config
-        self.group = backend.linear_group([src.tensor(head_name(src), (cfg.vocab_size, cfg.dim))])
+        t = src.tensor(head_name(src), (cfg.vocab_size, cfg.dim))
+        if device is None:
+            self.group = backend.linear_group([t])
+        else:
+            (w,) = device.upload([Weight(np.ascontiguousarray(t.raw), t.type_id, t.rows, t.cols)])
+            self.group = lambda x: tuple(device.products([(x, w)]))
 
     def __call__(self, x: np.ndarray) -> tuple:
         return self.group(x)

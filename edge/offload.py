@@ -42,10 +42,11 @@ class GpuPlan:
     cluster_bytes: int  # one cluster in every layer
     ffn_layers: int = 0  # whole layers' FFNs placed there (no budget)
     ffn_bytes: int = 0
+    head: int = 0        # the output projection placed there (no budget; bytes)
 
     @property
     def used(self) -> int:
-        return self.attention + self.clusters * self.cluster_bytes + self.ffn_bytes
+        return self.attention + self.clusters * self.cluster_bytes + self.ffn_bytes + self.head
 
     @property
     def ram(self) -> int:
@@ -56,7 +57,7 @@ class GpuPlan:
         """The chat's one line: the device, its memory in use, what it holds."""
         f = format_size
         held = [what for what, n in (("attention", self.attention), (f"{self.clusters} clusters/layer", self.clusters),
-                                     (f"FFN of {self.ffn_layers} layers", self.ffn_layers)) if n]
+                                     (f"FFN of {self.ffn_layers} layers", self.ffn_layers), ("head", self.head)) if n]
         return (f"{self.device} {f(self.used)} of {f(self.budget)}" + (" (in RAM)" if self.unified else "")
                 + (f": {', '.join(held)}" if held else ""))
 
@@ -71,11 +72,13 @@ class GpuPlan:
                           "never read from flash)")
         if self.ffn_layers:
             placed.append(f"the FFN of layers 0-{self.ffn_layers - 1} ({f(self.ffn_bytes)})")
+        if self.head:
+            placed.append(f"the head ({f(self.head)})")
         where = ("unified memory: this counts inside --ram" if self.unified else
                  "discrete: outside --ram")
         return (f"GPU {self.device} ({self.description}, {where}): {f(self.used)} of --gpu-mem {f(self.budget)}: "
-                + ("; ".join(placed) or "nothing fits") + "; norms, attention scores, KV cache, embedding and "
-                "head on the CPU")
+                + ("; ".join(placed) or "nothing fits") + "; norms, attention scores, KV cache, embedding"
+                + ("" if self.head else " and head") + " on the CPU")
 
 
 def find_device(name: str) -> tuple[str, str, str, int]:
@@ -93,6 +96,12 @@ def find_device(name: str) -> tuple[str, str, str, int]:
     return found[0]
 
 
+def is_unified(name: str, kind: str) -> bool:
+    """The device's memory is the system's: an integrated GPU (a Jetson's CUDA device, as ggml types it), Apple
+    silicon's Metal device (MTL0), the CPU."""
+    return kind in ("integrated GPU", "CPU") or name.startswith(("MTL", "Metal"))
+
+
 def gpu_budget(options, memory: int) -> int:
     return options.gpu_mem if options.gpu_mem else int(DEFAULT_SHARE * memory)
 
@@ -106,11 +115,12 @@ def plan_sparse(options, attention: int, cluster_bytes: int, n_clusters: int) ->
     budget = gpu_budget(options, memory)
     att = attention if attention <= budget else 0
     clusters = int(min(n_clusters, (budget - att) // cluster_bytes))
-    return GpuPlan(name, desc, kind in ("integrated GPU", "CPU"), budget, att, clusters, cluster_bytes)
+    return GpuPlan(name, desc, is_unified(name, kind), budget, att, clusters, cluster_bytes)
 
 
-def plan_resident(options, attention: int, ffn_layers: list[int]) -> GpuPlan | None:
-    """The placement with no budget: the attention, then whole FFN layers in order while they fit."""
+def plan_resident(options, attention: int, ffn_layers: list[int], head: int) -> GpuPlan | None:
+    """The placement with no budget: the attention, then whole FFN layers in order while they fit, then the
+    head if all of them did and it fits too."""
     if not options.gpu:
         return None
     name, desc, kind, memory = find_device(options.gpu)
@@ -120,23 +130,25 @@ def plan_resident(options, attention: int, ffn_layers: list[int]) -> GpuPlan | N
     while k < len(ffn_layers) and ffn_layers[k] <= room:
         room -= ffn_layers[k]
         k += 1
-    return GpuPlan(name, desc, kind in ("integrated GPU", "CPU"), budget, att, 0, 0, k, sum(ffn_layers[:k]))
+    head = head if k == len(ffn_layers) and head <= room else 0
+    return GpuPlan(name, desc, is_unified(name, kind), budget, att, 0, 0, k, sum(ffn_layers[:k]), head)
 
 
 def group_bytes(src, i: int, name: str) -> int:
     """Layer i's linear group `name` (edge.parts.group_shapes) as stored, in bytes."""
-    from edge import quants
     from edge.parts import group_shapes
 
-    total = 0
-    for n, _ in group_shapes(src.config, name):
-        full = f"blk.{i}.{n}.weight"
-        if hasattr(src, "tensor_info"):  # a store: from its metadata, without reading
-            info = src.tensor_info(full)
-            total += info["shape"][0] * quants.FORMATS[info["type"]].row_bytes(info["shape"][1])
-        else:  # a GGUF file: a view of its mapping
-            total += src.tensor(full).raw.nbytes
-    return total
+    return sum(tensor_bytes(src, f"blk.{i}.{n}.weight") for n, _ in group_shapes(src.config, name))
+
+
+def tensor_bytes(src, name: str) -> int:
+    """A 2-D tensor as stored, in bytes."""
+    from edge import quants
+
+    if hasattr(src, "tensor_info"):  # a store: from its metadata, without reading
+        info = src.tensor_info(name)
+        return info["shape"][0] * quants.FORMATS[info["type"]].row_bytes(info["shape"][1])
+    return src.tensor(name).raw.nbytes  # a GGUF file: a view of its mapping
 
 
 def resident_placement(src, options) -> GpuPlan | None:
@@ -147,8 +159,10 @@ def resident_placement(src, options) -> GpuPlan | None:
         raise EdgeError("--gpu: mixtures of experts compute on the CPU for now; drop --gpu")
     layers = range(src.config.n_layers)
     attention = sum(group_bytes(src, i, g) for i in layers for g in ("attn_in", "attn_out"))
+    from edge.head import head_name
+
     return plan_resident(options, attention, [group_bytes(src, i, "ffn_in") + group_bytes(src, i, "ffn_h")
-                                              for i in layers])
+                                              for i in layers], tensor_bytes(src, head_name(src)))
 
 
 _ACCELERATORS: dict[str, object] = {}

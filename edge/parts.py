@@ -308,13 +308,15 @@ class Parts:
 
 def resident_parts(src, backend, act, gpu=None) -> Parts:
     """Every weight in RAM as stored (no budget): the dense or mixture FFN, the embedding and head tensors; with
-    `gpu` (an edge.offload.GpuPlan, a dense model) the attention and the first layers' FFNs on its device."""
-    linears = StoredLinears(src, backend)
+    `gpu` (an edge.offload.GpuPlan, a dense model) the attention, the first layers' FFNs and the head where it
+    placed them, on its device."""
+    linears, device = StoredLinears(src, backend), None
     if gpu is not None:
         from edge.offload import DeviceLinears, accelerator
 
-        linears = DeviceLinears(linears, accelerator(gpu.device), gpu)
+        device = accelerator(gpu.device)
+        linears = DeviceLinears(linears, device, gpu)
     cfg = src.config
     ffn = MoEFFN(src, backend, act, ResidentExperts(src, backend, act)) if cfg.n_experts \
         else DenseFFN(linears, cfg.n_layers, act)
-    return Parts(linears, ffn, DenseEmbedding(src), DenseHead(src, backend))
+    return Parts(linears, ffn, DenseEmbedding(src), DenseHead(src, backend, device if gpu and gpu.head else None))
