@@ -99,14 +99,14 @@ def run_ours(store: Path, ram: int | None, n: int, ctx: int, threads: int, optio
     return side
 
 
-def run_native(bins: Path, gguf: Path, ram: int | None, n: int, threads: int, repack: int) -> dict:
-    """llama.cpp's own `llama-bench -p 0 -n N -r 1` in the cap with one load option: tok/s is its average
-    (decode calls only; llama-bench samples nothing); MB read per token is the process's read_bytes over the
-    last tok_s-derived decode seconds of the run, divided by N."""
+def run_native(bins: Path, gguf: Path, ram: int | None, n: int, threads: int, repack: int, ngl: int = 0) -> dict:
+    """llama.cpp's own `llama-bench -p 0 -n N -r 1` in the cap with one load option (and `-ngl`: its last ngl
+    layers on the GPU): tok/s is its average (decode calls only; llama-bench samples nothing); MB read per
+    token is the process's read_bytes over the last tok_s-derived decode seconds of the run, divided by N."""
     cmd = [str(bins / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n), "-t", str(threads), "-r", "1",
-           "--repack", str(repack), "-o", "json"]
+           "--repack", str(repack), "-ngl", str(ngl), "-o", "json"]
     side = run_capped(cmd, ram, [gguf], "edge-bench-peer")
-    side["repack"] = repack
+    side["repack"], side["ngl"] = repack, ngl
     if "error" not in side:
         try:
             result = json.loads(side.pop("stdout"))[0]
@@ -120,11 +120,11 @@ def run_native(bins: Path, gguf: Path, ram: int | None, n: int, threads: int, re
 
 
 def run_completion(bins: Path, gguf: Path, ram: int | None, n: int, ctx: int, threads: int, repack: int,
-                   prompt: str) -> dict:
+                   prompt: str, ngl: int = 0) -> dict:
     """llama.cpp's own `llama-completion`, greedy, in the cap: its text, to set beside ours."""
     cmd = [str(bins / "llama-completion"), "-m", str(gguf), "-p", prompt, "-n", str(n), "-c", str(ctx), "-t",
            str(threads), "--temp", "0", "--ignore-eos", "-no-cnv", "--no-display-prompt", "--simple-io",
-           "--no-warmup"] + ([] if repack else ["--no-repack"])
+           "--no-warmup", "-ngl", str(ngl)] + ([] if repack else ["--no-repack"])
     side = run_capped(cmd, ram, [gguf], "edge-bench-peer")
     side["text"] = side.pop("stdout")
     return side
@@ -136,13 +136,34 @@ def bench_one(store: Path, gguf: Path | None, ram: int | None, n: int, ctx: int,
     """One budget: ours, then (with bins) native llama.cpp with each load option, the better one as `peer`."""
     row = {"ram": ram, "ours": run_ours(store, ram, n, ctx, threads, options, prompt, device, emulate)}
     if bins is not None and gguf is not None:
-        options = [run_native(bins, gguf, ram, n, threads, repack) for repack in (1, 0)]
-        row["peer_options"] = options
-        row["peer"] = max(options, key=lambda s: s.get("tok_s", -1.0))
+        ngl = peer_gpu_layers(gguf, options)
+        peers = [run_native(bins, gguf, ram, n, threads, repack, ngl) for repack in (1, 0)]
+        row["peer_options"] = peers
+        row["peer"] = max(peers, key=lambda s: s.get("tok_s", -1.0))
         if text and "tok_s" in row["peer"]:
             row["peer_text"] = run_completion(bins, gguf, ram, n, ctx, threads, row["peer"]["repack"],
-                                              prompt).get("text", "")
+                                              prompt, ngl).get("text", "")
     return row
+
+
+def peer_gpu_layers(gguf: Path, options: Options) -> int:
+    """llama.cpp's partial offload at our --gpu-mem: the most layers whose weights fit in it (`-ngl N` puts the
+    last N there, their KV cache too; its output layer only with every layer). 0 without --gpu."""
+    if not options.gpu:
+        return 0
+    from edge.gguf_file import GGUFFile
+    from edge.offload import find_device, gpu_budget
+
+    src = GGUFFile(gguf)
+    sizes = [0] * src.config.n_layers
+    for name in src.tensor_names():
+        if name.startswith("blk."):
+            sizes[int(name.split(".")[1])] += src.tensor(name).raw.nbytes
+    room, k = gpu_budget(options, find_device(options.gpu)[3]), 0
+    while k < len(sizes) and sizes[-1 - k] <= room:
+        room -= sizes[-1 - k]
+        k += 1
+    return k
 
 
 def projection(side: dict, profile, gemv_here: float):
@@ -175,7 +196,7 @@ def print_row(row: dict) -> None:
     print(f"--ram {format_size(row['ram'])}" if row["ram"] else "no --ram, no cap (all resident)")
     print(show("edge", row["ours"]))
     for opt in row.get("peer_options", []):
-        print(show(f"llama.cpp --repack {opt['repack']}", opt))
+        print(show(f"llama.cpp --repack {opt['repack']}" + (f" -ngl {opt['ngl']}" if opt.get("ngl") else ""), opt))
     if "peer" in row:
         o, p = row["ours"].get("tok_s"), row["peer"].get("tok_s")
         if o and p:
@@ -235,9 +256,11 @@ def cmd_bench(args) -> int:
             gguf = store.parent / Store(store).source["file"]
         if not gguf.is_file():
             raise EdgeError(f"{gguf}: the GGUF for llama.cpp is not there; give it with --gguf")
-        from edge.native import ensure
+        from edge.native import backend_of, ensure
+        from edge.offload import find_device
 
-        bins = ensure(args.llama_bin, quiet=False)
+        backend = backend_of(find_device(args.gpu)[0]) if args.gpu else ""
+        bins = ensure(args.llama_bin, quiet=False, backend=backend)
     profile = None
     if args.emulate and not args.device:
         raise EdgeError("--emulate needs --device NAME: the device whose flash to emulate")
@@ -256,7 +279,8 @@ def cmd_bench(args) -> int:
           f"{options} ({time.strftime('%Y-%m-%d %H:%M')})")
     if bins is not None:
         print(f"peer: llama.cpp's own llama-bench -p 0 -n {args.n} -r 1 (its context holds its {args.n} tokens) with "
-              f"--repack 1 and 0, and llama-completion for the text, from {bins}")
+              f"--repack 1 and 0, and llama-completion for the text, from {bins}"
+              + ("; with --gpu, -ngl: the layers its weights fit in --gpu-mem" if args.gpu else ""))
     gemv_here = None
     if profile is not None:
         from edge.profile import measure_gemv

@@ -319,16 +319,35 @@ class Graph:
 
 
 DEVICE_KINDS = {0: "CPU", 1: "GPU", 2: "integrated GPU", 3: "accelerator"}  # enum ggml_backend_dev_type
-DEVICE_GPU, DEVICE_IGPU = 1, 2
+DEVICE_TENSOR = 64 << 20  # an activation on a device at most (Vulkan drivers may bind no more than 128MB at once:
+                          # Mesa's lavapipe, many phones; larger outputs came back wrong past that)
 
 
 class DeviceWeight:
-    """A matrix uploaded to an `Accelerator`'s memory: `rows` x `cols` in GGML blocks of `type_id`."""
+    """A matrix uploaded to an `Accelerator`'s memory: `rows` x `cols` in GGML blocks of `type_id`. Its upload's
+    buffer is freed when the last weight of that upload goes (`owner`)."""
 
-    __slots__ = ("tensor", "type_id", "rows", "cols", "nbytes")
+    __slots__ = ("tensor", "type_id", "rows", "cols", "nbytes", "owner")
 
-    def __init__(self, tensor: int, type_id: int, rows: int, cols: int, nbytes: int):
+    def __init__(self, tensor: int, type_id: int, rows: int, cols: int, nbytes: int, owner: "_Upload"):
         self.tensor, self.type_id, self.rows, self.cols, self.nbytes = tensor, type_id, rows, cols, nbytes
+        self.owner = owner
+
+
+class _Upload:
+    """One upload's device buffer and tensor metadata; frees them (and the kept graphs over its tensors) when
+    its weights are gone."""
+
+    def __init__(self, acc: "Accelerator", buf: int, meta: np.ndarray, ctx: int, tensors: list[int]):
+        self.acc, self.buf, self.meta, self.ctx, self.tensors = acc, buf, meta, ctx, frozenset(tensors)
+        self.nbytes = acc.ggml_backend_buffer_get_size(buf)
+        acc.used += self.nbytes
+
+    def __del__(self):
+        try:
+            self.acc.release(self)
+        except Exception:  # the interpreter is shutting down: the libraries may be gone already
+            pass
 
 
 class Accelerator:
@@ -364,8 +383,7 @@ class Accelerator:
         if self.kind == "CPU":
             gg.ggml_backend_cpu_set_n_threads(self.backend, gg.threads)
             gg.ggml_backend_cpu_set_threadpool(self.backend, gg._pool)
-        self.used = 0
-        self._buffers: list[tuple[int, np.ndarray, int]] = []  # uploads: (buffer, metadata, context)
+        self.used = 0  # bytes of its memory in use: uploads and kept graphs
         self._graphs: dict[tuple, _DeviceGraph] = {}
 
     def upload(self, weights: list[Weight]) -> list[DeviceWeight]:
@@ -383,20 +401,37 @@ class Accelerator:
             gg.ggml_free(ctx)
             raise EdgeError(f"--gpu {self.name}: out of device memory for {sum(w.rows * w.row_stride for w in weights)}"
                             " bytes of weights; lower --gpu-mem")
-        self._buffers.append((buf, meta, ctx))
-        self.used += self.ggml_backend_buffer_get_size(buf)
+        owner = _Upload(self, buf, meta, ctx, tensors)
         out = []
         for w, t in zip(weights, tensors):
             n = self.ggml_nbytes(t)
             self.ggml_backend_tensor_set(t, w.address, 0, n)
-            out.append(DeviceWeight(t, w.type_id, w.rows, w.cols, n))
+            out.append(DeviceWeight(t, w.type_id, w.rows, w.cols, n, owner))
         return out
+
+    def release(self, upload: _Upload) -> None:
+        """Free an upload (its weights are gone) and the kept graphs that multiply its tensors."""
+        for key in [k for k in self._graphs if any(t in upload.tensors for _, t in k[1])]:
+            g = self._graphs.pop(key)
+            self.used -= g.nbytes
+            g.close()
+        self.ggml_backend_buffer_free(upload.buf)
+        self.gg.ggml_free(upload.ctx)
+        self.used -= upload.nbytes
 
     def products(self, pairs: list[tuple[np.ndarray, DeviceWeight]]) -> list[np.ndarray]:
         """[x @ W.T for x, W in pairs], x (T, cols) float32, on the device (inputs shared by identity are sent
         once). One position's graphs are kept; a prompt's are built and freed per call."""
         slot, xs = _distinct_inputs(pairs)
         xs = [np.ascontiguousarray(x if x.ndim == 2 else x[None], dtype=np.float32) for x in xs]
+        widest = max([w.rows for _, w in pairs] + [x.shape[1] for x in xs])
+        step = max(1, DEVICE_TENSOR // (4 * widest))  # positions per computation
+        if any(len(x) > step for x in xs):  # a prompt's logits: in parts, concatenated
+            parts = []
+            for at in range(0, max(len(x) for x in xs), step):
+                chunk = [x[at:at + step] for x in xs]
+                parts.append(self.products([(chunk[slot[id(x)]], w) for x, w in pairs]))
+            return [np.concatenate(outs) for outs in zip(*parts)]
         shapes = tuple(x.shape for x in xs)
         key = (shapes, tuple((slot[id(x)], w.tensor) for x, w in pairs))
         g = self._graphs.get(key)
@@ -410,16 +445,6 @@ class Accelerator:
         finally:
             if key not in self._graphs:
                 g.close()
-
-    def close(self) -> None:
-        for g in self._graphs.values():
-            g.close()
-        self._graphs.clear()
-        for buf, _, ctx in self._buffers:
-            self.ggml_backend_buffer_free(buf)
-            self.gg.ggml_free(ctx)
-        self._buffers.clear()
-        self.used = 0
 
 
 class _DeviceGraph:

@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,33 +37,46 @@ def vendored_version() -> str:
                         "with --llama-bin DIR)") from None
 
 
-def build_dir(version: str) -> Path:
-    return cache_dir() / "llama.cpp" / version
+# --gpu's device (ggml's name for it) -> the backend the programs are built with, as the Makefile's `make gpu`
+BACKENDS = {"CUDA": ("cuda", "-DGGML_CUDA=on"), "Vulkan": ("vulkan", "-DGGML_VULKAN=on"),
+            "MTL": ("metal", "-DGGML_METAL=on")}
+
+
+def backend_of(device: str) -> str:
+    """The GPU backend of a device of ggml's registry (CUDA0 -> cuda), "" for the CPU."""
+    return next((name for prefix, (name, _) in BACKENDS.items() if device.startswith(prefix)), "")
+
+
+def build_dir(version: str, backend: str = "") -> Path:
+    return cache_dir() / "llama.cpp" / (f"{version}-{backend}" if backend else version)
 
 
 def _complete(d: Path) -> bool:
     return all(os.access(d / p, os.X_OK) for p in PROGRAMS)
 
 
-def find(llama_bin: str | None = None) -> Path | None:
-    """The directory holding both programs: --llama-bin, else this version's build in the cache dir, else PATH."""
+def find(llama_bin: str | None = None, backend: str = "") -> Path | None:
+    """The directory holding both programs: --llama-bin, else this version's build (with this GPU backend) in the
+    cache dir, else (CPU only) PATH."""
     if llama_bin:
         d = Path(llama_bin).expanduser()
         if not _complete(d):
             raise EdgeError(f"--llama-bin {llama_bin}: needs executable {' and '.join(PROGRAMS)} in that directory")
         return d
-    built = build_dir(vendored_version()) / "bin"
+    built = build_dir(vendored_version(), backend) / "bin"
     if _complete(built):
         return built
+    if backend:
+        return None
     found = [shutil.which(p) for p in PROGRAMS]
     if all(found) and len({Path(f).parent for f in found}) == 1:
         return Path(found[0]).parent
     return None
 
 
-def ensure(llama_bin: str | None = None, jobs: int | None = None, quiet: bool = False) -> Path:
+def ensure(llama_bin: str | None = None, jobs: int | None = None, quiet: bool = False, backend: str = "") -> Path:
     """The programs' directory, building them first when they are nowhere (minutes; progress on stderr)."""
-    return find(llama_bin) or build(vendored_version(), jobs, quiet)
+    return find(llama_bin, backend) or build(vendored_version(), jobs, quiet, backend)
 
 
 def _say(quiet: bool, text: str, end: str = "\n") -> None:
@@ -91,15 +105,16 @@ def _fetch_source(version: str, work: Path, quiet: bool) -> Path:
     return work / prefix
 
 
-def build(version: str, jobs: int | None = None, quiet: bool = False) -> Path:
-    """Build llama-bench and llama-completion for `version` into the cache dir; returns their directory.
+def build(version: str, jobs: int | None = None, quiet: bool = False, backend: str = "") -> Path:
+    """Build llama-bench and llama-completion for `version` into the cache dir, with a GPU backend (cuda, vulkan,
+    metal; the extra CMAKE_ARGS `make gpu` was given, from the environment); returns their directory.
 
     Written into a temporary directory and renamed at the end: an interrupted build leaves nothing that is
     taken for a finished one, and the next call starts over."""
     if not shutil.which("cmake") or not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
         raise EdgeError("building llama.cpp needs cmake and a C++ compiler (apt install cmake g++, or brew install "
                         "cmake); or give built llama.cpp programs with --llama-bin DIR")
-    final = build_dir(version)
+    final = build_dir(version, backend)
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"{version}.", dir=final.parent) as tmp:
         work = Path(tmp)
@@ -107,6 +122,8 @@ def build(version: str, jobs: int | None = None, quiet: bool = False) -> Path:
         flags = []
         if platform.machine() in ("x86_64", "AMD64"):
             flags = [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
+        if backend:
+            flags += [dict(BACKENDS.values())[backend], *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         configure = ["cmake", "-S", str(src), "-B", str(work / "build"), *gen, "-DCMAKE_BUILD_TYPE=Release",
                      "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",

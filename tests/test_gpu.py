@@ -10,7 +10,7 @@ import pytest
 
 from edge.engine import Engine
 from edge.errors import EdgeError
-from edge.evaluate import eval_text, token_nll
+from edge.evaluate import eval_text, token_nll, windows
 from edge.ggml import devices
 from edge.sizes import parse_size
 from edge.strategies import Options
@@ -19,9 +19,11 @@ GPU_DEVICES = [name for name, _, kind, _ in devices() if kind != "CPU"]  # in a 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who every morning"
 
 
-def test_device_products_equal_the_cpu_runtimes(smollm2):
+def test_device_products_equal_the_cpu_runtimes(smollm2, monkeypatch):
     """Real weights uploaded to the registry's CPU device give the CPU runtime's products bit for bit, for one
-    position (kept graphs) and many; what the device holds is counted."""
+    position (kept graphs), many, and many computed in parts (outputs over DEVICE_TENSOR); what the device
+    holds is counted."""
+    from edge import ggml as G
     from edge.ggml import Accelerator, Weight, ggml
     from edge.gguf_file import GGUFFile
 
@@ -37,6 +39,11 @@ def test_device_products_equal_the_cpu_runtimes(smollm2):
             x = rng.standard_normal((t, w.cols)).astype(np.float32)
             np.testing.assert_array_equal(acc.products([(x, d)])[0], gg.matmul(x, [w], keep=False)[0])
     assert len(acc._graphs) == 2  # one kept graph per one-position product, a prompt's freed
+    monkeypatch.setattr(G, "DEVICE_TENSOR", 4 * 3 * weights[0].rows)  # outputs of 3 positions at most: in parts
+    x = rng.standard_normal((8, weights[0].cols)).astype(np.float32)
+    np.testing.assert_array_equal(acc.products([(x, on_device[0])])[0], gg.matmul(x, [weights[0]], keep=False)[0])
+    del on_device, d  # the upload's buffer and the graphs kept over its tensors go with its last weight
+    assert acc.used == 0 and not acc._graphs
     with pytest.raises(EdgeError, match="no such device"):
         Accelerator("NoSuchGPU0", 2)
 
@@ -118,15 +125,18 @@ def test_hottest_clusters_go_to_the_device_with_predictors(smol_calibrated):
 @pytest.mark.skipif(not GPU_DEVICES, reason="this llama-cpp-python has no GPU backend (`make gpu` builds one)")
 @pytest.mark.parametrize("device", GPU_DEVICES or ["none"])
 def test_a_gpu_agrees_with_the_cpu_up_to_near_ties(real_model, device):
-    """A GPU's kernels round differently (no Q8 activations): over a window of real text, teacher-forced, the
-    perplexity within 1% of the CPU's and the top-1 token the same except where the CPU's top two were close."""
+    """A GPU's kernels round differently (no Q8 activations): over two windows of real text, teacher-forced,
+    the perplexity within 1% of the CPU's and the top-1 token the same except where the CPU's top two were
+    close. The head's logits of a window (Gemma's: 268MB) are computed in parts."""
     logits = {}
     for name in ("", device):
         engine = Engine(real_model, n_ctx=256, threads=2, options=Options(gpu=name))
-        window = engine.tokenizer.encode(eval_text(), add_bos=False)[:256]
-        logits[name] = engine.model.forward(np.array(window, np.int64), 0, all_logits=True)
-    cpu, gpu = logits[""], logits[device]
-    ppl_cpu, ppl_gpu = (float(np.exp(token_nll(v, window).mean())) for v in (cpu, gpu))
+        tok = engine.tokenizer
+        wins = windows(tok.encode(eval_text(), add_bos=False), 256, 2, tok.bos_id if tok.add_bos else None)
+        logits[name] = [engine.model.forward(np.array(w, np.int64), 0, all_logits=True) for w in wins]
+    cpu, gpu = (np.concatenate(logits[k]) for k in ("", device))
+    ppl_cpu, ppl_gpu = (float(np.exp(np.concatenate([token_nll(v, w) for v, w in zip(logits[k], wins)]).mean()))
+                        for k in ("", device))
     assert abs(ppl_gpu / ppl_cpu - 1) < 0.01
     differ = cpu.argmax(-1) != gpu.argmax(-1)
     assert differ.mean() < 0.1
