@@ -368,7 +368,9 @@ class Accelerator:
         for fname, res, args in (
                 ("ggml_backend_alloc_ctx_tensors", vp, [vp, vp]), ("ggml_backend_buffer_get_size", sz, [vp]),
                 ("ggml_backend_buffer_free", None, [vp]), ("ggml_backend_tensor_set", None, [vp, vp, sz, sz]),
-                ("ggml_backend_tensor_get", None, [vp, vp, sz, sz]), ("ggml_nbytes", sz, [vp])):
+                ("ggml_backend_tensor_get", None, [vp, vp, sz, sz]), ("ggml_nbytes", sz, [vp]),
+                ("ggml_backend_graph_compute_async", ctypes.c_int, [vp, vp]),
+                ("ggml_backend_synchronize", None, [vp])):
             f = getattr(base, fname)
             f.restype, f.argtypes = res, args
             setattr(self, fname, f)
@@ -422,6 +424,11 @@ class Accelerator:
     def products(self, pairs: list[tuple[np.ndarray, DeviceWeight]]) -> list[np.ndarray]:
         """[x @ W.T for x, W in pairs], x (T, cols) float32, on the device (inputs shared by identity are sent
         once). One position's graphs are kept; a prompt's are built and freed per call."""
+        return self.submit(pairs)()
+
+    def submit(self, pairs: list[tuple[np.ndarray, DeviceWeight]]):
+        """`products`, started: the device computes while the caller goes on (the CPU's part of a layer); the
+        returned function waits for it and gives the outputs. One submission at a time per device."""
         slot, xs = _distinct_inputs(pairs)
         xs = [np.ascontiguousarray(x if x.ndim == 2 else x[None], dtype=np.float32) for x in xs]
         widest = max([w.rows for _, w in pairs] + [x.shape[1] for x in xs])
@@ -431,7 +438,7 @@ class Accelerator:
             for at in range(0, max(len(x) for x in xs), step):
                 chunk = [x[at:at + step] for x in xs]
                 parts.append(self.products([(chunk[slot[id(x)]], w) for x, w in pairs]))
-            return [np.concatenate(outs) for outs in zip(*parts)]
+            return lambda: [np.concatenate(outs) for outs in zip(*parts)]
         shapes = tuple(x.shape for x in xs)
         key = (shapes, tuple((slot[id(x)], w.tensor) for x, w in pairs))
         g = self._graphs.get(key)
@@ -440,11 +447,16 @@ class Accelerator:
             if all(s[0] == 1 for s in shapes):
                 self._graphs[key] = g
                 self.used += g.nbytes
-        try:
-            return g.run(xs)
-        finally:
-            if key not in self._graphs:
-                g.close()
+        g.start(xs)
+
+        def result() -> list[np.ndarray]:
+            try:
+                return g.finish()
+            finally:
+                if key not in self._graphs:
+                    g.close()
+
+        return result
 
 
 class _DeviceGraph:
@@ -472,11 +484,19 @@ class _DeviceGraph:
             raise EdgeError(f"--gpu {acc.name}: out of device memory for a product's activations")
         self.nbytes = acc.ggml_backend_buffer_get_size(self.buffer)
 
-    def run(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+    def start(self, xs: list[np.ndarray]) -> None:
+        """Copy the inputs in and start the computation (asynchronous where the device is)."""
         acc = self.acc
         for t, x in zip(self.inputs, xs):
             acc.ggml_backend_tensor_set(t, x.ctypes.data, 0, x.nbytes)
-        acc.gg.compute_on(acc.backend, self.graph)
+        status = acc.ggml_backend_graph_compute_async(acc.backend, self.graph)
+        if status != 0:
+            raise EdgeError(f"--gpu {acc.name}: the graph computation failed (status {status})")
+
+    def finish(self) -> list[np.ndarray]:
+        """Wait for the computation; copy the outputs out."""
+        acc = self.acc
+        acc.ggml_backend_synchronize(acc.backend)
         outs = []
         for y, shape in self.outputs:
             out = np.empty(shape, np.float32)

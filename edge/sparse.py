@@ -424,15 +424,15 @@ class SparseFFN:
         were read.
 
         Streamed records that sit at one stride in the read buffer (a coalesced read) are one batched product
-        per matrix. One ggml graph computes every gate and up product, a second every down product."""
+        per matrix. One ggml graph computes every gate and up product, a second every down product. The device's
+        part is started first and computes while the CPU's runs."""
         lay = self.layouts[i]
         y = np.zeros((len(x), self.cfg.dim), np.float32)
+        device = None
         if self.on_device:
-            gate, up, down = self.on_device[i]
-            products = self.device.products
-            gate_out, up_out = products([(x, gate), (x, up)])
-            y += products([(self.act(gate_out) * up_out, down)])[0]
-            self.counters.neurons += gate.rows
+            d_gate, d_up, d_down = self.on_device[i]
+            device = self.device.submit([(x, d_gate), (x, d_up)])
+            self.counters.neurons += d_gate.rows
         first, second_w = [], []
         if cache is not None:
             gate_up, down = cache.weights()
@@ -451,9 +451,10 @@ class SparseFFN:
                           (xk, Weight(buf, lay.types[1], lay.c, lay.dim, None, offset + lay.g, k, stride))]
                 second_w.append(Weight(buf, lay.types[2], lay.dim, lay.c, lay.down_part, offset + lay.g + lay.u, k,
                                        stride))
-        if not first:
-            return y
-        out = self.ggml.products(first)
+        out = self.ggml.products(first) if first else []
+        if device is not None:
+            gate_out, up_out = device()
+            device = self.device.submit([(self.act(gate_out) * up_out, d_down)])
         hs = [self.act(out[k]) * out[k + 1] for k in range(0, len(out), 2)]
         self.counters.neurons += sum(h.size // len(x) for h in hs)
         # the down products of a batch give one (T, dim) output per record, summed here: computed in groups
@@ -466,6 +467,8 @@ class SparseFFN:
                 for out in self.ggml.products(group):
                     y += out if out.ndim == 2 else out.sum(axis=0)
                 group, size = [], 0
+        if device is not None:
+            y += device()[0]
         return y
 
 

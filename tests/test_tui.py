@@ -119,6 +119,21 @@ def test_budget_changes_live_from_the_keyboard(smol_calibrated):
     asyncio.run(scenario())
 
 
+def test_the_panel_shows_the_gpus_part(smol_store):
+    from edge.strategies import Options
+
+    async def scenario():
+        app = ChatApp(str(smol_store), sampler=SamplerConfig(temperature=0), max_tokens=4, n_ctx=256, threads=2,
+                      engine_options={"ram": 4 << 30, "options": Options(gpu="CPU", gpu_mem=30 << 20)}, save=False)
+        async with app.run_test(size=(130, 40)) as pilot:
+            await _wait(pilot, lambda: app.engine is not None)
+            await pilot.pause(0.2)
+            g = app.engine.gpu
+            assert f"gpu     CPU {format_size(g.used)} of {format_size(g.budget)} (in RAM): attention, " \
+                   f"{g.clusters} clusters/layer" in panel(app)
+    asyncio.run(scenario())
+
+
 def test_bitstack_depth_changes_live(tiny_stacked):
     """On a stacked store the bar shows the loaded stack; Ctrl+B pops blocks off it and the chat goes on."""
     async def scenario():
