@@ -7,11 +7,15 @@ the same path without a GPU) receives, in this order and up to `--gpu-mem`:
 2. then FFN weights: under `--ram` (the sparse strategy) the same number of FFN clusters in every layer: with
    predictors (`--sparsity`) the clusters calibration found them to choose most often (`hot` in the store's
    calibration; PowerInfer's hot neurons), at sparsity 0 each layer's first (every cluster is needed at every
-   token, so any set is as hot as another); with no budget, whole layers' FFNs, first layers first.
+   token, so any set is as hot as another); with no budget, whole layers' FFNs, first layers first, then the
+   head when every layer fit.
 
 What is on the device is uploaded once at load and never crosses the bus again; per product only the activations
-do (in and out). Everything else stays as the plan has it: the neuron cache in RAM, the rest read from flash per
-token, the norms, the attention's scores and the KV cache, the embedding and the head on the CPU.
+do (in and out). A layer's FFN clusters on the device compute while the CPU computes the layer's others (two
+graphs at once, one per device, rather than one graph split by ggml_backend_sched: every product here runs
+whole on one device). Everything else stays as the plan has it: the neuron cache in RAM, the rest read from
+flash per token, the norms, the attention's scores and the KV cache (numpy, edge.model), the embedding, and
+under `--ram` the head, on the CPU.
 
 On unified memory (an integrated GPU, Apple silicon, the CPU device) the device's memory is the system's: what
 is placed there counts inside `--ram` (the plan says so), and moving it saves no RAM; on a discrete GPU it leaves
@@ -74,7 +78,7 @@ class GpuPlan:
             placed.append(f"the FFN of layers 0-{self.ffn_layers - 1} ({f(self.ffn_bytes)})")
         if self.head:
             placed.append(f"the head ({f(self.head)})")
-        where = ("unified memory: this counts inside --ram" if self.unified else
+        where = ("unified memory: this is RAM, inside any --ram" if self.unified else
                  "discrete: outside --ram")
         return (f"GPU {self.device} ({self.description}, {where}): {f(self.used)} of --gpu-mem {f(self.budget)}: "
                 + ("; ".join(placed) or "nothing fits") + "; norms, attention scores, KV cache, embedding"
@@ -103,6 +107,10 @@ def is_unified(name: str, kind: str) -> bool:
 
 
 def gpu_budget(options, memory: int) -> int:
+    """--gpu-mem, checked against the device's memory; DEFAULT_SHARE of that without it."""
+    if options.gpu_mem > memory:
+        raise EdgeError(f"--gpu-mem {format_size(options.gpu_mem)} is above the {format_size(memory)} of --gpu "
+                        f"{options.gpu}; give at most that")
     return options.gpu_mem if options.gpu_mem else int(DEFAULT_SHARE * memory)
 
 
@@ -145,10 +153,10 @@ def tensor_bytes(src, name: str) -> int:
     """A 2-D tensor as stored, in bytes."""
     from edge import quants
 
-    if hasattr(src, "tensor_info"):  # a store: from its metadata, without reading
+    if name in getattr(src, "tensor_infos", {}):  # a store's tensor as stored: from its metadata, without reading
         info = src.tensor_info(name)
         return info["shape"][0] * quants.FORMATS[info["type"]].row_bytes(info["shape"][1])
-    return src.tensor(name).raw.nbytes  # a GGUF file: a view of its mapping
+    return src.tensor(name).raw.nbytes  # a GGUF file's (a view of its mapping), a store's FFN (from its bundles)
 
 
 def resident_placement(src, options) -> GpuPlan | None:

@@ -93,9 +93,17 @@ def test_budgeted_sparse_ffn_with_clusters_on_the_device(smol_store):
     assert st["read_bytes"] > 0 and st["neurons_per_token"] == gpu.config.hidden_dim * gpu.config.n_layers
 
 
-def test_gpu_flags_refuse_what_they_cannot_do(smol_store, tmp_path):
+def test_gpu_flags_refuse_what_they_cannot_do(smol_store):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "edge", "run", "--gpu-mem", "1GB", "-p", "Hi"], capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and run.stderr.strip().endswith("--gpu-mem needs --gpu: the device whose memory it is")
     with pytest.raises(EdgeError, match="--gpu Vulkan7: no such device"):
         Engine(smol_store, n_ctx=64, threads=2, ram=parse_size("200MB"), options=Options(gpu="Vulkan7"))
+    with pytest.raises(EdgeError, match="--gpu-mem 100.0TB is above the .* of --gpu CPU"):
+        Engine(smol_store, n_ctx=64, threads=2, options=Options(gpu="CPU", gpu_mem=parse_size("100TB")))
     with pytest.raises(EdgeError, match="--strategy sparse only"):
         Engine(smol_store, n_ctx=64, threads=2, ram=parse_size("200MB"),
                options=Options(strategy="naive", gpu="CPU"))
