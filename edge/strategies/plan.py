@@ -106,10 +106,12 @@ def plan_context(strategy, src, budget: int, baseline: int, n_ctx: int, used: in
 
 
 def fixed_choices(options, plan: Plan):
-    """`options` with what `plan` chose for them (the attention and the head streamed or resident), so that
-    later plans for the same run choose the same."""
+    """`options` with what `plan` chose for them (the attention and the head streamed or resident, what went to
+    the GPU), so that later plans for the same run choose the same."""
     fixed = {part: "stream" if getattr(plan.detail, part) else "resident" for part in ("attention", "head")
              if hasattr(plan.detail, part) and getattr(options, part) == "auto"}
+    if plan.gpu is not None and options.gpu_place is None:  # what went to the device at load stays there
+        fixed["gpu_place"] = (plan.gpu.attention, plan.gpu.clusters)
     return replace(options, **fixed) if fixed else options
 
 

@@ -133,7 +133,9 @@ class Sparse:
             if not self.caches:
                 raise EdgeError(f"--gpu: --strategy {self.name} is the paper's baseline, run on the CPU; use sparse")
             gpu = plan_sparse(options, attention_layout(store)[2], slot_bytes, n_clusters)
-            if gpu.unified:  # the device's memory is RAM: it takes over what this budget keeps, no more
+            if options.gpu_place is not None:  # a re-plan: what is on the device stays
+                gpu = replace(gpu, attention=options.gpu_place[0], clusters=options.gpu_place[1])
+            elif gpu.unified:  # the device's memory is RAM: it takes over what this budget keeps, no more
                 alone = self.plan(store, budget, baseline, n_ctx, replace(options, gpu=""))
                 gpu = replace(gpu, attention=0 if alone.detail.attention else gpu.attention,
                               clusters=min(gpu.clusters, alone.detail.slots))
