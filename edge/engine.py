@@ -24,7 +24,7 @@ from edge.kernels import make_backend
 from edge.memory import Meter, PressureWatch, release_free_memory
 from edge.model import KVCache, Transformer
 from edge.models import resolve_model
-from edge.offload import resident_placement
+from edge.offload import accelerator, find_device, resident_placement
 from edge.parts import ACTIVATIONS, resident_parts
 from edge.profile import load as load_profile
 from edge.sampling import Sampler, SamplerConfig
@@ -124,16 +124,19 @@ def open_tokenizer(src) -> Tokenizer:
 
 def plan_budget(src, ram: int, n_ctx: int | None, options: Options, meter: Meter) -> tuple:
     """(strategy, plan, tokenizer, note) for a budget: the tokenizer opened first (its vocabulary is part of the
-    fixed part the plan measures), the temporaries of reading it given back, then the baseline measured. One
+    fixed part the plan measures), the temporaries of reading it given back, --gpu's device started, then the
+    baseline measured. One
     measurement for `edge run`, `chat` and `info`: the same inputs give the same minimum and plan. n_ctx None:
     the largest context up to DEFAULT_CTX (and the model's own) the budget holds (`plan.context`); `note` says
     so when that is less (else None)."""
     tokenizer = open_tokenizer(src)
     release_free_memory()
     strategy = strategies.resolve(src, options.strategy)
-    if options.gpu and strategy.name != "sparse":
-        raise EdgeError(f"--gpu under --ram runs --strategy sparse only (this store runs {strategy.name}); drop "
-                        "--gpu, or --ram to run it resident")
+    if options.gpu:
+        if strategy.name != "sparse":
+            raise EdgeError(f"--gpu under --ram runs --strategy sparse only (this store runs {strategy.name}); "
+                            "drop --gpu, or --ram to run it resident")
+        accelerator(find_device(options.gpu)[0])  # its driver's memory in RAM (a CUDA context's) is baseline
     baseline = meter.baseline()
     note = None
     if n_ctx is None:
@@ -189,7 +192,7 @@ class Engine:
         self.gpu = None  # --gpu's placement (edge.offload.GpuPlan); under a budget, the plan's
         if ram is None:
             self.strategy = None
-            self.gpu = resident_placement(self.file, options)
+            self.gpu = resident_placement(self.file, options, self.n_ctx)
             parts = None
             if self.gpu is not None:
                 if backend not in ("auto", "ggml"):

@@ -120,6 +120,8 @@ class Ggml:
             (base, "ggml_build_forward_expand"): (None, [vp, vp]),
             (base, "ggml_tensor_overhead"): (sz, []), (base, "ggml_graph_overhead_custom"): (sz, [sz, ctypes.c_bool]),
             (base, "ggml_get_data"): (vp, [vp]),
+            (base, "ggml_soft_max_ext"): (vp, [vp, vp, vp, ctypes.c_float, ctypes.c_float]),
+            (base, "ggml_cont"): (vp, [vp, vp]), (base, "ggml_transpose"): (vp, [vp, vp]),
             (reg, "ggml_backend_dev_by_type"): (vp, [ctypes.c_int]),
             (base, "ggml_backend_dev_init"): (vp, [vp, ctypes.c_char_p]),
             (base, "ggml_backend_dev_name"): (ctypes.c_char_p, [vp]),
@@ -457,6 +459,79 @@ class Accelerator:
                     g.close()
 
         return result
+
+
+F16 = 1
+
+
+class DeviceKV:
+    """Keys and values of every layer in a device's memory, float16 as llama.cpp keeps them (per layer, per kv
+    head, n_ctx rows of head_dim), and attention computed there: the same `attend` as edge.model.KVCache. Only
+    the new positions' keys and values go in, only the heads' outputs come out."""
+
+    def __init__(self, acc: "Accelerator", n_layers: int, n_kv: int, n_ctx: int, head_dim: int):
+        gg = acc.gg
+        self.acc, self.n_ctx, self.hd = acc, n_ctx, head_dim
+        self.row, self.plane = 2 * head_dim, 2 * head_dim * n_ctx  # bytes of one position, one head
+        self.meta = np.zeros((2 * n_layers + 2) * gg.ggml_tensor_overhead(), np.uint8)
+        self.ctx = gg.ggml_init(_InitParams(self.meta.nbytes, self.meta.ctypes.data, True))
+        self.k = [gg.ggml_new_tensor_3d(self.ctx, F16, head_dim, n_ctx, n_kv) for _ in range(n_layers)]
+        self.v = [gg.ggml_new_tensor_3d(self.ctx, F16, head_dim, n_ctx, n_kv) for _ in range(n_layers)]
+        self.buffer = acc.ggml_backend_alloc_ctx_tensors(self.ctx, acc.backend)
+        if not self.buffer:
+            gg.ggml_free(self.ctx)
+            raise EdgeError(f"--gpu {acc.name}: out of device memory for the KV cache; lower --ctx or --gpu-mem")
+        self.nbytes = acc.ggml_backend_buffer_get_size(self.buffer)
+        acc.used += self.nbytes
+        self._meta = np.zeros(16 * gg.ggml_tensor_overhead() + gg.ggml_graph_overhead_custom(16, False), np.uint8)
+
+    def __del__(self):
+        try:
+            self.acc.ggml_backend_buffer_free(self.buffer)
+            self.acc.gg.ggml_free(self.ctx)
+            self.acc.used -= self.nbytes
+        except Exception:  # the interpreter is shutting down
+            pass
+
+    def attend(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, first: int,
+               masked: np.ndarray | None) -> np.ndarray:
+        """edge.model.KVCache.attend, on the device."""
+        acc, gg = self.acc, self.acc.gg
+        t, n_heads, hd = q.shape
+        n_kv, end = k.shape[1], start + t
+        for cache, new in ((self.k[i], k), (self.v[i], v)):
+            heads = np.ascontiguousarray(new.transpose(1, 0, 2), dtype=np.float16)  # (n_kv, T, hd)
+            for h in range(n_kv):
+                acc.ggml_backend_tensor_set(cache, heads[h].ctypes.data, h * self.plane + start * self.row,
+                                            heads[h].nbytes)
+        span = end - first
+        ctx = gg.ggml_init(_InitParams(self._meta.nbytes, self._meta.ctypes.data, True))
+        buffer = None
+        try:
+            qt = gg.ggml_new_tensor_3d(ctx, F32, hd, t, n_heads)
+            keys = gg.ggml_view_3d(ctx, self.k[i], hd, span, n_kv, self.row, self.plane, first * self.row)
+            values = gg.ggml_view_3d(ctx, self.v[i], hd, span, n_kv, self.row, self.plane, first * self.row)
+            mask = gg.ggml_new_tensor_2d(ctx, F32, span, t) if masked is not None else None
+            scores = gg.ggml_soft_max_ext(ctx, gg.ggml_mul_mat(ctx, keys, qt), mask, 1.0, 0.0)  # (heads, T, S)
+            out = gg.ggml_mul_mat(ctx, gg.ggml_cont(ctx, gg.ggml_transpose(ctx, values)), scores)  # (heads, T, hd)
+            graph = gg.ggml_new_graph_custom(ctx, 16, False)
+            gg.ggml_build_forward_expand(graph, out)
+            buffer = acc.ggml_backend_alloc_ctx_tensors(ctx, acc.backend)
+            if not buffer:
+                raise EdgeError(f"--gpu {acc.name}: out of device memory for attention's scores")
+            qh = np.ascontiguousarray(q.transpose(1, 0, 2), dtype=np.float32)  # (heads, T, hd)
+            acc.ggml_backend_tensor_set(qt, qh.ctypes.data, 0, qh.nbytes)
+            if mask is not None:
+                m = np.where(masked, np.float32(-np.inf), np.float32(0))
+                acc.ggml_backend_tensor_set(mask, m.ctypes.data, 0, m.nbytes)
+            gg.compute_on(acc.backend, graph)
+            result = np.empty((n_heads, t, hd), np.float32)
+            acc.ggml_backend_tensor_get(out, result.ctypes.data, 0, result.nbytes)
+        finally:
+            if buffer:
+                acc.ggml_backend_buffer_free(buffer)
+            gg.ggml_free(ctx)
+        return result.transpose(1, 0, 2).reshape(t, n_heads * hd)
 
 
 class _DeviceGraph:

@@ -83,6 +83,27 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def attend(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, first: int,
+               masked: np.ndarray | None) -> np.ndarray:
+        """Layer i's attention: keys and values k, v (T, n_kv, head_dim) written at positions start.., then the
+        queries q (T, n_heads, head_dim, scaled and rotated) over positions first..start+T-1, `masked` (T, S)
+        hiding what a query may not see (None: nothing). The heads' outputs, (T, n_heads * head_dim)."""
+        t, n_heads, hd = q.shape
+        n_kv, end = k.shape[1], start + t
+        self.k[i, :, start:end] = k.transpose(1, 0, 2)
+        self.v[i, :, start:end] = v.transpose(1, 0, 2)
+        keys = self.k[i, :, first:end].astype(np.float32)    # (n_kv, S, head_dim)
+        values = self.v[i, :, first:end].astype(np.float32)  # (n_kv, S, head_dim)
+        qg = q.reshape(t, n_kv, n_heads // n_kv, hd).transpose(1, 2, 0, 3)  # (n_kv, group, T, hd)
+        scores = qg @ keys[:, None].transpose(0, 1, 3, 2)  # (n_kv, group, T, S)
+        if masked is not None:
+            scores = np.where(masked, np.float32(-np.inf), scores)
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = scores @ values[:, None]  # (n_kv, group, T, hd)
+        return out.transpose(2, 0, 1, 3).reshape(t, n_heads * hd)
+
     @staticmethod
     def bytes_for(cfg: ModelConfig, n_ctx: int) -> int:
         return 2 * cfg.n_layers * cfg.n_kv_heads * n_ctx * cfg.head_dim * 2
@@ -122,7 +143,7 @@ class Transformer:
         self.chunk = chunk
         self.layers = [self._load_layer(src, i) for i in range(cfg.n_layers)]
         self.output_norm = load_vector(src, "output_norm.weight", cfg.dim)
-        self.kv = KVCache(cfg, n_ctx)
+        self.kv = self.parts.kv(n_ctx) if self.parts.kv else KVCache(cfg, n_ctx)
         self.rope_global = Rope(cfg, cfg.rope_base, n_ctx)
         self.rope_local = Rope(cfg, cfg.rope_base_local, n_ctx) if cfg.sliding_window else self.rope_global
         self._trace: Trace | None = None
@@ -276,23 +297,12 @@ class Transformer:
         rope = self.rope_local if local else self.rope_global
         q = rope(np.ascontiguousarray(q), start) * np.float32(cfg.attn_scale)
         k = rope(np.ascontiguousarray(k), start)
-        self.kv.k[i, :, start:end] = k.transpose(1, 0, 2)
-        self.kv.v[i, :, start:end] = v.reshape(t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)
         first = max(0, start - cfg.sliding_window + 1) if local else 0  # keys no query of this batch can see
-        keys = self.kv.k[i, :, first:end].astype(np.float32)    # (n_kv, S, head_dim)
-        values = self.kv.v[i, :, first:end].astype(np.float32)  # (n_kv, S, head_dim)
-        group = cfg.n_heads // cfg.n_kv_heads
-        qg = q.reshape(t, cfg.n_kv_heads, group, cfg.head_dim).transpose(1, 2, 0, 3)  # (n_kv, group, T, hd)
-        scores = qg @ keys[:, None].transpose(0, 1, 3, 2)  # (n_kv, group, T, S)
+        masked = None
         if t > 1:  # one position sees every key from `first` on (the sliding window starts there)
             qpos = np.arange(start, end)[:, None]
             kpos = np.arange(first, end)[None, :]
             masked = kpos > qpos
             if local:
                 masked |= (qpos - kpos) >= cfg.sliding_window
-            scores = np.where(masked, np.float32(-np.inf), scores)
-        scores = scores - scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        out = scores @ values[:, None]  # (n_kv, group, T, hd)
-        return out.transpose(2, 0, 1, 3).reshape(t, cfg.q_dim)
+        return self.kv.attend(i, q, k, v.reshape(t, cfg.n_kv_heads, cfg.head_dim), start, first, masked)

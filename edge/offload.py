@@ -47,10 +47,11 @@ class GpuPlan:
     ffn_layers: int = 0  # whole layers' FFNs placed there (no budget)
     ffn_bytes: int = 0
     head: int = 0        # the output projection placed there (no budget; bytes)
+    kv: int = 0          # the KV cache of the whole context placed there (bytes), and attention computed there
 
     @property
     def used(self) -> int:
-        return self.attention + self.clusters * self.cluster_bytes + self.ffn_bytes + self.head
+        return self.attention + self.kv + self.clusters * self.cluster_bytes + self.ffn_bytes + self.head
 
     @property
     def ram(self) -> int:
@@ -60,7 +61,8 @@ class GpuPlan:
     def short(self) -> str:
         """The chat's one line: the device, its memory in use, what it holds."""
         f = format_size
-        held = [what for what, n in (("attention", self.attention), (f"{self.clusters} clusters/layer", self.clusters),
+        held = [what for what, n in (("attention", self.attention), ("KV cache", self.kv),
+                                     (f"{self.clusters} clusters/layer", self.clusters),
                                      (f"FFN of {self.ffn_layers} layers", self.ffn_layers), ("head", self.head)) if n]
         return (f"{self.device} {f(self.used)} of {f(self.budget)}" + (" (in RAM)" if self.unified else "")
                 + (f": {', '.join(held)}" if held else ""))
@@ -70,6 +72,8 @@ class GpuPlan:
         placed = []
         if self.attention:
             placed.append(f"the attention's projections ({f(self.attention)})")
+        if self.kv:
+            placed.append(f"the KV cache and attention's scores ({f(self.kv)}, float16)")
         if self.clusters:
             placed.append(f"{self.clusters} FFN clusters per layer ({f(self.clusters * self.cluster_bytes)}, "
                           "with --sparsity each layer's hottest by calibration: computed there at every token, "
@@ -81,8 +85,8 @@ class GpuPlan:
         where = ("unified memory: this is RAM, inside any --ram" if self.unified else
                  "discrete: outside --ram")
         return (f"GPU {self.device} ({self.description}, {where}): {f(self.used)} of --gpu-mem {f(self.budget)}: "
-                + ("; ".join(placed) or "nothing fits") + "; norms, attention scores, KV cache, embedding"
-                + ("" if self.head else " and head") + " on the CPU")
+                + ("; ".join(placed) or "nothing fits") + "; norms, " + ("" if self.kv else "KV cache, ")
+                + "embedding" + ("" if self.head else " and head") + " on the CPU")
 
 
 def find_device(name: str) -> tuple[str, str, str, int]:
@@ -100,10 +104,10 @@ def find_device(name: str) -> tuple[str, str, str, int]:
     return found[0]
 
 
-def is_unified(name: str, kind: str) -> bool:
+def is_unified(name: str, kind: str, description: str) -> bool:
     """The device's memory is the system's: an integrated GPU (a Jetson's CUDA device, as ggml types it), Apple
-    silicon's Metal device (MTL0), the CPU."""
-    return kind in ("integrated GPU", "CPU") or name.startswith(("MTL", "Metal"))
+    silicon's Metal device (MTL0), the CPU, and Mesa's software Vulkan (llvmpipe, typed as a GPU)."""
+    return kind in ("integrated GPU", "CPU") or name.startswith(("MTL", "Metal")) or "llvmpipe" in description
 
 
 def gpu_budget(options, memory: int) -> int:
@@ -114,32 +118,39 @@ def gpu_budget(options, memory: int) -> int:
     return options.gpu_mem if options.gpu_mem else int(DEFAULT_SHARE * memory)
 
 
-def plan_sparse(options, attention: int, cluster_bytes: int, n_clusters: int) -> GpuPlan | None:
-    """The placement under a budget: the attention (all layers, if it fits), then as many clusters per layer as
-    the rest holds. None without --gpu."""
+def plan_sparse(options, attention: int, kv: int, cluster_bytes: int, n_clusters: int) -> GpuPlan | None:
+    """The placement under a budget: the attention (all layers, if it fits), its KV cache (`kv` bytes, with the
+    attention, on a GPU), then as many clusters per layer as the rest holds. None without --gpu."""
     if not options.gpu:
         return None
     name, desc, kind, memory = find_device(options.gpu)
     budget = gpu_budget(options, memory)
+    att, kv = place_attention(kind, budget, attention, kv)
+    clusters = int(min(n_clusters, (budget - att - kv) // cluster_bytes))
+    return GpuPlan(name, desc, is_unified(name, kind, desc), budget, att, clusters, cluster_bytes, kv=kv)
+
+
+def place_attention(kind: str, budget: int, attention: int, kv: int) -> tuple[int, int]:
+    """(attention, KV cache) bytes on the device: the projections if they fit, then the KV cache if it fits too
+    and the device is a GPU (on the CPU device the cache would only lose precision: float16 queries)."""
     att = attention if attention <= budget else 0
-    clusters = int(min(n_clusters, (budget - att) // cluster_bytes))
-    return GpuPlan(name, desc, is_unified(name, kind), budget, att, clusters, cluster_bytes)
+    return att, kv if att and kind != "CPU" and att + kv <= budget else 0
 
 
-def plan_resident(options, attention: int, ffn_layers: list[int], head: int) -> GpuPlan | None:
-    """The placement with no budget: the attention, then whole FFN layers in order while they fit, then the
-    head if all of them did and it fits too."""
+def plan_resident(options, attention: int, kv: int, ffn_layers: list[int], head: int) -> GpuPlan | None:
+    """The placement with no budget: the attention and its KV cache, then whole FFN layers in order while they
+    fit, then the head if all of them did and it fits too."""
     if not options.gpu:
         return None
     name, desc, kind, memory = find_device(options.gpu)
     budget = gpu_budget(options, memory)
-    att = attention if attention <= budget else 0
-    room, k = budget - att, 0
+    att, kv = place_attention(kind, budget, attention, kv)
+    room, k = budget - att - kv, 0
     while k < len(ffn_layers) and ffn_layers[k] <= room:
         room -= ffn_layers[k]
         k += 1
     head = head if k == len(ffn_layers) and head <= room else 0
-    return GpuPlan(name, desc, is_unified(name, kind), budget, att, 0, 0, k, sum(ffn_layers[:k]), head)
+    return GpuPlan(name, desc, is_unified(name, kind, desc), budget, att, 0, 0, k, sum(ffn_layers[:k]), head, kv)
 
 
 def group_bytes(src, i: int, name: str) -> int:
@@ -159,8 +170,8 @@ def tensor_bytes(src, name: str) -> int:
     return src.tensor(name).raw.nbytes  # a GGUF file's (a view of its mapping), a store's FFN (from its bundles)
 
 
-def resident_placement(src, options) -> GpuPlan | None:
-    """plan_resident for a model with no budget and no mixture (None without --gpu)."""
+def resident_placement(src, options, n_ctx: int) -> GpuPlan | None:
+    """plan_resident for a model with no budget and no mixture, a context of n_ctx (None without --gpu)."""
     if not options.gpu:
         return None
     if src.config.n_experts:
@@ -168,9 +179,11 @@ def resident_placement(src, options) -> GpuPlan | None:
     layers = range(src.config.n_layers)
     attention = sum(group_bytes(src, i, g) for i in layers for g in ("attn_in", "attn_out"))
     from edge.head import head_name
+    from edge.model import KVCache
 
-    return plan_resident(options, attention, [group_bytes(src, i, "ffn_in") + group_bytes(src, i, "ffn_h")
-                                              for i in layers], tensor_bytes(src, head_name(src)))
+    ffn = [group_bytes(src, i, "ffn_in") + group_bytes(src, i, "ffn_h") for i in layers]
+    return plan_resident(options, attention, KVCache.bytes_for(src.config, n_ctx), ffn,
+                         tensor_bytes(src, head_name(src)))
 
 
 _ACCELERATORS: dict[str, object] = {}

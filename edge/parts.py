@@ -299,6 +299,7 @@ class Parts:
     ffn: FFN
     embed: Callable[[np.ndarray], np.ndarray]
     head: object     # head(x) -> (logits,), head.nll(x, targets), head.stats()
+    kv: Callable[[int], object] | None = None  # n_ctx -> a KV cache elsewhere than RAM (--gpu); None: RAM's
 
     def resize(self, plan) -> None:
         """Follow a new plan: the linears first (a BitStack's depth), then the FFN (which may read at it)."""
@@ -308,8 +309,8 @@ class Parts:
 
 def resident_parts(src, backend, act, gpu=None) -> Parts:
     """Every weight in RAM as stored (no budget): the dense or mixture FFN, the embedding and head tensors; with
-    `gpu` (an edge.offload.GpuPlan, a dense model) the attention, the first layers' FFNs and the head where it
-    placed them, on its device."""
+    `gpu` (an edge.offload.GpuPlan, a dense model) the attention, the KV cache, the first layers' FFNs and the
+    head where it placed them, on its device."""
     linears, device = StoredLinears(src, backend), None
     if gpu is not None:
         from edge.offload import DeviceLinears, accelerator
@@ -319,4 +320,12 @@ def resident_parts(src, backend, act, gpu=None) -> Parts:
     cfg = src.config
     ffn = MoEFFN(src, backend, act, ResidentExperts(src, backend, act)) if cfg.n_experts \
         else DenseFFN(linears, cfg.n_layers, act)
-    return Parts(linears, ffn, DenseEmbedding(src), DenseHead(src, backend, device if gpu and gpu.head else None))
+    return Parts(linears, ffn, DenseEmbedding(src), DenseHead(src, backend, device if gpu and gpu.head else None),
+                 device_kv(device, cfg) if gpu and gpu.kv else None)
+
+
+def device_kv(device, cfg) -> Callable[[int], object]:
+    """Parts.kv for a KV cache in a device's memory (edge.ggml.DeviceKV)."""
+    from edge.ggml import DeviceKV
+
+    return lambda n_ctx: DeviceKV(device, cfg.n_layers, cfg.n_kv_heads, n_ctx, cfg.head_dim)
