@@ -101,8 +101,8 @@ def add_strategy_args(p: argparse.ArgumentParser, title: str = "RAM budget: stra
                               "default) or trace (routing tables from `edge convert --calibrate`)")
     gpu = p.add_argument_group("GPU (a build with CUDA, Vulkan or Metal: `make gpu`; `edge info` lists devices)")
     gpu.add_argument("--gpu", default="", metavar="NAME",
-                     help="compute the attention and the hottest FFN weights on this device: auto (the first "
-                          "GPU), CUDA0, Vulkan0, ...; the rest as --ram plans it")
+                     help="compute the attention (its KV cache too) and the hottest FFN weights on this device: "
+                          "auto (the first GPU), CUDA0, Vulkan0, ...; the rest as --ram plans it")
     gpu.add_argument("--gpu-mem", default=None, metavar="SIZE",
                      help="the device memory to fill, like 512MB (default: 80%% of it; on unified memory, "
                           "part of --ram)")

@@ -471,7 +471,7 @@ class DeviceKV:
 
     def __init__(self, acc: "Accelerator", n_layers: int, n_kv: int, n_ctx: int, head_dim: int):
         gg = acc.gg
-        self.acc, self.n_ctx, self.hd = acc, n_ctx, head_dim
+        self.acc, self.n_ctx, self.hd, self.n_kv = acc, n_ctx, head_dim, n_kv
         self.row, self.plane = 2 * head_dim, 2 * head_dim * n_ctx  # bytes of one position, one head
         self.meta = np.zeros((2 * n_layers + 2) * gg.ggml_tensor_overhead(), np.uint8)
         self.ctx = gg.ggml_init(_InitParams(self.meta.nbytes, self.meta.ctypes.data, True))
@@ -495,15 +495,27 @@ class DeviceKV:
 
     def attend(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, first: int,
                masked: np.ndarray | None) -> np.ndarray:
-        """edge.model.KVCache.attend, on the device."""
-        acc, gg = self.acc, self.acc.gg
-        t, n_heads, hd = q.shape
-        n_kv, end = k.shape[1], start + t
+        """edge.model.KVCache.attend, on the device: a long prompt's queries in parts whose scores stay within
+        DEVICE_TENSOR."""
+        t, n_heads, _ = q.shape
         for cache, new in ((self.k[i], k), (self.v[i], v)):
             heads = np.ascontiguousarray(new.transpose(1, 0, 2), dtype=np.float16)  # (n_kv, T, hd)
-            for h in range(n_kv):
-                acc.ggml_backend_tensor_set(cache, heads[h].ctypes.data, h * self.plane + start * self.row,
-                                            heads[h].nbytes)
+            for h in range(heads.shape[0]):
+                self.acc.ggml_backend_tensor_set(cache, heads[h].ctypes.data, h * self.plane + start * self.row,
+                                                 heads[h].nbytes)
+        step = max(1, DEVICE_TENSOR // (4 * n_heads * (start + t - first)))
+        parts = []
+        for a in range(0, t, step):
+            end = start + min(t, a + step)  # the part's last query sees up to here
+            parts.append(self._attend(i, q[a:a + step], first, end,
+                                      None if masked is None else masked[a:a + step, :end - first]))
+        return np.concatenate(parts)
+
+    def _attend(self, i: int, q: np.ndarray, first: int, end: int, masked: np.ndarray | None) -> np.ndarray:
+        """Queries q (T, n_heads, head_dim) over the cached positions first..end-1."""
+        acc, gg = self.acc, self.acc.gg
+        t, n_heads, hd = q.shape
+        n_kv = self.n_kv
         span = end - first
         ctx = gg.ggml_init(_InitParams(self._meta.nbytes, self._meta.ctypes.data, True))
         buffer = None

@@ -4,6 +4,8 @@ A device of ggml's backend registry (edge.ggml.Accelerator: CUDA, Vulkan, Metal,
 the same path without a GPU) receives, in this order and up to `--gpu-mem`:
 
 1. the attention's projections (q, k, v, output) of every layer, all or none: every token needs each of them;
+   with them, on a GPU, the KV cache of the whole context (float16, edge.ggml.DeviceKV: the attention's scores
+   are computed there, only new keys and values go in);
 2. then FFN weights: under `--ram` (the sparse strategy) the same number of FFN clusters in every layer: with
    predictors (`--sparsity`) the clusters calibration found them to choose most often (`hot` in the store's
    calibration; PowerInfer's hot neurons), at sparsity 0 each layer's first (every cluster is needed at every
@@ -14,8 +16,8 @@ What is on the device is uploaded once at load and never crosses the bus again; 
 do (in and out). A layer's FFN clusters on the device compute while the CPU computes the layer's others (two
 graphs at once, one per device, rather than one graph split by ggml_backend_sched: every product here runs
 whole on one device). Everything else stays as the plan has it: the neuron cache in RAM, the rest read from
-flash per token, the norms, the attention's scores and the KV cache (numpy, edge.model), the embedding, and
-under `--ram` the head, on the CPU.
+flash per token, the norms and rotary embeddings, the embedding, and under `--ram` the head, on the CPU (and the
+KV cache where it did not fit, or on the CPU device, where float16 queries would only lose precision).
 
 On unified memory (an integrated GPU, Apple silicon, the CPU device) the device's memory is the system's: what
 is placed there counts inside `--ram` (the plan says so), and moving it saves no RAM; on a discrete GPU it leaves

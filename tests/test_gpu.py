@@ -152,13 +152,15 @@ def test_a_gpu_agrees_with_the_cpu_up_to_near_ties(real_model, device):
     assert (top2[:, 1] - top2[:, 0] < 1.0).all()
 
 
-def test_kv_cache_on_the_device_attends_as_in_ram(smollm2):
+def test_kv_cache_on_the_device_attends_as_in_ram(smollm2, monkeypatch):
     """The KV cache in a device's memory (a GPU takes it with the attention; here forced onto the CPU device)
     attends as the RAM cache does up to float16 queries and probabilities (llama.cpp's own precision): the same
-    outputs to 0.2% of their scale for a prompt with its causal mask, a decode step and a sliding window; over a
+    outputs to 0.2% of their scale for a prompt with its causal mask (whole, and in parts past DEVICE_TENSOR), a
+    decode step and a sliding window; over a
     real prompt and its decode steps the same perplexity to 2% and top-1 token at 90% of positions."""
     from types import SimpleNamespace
 
+    from edge import ggml as G
     from edge.ggml import Accelerator, DeviceKV
     from edge.model import KVCache
     from edge.parts import device_kv
@@ -172,6 +174,11 @@ def test_kv_cache_on_the_device_attends_as_in_ram(smollm2):
         masked = np.arange(t)[None, :] > np.arange(t)[:, None] if t > 1 else None
         want = ram.attend(1, q, k, v, start, first, masked)
         assert np.abs(dev.attend(1, q, k, v, start, first, masked) - want).max() < 2e-3 * np.abs(want).max()
+    monkeypatch.setattr(G, "DEVICE_TENSOR", 4 * 6 * 5 * 2)  # a prompt's scores in parts of 2 queries
+    masked = np.arange(5)[None, :] > np.arange(5)[:, None]
+    want = ram.attend(0, q := rng.standard_normal((5, 6, 64)).astype(np.float32), k := q[:, :2], k, 0, 0, masked)
+    assert np.abs(dev.attend(0, q, k, k, 0, 0, masked) - want).max() < 2e-3 * np.abs(want).max()
+    monkeypatch.undo()
     engine = Engine(smollm2, n_ctx=256, threads=2)
     toks = engine.tokenizer.encode(eval_text(), add_bos=False)[:200]
     model = engine.model
