@@ -372,7 +372,10 @@ class Accelerator:
                 ("ggml_backend_buffer_free", None, [vp]), ("ggml_backend_tensor_set", None, [vp, vp, sz, sz]),
                 ("ggml_backend_tensor_get", None, [vp, vp, sz, sz]), ("ggml_nbytes", sz, [vp]),
                 ("ggml_backend_graph_compute_async", ctypes.c_int, [vp, vp]),
-                ("ggml_backend_synchronize", None, [vp])):
+                ("ggml_backend_synchronize", None, [vp]), ("ggml_backend_get_default_buffer_type", vp, [vp]),
+                ("ggml_gallocr_new", vp, [vp]), ("ggml_gallocr_alloc_graph", ctypes.c_bool, [vp, vp]),
+                ("ggml_gallocr_get_buffer_size", sz, [vp, ctypes.c_int]),
+                ("ggml_set_input", None, [vp]), ("ggml_set_output", None, [vp])):
             f = getattr(base, fname)
             f.restype, f.argtypes = res, args
             setattr(self, fname, f)
@@ -380,14 +383,9 @@ class Accelerator:
         if not found:
             raise EdgeError(f"--gpu {name}: no such device in this build of llama-cpp-python")
         self.name, self.description, self.kind, self.memory = found[0]
-        dev = _device_by_name(self.name)
-        self.backend = gg.ggml_backend_dev_init(dev, None)
-        if not self.backend:
-            raise EdgeError(f"--gpu {self.name}: ggml could not start the device")
-        if self.kind == "CPU":
-            gg.ggml_backend_cpu_set_n_threads(self.backend, gg.threads)
-            gg.ggml_backend_cpu_set_threadpool(self.backend, gg._pool)
-        self.used = 0  # bytes of its memory in use: uploads and kept graphs
+        self.used = 0  # bytes of its memory in use: uploads, kept graphs, scratch buffers
+        self.main = Compute(self)  # the products' backend: uploads, kept graphs, a prompt's products
+        self.backend = self.main.backend
         self._graphs: dict[tuple, _DeviceGraph] = {}
 
     def upload(self, weights: list[Weight]) -> list[DeviceWeight]:
@@ -445,8 +443,9 @@ class Accelerator:
         key = (shapes, tuple((slot[id(x)], w.tensor) for x, w in pairs))
         g = self._graphs.get(key)
         if g is None:
-            g = _DeviceGraph(self, shapes, [(slot[id(x)], w) for x, w in pairs])
-            if all(s[0] == 1 for s in shapes):
+            keep = all(s[0] == 1 for s in shapes)
+            g = _DeviceGraph(self, shapes, [(slot[id(x)], w) for x, w in pairs], keep)
+            if keep:
                 self._graphs[key] = g
                 self.used += g.nbytes
         g.start(xs)
@@ -484,6 +483,7 @@ class DeviceKV:
         self.nbytes = acc.ggml_backend_buffer_get_size(self.buffer)
         acc.used += self.nbytes
         self._meta = np.zeros(16 * gg.ggml_tensor_overhead() + gg.ggml_graph_overhead_custom(16, False), np.uint8)
+        self.compute = Compute(acc)  # a backend of its own (Compute)
 
     def __del__(self):
         try:
@@ -518,7 +518,6 @@ class DeviceKV:
         n_kv = self.n_kv
         span = end - first
         ctx = gg.ggml_init(_InitParams(self._meta.nbytes, self._meta.ctypes.data, True))
-        buffer = None
         try:
             qt = gg.ggml_new_tensor_3d(ctx, F32, hd, t, n_heads)
             keys = gg.ggml_view_3d(ctx, self.k[i], hd, span, n_kv, self.row, self.plane, first * self.row)
@@ -527,29 +526,61 @@ class DeviceKV:
             scores = gg.ggml_soft_max_ext(ctx, gg.ggml_mul_mat(ctx, keys, qt), mask, 1.0, 0.0)  # (heads, T, S)
             out = gg.ggml_mul_mat(ctx, gg.ggml_cont(ctx, gg.ggml_transpose(ctx, values)), scores)  # (heads, T, hd)
             graph = gg.ggml_new_graph_custom(ctx, 16, False)
+            for t_in in (qt, mask) if mask else (qt,):
+                acc.ggml_set_input(t_in)
+            acc.ggml_set_output(out)
             gg.ggml_build_forward_expand(graph, out)
-            buffer = acc.ggml_backend_alloc_ctx_tensors(ctx, acc.backend)
-            if not buffer:
-                raise EdgeError(f"--gpu {acc.name}: out of device memory for attention's scores")
+            self.compute.place(graph)
             qh = np.ascontiguousarray(q.transpose(1, 0, 2), dtype=np.float32)  # (heads, T, hd)
             acc.ggml_backend_tensor_set(qt, qh.ctypes.data, 0, qh.nbytes)
             if mask is not None:
                 m = np.where(masked, np.float32(-np.inf), np.float32(0))
                 acc.ggml_backend_tensor_set(mask, m.ctypes.data, 0, m.nbytes)
-            gg.compute_on(acc.backend, graph)
+            self.compute.run(graph)
             result = np.empty((n_heads, t, hd), np.float32)
             acc.ggml_backend_tensor_get(out, result.ctypes.data, 0, result.nbytes)
         finally:
-            if buffer:
-                acc.ggml_backend_buffer_free(buffer)
             gg.ggml_free(ctx)
         return result.transpose(1, 0, 2).reshape(t, n_heads * hd)
 
 
-class _DeviceGraph:
-    """Products on a device: input and output tensors in a device buffer of their own, the graph over them."""
+class Compute:
+    """One instance of an Accelerator's device backend and the scratch buffer of the graphs it runs once.
+    Attention (DeviceKV) has its own: sharing one Vulkan backend between its graphs and the products' corrupted
+    memory on lavapipe (state the backend keeps between graphs), two instances of the device do not."""
 
-    def __init__(self, acc: Accelerator, shapes: tuple, pairs: list[tuple[int, DeviceWeight]]):
+    def __init__(self, acc: "Accelerator"):
+        gg = acc.gg
+        self.acc = acc
+        self.backend = gg.ggml_backend_dev_init(_device_by_name(acc.name), None)
+        if not self.backend:
+            raise EdgeError(f"--gpu {acc.name}: ggml could not start the device")
+        if acc.kind == "CPU":
+            gg.ggml_backend_cpu_set_n_threads(self.backend, gg.threads)
+            gg.ggml_backend_cpu_set_threadpool(self.backend, gg._pool)
+        self._galloc = acc.ggml_gallocr_new(acc.ggml_backend_get_default_buffer_type(self.backend))
+        self.size = 0
+
+    def place(self, graph: int) -> None:
+        """Place a graph built for one call (inputs marked ggml_set_input, outputs ggml_set_output) in the
+        buffer such graphs share, grown as needed."""
+        acc = self.acc
+        if not acc.ggml_gallocr_alloc_graph(self._galloc, graph):
+            raise EdgeError(f"--gpu {acc.name}: out of device memory for a computation's activations; lower "
+                            "--gpu-mem")
+        size = acc.ggml_gallocr_get_buffer_size(self._galloc, 0)
+        acc.used += size - self.size
+        self.size = size
+
+    def run(self, graph: int) -> None:
+        self.acc.gg.compute_on(self.backend, graph)
+
+
+class _DeviceGraph:
+    """Products on a device: the graph over input and output tensors in a device buffer of their own (kept), or
+    in the accelerator's scratch buffer (one call)."""
+
+    def __init__(self, acc: Accelerator, shapes: tuple, pairs: list[tuple[int, DeviceWeight]], keep: bool):
         gg = acc.gg
         self.acc = acc
         size = 2 * len(pairs) + len(shapes) + 8
@@ -563,8 +594,19 @@ class _DeviceGraph:
             if w.cols != shapes[k][1]:
                 raise ValueError(f"weight ({w.rows} x {w.cols}) does not fit input {shapes[k]}")
             y = gg.ggml_mul_mat(self.ctx, w.tensor, self.inputs[k])
+            acc.ggml_set_output(y)
             gg.ggml_build_forward_expand(self.graph, y)
             self.outputs.append((y, (shapes[k][0], w.rows)))
+        self.buffer, self.nbytes = None, 0
+        if not keep:
+            for t in self.inputs:
+                acc.ggml_set_input(t)
+            try:
+                acc.main.place(self.graph)
+            except EdgeError:
+                gg.ggml_free(self.ctx)
+                raise
+            return
         self.buffer = acc.ggml_backend_alloc_ctx_tensors(self.ctx, acc.backend)
         if not self.buffer:
             gg.ggml_free(self.ctx)
@@ -592,7 +634,8 @@ class _DeviceGraph:
         return outs
 
     def close(self) -> None:
-        self.acc.ggml_backend_buffer_free(self.buffer)
+        if self.buffer:
+            self.acc.ggml_backend_buffer_free(self.buffer)
         self.acc.gg.ggml_free(self.ctx)
 
 
