@@ -198,7 +198,8 @@ class Engine:
                 if backend not in ("auto", "ggml"):
                     raise EdgeError(f"--gpu computes with ggml's kernels; drop --backend {backend}")
                 backend = make_backend("ggml", threads)
-                parts = resident_parts(self.file, backend, ACTIVATIONS[self.config.activation], self.gpu)
+                parts = resident_parts(self.file, backend, ACTIVATIONS[self.config.activation], self.gpu,
+                                       accelerator(self.gpu.device))
             self.model = Transformer(self.file, self.n_ctx, backend=backend, threads=threads, parts=parts)
             self.tokenizer = open_tokenizer(self.file)  # after the model: its checks name a bad tensor first
         else:

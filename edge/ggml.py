@@ -91,6 +91,12 @@ class Weight:
             -(-((batches - 1) * batch_stride + rows * self.row_stride) // fmt.block_bytes) * fmt.block_size
         )
 
+    @classmethod
+    def of(cls, t) -> "Weight":
+        """A stored tensor (edge.gguf_file.Tensor) as a weight over its bytes (a contiguous copy where they are
+        not)."""
+        return cls(np.ascontiguousarray(t.raw), t.type_id, t.rows, t.cols)
+
 
 def _distinct_inputs(pairs: list[tuple]) -> tuple[dict[int, int], list[np.ndarray]]:
     """The inputs of (x, weight) pairs, each once (by identity), and each input's place among them."""

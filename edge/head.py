@@ -75,7 +75,7 @@ class DenseHead:
         if device is None:
             self.group = backend.linear_group([t])
         else:
-            (w,) = device.upload([Weight(np.ascontiguousarray(t.raw), t.type_id, t.rows, t.cols)])
+            (w,) = device.upload([Weight.of(t)])
             self.group = lambda x: tuple(device.products([(x, w)]))
 
     def __call__(self, x: np.ndarray) -> tuple:

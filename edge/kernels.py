@@ -209,7 +209,7 @@ class GgmlBackend:
         self.resident_bytes = 0
 
     def linear_group(self, tensors: Sequence[Tensor]) -> LinearGroup:
-        weights = [Weight(np.ascontiguousarray(t.raw), t.type_id, t.rows, t.cols) for t in tensors]
+        weights = [Weight.of(t) for t in tensors]
         self.resident_bytes += sum(w.buf.nbytes for w in weights)
         mm = self.ggml.matmul
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from edge.errors import EdgeError
 from edge.sizes import format_size
 
@@ -199,40 +197,3 @@ def accelerator(name: str):
     if name not in _ACCELERATORS:
         _ACCELERATORS[name] = Accelerator(name, default_threads())
     return _ACCELERATORS[name]
-
-
-class DeviceLinears:
-    """Linear groups (edge.parts) whose weights are on a device: the attention's where the plan placed it, the
-    FFN's of its first `ffn_layers` layers; the others from `inner` as before."""
-
-    def __init__(self, inner, acc, plan: GpuPlan):
-        from edge.parts import ATTENTION
-
-        self.inner, self.acc, self.plan = inner, acc, plan
-        self.on_device = {name: plan.attention > 0 for name in ATTENTION}
-
-    def group(self, i: int, name: str):
-        from edge.parts import group_shapes
-
-        if not self.on_device.get(name, i < self.plan.ffn_layers):
-            return self.inner.group(i, name)
-        src = self.inner.src
-        weights = [device_weight(src.tensor(f"blk.{i}.{n}.weight", shape)) for n, shape in
-                   group_shapes(src.config, name)]
-        uploaded = self.acc.upload(weights)
-        products = self.acc.products
-
-        def run(x: np.ndarray) -> tuple:
-            return tuple(products([(x, w) for w in uploaded]))
-
-        return run
-
-    def resize(self, plan) -> None:
-        self.inner.resize(plan)
-
-
-def device_weight(t):
-    """A stored tensor (edge.gguf_file.Tensor) as an edge.ggml.Weight over its bytes, to upload."""
-    from edge.ggml import Weight
-
-    return Weight(np.ascontiguousarray(t.raw), t.type_id, t.rows, t.cols)

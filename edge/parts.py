@@ -186,6 +186,32 @@ class StreamedLinears(StoredLinears):
         self.loaded = i
 
 
+class DeviceLinears:
+    """Linear groups whose weights are on a device (edge.ggml.Accelerator, `--gpu`): the attention's where the
+    placement (edge.offload.GpuPlan) put it, the FFN's of its first `ffn_layers` layers; the others from `inner`
+    as before."""
+
+    def __init__(self, inner, acc, plan):
+        self.inner, self.acc, self.plan = inner, acc, plan
+        self.on_device = {name: plan.attention > 0 for name in ATTENTION}
+
+    def group(self, i: int, name: str):
+        if not self.on_device.get(name, i < self.plan.ffn_layers):
+            return self.inner.group(i, name)
+        src = self.inner.src
+        uploaded = self.acc.upload([Weight.of(src.tensor(f"blk.{i}.{n}.weight", shape))
+                                    for n, shape in group_shapes(src.config, name)])
+        products = self.acc.products
+
+        def run(x: np.ndarray) -> tuple:
+            return tuple(products([(x, w) for w in uploaded]))
+
+        return run
+
+    def resize(self, plan) -> None:
+        self.inner.resize(plan)
+
+
 class DenseFFN(Resident):
     """The gated FFN of every layer from linear groups: act(gate) * up, then down."""
 
@@ -307,15 +333,12 @@ class Parts:
         self.ffn.resize(plan)
 
 
-def resident_parts(src, backend, act, gpu=None) -> Parts:
+def resident_parts(src, backend, act, gpu=None, device=None) -> Parts:
     """Every weight in RAM as stored (no budget): the dense or mixture FFN, the embedding and head tensors; with
     `gpu` (an edge.offload.GpuPlan, a dense model) the attention, the KV cache, the first layers' FFNs and the
-    head where it placed them, on its device."""
-    linears, device = StoredLinears(src, backend), None
+    head where it placed them, on `device` (its edge.ggml.Accelerator)."""
+    linears = StoredLinears(src, backend)
     if gpu is not None:
-        from edge.offload import DeviceLinears, accelerator
-
-        device = accelerator(gpu.device)
         linears = DeviceLinears(linears, device, gpu)
     cfg = src.config
     ffn = MoEFFN(src, backend, act, ResidentExperts(src, backend, act)) if cfg.n_experts \

@@ -16,8 +16,8 @@ from edge.flash import ALIGN
 from edge.head import HEAD_IO, budget_ends, budget_ends_bytes, head_bytes
 from edge.errors import EdgeError
 from edge.model import KVCache
-from edge.offload import DeviceLinears, accelerator, plan_sparse
-from edge.parts import Parts, StoredLinears, StreamedLinears, attention_layout, device_kv
+from edge.offload import accelerator, plan_sparse
+from edge.parts import DeviceLinears, Parts, StoredLinears, StreamedLinears, attention_layout, device_kv
 from edge.sizes import format_size
 from edge.sparse import Layout, SparseFFN, check_calibrated, stream_scratch_bytes
 from edge.strategies import Options
