@@ -22,6 +22,10 @@ GGML blocks, computed by llama.cpp's kernels (edge.ggml) straight from the cache
    at one stride in the read buffer are one batched product; one node per 32-row record measured 30% slower),
    act(gate) * up, the down products in a second graph, summed.
 
+With `--gpu` (edge.offload) each layer's hottest clusters (by calibration; at sparsity 0 its first) live in the
+device's memory and are computed there at every token, while the CPU computes the rest; the cache, the
+predictor's choices and the reads deal with the others only.
+
 Reads for layer i+1 run while layer i computes (its own thread and I/O engine): at sparsity 0 the clusters it
 will read are known (those not cached). With predictors, `read_ahead` (`--prefetch 1`) reads the clusters
 layer i+1's next-layer predictor names from layer i's input (the paper's overlap); clusters it then needs
