@@ -133,9 +133,9 @@ def plan_budget(src, ram: int, n_ctx: int | None, options: Options, meter: Meter
     release_free_memory()
     strategy = strategies.resolve(src, options.strategy)
     if options.gpu:
-        if strategy.name != "sparse":
-            raise EdgeError(f"--gpu under --ram runs --strategy sparse only (this store runs {strategy.name}); "
-                            "drop --gpu, or --ram to run it resident")
+        if strategy.name not in ("sparse", "experts"):
+            raise EdgeError(f"--gpu under --ram runs --strategy sparse or experts (this store runs "
+                            f"{strategy.name}); drop --gpu, or --ram to run it resident")
         accelerator(find_device(options.gpu)[0])  # its driver's memory in RAM (a CUDA context's) is baseline
     baseline = meter.baseline()
     note = None

@@ -150,10 +150,12 @@ class ExpertPager:
 
     def __init__(self, store, ggml, act, slots: int, policy: str = "score", prefetch: int = 0,
                  predictor: str = "pregate", read_threads: int = 4, routers: list | None = None,
-                 norms: list | None = None):
+                 norms: list | None = None, device: tuple | None = None):
         """prefetch: experts predicted and read ahead per layer (0: on-demand loading, no prediction).
         predictor: pregate, or trace (the routing tables of `edge convert --calibrate`). routers, norms: every
-        layer's router (n_experts, dim) and FFN norm weights (pregate predicts from them)."""
+        layer's router (n_experts, dim) and FFN norm weights (pregate predicts from them). device: (an
+        edge.ggml.Accelerator, experts per layer): each layer's most routed experts by calibration (else its
+        first) are uploaded to it at load and computed there when routed; the cache pages the others."""
         cfg = store.config
         self.store, self.ggml, self.act, self.cfg = store, ggml, act, cfg
         # per layer and expert: the array its record lies in (its chosen bitwidth) and the record's layout
@@ -200,6 +202,15 @@ class ExpertPager:
         self.routers, self.norms = routers or [], norms or []
         self._gates: list[np.ndarray] | None = None  # router rows times the FFN norm's weights, per layer
         self.set_slots(slots)
+        self.device = device[0] if device else None
+        self.on_device: list[dict[int, tuple]] = [{} for _ in range(cfg.n_layers)]  # layer -> expert -> weights
+        for i in range(cfg.n_layers if device else 0):
+            order = np.argsort(-self.tables[i, 0], kind="stable") if self.tables is not None \
+                else np.arange(cfg.n_experts)
+            for e in (int(e) for e in order[:device[1]]):
+                (view,) = store.read_views(self.sources[i][e][0], [e], True, self._io)
+                record = np.frombuffer(view, np.uint8)
+                self.on_device[i][e] = tuple(self.device.upload(list(self.layouts[i][e].weights(record))))
 
     @property
     def cache_bytes(self) -> int:
@@ -221,7 +232,9 @@ class ExpertPager:
         self.clock += 1
         self._cur = i
         st = self.counters
-        needed = sorted((int(e) for e in np.unique(top)), key=lambda e: (i, e) not in self.slot_of)  # cached first
+        placed = self.on_device[i]  # the device's: computed there; the cache's counters are the others'
+        needed = sorted((int(e) for e in np.unique(top) if int(e) not in placed),
+                        key=lambda e: (i, e) not in self.slot_of)  # cached first
         st.needed += len(needed)
         np.add.at(self.freq[i], top.reshape(-1), 1.0)
         if len(x) == 1:
@@ -231,6 +244,9 @@ class ExpertPager:
             st.predicted_used += len(predicted & set(needed))
             st.routed_after_prediction += len(needed)
         out = np.zeros((len(x), self.cfg.dim), np.float32)
+        if placed:
+            self._compute(x, top, weights, [(int(e), placed[int(e)]) for e in np.unique(top) if int(e) in placed],
+                          self.device.products, out)
         k = self.cfg.n_experts_used
         for j in range(0, len(needed), k):  # a token's worth of experts at a time: a prompt's union may not fit
             group = needed[j:j + k]
@@ -238,23 +254,25 @@ class ExpertPager:
             if j == 0 and self.prefetch and resid is not None and i + 1 < self.cfg.n_layers and len(x) == 1:
                 self._prefetch(i + 1, resid, group)  # read while this layer's experts load and compute
             slots = [self._ensure(i, e) for e in group]
-            self._compute(i, x, top, weights, group, slots, out)
+            self.last_use[slots] = self.clock
+            cached = [(e, self.layouts[i][e].weights(self.bufs[s])) for e, s in zip(group, slots)]
+            self._compute(x, top, weights, cached, self.ggml.products, out)
         return out
 
-    def _compute(self, i: int, x: np.ndarray, top: np.ndarray, weights: np.ndarray, group: list[int],
-                 slots: list[int], out: np.ndarray) -> None:
-        """out += the weighted FFNs of the experts in `group` (cached in `slots`): gate and up of all of them
-        in one ggml graph, their downs in a second."""
+    def _compute(self, x: np.ndarray, top: np.ndarray, weights: np.ndarray, experts: list[tuple[int, tuple]],
+                 products, out: np.ndarray) -> None:
+        """out += the weighted FFNs of `experts` ((expert, its gate, up and down) each) through `products` (the
+        CPU's, or the device's): gate and up of all of them in one graph, their downs in a second."""
         first, routed = [], []
-        for e, s in zip(group, slots):
+        for e, (g, u, d) in experts:
             rows, which = np.nonzero(top == e)
-            g, u, d = self.layouts[i][e].weights(self.bufs[s])
             xe = x[rows] if len(rows) < len(x) else x
             first += [(xe, g), (xe, u)]
             routed.append((rows, which, d))
-            self.last_use[s] = self.clock
-        outs = self.ggml.products(first)
-        downs = self.ggml.products([(self.act(outs[2 * n]) * outs[2 * n + 1], d) for n, (_, _, d) in enumerate(routed)])
+        if not first:
+            return
+        outs = products(first)
+        downs = products([(self.act(outs[2 * n]) * outs[2 * n + 1], d) for n, (_, _, d) in enumerate(routed)])
         for (rows, which, _), h in zip(routed, downs):
             out[rows] += weights[rows, which][:, None] * h
 
@@ -351,7 +369,7 @@ class ExpertPager:
         for e in now:
             if (self._cur, e) not in self.slot_of:
                 spare[self.class_of[self._cur, e]] -= 1
-        guess = self.predict(j, resid)
+        guess = [e for e in self.predict(j, resid) if e not in self.on_device[j]]  # the device's need no read
         self._predicted[j] = set(guess)
         self.counters.predicted += len(guess)
         todo = []

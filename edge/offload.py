@@ -9,8 +9,9 @@ the same path without a GPU) receives, in this order and up to `--gpu-mem`:
 2. then FFN weights: under `--ram` (the sparse strategy) the same number of FFN clusters in every layer: with
    predictors (`--sparsity`) the clusters calibration found them to choose most often (`hot` in the store's
    calibration; PowerInfer's hot neurons), at sparsity 0 each layer's first (every cluster is needed at every
-   token, so any set is as hot as another); with no budget, whole layers' FFNs, first layers first, then the
-   head when every layer fit.
+   token, so any set is as hot as another); a mixture's experts strategy the same number of experts in every
+   layer, its most routed by calibration (EdgeMoE's profile; else its first), computed there when routed and
+   never paged; with no budget, whole layers' FFNs, first layers first, then the head when every layer fit.
 
 What is on the device is uploaded once at load and never crosses the bus again; per product only the activations
 do (in and out). A layer's FFN clusters on the device compute while the CPU computes the layer's others (two
@@ -27,7 +28,7 @@ stream.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edge.errors import EdgeError
 from edge.sizes import format_size
@@ -42,16 +43,17 @@ class GpuPlan:
     unified: bool     # the device's memory is the system's RAM
     budget: int       # --gpu-mem
     attention: int    # the attention's projections placed there (bytes; 0: none)
-    clusters: int     # FFN clusters per layer placed there (the sparse strategy)
-    cluster_bytes: int  # one cluster in every layer
+    per_layer: int    # FFN clusters (sparse strategy) or experts (experts strategy) per layer placed there
+    unit_bytes: int   # one of them in every layer
     ffn_layers: int = 0  # whole layers' FFNs placed there (no budget)
     ffn_bytes: int = 0
     head: int = 0        # the output projection placed there (no budget; bytes)
     kv: int = 0          # the KV cache of the whole context placed there (bytes), and attention computed there
+    unit: str = "FFN clusters"  # what per_layer counts
 
     @property
     def used(self) -> int:
-        return self.attention + self.kv + self.clusters * self.cluster_bytes + self.ffn_bytes + self.head
+        return self.attention + self.kv + self.per_layer * self.unit_bytes + self.ffn_bytes + self.head
 
     @property
     def ram(self) -> int:
@@ -62,7 +64,7 @@ class GpuPlan:
         """The chat's one line: the device, its memory in use, what it holds."""
         f = format_size
         held = [what for what, n in (("attention", self.attention), ("KV cache", self.kv),
-                                     (f"{self.clusters} clusters/layer", self.clusters),
+                                     (f"{self.per_layer} {self.unit.split()[-1]}/layer", self.per_layer),
                                      (f"FFN of {self.ffn_layers} layers", self.ffn_layers), ("head", self.head)) if n]
         return (f"{self.device} {f(self.used)} of {f(self.budget)}" + (" (in RAM)" if self.unified else "")
                 + (f": {', '.join(held)}" if held else ""))
@@ -74,8 +76,11 @@ class GpuPlan:
             placed.append(f"the attention's projections ({f(self.attention)})")
         if self.kv:
             placed.append(f"the KV cache and attention's scores ({f(self.kv)}, float16)")
-        if self.clusters:
-            placed.append(f"{self.clusters} FFN clusters per layer ({f(self.clusters * self.cluster_bytes)}, "
+        if self.per_layer and self.unit == "experts":
+            placed.append(f"{self.per_layer} experts per layer ({f(self.per_layer * self.unit_bytes)}, each layer's "
+                          "most routed by calibration: computed there when routed, never paged)")
+        elif self.per_layer:
+            placed.append(f"{self.per_layer} FFN clusters per layer ({f(self.per_layer * self.unit_bytes)}, "
                           "with --sparsity each layer's hottest by calibration: computed there at every token, "
                           "never read from flash)")
         if self.ffn_layers:
@@ -118,16 +123,45 @@ def gpu_budget(options, memory: int) -> int:
     return options.gpu_mem if options.gpu_mem else int(DEFAULT_SHARE * memory)
 
 
-def plan_sparse(options, attention: int, kv: int, cluster_bytes: int, n_clusters: int) -> GpuPlan | None:
+def plan_budgeted(options, attention: int, kv: int, unit_bytes: int, units: int,
+                  unit: str = "FFN clusters") -> GpuPlan | None:
     """The placement under a budget: the attention (all layers, if it fits), its KV cache (`kv` bytes, with the
-    attention, on a GPU), then as many clusters per layer as the rest holds. None without --gpu."""
+    attention, on a GPU), then as many FFN clusters or experts (`unit`) per layer as the rest holds, of `units`
+    a layer has, `unit_bytes` one in every layer. None without --gpu."""
     if not options.gpu:
         return None
     name, desc, kind, memory = find_device(options.gpu)
     budget = gpu_budget(options, memory)
     att, kv = place_attention(kind, budget, attention, kv)
-    clusters = int(min(n_clusters, (budget - att - kv) // cluster_bytes))
-    return GpuPlan(name, desc, is_unified(name, kind, desc), budget, att, clusters, cluster_bytes, kv=kv)
+    per_layer = int(min(units, (budget - att - kv) // unit_bytes))
+    return GpuPlan(name, desc, is_unified(name, kind, desc), budget, att, per_layer, unit_bytes, kv=kv, unit=unit)
+
+
+def placement(options, attention: int, kv: int, unit_bytes: int, units: int, unit: str, alone) -> GpuPlan | None:
+    """A budgeted strategy's placement (plan_budgeted): a re-plan's is what the first put there
+    (Options.gpu_place); on unified memory what the budget would keep without a GPU caps it (`alone()`: the
+    (attention kept resident, units per layer cached) of the strategy's plan without --gpu). None without --gpu."""
+    gpu = plan_budgeted(options, attention, kv, unit_bytes, units, unit)
+    if gpu is None:
+        return None
+    if options.gpu_place is not None:  # a re-plan: what is on the device stays
+        att, per_layer, kv = options.gpu_place
+        return replace(gpu, attention=att, per_layer=per_layer, kv=kv)
+    if gpu.unified:  # the device's memory is RAM: it takes over what this budget keeps, no more
+        keeps_attention, cached = alone()
+        gpu = replace(gpu, attention=gpu.attention if keeps_attention else 0, kv=gpu.kv if keeps_attention else 0,
+                      per_layer=min(gpu.per_layer, cached))
+    return gpu
+
+
+def ram_parts(gpu: GpuPlan | None, resident: int, kv: int) -> tuple[int, int]:
+    """(resident weights, KV cache) in RAM with this placement: the attention and its KV cache leave RAM for a
+    discrete GPU; on unified memory everything the device holds is RAM (its KV cache the whole context's, at
+    load)."""
+    if gpu is None:
+        return resident, kv
+    resident += gpu.ram - gpu.attention - gpu.kv
+    return resident, (gpu.kv if gpu.unified else 0) if gpu.kv else kv
 
 
 def place_attention(kind: str, budget: int, attention: int, kv: int) -> tuple[int, int]:
@@ -175,7 +209,8 @@ def resident_placement(src, options, n_ctx: int) -> GpuPlan | None:
     if not options.gpu:
         return None
     if src.config.n_experts:
-        raise EdgeError("--gpu: mixtures of experts compute on the CPU for now; drop --gpu")
+        raise EdgeError("--gpu with a mixture of experts runs under --ram (its experts paged, the most routed on "
+                        "the GPU); give --ram, or drop --gpu")
     layers = range(src.config.n_layers)
     attention = sum(group_bytes(src, i, g) for i in layers for g in ("attn_in", "attn_out"))
     from edge.head import head_name

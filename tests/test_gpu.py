@@ -77,15 +77,15 @@ def test_budgeted_sparse_ffn_with_clusters_on_the_device(smol_store):
     del cpu
     gpu = Engine(smol_store, n_ctx=256, threads=2, ram=ram, options=Options(gpu="CPU", gpu_mem=parse_size("30MB")))
     g, d = gpu.plan.gpu, gpu.plan.detail
-    assert g.unified and g.attention > 0 and 0 < g.clusters == d.gpu_clusters
-    assert d.slots + g.clusters == d.n_clusters and not d.attention
+    assert g.unified and g.attention > 0 and 0 < g.per_layer == d.gpu_clusters
+    assert d.slots + g.per_layer == d.n_clusters and not d.attention
     assert "unified memory" in gpu.plan.lines()[-1]
     got = gpu.model.forward(toks, 0, all_logits=True)
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
     ffn = gpu.model.parts.ffn
     plan = gpu.resize(gpu.plan.minimum + 8 * d.slot_bytes)
-    assert plan.gpu == g and plan.detail.slots + g.clusters < d.n_clusters  # some clusters stream now
+    assert plan.gpu == g and plan.detail.slots + g.per_layer < d.n_clusters  # some clusters stream now
     assert all(c.slots == plan.detail.slots for c in ffn.caches)
     ffn.reset()
     assert len(greedy(gpu, 8)) == 8
@@ -104,7 +104,7 @@ def test_gpu_flags_refuse_what_they_cannot_do(smol_store):
         Engine(smol_store, n_ctx=64, threads=2, ram=parse_size("200MB"), options=Options(gpu="Vulkan7"))
     with pytest.raises(EdgeError, match="--gpu-mem 100.0TB is above the .* of --gpu CPU"):
         Engine(smol_store, n_ctx=64, threads=2, options=Options(gpu="CPU", gpu_mem=parse_size("100TB")))
-    with pytest.raises(EdgeError, match="--strategy sparse only"):
+    with pytest.raises(EdgeError, match="--strategy sparse or experts"):
         Engine(smol_store, n_ctx=64, threads=2, ram=parse_size("200MB"),
                options=Options(strategy="naive", gpu="CPU"))
 
@@ -116,7 +116,7 @@ def test_hottest_clusters_go_to_the_device_with_predictors(smol_calibrated):
     opts = Options(sparsity=0.5, gpu="CPU", gpu_mem=parse_size("30MB"))
     engine = Engine(smol_calibrated, n_ctx=256, threads=2, ram=parse_size("4GB"), options=opts)
     ffn, layers = engine.model.parts.ffn, engine.file.sparse["layers"]
-    g = engine.plan.gpu.clusters
+    g = engine.plan.gpu.per_layer
     assert g > 0 and all(sorted(layer["hot"]) == list(range(len(layer["hot"]))) for layer in layers)
     for ids, layer in zip(ffn.gpu_ids, layers):
         assert ids.tolist() == layer["hot"][:g]
@@ -194,3 +194,24 @@ def test_kv_cache_on_the_device_attends_as_in_ram(smollm2, monkeypatch):
     nll = [token_nll(v, toks) for v in (want, got)]
     assert abs(np.exp(nll[1].mean()) / np.exp(nll[0].mean()) - 1) < 0.02
     assert (want.argmax(-1) == got.argmax(-1)).mean() >= 0.9
+
+
+def test_most_routed_experts_on_the_device(moe_store):
+    """A mixture under --ram: the device takes the attention and each layer's first (uncalibrated: no routing
+    counts) experts, computes them when routed, and the expert cache pages only the others; the same top-1 at
+    every position of a prompt as without the device, logits within float rounding of a different sum order."""
+    _, store = moe_store
+    ram, toks = parse_size("4GB"), np.arange(1, 40, dtype=np.int64)
+    cpu = Engine(store, n_ctx=64, threads=2, ram=ram)
+    want = cpu.model.forward(toks, 0, all_logits=True)
+    del cpu
+    gpu = Engine(store, n_ctx=64, threads=2, ram=ram, options=Options(gpu="CPU", gpu_mem=parse_size("1MB")))
+    g, d = gpu.plan.gpu, gpu.plan.detail
+    assert g.unit == "experts" and g.attention > 0 and 0 < g.per_layer == d.gpu_experts < gpu.config.n_experts
+    assert d.slots <= d.n_experts - d.on_gpu and "more on the GPU" in gpu.plan.lines()[1]
+    pager = gpu.model.parts.ffn.experts
+    assert all(sorted(layer) == list(range(g.per_layer)) for layer in pager.on_device)
+    got = gpu.model.forward(toks, 0, all_logits=True)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
+    assert not any(key[1] in pager.on_device[key[0]] for key in pager.slot_of)  # never cached in RAM

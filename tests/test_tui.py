@@ -130,7 +130,7 @@ def test_the_panel_shows_the_gpus_part(smol_store):
             await pilot.pause(0.2)
             g = app.engine.gpu
             assert f"gpu     CPU {format_size(g.used)} of {format_size(g.budget)} (in RAM): attention, " \
-                   f"{g.clusters} clusters/layer" in panel(app)
+                   f"{g.per_layer} clusters/layer" in panel(app)
     asyncio.run(scenario())
 
 

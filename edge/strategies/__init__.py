@@ -52,8 +52,8 @@ class Options:
     head: str = "auto"        # sparse, naive on an uncalibrated store: the head as stored, the same choices
     gpu: str = ""             # --gpu: a device of ggml's registry (edge.offload), "auto", or "" (none)
     gpu_mem: int = 0          # --gpu-mem: bytes of its memory to fill (0: edge.offload.DEFAULT_SHARE of it)
-    gpu_place: tuple | None = None  # (attention, clusters per layer, KV cache) the first plan put there: re-plans
-                                    # keep it (what is uploaded stays; fixed_choices)
+    gpu_place: tuple | None = None  # (attention, clusters or experts per layer, KV cache) the first plan put there:
+                                    # re-plans keep it (what is uploaded stays; fixed_choices)
 
 
 class Strategy(Protocol):

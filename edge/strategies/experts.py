@@ -13,7 +13,9 @@ from edge.errors import EdgeError
 from edge.experts import POLICIES, PREDICTORS, ExpertPager, read_buffer_bytes, record_sizes, slot_classes, split_slots
 from edge.head import DenseEmbedding, DenseHead
 from edge.model import KVCache
-from edge.parts import MoEFFN, Parts, StoredLinears, load_router, load_vector
+from edge.offload import accelerator, placement, ram_parts
+from edge.parts import (DeviceLinears, MoEFFN, Parts, StoredLinears, attention_layout, device_kv, load_router,
+                        load_vector)
 from edge.sizes import format_size
 from edge.strategies import Options
 from edge.strategies.plan import IO_BUFFER, MARGIN, Plan, activation_bytes, check_minimum, last_fitting
@@ -31,6 +33,8 @@ class ExpertDetail:
     prefetch: int         # experts predicted and read ahead per layer
     policy: str = "score"  # eviction (edge.experts.POLICIES)
     predictor: str = "pregate"  # edge.experts.PREDICTORS
+    gpu_experts: int = 0  # experts per layer on the GPU (--gpu: computed there when routed, never paged)
+    per_layer: int = 1    # experts in a layer
 
     part: ClassVar[str] = "expert cache"
 
@@ -65,9 +69,15 @@ class ExpertDetail:
     def labels(self, plan: Plan) -> tuple[str, str, int]:
         return "non-expert weights", "expert slots minimum", self.cache_for(self.min_slots)
 
+    @property
+    def on_gpu(self) -> int:
+        """Experts on the GPU, all layers."""
+        return self.gpu_experts * (self.n_experts // max(1, self.per_layer))
+
     def summary(self) -> str:
         ahead = f"{self.prefetch} read ahead per layer" if self.prefetch else "the rest loaded on demand"
-        return f"{self.slots}/{self.n_experts} experts cached,\n{ahead}"
+        gpu = f", {self.on_gpu} on the GPU" if self.gpu_experts else ""
+        return f"{self.slots}/{self.n_experts} experts cached{gpu},\n{ahead}"
 
     def shrunk_from(self, before: "ExpertDetail") -> str:
         return (f"expert cache {before.slots} -> {self.slots} experts "
@@ -77,9 +87,10 @@ class ExpertDetail:
         f = format_size
         sizes = [f(b) for b, _ in self.classes]
         each = f"{sizes[0]} each" if len(sizes) == 1 else f"records of {' / '.join(sizes)} in slots of their size"
+        gpu = f", {self.on_gpu} more on the GPU" if self.gpu_experts else ""
         head = (f"expert cache {f(self.cache)}: {self.slots}/{self.n_experts} experts "
-                f"({100 * self.cached_fraction:.0f}%, {each}); ")
-        if self.slots >= self.n_experts:
+                f"({100 * self.cached_fraction:.0f}%, {each}){gpu}; ")
+        if self.slots + self.on_gpu >= self.n_experts:
             return head + "each read once, nothing pages"
         return head + (f"the rest pages from flash, {self.prefetch} predicted ({self.predictor}) and read ahead per "
                        f"layer, eviction {self.policy}")
@@ -116,15 +127,24 @@ class Experts:
                             "of a layer")
         sizes = record_sizes(store)
 
+        def alone() -> tuple[bool, int]:
+            return True, self.plan(store, budget, baseline, n_ctx, replace(options, gpu="")).detail.slots // \
+                cfg.n_layers
+
+        gpu = placement(options, attention_layout(store)[2], KVCache.bytes_for(cfg, n_ctx),
+                        int(sizes.max(axis=1).sum()), cfg.n_experts, "experts", alone) if options.gpu else None
+        placed = gpu.per_layer if gpu else 0
         d = ExpertDetail(classes=slot_classes(sizes), slots=0, floor=cfg.n_experts_used + prefetch,
                          n_experts=cfg.n_layers * cfg.n_experts, prefetch=prefetch, policy=options.evict,
-                         predictor=options.predict)
-        least = Plan(strategy=self.name, budget=budget, baseline=baseline, kv=KVCache.bytes_for(cfg, n_ctx),
+                         predictor=options.predict, gpu_experts=placed, per_layer=cfg.n_experts)
+        resident, kv = ram_parts(gpu, expert_resident_bytes(store), KVCache.bytes_for(cfg, n_ctx))
+        least = Plan(strategy=self.name, budget=budget, baseline=baseline, kv=kv,
                      io=IO_BUFFER + read_buffer_bytes(int(sizes.max()), prefetch),
-                     resident=expert_resident_bytes(store), margin=MARGIN + activation_bytes(cfg, n_ctx),
-                     scratch=0, held=d.cache, least=d.cache_for(d.min_slots), detail=d)
+                     resident=resident, margin=MARGIN + activation_bytes(cfg, n_ctx),
+                     scratch=0, held=d.cache, least=d.cache_for(d.min_slots), detail=d, gpu=gpu)
         check_minimum(least, n_ctx, "this mixture-of-experts model")
-        slots = last_fitting(d.min_slots, d.n_experts, lambda s: least.minimum + d.extra_for(s) <= budget)
+        most = max(d.min_slots, d.n_experts - d.on_gpu)  # experts the device holds are never cached
+        slots = last_fitting(d.min_slots, most, lambda s: least.minimum + d.extra_for(s) <= budget)
         cached = replace(d, slots=slots)
         return replace(least, held=cached.cache, detail=cached)
 
@@ -135,7 +155,13 @@ class Experts:
         d, cfg = plan.detail, store.config
         routers = [load_router(store, i) for i in range(cfg.n_layers)]
         norms = [load_vector(store, f"blk.{i}.ffn_norm.weight", cfg.dim) for i in range(cfg.n_layers)]
+        gpu = plan.gpu
+        acc = accelerator(gpu.device) if gpu else None
         pager = ExpertPager(store, backend.ggml, act, d.slots, d.policy, d.prefetch, d.predictor,
-                            read_threads=store.engine.threads, routers=routers, norms=norms)
-        return Parts(StoredLinears(store, backend), MoEFFN(store, backend, act, pager, routers), DenseEmbedding(store),
-                     DenseHead(store, backend))
+                            read_threads=store.engine.threads, routers=routers, norms=norms,
+                            device=(acc, d.gpu_experts) if d.gpu_experts else None)
+        linears = StoredLinears(store, backend)
+        if gpu and gpu.attention:
+            linears = DeviceLinears(linears, acc, gpu)
+        return Parts(linears, MoEFFN(store, backend, act, pager, routers), DenseEmbedding(store),
+                     DenseHead(store, backend), device_kv(acc, cfg) if gpu and gpu.kv else None)

@@ -111,7 +111,7 @@ def fixed_choices(options, plan: Plan):
     fixed = {part: "stream" if getattr(plan.detail, part) else "resident" for part in ("attention", "head")
              if hasattr(plan.detail, part) and getattr(options, part) == "auto"}
     if plan.gpu is not None and options.gpu_place is None:  # what went to the device at load stays there
-        fixed["gpu_place"] = (plan.gpu.attention, plan.gpu.clusters, plan.gpu.kv)
+        fixed["gpu_place"] = (plan.gpu.attention, plan.gpu.per_layer, plan.gpu.kv)
     return replace(options, **fixed) if fixed else options
 
 

@@ -16,7 +16,7 @@ from edge.flash import ALIGN
 from edge.head import HEAD_IO, budget_ends, budget_ends_bytes, head_bytes
 from edge.errors import EdgeError
 from edge.model import KVCache
-from edge.offload import accelerator, plan_sparse
+from edge.offload import accelerator, placement, ram_parts
 from edge.parts import DeviceLinears, Parts, StoredLinears, StreamedLinears, attention_layout, device_kv
 from edge.sizes import format_size
 from edge.sparse import Layout, SparseFFN, check_calibrated, stream_scratch_bytes
@@ -132,17 +132,14 @@ class Sparse:
         if options.gpu:
             if not self.caches:
                 raise EdgeError(f"--gpu: --strategy {self.name} is the paper's baseline, run on the CPU; use sparse")
-            gpu = plan_sparse(options, attention_layout(store)[2], KVCache.bytes_for(cfg, n_ctx), slot_bytes,
-                              n_clusters)
-            if options.gpu_place is not None:  # a re-plan: what is on the device stays
-                gpu = replace(gpu, attention=options.gpu_place[0], clusters=options.gpu_place[1],
-                              kv=options.gpu_place[2])
-            elif gpu.unified:  # the device's memory is RAM: it takes over what this budget keeps, no more
-                alone = self.plan(store, budget, baseline, n_ctx, replace(options, gpu=""))
-                keep = not alone.detail.attention
-                gpu = replace(gpu, attention=gpu.attention if keep else 0, kv=gpu.kv if keep else 0,
-                              clusters=min(gpu.clusters, alone.detail.slots))
-        g = gpu.clusters if gpu else 0  # clusters on the GPU: never read per token, so never in a read buffer
+
+            def alone() -> tuple[bool, int]:
+                d = self.plan(store, budget, baseline, n_ctx, replace(options, gpu="")).detail
+                return not d.attention, d.slots
+
+            gpu = placement(options, attention_layout(store)[2], KVCache.bytes_for(cfg, n_ctx), slot_bytes,
+                            n_clusters, "FFN clusters", alone)
+        g = gpu.per_layer if gpu else 0  # clusters on the GPU: never read per token, so never in a read buffer
         min_scratch = stream_scratch_bytes(layouts, g)
 
         detail = SparseDetail(min_scratch=min_scratch, slot_bytes=slot_bytes, slots=0, n_clusters=n_clusters,
@@ -150,10 +147,8 @@ class Sparse:
                               sparsity=options.sparsity if self.caches else 0.0, window=options.window,
                               read_ahead=options.prefetch > 0 and predicting, calibrated=store.sparse is not None,
                               gpu_clusters=g)
-        resident, kv = resident_bytes(store, predicting, options.prefetch > 0), KVCache.bytes_for(cfg, n_ctx)
-        if gpu:  # the attention and its KV cache leave RAM for the device; on unified memory the device is RAM
-            resident += gpu.ram - gpu.attention - gpu.kv
-            kv = gpu.kv if gpu.kv and gpu.unified else 0 if gpu.kv else kv  # the device's: the whole context's
+        resident, kv = ram_parts(gpu, resident_bytes(store, predicting, options.prefetch > 0),
+                                 KVCache.bytes_for(cfg, n_ctx))
         least = Plan(strategy=self.name, budget=budget, baseline=baseline, kv=kv,
                      io=store_io_bytes(store), resident=resident,
                      margin=MARGIN + activation_bytes(cfg, n_ctx), scratch=min_scratch, held=0, least=min_scratch,
