@@ -380,7 +380,8 @@ class Accelerator:
                 ("ggml_backend_graph_compute_async", ctypes.c_int, [vp, vp]),
                 ("ggml_backend_synchronize", None, [vp]), ("ggml_backend_get_default_buffer_type", vp, [vp]),
                 ("ggml_gallocr_new", vp, [vp]), ("ggml_gallocr_alloc_graph", ctypes.c_bool, [vp, vp]),
-                ("ggml_gallocr_get_buffer_size", sz, [vp, ctypes.c_int]),
+                ("ggml_gallocr_get_buffer_size", sz, [vp, ctypes.c_int]), ("ggml_gallocr_free", None, [vp]),
+                ("ggml_backend_free", None, [vp]),
                 ("ggml_set_input", None, [vp]), ("ggml_set_output", None, [vp])):
             f = getattr(base, fname)
             f.restype, f.argtypes = res, args
@@ -493,6 +494,7 @@ class DeviceKV:
 
     def __del__(self):
         try:
+            self.compute.close()
             self.acc.ggml_backend_buffer_free(self.buffer)
             self.acc.gg.ggml_free(self.ctx)
             self.acc.used -= self.nbytes
@@ -580,6 +582,13 @@ class Compute:
 
     def run(self, graph: int) -> None:
         self.acc.gg.compute_on(self.backend, graph)
+
+    def close(self) -> None:
+        """Free the scratch buffer and the backend instance."""
+        self.acc.ggml_gallocr_free(self._galloc)
+        self.acc.ggml_backend_free(self.backend)
+        self.acc.used -= self.size
+        self.size = 0
 
 
 class _DeviceGraph:

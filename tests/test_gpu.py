@@ -168,6 +168,7 @@ def test_kv_cache_on_the_device_attends_as_in_ram(smollm2, monkeypatch):
     acc, rng = Accelerator("CPU", 2), np.random.default_rng(0)
     cfg = SimpleNamespace(n_layers=2, n_kv_heads=2, head_dim=64)
     ram, dev = KVCache(cfg, 64), DeviceKV(acc, 2, 2, 64, 64)
+    assert acc.used == dev.nbytes >= 2 * KVCache.bytes_for(cfg, 64) // 2
     for t, start, first in ((5, 0, 0), (1, 5, 0), (1, 6, 3)):
         q = rng.standard_normal((t, 6, 64)).astype(np.float32) * 0.3
         k, v = (rng.standard_normal((t, 2, 64)).astype(np.float32) for _ in range(2))
@@ -194,6 +195,8 @@ def test_kv_cache_on_the_device_attends_as_in_ram(smollm2, monkeypatch):
     nll = [token_nll(v, toks) for v in (want, got)]
     assert abs(np.exp(nll[1].mean()) / np.exp(nll[0].mean()) - 1) < 0.02
     assert (want.argmax(-1) == got.argmax(-1)).mean() >= 0.9
+    del dev, model.kv  # its memory, scratch and backend instance go with it
+    assert acc.used == 0
 
 
 def test_most_routed_experts_on_the_device(moe_store):
