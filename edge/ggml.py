@@ -346,10 +346,9 @@ class _Upload:
     """One upload's device buffer and tensor metadata; frees them (and the kept graphs over its tensors) when
     its weights are gone."""
 
-    def __init__(self, acc: "Accelerator", buf: int, meta: np.ndarray, ctx: int, tensors: list[int]):
-        self.acc, self.buf, self.meta, self.ctx, self.tensors = acc, buf, meta, ctx, frozenset(tensors)
-        self.nbytes = acc.ggml_backend_buffer_get_size(buf)
-        acc.used += self.nbytes
+    def __init__(self, acc: "Accelerator", buf: int, nbytes: int, meta: np.ndarray, ctx: int, tensors: list[int]):
+        self.acc, self.buf, self.nbytes, self.meta, self.ctx = acc, buf, nbytes, meta, ctx
+        self.tensors = frozenset(tensors)
 
     def __del__(self):
         try:
@@ -405,18 +404,25 @@ class Accelerator:
             if w.batches > 1 or w.full_cols != w.cols:
                 raise ValueError("only whole matrices go to a device")
             tensors.append(gg.ggml_new_tensor_2d(ctx, w.type_id, w.cols, w.rows))
-        buf = self.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
-        if not buf:
-            gg.ggml_free(ctx)
-            raise EdgeError(f"--gpu {self.name}: out of device memory for {sum(w.rows * w.row_stride for w in weights)}"
-                            " bytes of weights; lower --gpu-mem")
-        owner = _Upload(self, buf, meta, ctx, tensors)
+        buf, nbytes = self.allocate(ctx, f"{sum(w.rows * w.row_stride for w in weights)} bytes of weights")
+        owner = _Upload(self, buf, nbytes, meta, ctx, tensors)
         out = []
         for w, t in zip(weights, tensors):
             n = self.ggml_nbytes(t)
             self.ggml_backend_tensor_set(t, w.address, 0, n)
             out.append(DeviceWeight(t, w.type_id, w.rows, w.cols, n, owner))
         return out
+
+    def allocate(self, ctx: int, what: str) -> tuple[int, int]:
+        """(buffer, its bytes): the tensors of a context in the device's memory, counted in `used`; the context is
+        freed and an EdgeError names `what` when they do not fit."""
+        buf = self.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
+        if not buf:
+            self.gg.ggml_free(ctx)
+            raise EdgeError(f"--gpu {self.name}: out of device memory for {what}; lower --gpu-mem")
+        nbytes = self.ggml_backend_buffer_get_size(buf)
+        self.used += nbytes
+        return buf, nbytes
 
     def release(self, upload: _Upload) -> None:
         """Free an upload (its weights are gone) and the kept graphs that multiply its tensors."""
@@ -454,7 +460,6 @@ class Accelerator:
             g = _DeviceGraph(self, shapes, [(slot[id(x)], w) for x, w in pairs], keep)
             if keep:
                 self._graphs[key] = g
-                self.used += g.nbytes
         g.start(xs)
 
         def result() -> list[np.ndarray]:
@@ -477,18 +482,13 @@ class DeviceKV:
 
     def __init__(self, acc: "Accelerator", n_layers: int, n_kv: int, n_ctx: int, head_dim: int):
         gg = acc.gg
-        self.acc, self.n_ctx, self.hd, self.n_kv = acc, n_ctx, head_dim, n_kv
+        self.acc, self.n_kv = acc, n_kv
         self.row, self.plane = 2 * head_dim, 2 * head_dim * n_ctx  # bytes of one position, one head
         self.meta = np.zeros((2 * n_layers + 2) * gg.ggml_tensor_overhead(), np.uint8)
         self.ctx = gg.ggml_init(_InitParams(self.meta.nbytes, self.meta.ctypes.data, True))
         self.k = [gg.ggml_new_tensor_3d(self.ctx, F16, head_dim, n_ctx, n_kv) for _ in range(n_layers)]
         self.v = [gg.ggml_new_tensor_3d(self.ctx, F16, head_dim, n_ctx, n_kv) for _ in range(n_layers)]
-        self.buffer = acc.ggml_backend_alloc_ctx_tensors(self.ctx, acc.backend)
-        if not self.buffer:
-            gg.ggml_free(self.ctx)
-            raise EdgeError(f"--gpu {acc.name}: out of device memory for the KV cache; lower --ctx or --gpu-mem")
-        self.nbytes = acc.ggml_backend_buffer_get_size(self.buffer)
-        acc.used += self.nbytes
+        self.buffer, self.nbytes = acc.allocate(self.ctx, "the KV cache (or lower --ctx)")
         self._meta = np.zeros(16 * gg.ggml_tensor_overhead() + gg.ggml_graph_overhead_custom(16, False), np.uint8)
         self.compute = Compute(acc)  # a backend of its own (Compute)
 
@@ -622,11 +622,7 @@ class _DeviceGraph:
                 gg.ggml_free(self.ctx)
                 raise
             return
-        self.buffer = acc.ggml_backend_alloc_ctx_tensors(self.ctx, acc.backend)
-        if not self.buffer:
-            gg.ggml_free(self.ctx)
-            raise EdgeError(f"--gpu {acc.name}: out of device memory for a product's activations")
-        self.nbytes = acc.ggml_backend_buffer_get_size(self.buffer)
+        self.buffer, self.nbytes = acc.allocate(self.ctx, "a product's activations")  # counted in acc.used
 
     def start(self, xs: list[np.ndarray]) -> None:
         """Copy the inputs in and start the computation (asynchronous where the device is)."""

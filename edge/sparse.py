@@ -329,7 +329,8 @@ class SparseFFN:
             return self._compute(i, x, cache, [])
         score = self.predict(i, x) if self.predicting else None
         needed = np.flatnonzero(score >= self.tau[i]) if self.predicting else np.arange(lay.n_clusters)
-        needed = needed[~self.on_gpu[i][needed]]  # the device's are computed there, needed or not
+        if g:
+            needed = needed[~self.on_gpu[i][needed]]  # the device's are computed there, needed or not
         st.needed += len(needed)
         if cache is None:
             missing, stream = needed[:0], needed
@@ -395,7 +396,8 @@ class SparseFFN:
             ids = np.flatnonzero(predict(self.next[i], x).max(axis=0) >= self.next_tau[i])
         else:
             ids = np.arange(self.layouts[j].n_clusters)
-        ids = ids[~self.on_gpu[j][ids]]
+        if self.gpu[j]:
+            ids = ids[~self.on_gpu[j][ids]]
         if cache is not None:
             ids = ids[cache.slot_of[ids] < 0]
         ids = [int(c) for c in ids]
